@@ -1,0 +1,137 @@
+"""The embedded digits generator: determinism, VOC layout, difficulty rate, concurrent generation."""
+
+import functools
+import hashlib
+import multiprocessing
+import os
+import sys
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import pytest
+from PIL import Image
+from torchvision.datasets import VOCDetection
+
+from udtimm.data import DatasetError, build_dataset, default_data_dir
+from udtimm.data import digits as digits_module
+from udtimm.data.digits import DIGIT_CLASSES, ensure_digits
+from udtimm.data.voc import load_voc
+
+SMALL = {"num_trainval": 40, "num_test": 20}
+
+
+def tree_hashes(root):
+    """Relative path -> sha256 of every file under `root`."""
+    out = {}
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                out[os.path.relpath(path, root)] = hashlib.sha256(f.read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory):
+    return ensure_digits(str(tmp_path_factory.mktemp("digits") / "digits"), **SMALL)
+
+
+def test_deterministic(small, tmp_path):
+    again = ensure_digits(str(tmp_path / "again"), **SMALL)
+    hashes = tree_hashes(small)
+    assert len(hashes) == 2 * 60 + 3 + 1  # jpg + xml per image, classes.txt, 2 split files, .complete
+    assert hashes == tree_hashes(again)
+    assert ensure_digits(small, **SMALL) == small  # already there: nothing rewritten
+
+
+def test_voc_layout_agrees_with_torchvision(small):
+    assert sorted(os.listdir(small)) == [".complete", "VOC2007"]
+    for split, n in (("trainval", 40), ("test", 20)):
+        samples, classes = load_voc(small, split)
+        assert classes == list(DIGIT_CLASSES) and len(samples) == n
+        for s in samples:
+            annotation = VOCDetection.parse_voc_xml(ET.parse(s.path.replace("JPEGImages", "Annotations")
+                                                             .replace(".jpg", ".xml")).getroot())["annotation"]
+            objects = annotation["object"]
+            assert 1 <= len(objects) <= 4
+            easy = {o["name"] for o in objects if o["difficult"] == "0"}
+            names = {o["name"] for o in objects}
+            assert {classes[i] for i in np.flatnonzero(s.target)} == names
+            assert {classes[i] for i in np.flatnonzero(s.difficult)} == names - easy
+            with Image.open(s.path) as image:
+                assert image.format == "JPEG" and image.mode == "RGB"
+                assert (str(image.width), str(image.height)) == (annotation["size"]["width"],
+                                                                 annotation["size"]["height"])
+                assert 64 <= min(image.size) and max(image.size) <= 96
+            for o in objects:
+                box = [int(o["bndbox"][k]) for k in ("xmin", "ymin", "xmax", "ymax")]
+                assert 1 <= box[0] <= box[2] <= image.width and 1 <= box[1] <= box[3] <= image.height
+                assert o["pose"] == "Unspecified" and o["truncated"] in ("0", "1")
+
+
+def test_difficult_fraction(tmp_path):
+    root = ensure_digits(str(tmp_path / "d"), num_trainval=300, num_test=1, seed=1)
+    samples, _ = load_voc(root, "trainval")
+    flags = [int(o.findtext("difficult")) for s in samples
+             for o in ET.parse(s.path.replace("JPEGImages", "Annotations").replace(".jpg", ".xml")).iter("object")]
+    assert 0.08 < np.mean(flags) < 0.25, np.mean(flags)
+    target = np.stack([s.target for s in samples])
+    difficult = np.stack([s.difficult for s in samples])
+    assert ((target > 0) & ~difficult).any(1).mean() > 0.9  # nearly every image has an easy digit to learn from
+    assert (target.sum(0) > 15).all()  # every class occurs
+
+
+def generate_together(barrier, root):
+    barrier.wait()  # both processes reach ensure_digits at the same moment, after their slow imports
+    ensure_digits(root, **SMALL)
+
+
+def test_concurrent_generation(small, tmp_path):
+    root = str(tmp_path / "shared" / "digits")
+    ctx = multiprocessing.get_context("spawn")  # like two distributed ranks: separate interpreters
+    barrier = ctx.Barrier(2)
+    procs = [ctx.Process(target=generate_together, args=(barrier, root)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
+    assert tree_hashes(root) == tree_hashes(small)  # one complete dataset, identical to a single-process one
+    assert sorted(os.listdir(tmp_path / "shared")) == [".digits.lock", "digits"]  # no temporary left behind
+
+
+def test_existing_directories(small, tmp_path):
+    with pytest.raises(DatasetError, match=r"\.complete: .*generated with .*\"num_test\": 20.*delete it or use an"):
+        ensure_digits(small, num_trainval=40, num_test=21)
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "notes.txt").write_text("mine")
+    with pytest.raises(DatasetError, match="is not a complete digits dataset"):
+        ensure_digits(str(tmp_path / "other"), **SMALL)
+    (tmp_path / "empty").mkdir()  # an empty directory made beforehand is fine
+    (tmp_path / ".empty.tmp.12345").mkdir()  # left by a killed generator: cleaned up
+    assert tree_hashes(ensure_digits(str(tmp_path / "empty"), **SMALL)) == tree_hashes(small)
+    assert not (tmp_path / ".empty.tmp.12345").exists()
+
+
+def test_build_dataset_and_default_dir(small, monkeypatch, tmp_path):
+    monkeypatch.setenv("UDTIMM_CACHE", str(tmp_path / "cache"))
+    assert default_data_dir("digits") == str(tmp_path / "cache" / "digits")
+    assert default_data_dir("voc2007") is None
+    monkeypatch.delenv("UDTIMM_CACHE")
+    assert default_data_dir("digits") == os.path.expanduser("~/.cache/udtimm/digits")
+    # build_dataset calls ensure_digits with the defaults; shrink them so the test stays fast.
+    monkeypatch.setattr(digits_module, "ensure_digits", functools.partial(ensure_digits, **SMALL))
+    train = build_dataset("digits", small, "train")
+    test = build_dataset("digits", small, "test")
+    assert (train.name, len(train), test.name, len(test)) == ("digits:trainval", 40, "digits:test", 20)
+    assert train.classes == list(DIGIT_CLASSES) and train[0][0].shape[0] == 3
+    with pytest.raises(ValueError, match="needs a data directory"):
+        build_dataset("voc2007", None, "train")
+
+
+def test_cli(tmp_path, monkeypatch, capsys):
+    out = tmp_path / "cli"
+    monkeypatch.setattr(sys, "argv", ["digits", "--out", str(out), "--num-trainval", "3", "--num-test", "2"])
+    digits_module.main()
+    assert capsys.readouterr().out.strip() == str(out)
+    assert len(load_voc(str(out), "test")[0]) == 2

@@ -1,0 +1,378 @@
+"""Every loss against a slow float64 reference written from its equation: values and gradients."""
+
+import math
+import time
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from udtimm.losses import (
+    DIFFICULT_POLICIES,
+    apply_difficult_policy,
+    attention_distillation_loss,
+    bce_loss,
+    binary_kd_loss,
+    calibrated_loss,
+    label_smoothing_loss,
+    one_over_k_loss,
+    partial_softmax_loss,
+    softmax_kd_loss,
+    temperature_bce_loss,
+)
+
+# --- references: explicit loops over samples, classes and positives, float64 ------------------------------------
+
+
+def _log_sigmoid(x):
+    # log(1 / (1 + e^-x)), written per sign so that the float64 reference itself survives |x| = 50.
+    return -torch.log1p(torch.exp(-x)) if x >= 0 else x - torch.log1p(torch.exp(x))
+
+
+def _pairs(z, y, m):
+    """Per sample: the counted positive and negative class indices."""
+    rows = []
+    for b in range(z.shape[0]):
+        pos = [c for c in range(z.shape[1]) if m[b, c] and y[b, c] > 0.5]
+        neg = [c for c in range(z.shape[1]) if m[b, c] and y[b, c] <= 0.5]
+        rows.append((pos, neg))
+    return rows
+
+
+def _mean(terms, z):
+    return sum(terms) / len(terms) if terms else z.sum() * 0
+
+
+def ref_bce(z, y, m):
+    terms = []
+    for b in range(z.shape[0]):
+        for c in range(z.shape[1]):
+            if m[b, c]:
+                terms.append(-(y[b, c] * _log_sigmoid(z[b, c]) + (1 - y[b, c]) * _log_sigmoid(-z[b, c])))
+    return _mean(terms, z)
+
+
+def ref_partial_softmax(z, y, m):
+    per_sample = []
+    for b, (pos, neg) in enumerate(_pairs(z, y, m)):
+        if not pos:
+            continue
+        log_f = []
+        for i in pos:
+            denominator = torch.exp(z[b, i]) + sum((torch.exp(z[b, j]) for j in neg), z.new_zeros(()))
+            log_f.append(torch.log(torch.exp(z[b, i]) / denominator))
+        per_sample.append(-sum(log_f) / len(pos))
+    return _mean(per_sample, z)
+
+
+def ref_temperature(z, y, m, temperature=3.0):
+    return ref_bce(z / temperature, y, m)
+
+
+def ref_binary_kl(t, s):
+    """KL(Bernoulli(sigmoid(t)) || Bernoulli(sigmoid(s))), 1 - sigmoid(x) written as sigmoid(-x)."""
+    p = torch.exp(_log_sigmoid(t))
+    return p * (_log_sigmoid(t) - _log_sigmoid(s)) + (1 - p) * (_log_sigmoid(-t) - _log_sigmoid(-s))
+
+
+def ref_label_smoothing(z, y, m, margin=9.0):
+    terms = []
+    for b in range(z.shape[0]):
+        for c in range(z.shape[1]):
+            if m[b, c]:
+                soft = z.new_tensor(margin if y[b, c] > 0.5 else -margin)
+                terms.append(ref_binary_kl(soft, z[b, c]))
+    return _mean(terms, z)
+
+
+def ref_one_over_k(z, y, m):
+    per_sample = []
+    for b, (pos, neg) in enumerate(_pairs(z, y, m)):
+        if not pos:
+            continue
+        denominator = sum(torch.exp(z[b, j]) for j in pos + neg)
+        per_sample.append(-sum((1 / len(pos)) * torch.log(torch.exp(z[b, i]) / denominator) for i in pos))
+    return _mean(per_sample, z)
+
+
+def ref_binary_kd(s, t, temperature=3.0):
+    terms = [
+        ref_binary_kl(t[b, c] / temperature, s[b, c] / temperature)
+        for b in range(s.shape[0])
+        for c in range(s.shape[1])
+    ]
+    return sum(terms) / len(terms) * temperature**2
+
+
+def ref_softmax_kd(s, t, temperature=3.0):
+    total = 0
+    for b in range(s.shape[0]):
+        p_t = torch.softmax(t[b] / temperature, dim=0)
+        p_s = torch.softmax(s[b] / temperature, dim=0)
+        total = total + sum(p_t[k] * torch.log(p_t[k] / p_s[k]) for k in range(s.shape[1]))
+    return total / s.shape[0] * temperature**2
+
+
+def ref_attention(a_s, a_t):
+    total = 0
+    for b in range(a_s.shape[0]):
+        s = a_s[b].flatten()
+        t = a_t[b].flatten()
+        s = s / torch.sqrt(sum(v * v for v in s))
+        t = t / torch.sqrt(sum(v * v for v in t))
+        total = total + sum((t[k] - s[k]) ** 2 for k in range(len(s)))
+    return total / a_s.shape[0]
+
+
+LABEL_LOSSES = {
+    "bce": (bce_loss, ref_bce),
+    "partial_softmax": (partial_softmax_loss, ref_partial_softmax),
+    "temperature": (temperature_bce_loss, ref_temperature),
+    "label_smoothing": (label_smoothing_loss, ref_label_smoothing),
+    "one_over_k": (one_over_k_loss, ref_one_over_k),
+}
+
+# --- inputs --------------------------------------------------------------------------------------------------------
+
+
+def _edge_batch(seed=0, scale=2.0):
+    """Rows: mixed; no positive; all positive; one positive with negatives masked; no negative left; all masked."""
+    g = torch.Generator().manual_seed(seed)
+    z = torch.randn(6, 5, generator=g, dtype=torch.float64) * scale
+    y = torch.tensor(
+        [[1, 0, 1, 0, 0], [0, 0, 0, 0, 0], [1, 1, 1, 1, 1], [0, 1, 0, 0, 0], [1, 0, 0, 1, 0], [1, 0, 0, 0, 1]],
+        dtype=torch.float64,
+    )
+    m = torch.ones(6, 5, dtype=torch.bool)
+    m[3, [0, 4]] = False
+    m[4, [1, 2, 4]] = False
+    m[5] = False
+    return z, y, m
+
+
+def _cases():
+    z, y, m = _edge_batch()
+    big = z.sign() * 50
+    big[0, 0] = -50  # a positive at -50 and its negatives at +-50
+    return {
+        "random": (z, y, None),
+        "masked": (z, y, m),
+        "large": (big, y, m),
+        "large_unmasked": (big, y, None),
+        "no_positive_anywhere": (z, torch.zeros_like(y), None),
+        "all_positive": (z, torch.ones_like(y), None),
+    }
+
+
+def _value_and_grad(fn, z, *args, **kwargs):
+    z = z.detach().clone().requires_grad_(True)
+    loss = fn(z, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss, grad
+
+
+# --- tests ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(_cases()))
+@pytest.mark.parametrize("name", list(LABEL_LOSSES))
+def test_label_loss_matches_reference(name, case):
+    fn, ref = LABEL_LOSSES[name]
+    z, y, m = _cases()[case]
+    ref_mask = torch.ones_like(y, dtype=torch.bool) if m is None else m
+    loss, grad = _value_and_grad(fn, z.float(), y.float(), m)
+    ref_loss, ref_grad = _value_and_grad(ref, z, y, ref_mask)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", list(LABEL_LOSSES))
+def test_label_loss_bf16_input_computed_in_float32(name):
+    fn, ref = LABEL_LOSSES[name]
+    z, y, m = _edge_batch(seed=1)
+    z16 = z.to(torch.bfloat16)
+    loss, grad = _value_and_grad(fn, z16, y.float(), m)
+    ref_loss, ref_grad = _value_and_grad(ref, z16.double(), y, m)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-3)
+
+
+def test_partial_softmax_hand_example():
+    # Positives 0 and 1 each compete with the negative 2 only, never with each other (the paper code's full softmax).
+    z = torch.tensor([[2.0, 1.0, 0.0]])
+    loss = partial_softmax_loss(z, torch.tensor([[1.0, 1.0, 0.0]]))
+    expected = -(math.log(math.e**2 / (math.e**2 + 1)) + math.log(math.e / (math.e + 1))) / 2
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_partial_softmax_normalises_each_sample_by_its_own_positives():
+    # The paper's code divided the batch by the positive count of its last image.
+    z = torch.randn(2, 6)
+    y = torch.tensor([[1.0, 1, 1, 0, 0, 0], [1.0, 0, 0, 0, 0, 0]])
+    per_sample = [partial_softmax_loss(z[i : i + 1], y[i : i + 1]) for i in range(2)]
+    assert partial_softmax_loss(z, y).item() == pytest.approx(sum(per_sample).item() / 2, rel=1e-6)
+
+
+@pytest.mark.parametrize("fn", [partial_softmax_loss, one_over_k_loss])
+def test_no_positive_anywhere_is_zero_with_a_gradient_path(fn):
+    z = torch.randn(4, 7, requires_grad=True)
+    loss = fn(z, torch.zeros(4, 7))
+    assert loss.item() == 0.0 and loss.requires_grad
+    (grad,) = torch.autograd.grad(loss, z)
+    assert torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_partial_softmax_without_negatives_is_zero():
+    z = torch.randn(3, 4, requires_grad=True)
+    loss = partial_softmax_loss(z, torch.ones(3, 4))
+    (grad,) = torch.autograd.grad(loss, z)
+    assert loss.item() == 0.0 and torch.equal(grad, torch.zeros_like(grad))
+
+
+def test_partial_softmax_scales_to_10k_classes():
+    g = torch.Generator().manual_seed(0)
+    z = torch.randn(64, 10_000, generator=g, requires_grad=True)
+    y = (torch.rand(64, 10_000, generator=g) < 0.001).float()
+    y[0] = 0  # one sample without positives
+    start = time.perf_counter()
+    loss = partial_softmax_loss(z, y)
+    loss.backward()
+    elapsed = time.perf_counter() - start
+    print(f"partial_softmax_loss 64 x 10000 forward+backward: {elapsed * 1e3:.1f} ms")
+    assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
+
+
+def test_calibrated_loss_combines_eq3_and_eq11():
+    z, y, m = _edge_batch(seed=2)
+    c = torch.randn_like(z)
+    zs, cs = z.float().requires_grad_(True), c.float().requires_grad_(True)
+    out = calibrated_loss(zs, cs, y.float(), m, cal_weight=0.25)
+    assert set(out) == {"bce", "partial_softmax", "loss"}
+    torch.testing.assert_close(out["bce"].double(), ref_bce(z, y, m), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["partial_softmax"].double(), ref_partial_softmax(c, y, m), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out["loss"], out["bce"] + 0.25 * out["partial_softmax"])
+    zr, cr = z.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    ref_grads = torch.autograd.grad(ref_bce(zr, y, m) + 0.25 * ref_partial_softmax(cr, y, m), (zr, cr))
+    for grad, ref_grad in zip(torch.autograd.grad(out["loss"], (zs, cs)), ref_grads, strict=True):
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_apply_difficult_policy():
+    target = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
+    difficult = torch.tensor([[False, False, True, False]])
+    loose = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # a loader that stored 0 at the difficult pair
+    t, m = apply_difficult_policy(loose, difficult, "positive")
+    assert t.tolist() == [[1, 0, 1, 0]] and m.all()
+    t, m = apply_difficult_policy(target, difficult, "negative")
+    assert t.tolist() == [[1, 0, 0, 0]] and m.all()
+    t, m = apply_difficult_policy(target, difficult, "ignore")
+    assert t.tolist() == target.tolist() and m.tolist() == [[True, True, False, True]]
+    assert t.dtype == torch.float32 and m.dtype == torch.bool
+    assert DIFFICULT_POLICIES == ("positive", "ignore", "negative")
+    with pytest.raises(ValueError, match="ignore"):
+        apply_difficult_policy(target, difficult, "drop")
+
+
+@pytest.mark.parametrize(
+    "name", ["bce", "partial_softmax", "calibrated", "temperature", "label_smoothing", "one_over_k"]
+)
+def test_ignored_pair_changes_nothing(name):
+    g = torch.Generator().manual_seed(3)
+    z = torch.randn(3, 6, generator=g)
+    target = torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1]])
+    difficult = torch.zeros(3, 6, dtype=torch.bool)
+    difficult[0, 2] = difficult[1, 3] = True  # one difficult positive, one difficult (stored) negative
+    target, mask = apply_difficult_policy(target, difficult, "ignore")
+
+    def loss_of(logits):
+        if name == "calibrated":
+            return calibrated_loss(logits, logits * 2, target, mask)["loss"]
+        return LABEL_LOSSES[name][0](logits, target, mask)
+
+    base, grad = _value_and_grad(loss_of, z)
+    moved = z.clone()
+    moved[0, 2] += 7.0
+    moved[1, 3] -= 5.0
+    assert loss_of(moved).item() == pytest.approx(base.item(), rel=1e-6)
+    assert grad[0, 2] == 0 and grad[1, 3] == 0
+
+
+def test_binary_kd_matches_reference_and_is_zero_at_teacher():
+    g = torch.Generator().manual_seed(4)
+    s = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
+    t[0, :3] = torch.tensor([50.0, -50.0, 50.0])
+    s[0, :3] = torch.tensor([-50.0, 50.0, 50.0])
+    loss, grad = _value_and_grad(binary_kd_loss, s.float(), t.float(), temperature=3.0)
+    ref_loss, ref_grad = _value_and_grad(ref_binary_kd, s, t)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    same, same_grad = _value_and_grad(binary_kd_loss, t.float(), t.float())
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
+    loss16, _ = _value_and_grad(binary_kd_loss, s.bfloat16(), t.bfloat16())
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16.double(), ref_binary_kd(s.bfloat16().double(), t.bfloat16().double()))
+
+
+def test_softmax_kd_matches_reference_and_is_zero_at_teacher():
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
+    t = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
+    t[1] = torch.tensor([50.0, -50.0, 0.0, 10.0, -10.0, 50.0])
+    loss, grad = _value_and_grad(softmax_kd_loss, s.float(), t.float(), temperature=3.0)
+    ref_loss, ref_grad = _value_and_grad(ref_softmax_kd, s, t)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    same, same_grad = _value_and_grad(softmax_kd_loss, t.float(), t.float())
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
+    loss16, _ = _value_and_grad(softmax_kd_loss, s.bfloat16(), t.bfloat16())
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16.double(), ref_softmax_kd(s.bfloat16().double(), t.bfloat16().double()))
+
+
+@pytest.mark.parametrize("fn", [binary_kd_loss, softmax_kd_loss])
+def test_kd_teacher_gets_no_gradient(fn):
+    s = torch.randn(2, 3, requires_grad=True)
+    t = torch.randn(2, 3, requires_grad=True)
+    grad_s, grad_t = torch.autograd.grad(fn(s, t), (s, t), allow_unused=True)
+    assert grad_s is not None and grad_t is None
+
+
+def test_attention_loss_matches_reference():
+    g = torch.Generator().manual_seed(6)
+    a_s = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    a_t = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    loss, grad = _value_and_grad(attention_distillation_loss, a_s.float(), a_t.float())
+    ref_loss, ref_grad = _value_and_grad(ref_attention, a_s, a_t)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    loss16, _ = _value_and_grad(attention_distillation_loss, a_s.bfloat16(), a_t.bfloat16())
+    assert loss16.dtype == torch.float32
+    torch.testing.assert_close(loss16.double(), ref_attention(a_s.bfloat16().double(), a_t.bfloat16().double()))
+
+
+def test_attention_loss_zero_for_identical_maps_and_scale_invariant():
+    a_s, a_t = torch.randn(2, 3, 3), torch.randn(2, 3, 3)
+    assert attention_distillation_loss(a_t, a_t).item() == pytest.approx(0.0, abs=1e-6)
+    base = attention_distillation_loss(a_s, a_t).item()
+    assert attention_distillation_loss(a_s * 40.0, a_t * 1e-3).item() == pytest.approx(base, rel=1e-5)
+
+
+def test_attention_loss_resizes_student_to_teacher_grid():
+    a_s, a_t = torch.randn(2, 2, 2), torch.randn(2, 4, 4)
+    resized = F.interpolate(a_s[:, None], size=(4, 4), mode="bilinear", align_corners=False)[:, 0]
+    torch.testing.assert_close(attention_distillation_loss(a_s, a_t), ref_attention(resized, a_t).float())
+    # A constant student map stays constant on any grid, so it matches a constant teacher exactly.
+    assert attention_distillation_loss(torch.full((1, 2, 2), 3.0), torch.ones(1, 7, 7)).item() == pytest.approx(
+        0.0, abs=1e-6
+    )
+
+
+def test_attention_loss_teacher_detached_and_zero_map_finite():
+    a_s = torch.zeros(2, 3, 3, requires_grad=True)
+    a_t = torch.randn(2, 3, 3, requires_grad=True)
+    grad_s, grad_t = torch.autograd.grad(attention_distillation_loss(a_s, a_t), (a_s, a_t), allow_unused=True)
+    assert grad_t is None and torch.isfinite(grad_s).all()

@@ -1,0 +1,84 @@
+#!/usr/bin/env python3
+"""Train a timm backbone for multi-label classification, optionally with the calibration branch (Eq. 10-12).
+
+    python train.py                                   # small model on the embedded digits dataset, on the CPU
+    accelerate launch train.py --model resnet101 --cal --dataset voc2007 --data-dir /data/VOCdevkit
+    accelerate launch train.py -c hparams/voc2007_resnet101_cal.yaml --data-dir /data/VOCdevkit
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from accelerate.utils import set_seed
+
+from udtimm import config, runs
+from udtimm.checkpoint import model_metadata
+from udtimm.model import create_model
+from udtimm.objectives import LOSSES, SupervisedObjective
+from udtimm.trainer import RunSetup, fit
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[config.config_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_data_args(parser)
+    config.add_model_args(parser)
+    config.add_optim_args(parser)
+    config.add_runtime_args(parser)
+    group = parser.add_argument_group("method")
+    group.add_argument("--cal", action="store_true", help="add the calibration branch trained with PAL-N (Eq. 12)")
+    group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of Eq. 12")
+    group.add_argument("--loss", default="bce", choices=LOSSES, help="classification loss (Table 5 baselines)")
+    group.add_argument("--temperature", type=float, default=3.0, help="T of --loss temperature")
+    return config.parse_with_config(parser, argv)
+
+
+def method_name(args: argparse.Namespace) -> str:
+    """The method column of results.csv: baseline, cal, or the Table 5 loss."""
+    name = "baseline" if args.loss == "bce" else args.loss
+    return "cal" if args.cal and args.loss == "bce" else f"{name}+cal" if args.cal else name
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    accelerator = runs.make_accelerator(args)
+    method = method_name(args)
+    run_dir = runs.prepare_run_dir(args, method, accelerator)
+    train_set, eval_set = runs.load_datasets(args, accelerator)
+    set_seed(args.seed)
+    model = create_model(args.model, len(train_set.classes), cal=args.cal, global_pool=args.global_pool,
+                         pretrained=args.pretrained, pretrained_path=args.pretrained_path, img_size=args.img_size,
+                         drop_rate=args.drop)
+    mean, std = runs.normalisation(model.backbone)
+    train_loader, eval_loader = runs.build_loaders(args, train_set, eval_set, mean, std)
+    optimizer, scheduler = runs.build_optimization(args, model, len(train_loader))
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    accelerator.print(f"{run_dir}: {args.model} ({method}) on {args.dataset}, {len(train_set)} train / "
+                      f"{len(eval_set)} eval images, {len(train_set.classes)} classes, {accelerator.num_processes} "
+                      f"process(es) on {accelerator.device}")
+    metadata = model_metadata(args.model, accelerator.unwrap_model(model), train_set.classes, args.global_pool,
+                              args.img_size, mean, std, dataset=args.dataset, method=method, teacher="")
+    setup = RunSetup(
+        run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+        eval_loader=eval_loader,
+        objective=SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature),
+        metadata=metadata,
+        result_fields={"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
+                       "teacher": "", "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
+                       "difficult": args.difficult,
+                       "eval_difficult": "negative" if args.eval_difficult_negative else "ignore"},
+    )
+    row = fit(args, setup, accelerator)
+    runs.print_results(accelerator, row)
+    accelerator.end_training()
+    return row
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except runs.USER_ERRORS as err:
+        sys.exit(f"error: {err}")

@@ -1,0 +1,94 @@
+"""Uncertainty attention (Eq. 15-16): Grad-CAM of the divergence between a network's two branches.
+
+The gradient dD/dZ is taken through the head only (pooling + the two branches), never the backbone: Z is the
+head's input, so the head-only gradient is exactly the one a full backward would deliver at Z, for a fraction
+of the cost (METHOD.md §5 "Cost"). No ReLU is applied to the map (METHOD.md §5): Eq. 16 has none, and the sign
+tells where the features raise the divergence and where they lower it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from udtimm.model import CalibratedModel
+
+# Token-model pools that give no usable map, and why. timm's 'map' attention pooling does attend over the patch
+# tokens and gives a usable map, as do 'avg', 'max' and 'avgmax'.
+_UNUSABLE_POOLS = {
+    "token": "reads only the class token, so the gradient of the branch divergence is zero on every patch "
+    "token and the uncertainty attention map is identically zero",
+    "": "does not pool the tokens and classifies each one separately, so there is no per-image divergence",
+}
+
+
+def uncertainty_per_class(logits: Tensor, cal_logits: Tensor) -> Tensor:
+    """Eq. 15's divergence split per label [B, C]: softmax(c)_k * (log softmax(c)_k - log softmax(z)_k)."""
+    log_cal = torch.log_softmax(cal_logits.float(), dim=1)
+    log_cls = torch.log_softmax(logits.float(), dim=1)
+    return log_cal.exp() * (log_cal - log_cls)
+
+
+def branch_divergence(logits: Tensor, cal_logits: Tensor) -> Tensor:
+    """Eq. 15's D per sample [B]: KL(softmax(cal_logits) || softmax(logits)), in float32."""
+    return uncertainty_per_class(logits, cal_logits).sum(dim=1)
+
+
+def uncertainty_attention(
+    model: CalibratedModel,
+    features: Tensor,
+    create_graph: bool,
+    head_outputs: tuple[Tensor, Tensor] | None = None,
+) -> Tensor:
+    """Eq. 15-16: A_hw = sum_c w_c Z_chw with w_c = sum_hw dD/dZ_chw, D summed over the batch; [B, H, W] float32.
+
+    Teacher: `create_graph=False`; the map is detached and the call works inside `torch.no_grad()`.
+    Student: `create_graph=True` with the features of its own forward, so a loss on the map trains the student
+    through both w and Z. `head_outputs` = the (logits, cal_logits) that `features` already produced with a
+    graph: the divergence is then taken from them instead of a second head forward, which saves that forward
+    and keeps a train-mode head from updating its BatchNorm statistics twice or drawing new dropout masks.
+    """
+    with torch.enable_grad():
+        if create_graph:
+            z = features
+        else:
+            z = features.detach().requires_grad_(True)
+            head_outputs = None  # they belong to a graph that does not start at the detached copy
+        logits, cal_logits = head_outputs if head_outputs is not None else model.forward_head(z)
+        if cal_logits is None:
+            raise ValueError("uncertainty attention needs a model with the calibration branch (--cal)")
+        divergence = branch_divergence(logits, cal_logits).sum()
+        (grad,) = torch.autograd.grad(divergence, z, create_graph=create_graph)
+    if not create_graph:
+        z = z.detach()
+    weights = model.feature_grid(grad).float().sum(dim=(2, 3), keepdim=True)
+    return (weights * model.feature_grid(z).float()).sum(dim=1)
+
+
+def check_attention_support(model: CalibratedModel) -> None:
+    """Raise ValueError for a model whose uncertainty attention map would be identically zero or misread.
+
+    Refused: a model without the calibration branch (there is no D); a token model whose head reads the class
+    token only (`global_pool` 'token', the timm ViT/DeiT default: the head never sees the patch tokens, so dD/dZ
+    is zero on every grid position) or pools nothing ('': logits per token); and channels-last (NHWC) feature maps
+    (Swin, MambaOut), which `CalibratedModel.feature_grid` would read as NCHW. Average, max and 'map' attention
+    pooling all see the patch tokens and are accepted.
+    """
+    if not model.has_cal:
+        raise ValueError(
+            "uncertainty attention compares the classification and calibration branches (Eq. 15), but this "
+            "model has no calibration branch: build (or train) it with --cal"
+        )
+    backbone = model.backbone
+    # Transformers name their pool with a string; CNNs hold a pooling module, which always sees every position.
+    pool = getattr(backbone, "global_pool", None)
+    if isinstance(pool, str) and pool in _UNUSABLE_POOLS:
+        raise ValueError(
+            f"{type(backbone).__name__} with global_pool={pool!r}: its head {_UNUSABLE_POOLS[pool]}. "
+            "Build the model with --global-pool avg (or max / map) to use uncertainty attention."
+        )
+    if getattr(backbone, "output_fmt", "NCHW") != "NCHW":
+        raise ValueError(
+            f"{type(backbone).__name__} returns {backbone.output_fmt} feature maps; uncertainty attention "
+            "reads the feature map as NCHW, so this backbone is not supported for --method ud"
+        )

@@ -1,0 +1,172 @@
+"""Checkpoints: safetensors weights with the metadata to rebuild the model, and the resume state of a run."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Mapping
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+import udtimm
+from udtimm.io import atomic_write, atomic_write_text
+from udtimm.model import CalibratedModel, create_model
+
+STATE_DIR = "state"
+PROGRESS_FILE = "progress.json"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used as asked; the message says what differs."""
+
+
+def model_metadata(
+    model_name: str,
+    model: CalibratedModel,
+    class_names: list[str],
+    global_pool: str | None,
+    img_size: int,
+    mean: list[float],
+    std: list[float],
+    **extra: object,
+) -> dict[str, str]:
+    """The safetensors header entries (str -> str) that are enough to rebuild and evaluate the model."""
+    cal_width = model.cal_head[0].out_features if model.cal_head is not None else 0
+    metadata = {
+        "model": model_name,
+        "num_classes": str(model.num_classes),
+        "class_names": json.dumps(class_names),
+        "cal": str(model.has_cal).lower(),
+        "cal_width": str(cal_width),
+        "global_pool": global_pool or "",
+        "img_size": str(img_size),
+        "mean": json.dumps(list(mean)),
+        "std": json.dumps(list(std)),
+        "udtimm_version": udtimm.__version__,
+    }
+    metadata.update({key: value if isinstance(value, str) else json.dumps(value) for key, value in extra.items()})
+    return metadata
+
+
+def state_dict_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    # safetensors refuses views that share storage; contiguous copies on the CPU are always accepted.
+    return {key: value.detach().to("cpu").contiguous().clone() for key, value in model.state_dict().items()}
+
+
+def save_checkpoint(path: str, model: nn.Module, metadata: Mapping[str, str]) -> None:
+    """Write the weights to a temporary file and rename it, so `path` is never a partial file."""
+    tensors = state_dict_for_saving(model)
+    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=dict(metadata)))
+
+
+def read_metadata(path: str) -> dict[str, str]:
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    try:
+        with safe_open(path, framework="pt") as handle:
+            return dict(handle.metadata() or {})
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is not a readable safetensors file (truncated or corrupt?): {err}") from err
+
+
+def load_checkpoint(path: str) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Weights and metadata; only safetensors, so loading never runs code from the file."""
+    metadata = read_metadata(path)
+    try:
+        with safe_open(path, framework="pt") as handle:
+            tensors = {key: handle.get_tensor(key) for key in handle.keys()}
+    except (SafetensorError, OSError) as err:
+        raise CheckpointError(f"{path} is truncated or corrupt: {err}") from err
+    return tensors, metadata
+
+
+def class_names(metadata: Mapping[str, str]) -> list[str]:
+    return json.loads(metadata["class_names"])
+
+
+def model_from_checkpoint(path: str, **overrides: object) -> tuple[CalibratedModel, dict[str, str]]:
+    """Rebuild the model from the checkpoint's metadata alone and load its weights."""
+    tensors, metadata = load_checkpoint(path)
+    missing = [key for key in ("model", "num_classes", "class_names", "cal") if key not in metadata]
+    if missing:
+        raise CheckpointError(f"{path} lacks the metadata {missing}: it was not written by udtimm")
+    options = {
+        "cal": metadata["cal"] == "true",
+        "cal_width": int(metadata.get("cal_width") or 512),
+        "global_pool": metadata.get("global_pool") or None,
+        "img_size": int(metadata["img_size"]) if metadata.get("img_size") else None,
+    }
+    options.update(overrides)
+    model = create_model(metadata["model"], int(metadata["num_classes"]), **options)
+    load_weights(model, tensors, path)
+    return model, metadata
+
+
+def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:
+    """load_state_dict(strict) with a message that names the keys and shapes that differ."""
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    mismatched = [
+        f"{key}: file {tuple(tensors[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in expected
+        if key in tensors and tensors[key].shape != expected[key].shape
+    ]
+    if missing or unexpected or mismatched:
+        details = "; ".join(
+            f"{label} {items[:5]}{' ...' if len(items) > 5 else ''}"
+            for label, items in (("missing", missing), ("unexpected", unexpected), ("shape", mismatched))
+            if items
+        )
+        raise CheckpointError(f"{source} does not fit this model: {details}")
+    model.load_state_dict(tensors)
+
+
+def save_training_state(
+    run_dir: str,
+    model: nn.Module,
+    metadata: Mapping[str, str],
+    optimizer_state: dict,
+    progress: Mapping[str, object],
+) -> None:
+    """state/: weights, optimizer/scheduler/scaler state and progress.json, replaced as a whole.
+
+    The new state is written to state.tmp/ (progress.json last, marking it complete) and swapped in by
+    renames, so a kill at any moment leaves at least one complete state directory.
+    """
+    final = os.path.join(run_dir, STATE_DIR)
+    tmp, old = final + ".tmp", final + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    save_checkpoint(os.path.join(tmp, "weights.safetensors"), model, metadata)
+    atomic_write(os.path.join(tmp, "optimizer.pt"), lambda path: torch.save(optimizer_state, path))
+    atomic_write_text(os.path.join(tmp, PROGRESS_FILE), json.dumps(dict(progress), indent=2))
+    if os.path.isdir(final):
+        shutil.rmtree(old, ignore_errors=True)
+        os.rename(final, old)
+    os.rename(tmp, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def find_training_state(run_dir: str) -> str | None:
+    """The newest complete state directory of a run (state, or what a kill mid-swap left)."""
+    candidates = []
+    for name in (STATE_DIR, STATE_DIR + ".tmp", STATE_DIR + ".old"):
+        progress_path = os.path.join(run_dir, name, PROGRESS_FILE)
+        if os.path.isfile(progress_path):
+            with open(progress_path) as handle:
+                candidates.append((int(json.load(handle)["epoch"]), os.path.join(run_dir, name)))
+    return max(candidates)[1] if candidates else None
+
+
+def load_training_state(state_dir: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
+    """(weights, optimizer/scheduler/scaler state, progress); torch.load with weights_only=True refuses pickled code."""
+    tensors, _ = load_checkpoint(os.path.join(state_dir, "weights.safetensors"))
+    optimizer_state = torch.load(os.path.join(state_dir, "optimizer.pt"), map_location="cpu", weights_only=True)
+    with open(os.path.join(state_dir, PROGRESS_FILE)) as handle:
+        progress = json.load(handle)
+    return tensors, optimizer_state, progress

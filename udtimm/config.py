@@ -1,0 +1,147 @@
+"""Command-line arguments: a YAML file given with -c sets the defaults, flags on the command line win."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+from collections.abc import Sequence
+
+import yaml
+
+from udtimm.io import atomic_write_text
+
+DIFFICULT_POLICIES = ("positive", "ignore", "negative")
+DATASETS = ("digits", "voc2007", "coco2014", "csv")
+
+
+class ConfigError(ValueError):
+    """A configuration file or flag combination that cannot be used."""
+
+
+# A resumed run must be the same experiment: these may not change between the first start and --resume.
+RESUME_FIXED = ("model", "dataset", "cal", "loss", "global_pool", "img_size", "batch_size", "seed", "method",
+                "teacher_ckpt", "self_distill", "difficult")
+
+
+def config_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(add_help=False)
+    parser.add_argument("-c", "--config", default="", metavar="YAML", help="YAML file of defaults; flags win")
+    parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
+    return parser
+
+
+def add_data_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument("--dataset", default="digits", choices=DATASETS)
+    group.add_argument("--data-dir", default=None, help="dataset root (digits: generated there on first use)")
+    group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
+    group.add_argument("--val-split", default="test", help="eval split (test = VOC test, COCO val2014)")
+    group.add_argument("--img-size", type=int, default=None, help="square input size (default: per dataset)")
+    group.add_argument("-b", "--batch-size", type=int, default=64)
+    group.add_argument("--workers", type=int, default=2, help="data loader worker processes per device")
+    group.add_argument("--reprob", type=float, default=0.5, help="random erasing probability")
+    group.add_argument("--difficult", default="positive", choices=DIFFICULT_POLICIES,
+                       help="how the training losses treat VOC difficult labels")
+    group.add_argument("--eval-difficult-negative", action="store_true",
+                       help="CP..OF1 count difficult pairs as negatives (ML-GCN's code) instead of leaving them out")
+    group.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
+    group.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
+    group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")
+    group.add_argument("--gpu-decode", action="store_true", help="decode and augment JPEGs on the GPU")
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model")
+    group.add_argument("--model", default="resnet18", help="any timm model name")
+    group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    group.add_argument("--pretrained-path", default=None, metavar="FILE",
+                       help="local pretrained weights (.safetensors/.pth); implies --pretrained, no network")
+    group.add_argument("--global-pool", default=None, help="timm global pooling: avg, max, avgmax, token, ...")
+    group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
+
+
+def add_optim_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("optimisation")
+    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--opt", default="adamw", help="timm optimizer name (sgd, momentum, adamw, ...)")
+    group.add_argument("--lr", type=float, default=2e-3)
+    group.add_argument("--momentum", type=float, default=0.9)
+    group.add_argument("--weight-decay", type=float, default=0.05)
+    group.add_argument("--sched", default="cosine", help="timm scheduler name (cosine, step, ...)")
+    group.add_argument("--warmup-epochs", type=int, default=1)
+    group.add_argument("--warmup-lr", type=float, default=1e-5)
+    group.add_argument("--min-lr", type=float, default=1e-6)
+    group.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+
+
+def add_runtime_args(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("runtime")
+    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--output", default="output", help="parent folder of the run directories")
+    group.add_argument("--experiment", default=None, help="run directory name (default: date-time-model-method)")
+    group.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
+    group.add_argument("--channels-last", action="store_true")
+    group.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
+    group.add_argument("--skip-nonfinite", action="store_true",
+                       help="skip a step whose loss is NaN/inf (counted in summary.csv) instead of stopping")
+    group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and the last)")
+    group.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+
+
+def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """Two-stage parse: -c YAML (or the args.yaml of the --resume run) sets the defaults, then the flags win.
+
+    Unknown YAML keys are an error; a --resume whose flags change RESUME_FIXED settings is refused.
+    """
+    cfg_args, remaining = config_parser().parse_known_args(argv)
+    if cfg_args.config and cfg_args.resume:
+        raise ConfigError("use -c or --resume, not both: a resumed run takes its settings from its args.yaml")
+    source = os.path.join(cfg_args.resume, "args.yaml") if cfg_args.resume else cfg_args.config
+    saved = load_yaml(source) if source else {}
+    known = {action.dest for action in parser._actions}
+    unknown = sorted(key for key in saved if key.replace("-", "_") not in known)
+    if unknown:
+        raise ConfigError(f"{source}: unknown keys {unknown}; keys are the flag names, e.g. img_size")
+    saved = {key.replace("-", "_"): value for key, value in saved.items()}
+    parser.set_defaults(**saved)
+    args = parser.parse_args(remaining)
+    args.config, args.resume = cfg_args.config, cfg_args.resume
+    if args.pretrained_path:
+        args.pretrained = True
+    if args.img_size is None:
+        args.img_size = default_img_size(args.dataset)
+    if args.resume:
+        differences = [
+            f"--{key.replace('_', '-')}: the run has {saved[key]!r}, now {getattr(args, key)!r}"
+            for key in RESUME_FIXED
+            if key in saved and getattr(args, key, saved[key]) != saved[key]
+        ]
+        if differences:
+            raise ConfigError(f"cannot --resume {args.resume} with other settings: " + "; ".join(differences))
+    return args
+
+
+def load_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"{path} does not exist")
+    with open(path) as handle:
+        values = yaml.safe_load(handle) or {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
+    return values
+
+
+def default_img_size(dataset: str) -> int:
+    return 64 if dataset == "digits" else 448
+
+
+def experiment_name(model: str, method: str) -> str:
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return f"{stamp}-{model.replace('/', '_')}-{method}"
+
+
+def save_args(args: argparse.Namespace, path: str) -> None:
+    """args.yaml: the resolved arguments, enough to rerun with -c."""
+    values = {key: value for key, value in sorted(vars(args).items()) if key not in ("config", "resume")}
+    atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))

@@ -1,0 +1,107 @@
+"""What every dataset loader produces: samples, the dataset wrapper, errors and image reading."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+from torchvision.io import ImageReadMode, decode_image, read_file
+
+
+class DatasetError(ValueError):
+    """Bad dataset input; the message names the file (and line, row or id) at fault."""
+
+
+class CorruptImageError(DatasetError):
+    """An image file that cannot be read or decoded; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image: its id, absolute path and labels (METHOD §1).
+
+    `target` is float32 [C] multi-hot (1 = present, difficult or not); `difficult` is bool [C], True where the
+    class is present only through difficult objects.
+    """
+
+    image_id: str
+    path: str
+    target: np.ndarray
+    difficult: np.ndarray
+
+    def __post_init__(self) -> None:
+        # Caught here, a loader bug names the image instead of surfacing as a shape error in collate.
+        if self.target.dtype != np.float32 or self.target.ndim != 1:
+            raise TypeError(f"{self.image_id}: target must be float32 [C], got {self.target.dtype} {self.target.shape}")
+        if self.difficult.dtype != np.bool_ or self.difficult.shape != self.target.shape:
+            raise TypeError(
+                f"{self.image_id}: difficult must be bool {self.target.shape}, "
+                f"got {self.difficult.dtype} {self.difficult.shape}"
+            )
+
+
+def read_image(path: str) -> Tensor:
+    """Decode an image file to a uint8 RGB tensor [3, H, W]; any failure raises CorruptImageError."""
+    try:
+        return decode_image(read_file(path), mode=ImageReadMode.RGB)
+    except Exception as e:  # torchvision raises bare RuntimeErrors for missing, empty, truncated or unknown files
+        raise CorruptImageError(f"cannot read image {path}: {e}") from e
+
+
+def check_unique_ids(samples: Iterable[Sample], source: str) -> None:
+    """Raise DatasetError naming `source` and the id if an image id is listed twice."""
+    seen: set[str] = set()
+    for s in samples:
+        if s.image_id in seen:
+            raise DatasetError(f"{source}: image id {s.image_id!r} is listed twice")
+        seen.add(s.image_id)
+
+
+class MultiLabelDataset(torch.utils.data.Dataset):
+    """Images listed by file name (decoded on access) with multi-hot targets and difficult masks."""
+
+    def __init__(
+        self,
+        samples: list[Sample],
+        classes: list[str],
+        transform: Callable[[Tensor], Tensor] | None = None,
+        name: str = "",
+    ) -> None:
+        for s in samples:
+            if s.target.shape != (len(classes),):
+                raise DatasetError(f"{name or 'dataset'}: {s.image_id} has {s.target.shape[0]} labels, "
+                                   f"expected {len(classes)} classes")
+        self.samples = samples
+        self.classes = list(classes)
+        self.transform = transform
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
+        """Return (image, target float32 [C], difficult bool [C], index); the index lets callers match outputs."""
+        s = self.samples[index]
+        image = read_image(s.path)
+        if self.transform is not None:
+            image = self.transform(image)
+        return image, torch.from_numpy(s.target.copy()), torch.from_numpy(s.difficult.copy()), index
+
+    def targets(self) -> Tensor:
+        """All targets, float32 [N, C]."""
+        return _stack([s.target for s in self.samples], len(self.classes), np.float32)
+
+    def difficult_masks(self) -> Tensor:
+        """All difficult masks, bool [N, C]."""
+        return _stack([s.difficult for s in self.samples], len(self.classes), np.bool_)
+
+    def __repr__(self) -> str:
+        return f"MultiLabelDataset({self.name!r}, {len(self)} images, {len(self.classes)} classes)"
+
+
+def _stack(rows: list[np.ndarray], num_classes: int, dtype: type) -> Tensor:
+    # np.stack fails on an empty list; an empty dataset still has a well-defined [0, C] shape.
+    return torch.from_numpy(np.stack(rows) if rows else np.zeros((0, num_classes), dtype=dtype))

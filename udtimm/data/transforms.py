@@ -1,0 +1,86 @@
+"""The paper's train and eval transforms (Sec. 5.1), on uint8 image tensors, scaled to any input size."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+
+import torch
+from torch import Tensor, nn
+from torchvision.transforms import v2
+from torchvision.transforms.v2 import functional as F
+
+CROP_SCALES = (1.0, 0.875, 0.75, 0.66, 0.5)
+# The paper resizes to 512 and crops 448: keep that ratio at any --img-size.
+RESIZE_RATIO = 512 / 448
+
+
+def resize_size(img_size: int) -> int:
+    return round(img_size * RESIZE_RATIO)
+
+
+def crop_offsets(image_w: int, image_h: int, crop_w: int, crop_h: int) -> list[tuple[int, int]]:
+    """The 13 fixed crop positions of the multi-scale crop (corners, centre, quarters)."""
+    w_step, h_step = (image_w - crop_w) // 4, (image_h - crop_h) // 4
+    return [
+        (0, 0), (4 * w_step, 0), (0, 4 * h_step), (4 * w_step, 4 * h_step), (2 * w_step, 2 * h_step),
+        (0, 2 * h_step), (4 * w_step, 2 * h_step), (2 * w_step, 4 * h_step), (2 * w_step, 0),
+        (w_step, h_step), (3 * w_step, h_step), (w_step, 3 * h_step), (3 * w_step, 3 * h_step),
+    ]  # fmt: skip
+
+
+def multi_scale_crop_box(
+    image_w: int, image_h: int, scales: Sequence[float] = CROP_SCALES, max_distort: int = 2
+) -> tuple[int, int, int, int]:
+    """Draw (left, top, width, height): sides from `scales` of the short side, at most `max_distort` apart."""
+    base = min(image_w, image_h)
+    sides = [int(base * s) for s in scales]
+    pairs = [(w, h) for i, h in enumerate(sides) for j, w in enumerate(sides) if abs(i - j) <= max_distort]
+    crop_w, crop_h = random.choice(pairs)
+    left, top = random.choice(crop_offsets(image_w, image_h, crop_w, crop_h))
+    return left, top, crop_w, crop_h
+
+
+class MultiScaleCrop(nn.Module):
+    """Crop a box drawn by `multi_scale_crop_box` and resize it to `size` x `size` (ML-GCN's recipe)."""
+
+    def __init__(self, size: int, scales: Sequence[float] = CROP_SCALES, max_distort: int = 2) -> None:
+        super().__init__()
+        self.size, self.scales, self.max_distort = size, tuple(scales), max_distort
+
+    def forward(self, image: Tensor) -> Tensor:
+        height, width = image.shape[-2:]
+        left, top, crop_w, crop_h = multi_scale_crop_box(width, height, self.scales, self.max_distort)
+        return F.resized_crop(image, top, left, crop_h, crop_w, [self.size, self.size], antialias=True)
+
+
+class NormalizeImage(nn.Module):
+    """uint8 [0, 255] to normalised float32, the last step so everything before stays uint8."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(-1, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(-1, 1, 1) * 255)
+
+    def forward(self, image: Tensor) -> Tensor:
+        return (image.float() - self.mean) / self.std
+
+
+def train_transform(
+    img_size: int, mean: Sequence[float], std: Sequence[float], reprob: float = 0.5, hflip: float = 0.5
+) -> nn.Module:
+    """Resize to 8/7 of the input size, multi-scale crop, flip, normalise, random erasing (Sec. 5.1)."""
+    steps: list[nn.Module] = [
+        v2.Resize([resize_size(img_size)] * 2, antialias=True),
+        MultiScaleCrop(img_size),
+        v2.RandomHorizontalFlip(hflip),
+        NormalizeImage(mean, std),
+    ]
+    if reprob > 0:
+        steps.append(v2.RandomErasing(p=reprob, value=0))
+    return v2.Compose(steps)
+
+
+def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
+    """Resize straight to img_size x img_size, normalise (Sec. 5.1)."""
+    return v2.Compose([v2.Resize([img_size, img_size], antialias=True), NormalizeImage(mean, std)])

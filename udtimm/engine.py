@@ -1,0 +1,116 @@
+"""One training epoch and one evaluation pass, shared by train.py, distill.py and validate.py (accelerate-aware)."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor, nn
+from tqdm import tqdm
+
+from udtimm.objectives import Objective
+
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss term; the message names the epoch, step and term."""
+
+
+@dataclass
+class Predictions:
+    scores: Tensor  # [N, C] sigmoid probabilities of the classification branch
+    target: Tensor  # [N, C] float multi-hot
+    difficult: Tensor  # [N, C] bool
+    indices: Tensor  # [N] dataset indices, to name the images
+
+
+def progress(iterable: Iterable, accelerator: Accelerator, description: str, enabled: bool = True) -> Iterable:
+    return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
+                disable=not (enabled and accelerator.is_main_process))
+
+
+def first_nonfinite_term(terms: dict[str, Tensor], accelerator: Accelerator) -> str | None:
+    """The name of a NaN/inf term on any process; all processes agree so they skip or stop together."""
+    finite = torch.stack([torch.isfinite(value.detach().float()) for value in terms.values()]).to(torch.int32)
+    finite = accelerator.reduce(finite, reduction="sum") if accelerator.num_processes > 1 else finite
+    for name, count in zip(terms, finite.tolist(), strict=True):
+        if count < accelerator.num_processes:
+            return name
+    return None
+
+
+def train_one_epoch(
+    model: nn.Module,
+    loader: Iterable,
+    optimizer: torch.optim.Optimizer,
+    scheduler: object,
+    accelerator: Accelerator,
+    objective: Objective,
+    epoch: int,
+    num_updates: int,
+    clip_grad: float | None = None,
+    skip_nonfinite: bool = False,
+    show_progress: bool = True,
+) -> dict[str, float]:
+    """Train for one epoch; returns the mean of each loss term, the skipped-step count and images/s."""
+    model.train()
+    sums: dict[str, Tensor] = {}
+    steps = skipped = images_seen = 0
+    start = time.perf_counter()
+    bar = progress(loader, accelerator, f"train {epoch}", show_progress)
+    for step, (images, target, difficult, _) in enumerate(bar):
+        terms = objective(model, images, target, difficult)
+        bad_term = first_nonfinite_term(terms, accelerator)
+        if bad_term is not None:
+            if not skip_nonfinite:
+                raise NonFiniteLossError(
+                    f"non-finite loss at epoch {epoch}, step {step}: term {bad_term!r} = "
+                    f"{terms[bad_term].item()} (use --skip-nonfinite to skip such steps)"
+                )
+            skipped += 1
+            optimizer.zero_grad(set_to_none=True)
+            continue
+        accelerator.backward(terms["loss"])
+        if clip_grad is not None and accelerator.sync_gradients:
+            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        num_updates += 1
+        scheduler.step_update(num_updates=num_updates)
+        for name, value in terms.items():
+            sums[name] = sums.get(name, 0.0) + value.detach().float()
+        steps += 1
+        images_seen += images.shape[0]
+        if steps % 10 == 0 and hasattr(bar, "set_postfix"):
+            bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
+    scheduler.step(epoch + 1)
+    means = {name: accelerator.reduce(total, reduction="mean").item() / max(steps, 1) for name, total in sums.items()}
+    elapsed = time.perf_counter() - start
+    means.update(
+        skipped_steps=skipped,
+        images_per_s=images_seen * accelerator.num_processes / elapsed if elapsed > 0 else math.nan,
+    )
+    return means
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True) -> Predictions:
+    """Classification-branch probabilities for every image of the loader, gathered across processes.
+
+    gather_for_metrics drops the samples a distributed sampler repeats to even out the last batch, so N
+    processes return exactly the images (and numbers) of one.
+    """
+    model.eval()
+    parts: list[tuple[Tensor, ...]] = []
+    for images, target, difficult, indices in progress(loader, accelerator, "eval", show_progress):
+        with accelerator.autocast():
+            logits = model(images).logits
+        batch = (torch.sigmoid(logits.float()), target.float(), difficult, indices)
+        parts.append(tuple(t.cpu() for t in accelerator.gather_for_metrics(batch)))
+    if not parts:
+        raise ValueError("the evaluation loader yielded no images")
+    scores, target, difficult, indices = (torch.cat(column) for column in zip(*parts, strict=True))
+    return Predictions(scores, target, difficult.bool(), indices)

@@ -1,0 +1,138 @@
+"""Training losses: Eq. 3, 10-14, 17 and the Table 5 baselines (METHOD.md §4-5).
+
+Every function takes logits [B, C] (any float dtype; computed in float32 so that bf16 autocast outputs do not
+lose the small differences the losses are made of) and, where labels enter, a float multi-hot `target` [B, C]
+with an optional bool `mask` [B, C] that is True where the (sample, class) pair counts. `apply_difficult_policy`
+turns the dataset's difficult flags into that pair. Masked pairs are neither positives nor negatives in any term.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+DIFFICULT_POLICIES = ("positive", "ignore", "negative")
+
+# Stands in for -inf in masked logsumexp/softmax: exp() of it is exactly 0 like -inf, but it stays finite,
+# so rows with nothing left (a sample without negatives) give finite values and zero, not NaN, gradients.
+_MASKED_LOGIT = torch.finfo(torch.float32).min
+
+
+def apply_difficult_policy(target: Tensor, difficult: Tensor, policy: str) -> tuple[Tensor, Tensor]:
+    """METHOD §1: (target float [B, C], mask bool [B, C]) for one `--difficult` policy."""
+    if policy not in DIFFICULT_POLICIES:
+        raise ValueError(f"unknown difficult policy {policy!r}; expected one of {', '.join(DIFFICULT_POLICIES)}")
+    target = target.float()
+    difficult = difficult.bool()
+    mask = torch.ones_like(difficult)
+    if policy == "positive":
+        # A difficult class is present in the image, whatever the loader stored there.
+        target = target.masked_fill(difficult, 1.0)
+    elif policy == "negative":
+        target = target.masked_fill(difficult, 0.0)
+    else:
+        mask = ~difficult
+    return target, mask
+
+
+def _split(logits: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Float32 logits and the bool masks of the counted positive and negative pairs."""
+    z = logits.float()
+    present = target > 0.5
+    if mask is None:
+        return z, present, ~present
+    mask = mask.bool()
+    return z, present & mask, ~present & mask
+
+
+def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
+    """Mean of `values` over the True entries of `mask`; 0 (still attached to the graph) when there are none."""
+    if mask is None:
+        return values.mean()
+    weights = mask.to(values.dtype)
+    return (values * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def _binary_kl(target_logits: Tensor, logits: Tensor) -> Tensor:
+    """Elementwise KL(Bernoulli(sigmoid(target_logits)) || Bernoulli(sigmoid(logits))), safe for large logits."""
+    p = torch.sigmoid(target_logits)
+    # log(1 - sigmoid(x)) = logsigmoid(-x) keeps both log terms finite where sigmoid saturates to 0 or 1.
+    return p * (F.logsigmoid(target_logits) - F.logsigmoid(logits)) + (1 - p) * (
+        F.logsigmoid(-target_logits) - F.logsigmoid(-logits)
+    )
+
+
+def bce_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Eq. 3: binary cross-entropy with logits, mean over the counted (sample, class) pairs."""
+    values = F.binary_cross_entropy_with_logits(logits.float(), target.float(), reduction="none")
+    return _masked_mean(values, mask)
+
+
+def partial_softmax_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Eq. 10-11 (PAL-N): -mean over positives of log f_i, f_i = softmax of z_i against the negatives only."""
+    z, positive, negative = _split(logits, target, mask)
+    lse_neg = torch.logsumexp(z.masked_fill(~negative, _MASKED_LOGIT), dim=1, keepdim=True)
+    # -log f_i = log(1 + exp(lse_neg - z_i)); without negatives lse_neg is _MASKED_LOGIT and the term is 0 (f_i = 1).
+    nll = F.softplus(lse_neg - z)
+    num_pos = positive.sum(dim=1)
+    per_sample = (nll * positive).sum(dim=1) / num_pos.clamp_min(1)
+    return _masked_mean(per_sample, num_pos > 0)
+
+
+def calibrated_loss(
+    logits: Tensor, cal_logits: Tensor, target: Tensor, mask: Tensor | None = None, cal_weight: float = 0.1
+) -> dict[str, Tensor]:
+    """Eq. 12: L = L_b (classification branch) + lambda * L_ps (calibration branch), each term returned too."""
+    bce = bce_loss(logits, target, mask)
+    partial_softmax = partial_softmax_loss(cal_logits, target, mask)
+    return {"bce": bce, "partial_softmax": partial_softmax, "loss": bce + cal_weight * partial_softmax}
+
+
+def temperature_bce_loss(
+    logits: Tensor, target: Tensor, mask: Tensor | None = None, temperature: float = 3.0
+) -> Tensor:
+    """Table 5 baseline: Eq. 3 on sigmoid(z / T)."""
+    return bce_loss(logits.float() / temperature, target, mask)
+
+
+def label_smoothing_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, margin: float = 9.0) -> Tensor:
+    """Table 5 baseline: binary KL to the soft targets sigmoid(+-margin), mean over the counted pairs."""
+    soft_logits = (target.float() * 2 - 1) * margin
+    return _masked_mean(_binary_kl(soft_logits, logits.float()), mask)
+
+
+def one_over_k_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Table 5 baseline [28]: softmax cross-entropy towards 1/k on each of a sample's k positives."""
+    z, positive, negative = _split(logits, target, mask)
+    # Masked pairs leave the softmax entirely, like they leave every other term.
+    log_p = torch.log_softmax(z.masked_fill(~(positive | negative), _MASKED_LOGIT), dim=1)
+    num_pos = positive.sum(dim=1)
+    per_sample = -(log_p * positive).sum(dim=1) / num_pos.clamp_min(1)
+    return _masked_mean(per_sample, num_pos > 0)
+
+
+def binary_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """Eq. 13: per-class KL(sigmoid(t/T) || sigmoid(s/T)), mean over classes and samples, times T^2."""
+    t = teacher_logits.detach().float() / temperature
+    s = student_logits.float() / temperature
+    return _binary_kl(t, s).mean() * temperature**2
+
+
+def softmax_kd_loss(student_cal_logits: Tensor, teacher_cal_logits: Tensor, temperature: float = 3.0) -> Tensor:
+    """Eq. 14: KL(softmax(c_t/T) || softmax(c_s/T)) over the calibration logits, batch mean, times T^2."""
+    log_t = torch.log_softmax(teacher_cal_logits.detach().float() / temperature, dim=1)
+    log_s = torch.log_softmax(student_cal_logits.float() / temperature, dim=1)
+    return (log_t.exp() * (log_t - log_s)).sum(dim=1).mean() * temperature**2
+
+
+def attention_distillation_loss(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
+    """Eq. 17: mean over samples of ||A_T - A_S||^2 between L2-normalised maps [B, H, W]."""
+    teacher = teacher_maps.detach().float()
+    student = student_maps.float()
+    if student.shape[-2:] != teacher.shape[-2:]:
+        student = F.interpolate(student[:, None], size=teacher.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    # Teacher and student have different channel counts, so only the shape of the maps is comparable.
+    teacher = F.normalize(teacher.flatten(1), dim=1)
+    student = F.normalize(student.flatten(1), dim=1)
+    return (teacher - student).pow(2).sum(dim=1).mean()

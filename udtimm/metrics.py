@@ -1,0 +1,221 @@
+"""Multi-label metrics: AP/mAP, ML-GCN CP/CR/CF1/OP/OR/OF1, ECE (Eq. 2), reliability bins.
+
+Inputs are probabilities ``scores`` [N, C] (the caller applies the sigmoid), a multi-hot
+``target`` [N, C] (float or bool) and a bool ``difficult`` mask [N, C] (METHOD.md §1).
+Difficult (image, class) pairs are left out of every metric unless an option says otherwise,
+so the target value stored at a difficult pair never matters. Computed in float64; percentages
+are returned as Python floats.
+"""
+
+import torch
+from torch import Tensor
+
+METRIC_NAMES: tuple[str, ...] = (
+    "map",
+    "cp",
+    "cr",
+    "cf1",
+    "op",
+    "or",
+    "of1",
+    "cp_top3",
+    "cr_top3",
+    "cf1_top3",
+    "op_top3",
+    "or_top3",
+    "of1_top3",
+    "ece",
+    "ece_pooled",
+    "map_difficult",
+    "num_images",
+    "num_classes_evaluated",
+)
+
+_NAN = float("nan")
+
+
+def _prepare(scores: Tensor, target: Tensor, difficult: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores as float64, target as bool, and the bool mask of evaluated (non-difficult) pairs."""
+    if difficult is None:
+        difficult = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
+    if target.shape != scores.shape or difficult.shape != scores.shape:
+        raise ValueError(
+            f"shape mismatch: scores {tuple(scores.shape)}, target {tuple(target.shape)}, "
+            f"difficult {tuple(difficult.shape)}"
+        )
+    # Thresholding at 0.5 reads float and bool multi-hot targets alike.
+    positive = target.to(torch.float64) > 0.5
+    return scores.to(torch.float64), positive, ~difficult.to(torch.bool)
+
+
+def _ap_columns(scores: Tensor, positive: Tensor, keep: Tensor) -> Tensor:
+    """Non-interpolated AP of each column of [N, C]; nan where a column has no kept positive."""
+    # Stable sort: tied scores keep their input order (lower image index ranks first).
+    order = torch.sort(scores, dim=0, descending=True, stable=True).indices
+    hit = (positive & keep).gather(0, order).to(torch.float64)
+    # Left-out pairs add to neither cumulative count, which removes them from the ranking.
+    rank = keep.gather(0, order).to(torch.float64).cumsum(0)
+    # clamp: leading left-out rows have rank 0 and would turn 0 * (0 / 0) into nan.
+    precision = hit.cumsum(0) / rank.clamp(min=1)
+    n_pos = hit.sum(0)
+    ap = (precision * hit).sum(0) / n_pos.clamp(min=1)
+    return torch.where(n_pos > 0, ap, torch.full_like(ap, _NAN))
+
+
+def average_precision(scores: Tensor, target: Tensor, ignore: Tensor | None = None) -> float:
+    """Non-interpolated AP of one class (METHOD §2); ``ignore`` pairs are removed first."""
+    if scores.dim() != 1:
+        raise ValueError(f"average_precision expects 1-D scores, got {tuple(scores.shape)}")
+    s, positive, keep = _prepare(scores, target, ignore)
+    return _ap_columns(s[:, None], positive[:, None], keep[:, None]).item()
+
+
+def per_class_average_precision(scores: Tensor, target: Tensor, difficult: Tensor) -> Tensor:
+    """Per-class non-interpolated AP (METHOD §2), [C] float64, nan for classes without positive."""
+    return _ap_columns(*_prepare(scores, target, difficult))
+
+
+def mean_average_precision(scores: Tensor, target: Tensor, difficult: Tensor) -> float:
+    """mAP in percent (METHOD §2) over classes with a non-difficult positive; nan if none."""
+    return 100.0 * per_class_average_precision(scores, target, difficult).nanmean().item()
+
+
+def _f1(precision: float, recall: float) -> float:
+    """Harmonic mean; 0 when both are 0 instead of 0 / 0."""
+    if precision + recall == 0:
+        return 0.0
+    return 2.0 * precision * recall / (precision + recall)
+
+
+def threshold_metrics(
+    scores: Tensor,
+    target: Tensor,
+    difficult: Tensor,
+    threshold: float = 0.5,
+    topk: int | None = None,
+    difficult_as_negative: bool = False,
+) -> dict[str, float]:
+    """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (METHOD §2), optionally top-k."""
+    s, positive, keep = _prepare(scores, target, difficult)
+    predicted = s >= threshold
+    if topk is not None:
+        # Ranked over all classes, difficult ones included: a classifier's top-k cannot know
+        # which labels are difficult. The stable sort breaks ties by class index, so at most
+        # topk classes per image are predicted.
+        order = torch.sort(s, dim=1, descending=True, stable=True).indices
+        in_topk = torch.zeros_like(predicted)
+        in_topk.scatter_(1, order[:, :topk], True)
+        predicted &= in_topk
+    if difficult_as_negative:
+        positive = positive & keep
+        keep = torch.ones_like(keep)
+    predicted &= keep
+    positive = positive & keep
+    tp = (predicted & positive).sum(0).to(torch.float64)
+    n_predicted = predicted.sum(0).to(torch.float64)
+    n_positive = positive.sum(0).to(torch.float64)
+
+    class_precision = torch.where(n_predicted > 0, tp / n_predicted.clamp(min=1), 0.0)
+    cp = class_precision.mean().item()
+    # A class without positives has no recall: it is skipped, not counted as 0 (ML-GCN's
+    # code divided by zero there); CR is nan when no class has a positive.
+    has_positive = n_positive > 0
+    cr = (tp[has_positive] / n_positive[has_positive]).mean().item()
+    total_tp = tp.sum().item()
+    total_predicted = n_predicted.sum().item()
+    total_positive = n_positive.sum().item()
+    op = total_tp / total_predicted if total_predicted > 0 else 0.0
+    or_ = total_tp / total_positive if total_positive > 0 else _NAN
+    return {
+        "cp": 100.0 * cp,
+        "cr": 100.0 * cr,
+        "cf1": 100.0 * _f1(cp, cr),
+        "op": 100.0 * op,
+        "or": 100.0 * or_,
+        "of1": 100.0 * _f1(op, or_),
+    }
+
+
+def _binned_sums(probs: Tensor, positive: Tensor, keep: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Per column of [N, C] and per bin: pair count, sum of probabilities, sum of positives."""
+    n_columns = probs.shape[1]
+    # Bins [i/n, (i+1)/n) with the last one closed, so a probability of exactly 1 is counted.
+    bin_index = (probs * n_bins).floor().long().clamp(0, n_bins - 1)
+    cell = (bin_index + n_bins * torch.arange(n_columns, device=probs.device)).flatten()
+    # Left-out pairs are weighted by 0 rather than masked out: boolean indexing is slower.
+    weight = keep.to(torch.float64)
+    sums = []
+    for values in (weight, probs * weight, (positive & keep).to(torch.float64)):
+        total = torch.zeros(n_columns * n_bins, dtype=torch.float64, device=probs.device)
+        sums.append(total.index_add_(0, cell, values.flatten()).view(n_columns, n_bins))
+    return sums[0], sums[1], sums[2]
+
+
+def expected_calibration_error(
+    probs: Tensor,
+    target: Tensor,
+    difficult: Tensor | None = None,
+    n_bins: int = 15,
+    classwise: bool = True,
+) -> float:
+    """Eq. 2 ECE in percent: classwise mean of per-class ECE, or one pooled histogram."""
+    p, positive, keep = _prepare(probs, target, difficult)
+    if not classwise:
+        p, positive, keep = p.reshape(-1, 1), positive.reshape(-1, 1), keep.reshape(-1, 1)
+    count, confidence_sum, positive_sum = _binned_sums(p, positive, keep, n_bins)
+    # (n_b / n) * |acc_b - conf_b| = |positives_b - sum of probs_b| / n, and empty bins give 0.
+    n = count.sum(1)
+    gap = (positive_sum - confidence_sum).abs().sum(1)
+    evaluated = n > 0
+    return 100.0 * (gap[evaluated] / n[evaluated]).mean().item()
+
+
+def reliability_bins(
+    probs: Tensor, target: Tensor, difficult: Tensor | None = None, n_bins: int = 15
+) -> dict[str, Tensor]:
+    """Pooled Eq. 2 bins for the reliability diagram (paper Fig. 3); nan in empty bins."""
+    p, positive, keep = _prepare(probs, target, difficult)
+    count, confidence_sum, positive_sum = _binned_sums(
+        p.reshape(-1, 1), positive.reshape(-1, 1), keep.reshape(-1, 1), n_bins
+    )
+    count, confidence_sum, positive_sum = count[0], confidence_sum[0], positive_sum[0]
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=p.device)
+    empty = torch.full_like(count, _NAN)
+    return {
+        "lower": edges[:-1],
+        "upper": edges[1:],
+        "confidence": torch.where(count > 0, confidence_sum / count.clamp(min=1), empty),
+        "accuracy": torch.where(count > 0, positive_sum / count.clamp(min=1), empty),
+        "count": count.long(),
+    }
+
+
+def difficult_subset(difficult: Tensor) -> Tensor:
+    """[N] bool: images with at least one difficult class (the VOC "Difficult" subset, Table 2)."""
+    return difficult.to(torch.bool).any(dim=1)
+
+
+def compute_metrics(
+    scores: Tensor,
+    target: Tensor,
+    difficult: Tensor,
+    threshold: float = 0.5,
+    topk: int = 3,
+    n_bins: int = 15,
+    difficult_as_negative: bool = False,
+) -> dict[str, float]:
+    """All evaluation metrics (METHOD §2, Eq. 2, Table 2) as one flat dict keyed by METRIC_NAMES."""
+    ap = per_class_average_precision(scores, target, difficult)
+    metrics = {"map": 100.0 * ap.nanmean().item()}
+    metrics.update(threshold_metrics(scores, target, difficult, threshold, difficult_as_negative=difficult_as_negative))
+    # The column names keep the paper's "top3" whatever topk is, so CSV headers never change.
+    top = threshold_metrics(scores, target, difficult, threshold, topk, difficult_as_negative)
+    metrics.update({f"{name}_top3": value for name, value in top.items()})
+    metrics["ece"] = expected_calibration_error(scores, target, difficult, n_bins, True)
+    metrics["ece_pooled"] = expected_calibration_error(scores, target, difficult, n_bins, False)
+    subset = difficult_subset(difficult)
+    # An empty subset gives no AP for any class, hence nan.
+    metrics["map_difficult"] = mean_average_precision(scores[subset], target[subset], difficult[subset])
+    metrics["num_images"] = float(scores.shape[0])
+    metrics["num_classes_evaluated"] = float(ap.isfinite().sum().item())
+    return {name: metrics[name] for name in METRIC_NAMES}

@@ -1,0 +1,135 @@
+"""Any timm backbone with its classification branch and the optional calibration branch (Sec. 4.2.2)."""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import timm
+from torch import Tensor, nn
+
+CAL_WIDTH = 512
+
+
+class ModelConfigError(ValueError):
+    """A model that cannot be built as asked (unknown name, unreachable weights, ...)."""
+
+
+@dataclass
+class ModelOutput:
+    features: Tensor  # last feature map Z, before pooling: [B, C, H, W] or tokens [B, N, D]
+    logits: Tensor  # classification branch, [B, num_classes]
+    cal_logits: Tensor | None  # calibration branch, [B, num_classes]; None without --cal
+
+
+def calibration_head(in_features: int, num_classes: int, width: int = CAL_WIDTH) -> nn.Sequential:
+    """Sec. 4.2.2: the auxiliary branch FC -> BN -> ReLU -> FC on the pooled features."""
+    return nn.Sequential(
+        nn.Linear(in_features, width),
+        nn.BatchNorm1d(width),
+        nn.ReLU(inplace=True),
+        nn.Linear(width, num_classes),
+    )
+
+
+class CalibratedModel(nn.Module):
+    """A timm backbone whose forward returns the feature map and the logits of both branches."""
+
+    def __init__(self, backbone: nn.Module, num_classes: int, cal: bool, cal_width: int = CAL_WIDTH) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.num_classes = num_classes
+        # head_hidden_size is the width forward_head(pre_logits=True) returns; num_features is the
+        # width of the feature map, and the two differ for VGG, MobileNetV3 and others.
+        width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
+        self.cal_head = calibration_head(width, num_classes, cal_width) if cal else None
+
+    @property
+    def has_cal(self) -> bool:
+        return self.cal_head is not None
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
+
+    def forward_features(self, x: Tensor) -> Tensor:
+        return self.backbone.forward_features(x)
+
+    def forward_head(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
+        pooled = self.backbone.forward_head(features, pre_logits=True)
+        logits = self.backbone.get_classifier()(pooled)
+        cal_logits = self.cal_head(pooled) if self.cal_head is not None else None
+        return logits, cal_logits
+
+    def forward(self, x: Tensor) -> ModelOutput:
+        features = self.forward_features(x)
+        logits, cal_logits = self.forward_head(features)
+        return ModelOutput(features, logits, cal_logits)
+
+    def feature_grid(self, features: Tensor) -> Tensor:
+        """The feature map as [B, C, H, W]: token features lose their prefix tokens and become a grid."""
+        if features.ndim == 4:
+            return features
+        if features.ndim != 3:
+            raise ValueError(f"cannot lay out features of shape {tuple(features.shape)} as a spatial grid")
+        tokens = features[:, self.num_prefix_tokens :]
+        height, width = getattr(getattr(self.backbone, "patch_embed", None), "grid_size", (0, 0))
+        if height * width != tokens.shape[1]:
+            # Square inputs at a size other than the build size (dynamic_img_size models).
+            height = width = round(tokens.shape[1] ** 0.5)
+        return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
+
+    def classifier_only(self) -> nn.Module:
+        """The inference model: the backbone alone, the calibration branch dropped."""
+        return self.backbone
+
+
+def suggest_models(name: str, count: int = 5) -> list[str]:
+    return difflib.get_close_matches(name, timm.list_models(), n=count, cutoff=0.5)
+
+
+def create_model(
+    name: str,
+    num_classes: int,
+    cal: bool = False,
+    cal_width: int = CAL_WIDTH,
+    global_pool: str | None = None,
+    pretrained: bool = False,
+    pretrained_path: str | None = None,
+    img_size: int | None = None,
+    drop_rate: float = 0.0,
+) -> CalibratedModel:
+    """Build a CalibratedModel from a timm model name; `pretrained_path` loads local weights (no network)."""
+    if not timm.is_model(name):
+        close = suggest_models(name)
+        hint = f" Close timm names: {', '.join(close)}." if close else ""
+        raise ModelConfigError(f"unknown --model {name!r}.{hint} `timm.list_models('*pattern*')` lists them all.")
+    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    if global_pool:
+        kwargs["global_pool"] = global_pool
+    if pretrained_path:
+        kwargs["pretrained_cfg_overlay"] = {"file": pretrained_path}
+        pretrained = True
+    try:
+        backbone = _create_backbone(name, pretrained, img_size, kwargs)
+    except (OSError, RuntimeError, ValueError) as err:
+        if pretrained_path:
+            raise ModelConfigError(f"cannot load --pretrained-path {pretrained_path} into {name}: {err}") from err
+        if pretrained:
+            raise ModelConfigError(
+                f"could not fetch pretrained weights for {name} ({type(err).__name__}: {err}). "
+                "Without network access download them elsewhere and pass the file with --pretrained-path FILE."
+            ) from err
+        raise
+    return CalibratedModel(backbone, num_classes, cal=cal, cal_width=cal_width)
+
+
+def _create_backbone(name: str, pretrained: bool, img_size: int | None, kwargs: dict) -> nn.Module:
+    # Transformers fix their position embeddings at build time and need img_size; CNNs take any size
+    # and reject the keyword, so try it first and fall back.
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=pretrained, img_size=img_size, **kwargs)
+        except TypeError:
+            pass
+    return timm.create_model(name, pretrained=pretrained, **kwargs)

@@ -1,0 +1,91 @@
+"""Setting up a run for train.py and distill.py: run directory, data, optimizer and scheduler, accelerator."""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import timm
+from accelerate import Accelerator
+from timm.optim import create_optimizer_v2
+from timm.scheduler import create_scheduler_v2
+from torch import nn
+
+from udtimm.checkpoint import CheckpointError
+from udtimm.config import ConfigError, experiment_name, save_args
+from udtimm.data.base import DatasetError, MultiLabelDataset
+from udtimm.data.loader import attach_transforms, load_split, make_loader
+from udtimm.engine import NonFiniteLossError
+from udtimm.io import check_writable
+from udtimm.model import ModelConfigError
+
+# Errors caused by the user's input: the scripts print their message alone, without a traceback.
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, NonFiniteLossError, OSError)
+
+
+def make_accelerator(args: argparse.Namespace) -> Accelerator:
+    return Accelerator(mixed_precision=args.mixed_precision)
+
+
+def prepare_run_dir(args: argparse.Namespace, method: str, accelerator: Accelerator) -> str:
+    """The run directory (new, or the one being resumed), checked writable, with args.yaml written."""
+    if args.resume:
+        run_dir = args.resume
+        if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
+            raise ConfigError(f"--resume {run_dir}: no args.yaml there, it is not a udtimm run directory")
+    else:
+        name = args.experiment or experiment_name(args.model, method)
+        run_dir = os.path.join(args.output, name)
+        if os.path.exists(os.path.join(run_dir, "summary.csv")):
+            raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir} or another --experiment")
+    if accelerator.is_main_process:
+        check_writable(run_dir)
+        if not args.resume:
+            save_args(args, os.path.join(run_dir, "args.yaml"))
+    accelerator.wait_for_everyone()
+    return run_dir
+
+
+def load_datasets(args: argparse.Namespace, accelerator: Accelerator) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+    # The main process generates the digits set (if needed) before the others read it.
+    with accelerator.main_process_first():
+        train_set = load_split(args, args.train_split)
+        eval_set = load_split(args, args.val_split)
+    if train_set.classes != eval_set.classes:
+        raise ConfigError(f"splits {args.train_split} and {args.val_split} have different class lists")
+    return train_set, eval_set
+
+
+def normalisation(backbone: nn.Module) -> tuple[list[float], list[float]]:
+    config = timm.data.resolve_data_config({}, model=backbone)
+    return list(config["mean"]), list(config["std"])
+
+
+def build_loaders(args: argparse.Namespace, train_set: MultiLabelDataset, eval_set: MultiLabelDataset,
+                  mean: list[float], std: list[float]) -> tuple:
+    attach_transforms(train_set, eval_set, args.img_size, mean, std, args.reprob)
+    train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
+    eval_loader = make_loader(eval_set, args.batch_size, False, args.workers, args.skip_corrupt)
+    return train_loader, eval_loader
+
+
+def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int) -> tuple:
+    """timm's optimizer and scheduler factories; the scheduler steps every update (cosine with warmup)."""
+    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
+                                    momentum=args.momentum)
+    scheduler, _ = create_scheduler_v2(
+        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+    )
+    return optimizer, scheduler
+
+
+def print_results(accelerator: Accelerator, row: dict[str, object]) -> None:
+    names = ("map", "map_difficult", "cp", "cr", "cf1", "op", "or", "of1", "cp_top3", "cr_top3", "cf1_top3",
+             "op_top3", "or_top3", "of1_top3", "ece", "ece_pooled")
+    accelerator.print("final metrics of best.safetensors (percent):")
+    for name in names:
+        value = row.get(name)
+        if isinstance(value, float):
+            accelerator.print(f"  {name:<14} {value:8.2f}")
+    accelerator.print(f"  best epoch     {row.get('best_epoch')}\n  checkpoint     {row.get('checkpoint')}")

@@ -1,0 +1,156 @@
+"""The epoch loop shared by train.py and distill.py: train, evaluate, write the run directory, resume."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from torch import nn
+
+from udtimm import checkpoint, metrics
+from udtimm.engine import Predictions, predict, train_one_epoch
+from udtimm.io import append_csv_row, atomic_write_text, csv_line
+from udtimm.objectives import Objective
+
+BEST_METRIC = "map"
+RESULT_KEYS = ("dataset", "split", "model", "method", "teacher", "seed", "epochs", "img_size", "difficult",
+               "eval_difficult")
+
+
+@dataclass
+class RunSetup:
+    """Everything the loop needs besides the arguments; built by the script."""
+
+    run_dir: str
+    model: nn.Module  # prepared by accelerate
+    optimizer: torch.optim.Optimizer  # prepared by accelerate
+    scheduler: object  # timm scheduler (step_update per optimizer step)
+    train_loader: object
+    eval_loader: object
+    objective: Objective
+    metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
+    result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
+    on_epoch_start: Callable[[int], None] | None = None
+    extra_state: dict = field(default_factory=dict)
+
+
+def evaluate_metrics(predictions: Predictions, args: argparse.Namespace) -> dict[str, float]:
+    return metrics.compute_metrics(
+        predictions.scores, predictions.target, predictions.difficult,
+        difficult_as_negative=args.eval_difficult_negative,
+    )
+
+
+def truncate_summary(path: str, last_epoch: int) -> None:
+    """Keep the header and the rows of epochs <= last_epoch, so a resumed run lists each epoch once."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as handle:
+        rows = list(csv.reader(handle))
+    if not rows:
+        return
+    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_epoch]
+    atomic_write_text(path, "".join(csv_line(row) for row in kept))
+
+
+def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]:
+    """Load the newest complete state of the run: (next epoch, optimizer updates so far, best metric)."""
+    state_dir = checkpoint.find_training_state(setup.run_dir)
+    if state_dir is None:
+        return 0, 0, -math.inf
+    tensors, optimizer_state, progress = checkpoint.load_training_state(state_dir)
+    checkpoint.load_weights(accelerator.unwrap_model(setup.model), tensors, state_dir)
+    setup.optimizer.load_state_dict(optimizer_state["optimizer"])
+    setup.scheduler.load_state_dict(optimizer_state["scheduler"])
+    if accelerator.scaler is not None and optimizer_state.get("scaler"):
+        accelerator.scaler.load_state_dict(optimizer_state["scaler"])
+    setup.extra_state.update(progress.get("extra", {}))
+    epoch = int(progress["epoch"])
+    if accelerator.is_main_process:
+        truncate_summary(os.path.join(setup.run_dir, "summary.csv"), epoch)
+    accelerator.print(f"resumed {setup.run_dir} after epoch {epoch} (state: {state_dir})")
+    return epoch + 1, int(progress["num_updates"]), float(progress["best"])
+
+
+def print_row(accelerator: Accelerator, row: dict[str, object], header: bool) -> None:
+    columns = ("epoch", "lr", "train_loss", "map", "map_difficult", "ece", "of1", "cf1", "epoch_time")
+    if header:
+        accelerator.print(" ".join(f"{name:>13}" for name in columns))
+    cells = []
+    for name in columns:
+        value = row.get(name, "")
+        cells.append(f"{value:>13.4g}" if isinstance(value, float) else f"{value!s:>13}")
+    accelerator.print(" ".join(cells))
+
+
+def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
+    """Run the remaining epochs; returns the results.csv row (metrics of best.safetensors)."""
+    start_epoch, num_updates, best = restore(setup, accelerator)
+    model, run_dir = setup.model, setup.run_dir
+    summary_path = os.path.join(run_dir, "summary.csv")
+    for epoch in range(start_epoch, args.epochs):
+        # Shuffling, augmentation and dropout of an epoch depend on (seed, epoch) only: resume is exact.
+        set_seed(args.seed + epoch)
+        if setup.on_epoch_start is not None:
+            setup.on_epoch_start(epoch)
+        epoch_start = time.perf_counter()
+        stats = train_one_epoch(
+            model, setup.train_loader, setup.optimizer, setup.scheduler, accelerator, setup.objective, epoch,
+            num_updates, clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
+            show_progress=not args.no_progress,
+        )
+        num_updates += len(setup.train_loader)
+        row: dict[str, object] = {"epoch": epoch, "lr": setup.optimizer.param_groups[0]["lr"],
+                                  "train_loss": stats.pop("loss", math.nan)}
+        row.update({f"train_{name}": value for name, value in stats.items()})
+        evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
+        scores = evaluate_metrics(predict(model, setup.eval_loader, accelerator, not args.no_progress), args) \
+            if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
+        row.update(scores)
+        row["epoch_time"] = time.perf_counter() - epoch_start
+        improved = evaluated and scores[BEST_METRIC] > best
+        best = scores[BEST_METRIC] if improved else best
+        if accelerator.is_main_process:
+            append_csv_row(summary_path, row)
+            unwrapped = accelerator.unwrap_model(model)
+            meta = {**setup.metadata, "epoch": str(epoch), "metric": BEST_METRIC,
+                    "metric_value": str(scores[BEST_METRIC])}
+            if improved:
+                checkpoint.save_checkpoint(os.path.join(run_dir, "best.safetensors"), unwrapped, meta)
+            checkpoint.save_checkpoint(os.path.join(run_dir, "last.safetensors"), unwrapped, meta)
+            optimizer_state = {
+                "optimizer": setup.optimizer.state_dict(),
+                "scheduler": setup.scheduler.state_dict(),
+                "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
+            }
+            progress = {"epoch": epoch, "num_updates": num_updates, "best": best, "extra": setup.extra_state}
+            checkpoint.save_training_state(run_dir, unwrapped, meta, optimizer_state, progress)
+        accelerator.wait_for_everyone()
+        print_row(accelerator, row, header=epoch == start_epoch)
+    return final_results(args, setup, accelerator)
+
+
+def final_results(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
+    """Evaluate best.safetensors again, write results.csv and reliability.png, return the row."""
+    best_path = os.path.join(setup.run_dir, "best.safetensors")
+    tensors, metadata = checkpoint.load_checkpoint(best_path)
+    checkpoint.load_weights(accelerator.unwrap_model(setup.model), tensors, best_path)
+    predictions = predict(setup.model, setup.eval_loader, accelerator, not args.no_progress)
+    scores = evaluate_metrics(predictions, args)
+    row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]), "checkpoint": best_path}
+    if accelerator.is_main_process:
+        append_csv_row(os.path.join(setup.run_dir, "results.csv"), row)
+        from udtimm.plots import reliability_diagram
+
+        reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
+                            os.path.join(setup.run_dir, "reliability.png"), title=metadata["model"])
+    accelerator.wait_for_everyone()
+    return row
