@@ -55,17 +55,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     mean, std = runs.normalisation(model.backbone)
     train_loader, eval_loader = runs.build_loaders(args, train_set, eval_set, mean, std)
     optimizer, scheduler = runs.build_optimization(args, model, len(train_loader))
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(
+        runs.place_model(model, accelerator.device, args.channels_last), optimizer, train_loader, eval_loader)
     accelerator.print(f"{run_dir}: {args.model} ({method}) on {args.dataset}, {len(train_set)} train / "
                       f"{len(eval_set)} eval images, {len(train_set.classes)} classes, {accelerator.num_processes} "
                       f"process(es) on {accelerator.device}")
     metadata = model_metadata(args.model, accelerator.unwrap_model(model), train_set.classes, args.global_pool,
                               args.img_size, mean, std, dataset=args.dataset, method=method, teacher="")
+    objective = SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature)
     setup = RunSetup(
         run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-        eval_loader=eval_loader,
-        objective=SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature),
-        metadata=metadata,
+        eval_loader=eval_loader, objective=objective, loss_terms=objective.term_names(args.cal), metadata=metadata,
         result_fields={"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
                        "teacher": "", "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
                        "difficult": args.difficult,

@@ -1,6 +1,5 @@
 """The embedded digits generator: determinism, VOC layout, difficulty rate, concurrent generation."""
 
-import functools
 import hashlib
 import multiprocessing
 import os
@@ -119,12 +118,12 @@ def test_build_dataset_and_default_dir(small, monkeypatch, tmp_path):
     assert default_data_dir("voc2007") is None
     monkeypatch.delenv("UDTIMM_CACHE")
     assert default_data_dir("digits") == os.path.expanduser("~/.cache/udtimm/digits")
-    # build_dataset calls ensure_digits with the defaults; shrink them so the test stays fast.
-    monkeypatch.setattr(digits_module, "ensure_digits", functools.partial(ensure_digits, **SMALL))
-    train = build_dataset("digits", small, "train")
-    test = build_dataset("digits", small, "test")
+    train = build_dataset("digits", small, "train", **SMALL)  # options go to ensure_digits
+    test = build_dataset("digits", small, "test", **SMALL)
     assert (train.name, len(train), test.name, len(test)) == ("digits:trainval", 40, "digits:test", 20)
     assert train.classes == list(DIGIT_CLASSES) and train[0][0].shape[0] == 3
+    with pytest.raises(DatasetError, match="generated with"):  # the defaults are 3000 + 1000 images
+        build_dataset("digits", small, "test")
     with pytest.raises(ValueError, match="needs a data directory"):
         build_dataset("voc2007", None, "train")
 

@@ -6,6 +6,7 @@ import difflib
 from dataclasses import dataclass
 
 import timm
+import torch
 from torch import Tensor, nn
 
 CAL_WIDTH = 512
@@ -20,6 +21,7 @@ class ModelOutput:
     features: Tensor  # last feature map Z, before pooling: [B, C, H, W] or tokens [B, N, D]
     logits: Tensor  # classification branch, [B, num_classes]
     cal_logits: Tensor | None  # calibration branch, [B, num_classes]; None without --cal
+    attention: Tensor | None = None  # uncertainty attention map [B, H, W] (Eq. 16), when asked for
 
 
 def calibration_head(in_features: int, num_classes: int, width: int = CAL_WIDTH) -> nn.Sequential:
@@ -61,10 +63,21 @@ class CalibratedModel(nn.Module):
         cal_logits = self.cal_head(pooled) if self.cal_head is not None else None
         return logits, cal_logits
 
-    def forward(self, x: Tensor) -> ModelOutput:
+    def forward(self, x: Tensor, with_attention: bool = False) -> ModelOutput:
+        """Feature map and both branches; `with_attention` adds the uncertainty attention map (Eq. 15-16).
+
+        The map is computed inside forward so that a distributed (DDP) wrapper sees one forward per step; with
+        gradients enabled it keeps its graph, so a loss on it trains the network through the map.
+        """
         features = self.forward_features(x)
         logits, cal_logits = self.forward_head(features)
-        return ModelOutput(features, logits, cal_logits)
+        attention = None
+        if with_attention:
+            from udtimm.attention import uncertainty_attention  # attention.py imports this module
+
+            create_graph = torch.is_grad_enabled() and features.requires_grad
+            attention = uncertainty_attention(self, features, create_graph, head_outputs=(logits, cal_logits))
+        return ModelOutput(features, logits, cal_logits, attention)
 
     def feature_grid(self, features: Tensor) -> Tensor:
         """The feature map as [B, C, H, W]: token features lose their prefix tokens and become a grid."""

@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
+import torch
 from torch import Tensor
 
 from udtimm import losses
-from udtimm.model import CalibratedModel
+from udtimm.attention import uncertainty_attention
+from udtimm.config import ConfigError
+from udtimm.model import CalibratedModel, ModelOutput
 
 LOSSES = ("bce", "temperature", "label-smoothing", "one-over-k")
 Objective = Callable[[CalibratedModel, Tensor, Tensor, Tensor], dict[str, Tensor]]
@@ -22,6 +27,9 @@ class SupervisedObjective:
             raise ValueError(f"--loss {loss!r} is not one of {LOSSES}")
         self.loss, self.cal_weight, self.difficult, self.temperature = loss, cal_weight, difficult, temperature
 
+    def term_names(self, cal: bool) -> tuple[str, ...]:
+        return (self.loss, "partial_softmax") if cal else (self.loss,)
+
     def classification_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
         if self.loss == "temperature":
             return losses.temperature_bce_loss(logits, target, mask, temperature=self.temperature)
@@ -31,13 +39,90 @@ class SupervisedObjective:
             return losses.one_over_k_loss(logits, target, mask)
         return losses.bce_loss(logits, target, mask)
 
-    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
-        out = model(images)
-        target, mask = losses.apply_difficult_policy(target, difficult, self.difficult)
+    def terms(self, out: ModelOutput, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
         terms = {self.loss: self.classification_loss(out.logits, target, mask)}
         total = terms[self.loss]
         if out.cal_logits is not None:
             terms["partial_softmax"] = losses.partial_softmax_loss(out.cal_logits, target, mask)
             total = total + self.cal_weight * terms["partial_softmax"]
+        terms["loss"] = total
+        return terms
+
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
+        target, mask = losses.apply_difficult_policy(target, difficult, self.difficult)
+        return self.terms(model(images), target, mask)
+
+
+DISTILL_METHODS = ("kd", "ud")
+
+
+def check_teacher(teacher_metadata: dict[str, str], teacher_path: str, class_names: list[str], method: str) -> None:
+    """Refuse, before any training step, a teacher that cannot teach this student (names what differs)."""
+    teacher_classes = json.loads(teacher_metadata["class_names"])
+    if teacher_classes != list(class_names):
+        only_teacher = [name for name in teacher_classes if name not in class_names]
+        only_data = [name for name in class_names if name not in teacher_classes]
+        detail = (f"only in the teacher: {only_teacher}; only in the dataset: {only_data}"
+                  if only_teacher or only_data else "same names in another order")
+        raise ConfigError(f"teacher {teacher_path} was trained on other classes than this dataset ({detail})")
+    if method == "ud" and teacher_metadata.get("cal") != "true":
+        raise ConfigError(
+            f"--method ud needs a teacher with the calibration branch, but {teacher_path} has none: "
+            "train the teacher with train.py --cal, or use --method kd"
+        )
+
+
+class DistillationObjective:
+    """Eq. 18: L'_b (Eq. 13) + alpha L'_ps (Eq. 14) + beta L_att (Eq. 17), plus an optional ground-truth term.
+
+    `kd` is Eq. 13 alone (the paper's "Ours-KD"); `ud` with beta = 0 is "w/o uncertainty attention" (Table 5).
+    The teacher is frozen and in eval mode; `autocast` is the student's mixed-precision context.
+    """
+
+    def __init__(self, teacher: CalibratedModel, method: str = "ud", temperature: float = 3.0,
+                 dist_weight: float = 0.5, att_weight: float = 0.5, gt_weight: float = 0.0,
+                 cal_weight: float = 0.1, difficult: str = "positive",
+                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+        if method not in DISTILL_METHODS:
+            raise ValueError(f"--method {method!r} is not one of {DISTILL_METHODS}")
+        self.teacher = teacher.eval().requires_grad_(False)
+        self.method, self.temperature = method, temperature
+        self.dist_weight, self.att_weight, self.gt_weight = dist_weight, att_weight, gt_weight
+        self.supervised = SupervisedObjective("bce", cal_weight, difficult)
+        self.autocast = autocast
+
+    @property
+    def uses_attention(self) -> bool:
+        return self.method == "ud" and self.att_weight > 0
+
+    @property
+    def term_names(self) -> tuple[str, ...]:
+        names = ("kd", "kd_cal", "attention") if self.uses_attention else ("kd", "kd_cal") if self.method == "ud" \
+            else ("kd",)
+        return (*names, "gt") if self.gt_weight > 0 else names
+
+    def teacher_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
+        with torch.no_grad(), self.autocast():
+            features = self.teacher.forward_features(images)
+            logits, cal_logits = self.teacher.forward_head(features)
+            # Head-only gradient, no graph: the teacher map costs one small backward through the head.
+            maps = uncertainty_attention(self.teacher, features, create_graph=False) if self.uses_attention else None
+        return logits, cal_logits, maps
+
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
+        teacher_logits, teacher_cal, teacher_maps = self.teacher_outputs(images)
+        out = model(images, with_attention=self.uses_attention)
+        terms = {"kd": losses.binary_kd_loss(out.logits, teacher_logits, self.temperature)}
+        total = terms["kd"]
+        if self.method == "ud":
+            terms["kd_cal"] = losses.softmax_kd_loss(out.cal_logits, teacher_cal, self.temperature)
+            total = total + self.dist_weight * terms["kd_cal"]
+            if self.uses_attention:
+                terms["attention"] = losses.attention_distillation_loss(out.attention, teacher_maps)
+                total = total + self.att_weight * terms["attention"]
+        if self.gt_weight > 0:
+            target, mask = losses.apply_difficult_policy(target, difficult, self.supervised.difficult)
+            terms["gt"] = self.supervised.terms(out, target, mask)["loss"]
+            total = total + self.gt_weight * terms["gt"]
         terms["loss"] = total
         return terms

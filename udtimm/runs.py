@@ -6,6 +6,7 @@ import argparse
 import os
 
 import timm
+import torch
 from accelerate import Accelerator
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
@@ -24,7 +25,13 @@ USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, Non
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
-    return Accelerator(mixed_precision=args.mixed_precision)
+    return Accelerator(mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.torchcompile else "no")
+
+
+def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    """On the device, in NHWC memory layout with --channels-last (faster convolutions on tensor cores)."""
+    model = model.to(device)
+    return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
 def prepare_run_dir(args: argparse.Namespace, method: str, accelerator: Accelerator) -> str:
@@ -69,13 +76,17 @@ def build_loaders(args: argparse.Namespace, train_set: MultiLabelDataset, eval_s
     return train_loader, eval_loader
 
 
-def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int) -> tuple:
-    """timm's optimizer and scheduler factories; the scheduler steps every update (cosine with warmup)."""
+def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int, cycles: int = 1) -> tuple:
+    """timm's optimizer and scheduler factories; the scheduler steps every update (cosine with warmup).
+
+    `cycles` > 1 splits the epochs into that many cosine cycles (warm restarts, used by self-distillation).
+    """
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs, warmup_epochs=args.warmup_epochs,
+        optimizer, sched=args.sched, num_epochs=args.epochs // cycles, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+        cycle_limit=cycles, cycle_decay=1.0,
     )
     return optimizer, scheduler
 

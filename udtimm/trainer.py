@@ -36,6 +36,7 @@ class RunSetup:
     train_loader: object
     eval_loader: object
     objective: Objective
+    loss_terms: tuple[str, ...]  # the objective's term names, the train_* columns of summary.csv
     metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
     result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
     on_epoch_start: Callable[[int], None] | None = None
@@ -110,7 +111,9 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         num_updates += len(setup.train_loader)
         row: dict[str, object] = {"epoch": epoch, "lr": setup.optimizer.param_groups[0]["lr"],
                                   "train_loss": stats.pop("loss", math.nan)}
-        row.update({f"train_{name}": value for name, value in stats.items()})
+        # Fixed columns, whatever terms this epoch's objective produced (self-distillation changes objective).
+        row.update({f"train_{name}": stats.get(name, math.nan) for name in setup.loss_terms})
+        row.update(skipped_steps=stats["skipped_steps"], images_per_s=stats["images_per_s"])
         evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
         scores = evaluate_metrics(predict(model, setup.eval_loader, accelerator, not args.no_progress), args) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from typing import Any
 
 from torch import Tensor
 
@@ -48,31 +49,28 @@ def resolve_split(name: str, root: str, split: str) -> str:
 
 
 def build_dataset(
-    name: str,
-    root: str | None,
-    split: str,
-    transform: Callable[[Tensor], Tensor] | None = None,
-    **digits_options: int,
+    name: str, root: str | None, split: str, transform: Callable[[Tensor], Tensor] | None = None, **options: Any
 ) -> MultiLabelDataset:
     """Load split `split` ("train", "test" or a dataset-specific name) of dataset `name` from `root`.
 
-    `root=None` uses default_data_dir(name); `digits` is generated there on first use, with `digits_options`
-    (ensure_digits' num_trainval, num_test, ...) when given.
+    `root=None` uses default_data_dir(name); `digits` is generated there on first use. `options` go to the
+    dataset's loader: ensure_digits's parameters for digits (num_trainval, ...), load_voc's `classes`, load_csv's
+    `classes_file`.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    root = root or default_data_dir(name, **{k: v for k, v in digits_options.items() if k.startswith("num_")})
+    root = root or default_data_dir(name)
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
     own_split = resolve_split(name, root, split)
     if name == "digits":
         from .digits import ensure_digits  # imported here so that `python -m udtimm.data.digits` runs cleanly
 
-        samples, classes = load_voc(ensure_digits(root, **digits_options), own_split)
+        samples, classes = load_voc(ensure_digits(root, **options), own_split)
     elif name == "voc2007":
-        samples, classes = load_voc(root, own_split)
+        samples, classes = load_voc(root, own_split, **options)
     elif name == "coco2014":
-        samples, classes = load_coco(root, own_split)
+        samples, classes = load_coco(root, own_split, **options)
     else:
-        samples, classes = load_csv(root, own_split)
+        samples, classes = load_csv(root, own_split, **options)
     return MultiLabelDataset(samples, classes, transform, name=f"{name}:{own_split}")

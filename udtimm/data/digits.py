@@ -69,7 +69,7 @@ def ensure_digits(
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
         if _is_complete(root, params):  # another process finished it while we waited
             return root
-        if os.path.exists(root) and os.listdir(root):
+        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
             raise DatasetError(
                 f"{root} exists but is not a complete digits dataset (no {MARKER}); delete it or use another --data-dir"
             )

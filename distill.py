@@ -1,0 +1,153 @@
+#!/usr/bin/env python3
+"""Teach a student from a calibrated teacher by uncertainty distillation (Eq. 13-18), plain KD, or itself.
+
+    accelerate launch distill.py --teacher-ckpt output/<run>/best.safetensors --model resnet18 --method ud
+    accelerate launch distill.py --self-distill --model resnet101 --epochs 80 --dataset voc2007 --data-dir ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from udtimm import checkpoint, config, runs
+from udtimm.attention import check_attention_support
+from udtimm.model import CalibratedModel, create_model
+from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher
+from udtimm.trainer import RunSetup, fit
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, parents=[config.config_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    config.add_data_args(parser)
+    config.add_model_args(parser)
+    config.add_optim_args(parser)
+    config.add_runtime_args(parser)
+    group = parser.add_argument_group("distillation")
+    group.add_argument("--teacher-ckpt", default=None, metavar="FILE", help="teacher: best.safetensors of train.py")
+    group.add_argument("--method", default="ud", choices=DISTILL_METHODS, help="kd: Eq. 13 only; ud: Eq. 18")
+    group.add_argument("--temperature", type=float, default=3.0, help="T of Eq. 13-14")
+    group.add_argument("--dist-weight", type=float, default=0.5, help="alpha: weight of Eq. 14")
+    group.add_argument("--att-weight", type=float, default=0.5, help="beta: weight of Eq. 17 (0: no attention)")
+    group.add_argument("--gt-weight", type=float, default=0.0, help="weight of a ground-truth L_b + lambda L_ps")
+    group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of the ground-truth term")
+    group.add_argument("--self-distill", action="store_true",
+                       help="first half: hard labels; second half: the best model so far teaches itself (ud)")
+    args = config.parse_with_config(parser, argv)
+    if args.self_distill and args.teacher_ckpt:
+        raise config.ConfigError("--self-distill makes its own teacher: drop --teacher-ckpt")
+    if not args.self_distill and not args.teacher_ckpt:
+        raise config.ConfigError("distill.py needs --teacher-ckpt FILE (or --self-distill)")
+    if args.self_distill and args.epochs < 2:
+        raise config.ConfigError("--self-distill needs --epochs >= 2: half with labels, half distilled")
+    return args
+
+
+def method_name(args: argparse.Namespace) -> str:
+    """The method column of results.csv: kd, ud, ud-noatt (beta = 0) or self-ud."""
+    if args.self_distill:
+        return "self-ud"
+    return "ud-noatt" if args.method == "ud" and args.att_weight == 0 else args.method
+
+
+def load_teacher(path: str, class_names: list[str], method: str, accelerator: Accelerator,
+                 channels_last: bool) -> CalibratedModel:
+    metadata = checkpoint.read_metadata(path)
+    check_teacher(metadata, path, class_names, method)
+    teacher, _ = checkpoint.model_from_checkpoint(path)
+    return runs.place_model(teacher, accelerator.device, channels_last)
+
+
+def make_objective(args: argparse.Namespace, teacher: CalibratedModel, accelerator: Accelerator,
+                   method: str) -> DistillationObjective:
+    return DistillationObjective(teacher, method, args.temperature, args.dist_weight, args.att_weight,
+                                 args.gt_weight, args.cal_weight, args.difficult, autocast=accelerator.autocast)
+
+
+def self_distill_switch(args: argparse.Namespace, setup: RunSetup, class_names: list[str],
+                        accelerator: Accelerator) -> None:
+    """At the half: the best checkpoint so far becomes the frozen teacher (copied, so later bests don't move it)."""
+    half = args.epochs // 2
+    teacher_path = os.path.join(setup.run_dir, "teacher.safetensors")
+
+    def on_epoch_start(epoch: int) -> None:
+        if epoch < half or isinstance(setup.objective, DistillationObjective):
+            return
+        if accelerator.is_main_process and not os.path.isfile(teacher_path):
+            shutil.copyfile(os.path.join(setup.run_dir, "best.safetensors"), teacher_path + ".tmp")
+            os.replace(teacher_path + ".tmp", teacher_path)
+        accelerator.wait_for_everyone()
+        teacher = load_teacher(teacher_path, class_names, "ud", accelerator, args.channels_last)
+        setup.objective = make_objective(args, teacher, accelerator, "ud")
+        setup.extra_state["teacher_epoch"] = int(checkpoint.read_metadata(teacher_path)["epoch"])
+        accelerator.print(f"epoch {epoch}: self-distillation from {teacher_path} "
+                          f"(epoch {setup.extra_state['teacher_epoch']}), cosine restart")
+
+    setup.on_epoch_start = on_epoch_start
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, object]:
+    args = parse_args(argv)
+    accelerator = runs.make_accelerator(args)
+    method = method_name(args)
+    train_set, eval_set = runs.load_datasets(args, accelerator)
+    # Every check on the teacher happens before the run directory exists and before any step.
+    teacher = None if args.self_distill else load_teacher(args.teacher_ckpt, train_set.classes, args.method,
+                                                          accelerator, args.channels_last)
+    student_cal = args.self_distill or args.method == "ud"
+    set_seed(args.seed)
+    student = create_model(args.model, len(train_set.classes), cal=student_cal, global_pool=args.global_pool,
+                           pretrained=args.pretrained, pretrained_path=args.pretrained_path,
+                           img_size=args.img_size, drop_rate=args.drop)
+    if args.self_distill or (args.method == "ud" and args.att_weight > 0):
+        for model in (student, teacher):
+            if model is not None:
+                check_attention_support(model)
+    run_dir = runs.prepare_run_dir(args, method, accelerator)
+    mean, std = runs.normalisation(student.backbone)
+    train_loader, eval_loader = runs.build_loaders(args, train_set, eval_set, mean, std)
+    optimizer, scheduler = runs.build_optimization(args, student, len(train_loader),
+                                                   cycles=2 if args.self_distill else 1)
+    student, optimizer, train_loader, eval_loader = accelerator.prepare(
+        runs.place_model(student, accelerator.device, args.channels_last), optimizer, train_loader, eval_loader)
+    teacher_name = "self" if args.self_distill else args.teacher_ckpt
+    accelerator.print(f"{run_dir}: {args.model} ({method}) from {teacher_name} on {args.dataset}, "
+                      f"{len(train_set)} train / {len(eval_set)} eval images, {accelerator.num_processes} "
+                      f"process(es) on {accelerator.device}")
+    metadata = checkpoint.model_metadata(args.model, accelerator.unwrap_model(student), train_set.classes,
+                                         args.global_pool, args.img_size, mean, std, dataset=args.dataset,
+                                         method=method, teacher=teacher_name)
+    if args.self_distill:
+        objective = SupervisedObjective("bce", args.cal_weight, args.difficult)
+        loss_terms = (*objective.term_names(cal=True), "kd", "kd_cal", "attention")
+    else:
+        objective = make_objective(args, teacher, accelerator, args.method)
+        loss_terms = objective.term_names
+    setup = RunSetup(
+        run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+        eval_loader=eval_loader, objective=objective, loss_terms=loss_terms, metadata=metadata,
+        result_fields={"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
+                       "teacher": teacher_name, "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
+                       "difficult": args.difficult,
+                       "eval_difficult": "negative" if args.eval_difficult_negative else "ignore"},
+    )
+    if args.self_distill:
+        self_distill_switch(args, setup, train_set.classes, accelerator)
+    row = fit(args, setup, accelerator)
+    runs.print_results(accelerator, row)
+    accelerator.end_training()
+    return row
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except runs.USER_ERRORS as err:
+        sys.exit(f"error: {err}")
