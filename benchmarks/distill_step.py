@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     cuda = args.device.startswith("cuda")
     card = torch.cuda.get_device_name(args.device) if cuda else "cpu"
+    torch.backends.cudnn.benchmark = True  # as in training: fixed shapes, so let cuDNN pick its fastest kernels
     torch.manual_seed(0)
     teacher = create_model(args.teacher, args.num_classes, cal=True, img_size=args.img_size)
     teacher = teacher.to(args.device, memory_format=memory_format(args)).eval()

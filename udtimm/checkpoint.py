@@ -88,6 +88,17 @@ def class_names(metadata: Mapping[str, str]) -> list[str]:
     return json.loads(metadata["class_names"])
 
 
+def class_difference(checkpoint_classes: list[str], dataset_classes: list[str]) -> str | None:
+    """None when the class lists are equal, else what differs, for an error message."""
+    if list(checkpoint_classes) == list(dataset_classes):
+        return None
+    only_checkpoint = [name for name in checkpoint_classes if name not in dataset_classes]
+    only_dataset = [name for name in dataset_classes if name not in checkpoint_classes]
+    if not only_checkpoint and not only_dataset:
+        return "same names in another order"
+    return f"only in the checkpoint: {only_checkpoint}; only in the dataset: {only_dataset}"
+
+
 def model_from_checkpoint(path: str, **overrides: object) -> tuple[CalibratedModel, dict[str, str]]:
     """Rebuild the model from the checkpoint's metadata alone and load its weights."""
     tensors, metadata = load_checkpoint(path)

@@ -87,6 +87,18 @@ def _f1(precision: float, recall: float) -> float:
     return 2.0 * precision * recall / (precision + recall)
 
 
+def predicted_labels(scores: Tensor, threshold: float = 0.5, topk: int | None = None) -> Tensor:
+    """[N, C] bool: probability >= threshold and, with topk, among the image's topk highest (METHOD §2)."""
+    predicted = scores >= threshold
+    if topk is not None:
+        # The stable sort breaks ties by class index, so at most topk classes per image are predicted.
+        order = torch.sort(scores, dim=1, descending=True, stable=True).indices
+        in_topk = torch.zeros_like(predicted)
+        in_topk.scatter_(1, order[:, :topk], True)
+        predicted &= in_topk
+    return predicted
+
+
 def threshold_metrics(
     scores: Tensor,
     target: Tensor,
@@ -97,15 +109,8 @@ def threshold_metrics(
 ) -> dict[str, float]:
     """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (METHOD §2), optionally top-k."""
     s, positive, keep = _prepare(scores, target, difficult)
-    predicted = s >= threshold
-    if topk is not None:
-        # Ranked over all classes, difficult ones included: a classifier's top-k cannot know
-        # which labels are difficult. The stable sort breaks ties by class index, so at most
-        # topk classes per image are predicted.
-        order = torch.sort(s, dim=1, descending=True, stable=True).indices
-        in_topk = torch.zeros_like(predicted)
-        in_topk.scatter_(1, order[:, :topk], True)
-        predicted &= in_topk
+    # Ranked over all classes, difficult ones included: a classifier's top-k cannot know which labels are difficult.
+    predicted = predicted_labels(s, threshold, topk)
     if difficult_as_negative:
         positive = positive & keep
         keep = torch.ones_like(keep)

@@ -1,0 +1,134 @@
+"""train.py end to end on the tiny digits set: outputs of DESIGN §3, resume, two processes, bad input."""
+
+import csv
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import yaml
+from conftest import tiny_train_args
+
+import train
+from udtimm.checkpoint import read_metadata
+from udtimm.config import ConfigError
+from udtimm.data.base import DatasetError
+from udtimm.metrics import METRIC_NAMES
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def read_rows(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def cal_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    output = str(tmp_path_factory.mktemp("runs"))
+    row = train.main(tiny_train_args(tiny_digits, output, "--cal", "--experiment", "cal"))
+    return os.path.join(output, "cal"), row
+
+
+def test_run_directory_has_every_file_of_the_design(cal_run: tuple[str, dict]) -> None:
+    run_dir, _ = cal_run
+    for name in ("args.yaml", "summary.csv", "results.csv", "best.safetensors", "last.safetensors",
+                 "reliability.png", "state/progress.json", "state/optimizer.pt", "state/weights.safetensors"):
+        assert os.path.isfile(os.path.join(run_dir, name)), name
+    assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp") or name.startswith(".")]
+
+
+def test_summary_has_one_row_per_epoch_with_loss_terms_and_metrics(cal_run: tuple[str, dict]) -> None:
+    rows = read_rows(os.path.join(cal_run[0], "summary.csv"))
+    assert [row["epoch"] for row in rows] == ["0", "1"]
+    for column in ("lr", "train_loss", "train_bce", "train_partial_softmax", "map", "map_difficult", "ece"):
+        assert column in rows[0]
+    assert all(0 <= float(row["map"]) <= 100 for row in rows)
+
+
+def test_results_row_names_the_run_and_matches_best_epoch(cal_run: tuple[str, dict]) -> None:
+    run_dir, returned = cal_run
+    (row,) = read_rows(os.path.join(run_dir, "results.csv"))
+    assert (row["dataset"], row["split"], row["model"], row["method"], row["difficult"]) == (
+        "digits", "test", "test_resnet", "cal", "positive")
+    assert set(METRIC_NAMES) <= set(row)
+    summary = read_rows(os.path.join(run_dir, "summary.csv"))
+    best = max(summary, key=lambda r: float(r["map"]))
+    assert float(row["map"]) == pytest.approx(float(best["map"]), abs=1e-9)
+    assert int(row["best_epoch"]) == int(best["epoch"]) and returned["map"] == pytest.approx(float(row["map"]))
+
+
+def test_checkpoint_metadata_rebuilds_the_model(cal_run: tuple[str, dict]) -> None:
+    metadata = read_metadata(os.path.join(cal_run[0], "best.safetensors"))
+    assert metadata["model"] == "test_resnet" and metadata["cal"] == "true" and metadata["img_size"] == "32"
+    assert json.loads(metadata["class_names"])[:3] == ["zero", "one", "two"]
+    assert metadata["dataset"] == "digits" and len(json.loads(metadata["mean"])) == 3
+
+
+def test_args_yaml_is_a_config_that_reruns_the_same_experiment(cal_run: tuple[str, dict]) -> None:
+    path = os.path.join(cal_run[0], "args.yaml")
+    saved = yaml.safe_load(open(path))
+    assert saved["cal"] is True and saved["model"] == "test_resnet" and saved["img_size"] == 32
+    again = train.parse_args(["-c", path])
+    assert {key: getattr(again, key) for key in saved} == saved
+
+
+def test_config_file_sets_defaults_and_flags_win(tmp_path) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text("model: test_resnet\nlr: 0.5\ncal: true\n")
+    args = train.parse_args(["-c", str(path), "--lr", "0.25"])
+    assert (args.model, args.lr, args.cal) == ("test_resnet", 0.25, True)
+    path.write_text("modle: resnet18\n")
+    with pytest.raises(ConfigError, match="modle"):
+        train.parse_args(["-c", str(path)])
+
+
+def test_resume_continues_to_more_epochs_and_refuses_another_model(tiny_digits: str, tmp_path) -> None:
+    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "r", "--epochs", "1"))
+    run_dir = str(tmp_path / "r")
+    train.main(["--resume", run_dir, "--epochs", "2", "--no-progress"])
+    assert [row["epoch"] for row in read_rows(os.path.join(run_dir, "summary.csv"))] == ["0", "1"]
+    assert len(read_rows(os.path.join(run_dir, "results.csv"))) == 2
+    with pytest.raises(ConfigError, match="--model"):
+        train.main(["--resume", run_dir, "--model", "resnet18"])
+
+
+def test_existing_run_directory_is_not_overwritten(cal_run: tuple[str, dict]) -> None:
+    run_dir, _ = cal_run
+    with pytest.raises(ConfigError, match="--resume"):
+        train.main(["--output", os.path.dirname(run_dir), "--experiment", "cal", "--model", "test_resnet"])
+
+
+def test_missing_voc_directory_shows_the_expected_layout(tmp_path) -> None:
+    with pytest.raises(DatasetError, match="JPEGImages"):
+        train.main(["--dataset", "voc2007", "--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path)])
+
+
+def test_unknown_model_is_a_clean_error_from_the_command_line(tiny_digits: str, tmp_path) -> None:
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--model", "resnet181")
+    result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode != 0 and "resnet18" in result.stderr and "Traceback" not in result.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_two_cpu_processes_write_one_consistent_run(tiny_digits: str, tmp_path) -> None:
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+               "--master_port", str(free_port()), "train.py",
+               *tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "ddp", "--cal")]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "ddp"
+    assert "2 process(es)" in result.stdout
+    assert [row["epoch"] for row in read_rows(str(run_dir / "summary.csv"))] == ["0", "1"]
+    (row,) = read_rows(str(run_dir / "results.csv"))
+    assert float(row["num_images"]) == 40  # every test image once: no duplicates from the padded last batch
+    assert read_metadata(str(run_dir / "best.safetensors"))["cal"] == "true"
