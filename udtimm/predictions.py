@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 from torch import Tensor
@@ -24,7 +25,7 @@ def joined_names(mask: Tensor, class_names: Sequence[str]) -> str:
 
 def _probability_cells(scores: Tensor) -> list[list[str]]:
     # numpy prints a float32 with the fewest digits that read back as the same float32: exact and short.
-    return [[f"{value}" for value in row] for row in scores.float().numpy()]
+    return [[str(value) for value in row] for row in scores.float().numpy()]
 
 
 def write_scores_csv(path: str, image_ids: Sequence[str], class_names: Sequence[str], scores: Tensor,
@@ -45,11 +46,19 @@ def write_image_predictions(path: str, images: Sequence[str], class_names: Seque
     atomic_write_text(path, "".join(lines))
 
 
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return text == "n/a"
+    return True
+
+
 def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain-text table: columns as wide as their longest cell, numbers right-aligned."""
     cells = [[str(value) for value in row] for row in rows]
     widths = [max(len(text) for text in column) for column in zip(headers, *cells, strict=True)]
-    numeric = [all(isinstance(row[i], int | float) for row in rows) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) for row in cells) for i in range(len(headers))]
 
     def line(values: Sequence[str]) -> str:
         return "  ".join(text.rjust(width) if right else text.ljust(width)
@@ -68,6 +77,6 @@ def per_class_table(predictions: Predictions, class_names: Sequence[str]) -> str
     """Per-class AP (percent) and the number of positives it ranks (difficult ones left out, METHOD §1)."""
     ap = metrics.per_class_average_precision(predictions.scores, predictions.target, predictions.difficult)
     positives = ((predictions.target > 0.5) & ~predictions.difficult).sum(0).tolist()
-    rows = [(name, "n/a" if value != value else f"{100 * value:.2f}", count)
+    rows = [(name, "n/a" if math.isnan(value) else f"{100 * value:.2f}", count)
             for name, value, count in zip(class_names, ap.tolist(), positives, strict=True)]
     return format_table(("class", "AP (%)", "positives"), rows)

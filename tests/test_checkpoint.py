@@ -1,0 +1,107 @@
+import json
+import os
+import pickle
+
+import pytest
+import torch
+
+from udtimm import checkpoint
+from udtimm.checkpoint import CheckpointError
+from udtimm.model import create_model
+
+
+def save_tiny(path: str, classes: list[str], cal: bool = True) -> torch.nn.Module:
+    model = create_model("test_resnet", num_classes=len(classes), cal=cal)
+    metadata = checkpoint.model_metadata("test_resnet", model, classes, None, 32, [0.5] * 3, [0.25] * 3,
+                                         dataset="digits", epoch=3)
+    checkpoint.save_checkpoint(path, model, metadata)
+    return model
+
+
+def test_roundtrip_rebuilds_the_model_from_metadata_alone(tmp_path) -> None:
+    path = str(tmp_path / "m.safetensors")
+    model = save_tiny(path, ["a", "b", "c"]).eval()
+    loaded, metadata = checkpoint.model_from_checkpoint(path)
+    loaded.eval()
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded(x).logits, model(x).logits)
+    torch.testing.assert_close(loaded(x).cal_logits, model(x).cal_logits)
+    assert checkpoint.class_names(metadata) == ["a", "b", "c"] and metadata["epoch"] == "3"
+    assert json.loads(metadata["std"]) == [0.25] * 3 and metadata["cal_width"] == "512"
+
+
+def test_no_temporary_files_are_left_behind(tmp_path) -> None:
+    save_tiny(str(tmp_path / "m.safetensors"), ["a", "b"])
+    assert os.listdir(tmp_path) == ["m.safetensors"]
+
+
+def test_a_failed_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch) -> None:
+    path = str(tmp_path / "best.safetensors")
+    save_tiny(path, ["a", "b"])
+    before = open(path, "rb").read()
+
+    def disk_full(*args, **kwargs) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(checkpoint, "save_file", disk_full)
+    with pytest.raises(OSError, match="No space"):
+        save_tiny(path, ["a", "b"])
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["best.safetensors"]
+
+
+def test_truncated_checkpoint_is_refused_with_its_name(tmp_path) -> None:
+    path = str(tmp_path / "m.safetensors")
+    save_tiny(path, ["a", "b"])
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 2])
+    with pytest.raises(CheckpointError, match="m.safetensors"):
+        checkpoint.model_from_checkpoint(path)
+
+
+def test_missing_and_foreign_checkpoints_are_refused(tmp_path) -> None:
+    with pytest.raises(CheckpointError, match="does not exist"):
+        checkpoint.read_metadata(str(tmp_path / "none.safetensors"))
+    from safetensors.torch import save_file
+
+    foreign = str(tmp_path / "foreign.safetensors")
+    save_file({"w": torch.zeros(2)}, foreign)
+    with pytest.raises(CheckpointError, match="not written by udtimm"):
+        checkpoint.model_from_checkpoint(foreign)
+
+
+def test_weights_of_another_shape_name_the_keys(tmp_path) -> None:
+    path = str(tmp_path / "m.safetensors")
+    save_tiny(path, ["a", "b", "c"])
+    tensors, _ = checkpoint.load_checkpoint(path)
+    other = create_model("test_resnet", num_classes=5, cal=True)
+    with pytest.raises(CheckpointError, match="shape"):
+        checkpoint.load_weights(other, tensors, path)
+
+
+def test_training_state_survives_a_kill_between_the_renames(tmp_path) -> None:
+    model = create_model("test_resnet", num_classes=2)
+    metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.5] * 3)
+    for epoch in range(2):
+        checkpoint.save_training_state(str(tmp_path), model, metadata, {"optimizer": {}},
+                                       {"epoch": epoch, "num_updates": epoch, "best": 0.0})
+    # A kill after "state" was moved aside but before "state.tmp" took its place.
+    os.rename(tmp_path / "state", tmp_path / "state.old")
+    assert checkpoint.find_training_state(str(tmp_path)).endswith("state.old")
+    _, _, progress = checkpoint.load_training_state(checkpoint.find_training_state(str(tmp_path)))
+    assert progress["epoch"] == 1
+
+
+class Payload:
+    def __reduce__(self):
+        return (os.system, ("echo pwned",))
+
+
+def test_optimizer_state_with_a_pickle_payload_is_refused(tmp_path) -> None:
+    model = create_model("test_resnet", num_classes=2)
+    metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.5] * 3)
+    checkpoint.save_training_state(str(tmp_path), model, metadata, {"optimizer": {}},
+                                   {"epoch": 0, "num_updates": 0, "best": 0.0})
+    with open(tmp_path / "state" / "optimizer.pt", "wb") as handle:
+        pickle.dump({"optimizer": Payload()}, handle)
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoint.load_training_state(str(tmp_path / "state"))
