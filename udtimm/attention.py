@@ -44,9 +44,12 @@ def uncertainty_attention(
 
     Teacher: `create_graph=False`; the map is detached and the call works inside `torch.no_grad()`.
     Student: `create_graph=True` with the features of its own forward, so a loss on the map trains the student
-    through both w and Z. `head_outputs` = the (logits, cal_logits) that `features` already produced with a
-    graph: the divergence is then taken from them instead of a second head forward, which saves that forward
-    and keeps a train-mode head from updating its BatchNorm statistics twice or drawing new dropout masks.
+    through both w and Z. `head_outputs` (student only; the teacher path ignores it) = the (logits, cal_logits)
+    that `features` already produced with a graph: the divergence is then taken from them instead of a second
+    head forward, which saves that forward and keeps a train-mode head from updating its BatchNorm statistics
+    twice or drawing new dropout masks. In train mode the calibration branch's BatchNorm mixes the samples of
+    the batch, so a sample's map also carries the other samples' divergence -- as a whole-network Grad-CAM of
+    the summed D does.
     """
     with torch.enable_grad():
         if create_graph:

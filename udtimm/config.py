@@ -54,7 +54,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--model", default="resnet18", help="any timm model name")
-    group.add_argument("--pretrained", action="store_true", help="start from timm's pretrained weights")
+    # --no-pretrained lets a command line switch off a YAML's `pretrained: true` (offline smoke tests).
+    group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
+                       help="start from timm's pretrained weights")
     group.add_argument("--pretrained-path", default=None, metavar="FILE",
                        help="local pretrained weights (.safetensors/.pth); implies --pretrained, no network")
     group.add_argument("--global-pool", default=None, help="timm global pooling: avg, max, avgmax, token, ...")

@@ -1,6 +1,8 @@
-"""Figures as PNG files: reliability diagrams (paper Fig. 3)."""
+"""Figures as PNG files: reliability diagrams (paper Fig. 3) and attention maps over an image (Fig. 4)."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import matplotlib
 
@@ -14,6 +16,10 @@ from udtimm.io import atomic_write  # noqa: E402
 from udtimm.metrics import expected_calibration_error, reliability_bins  # noqa: E402
 
 COLOURS = ("tab:blue", "tab:orange", "tab:green", "tab:red")
+DPI = 100  # with figsize in inches, this fixes a PNG's size in pixels
+MAP_INCHES = 3.0  # width of the image and of each attention map
+BAR_INCHES = 2.2  # width of each bar chart of the label panel
+ROW_INCHES = 3.2
 
 
 def draw_reliability(axis: plt.Axes, probs: Tensor, target: Tensor, difficult: Tensor | None, label: str,
@@ -35,7 +41,7 @@ def draw_reliability(axis: plt.Axes, probs: Tensor, target: Tensor, difficult: T
 
 
 def save_figure(figure: plt.Figure, path: str) -> None:
-    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+    atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=DPI))
     plt.close(figure)
 
 
@@ -59,3 +65,61 @@ def reliability_diagram(probs: Tensor, target: Tensor, difficult: Tensor | None,
     ece = expected_calibration_error(probs, target, difficult, classwise=True)
     heading = f"{title} — classwise ECE {ece:.2f}%" if title else f"classwise ECE {ece:.2f}%"
     save_figure(reliability_figure([("model", probs, target, difficult)], heading), path)
+
+
+def draw_attention(axis: plt.Axes, image: Tensor, attention: Tensor, title: str) -> None:
+    """A signed map over the image in grey: 'coolwarm' with limits symmetric about 0, so white means 0."""
+    limit = attention.abs().max().item() or 1.0  # an all-zero map still needs a non-empty colour range
+    axis.imshow(image.float().mean(dim=0).numpy(), cmap="gray", vmin=0, vmax=255)
+    shown = axis.imshow(attention.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.6)
+    axis.figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.03)
+    axis.set_title(title, fontsize=9)
+    axis.axis("off")
+
+
+def draw_label_bars(prob_axis: plt.Axes, uncertainty_axis: plt.Axes | None, labels: Sequence[str], probs: Tensor,
+                    uncertainty: Tensor | None, title: str) -> None:
+    """Top labels, best first: probability bars on [0, 1]; uncertainty bars about 0 (red: above 0)."""
+    rows = range(len(labels))
+    prob_axis.barh(rows, probs.tolist(), color="tab:blue")
+    for row, value in zip(rows, probs.tolist(), strict=True):
+        prob_axis.text(min(value, 0.72) + 0.02, row, f"{value:.2f}", va="center", fontsize=8)
+    prob_axis.set(xlim=(0, 1), yticks=list(rows), xlabel="probability")
+    prob_axis.set_yticklabels(labels, fontsize=9)
+    prob_axis.invert_yaxis()
+    prob_axis.set_title(title, fontsize=9)
+    if uncertainty_axis is None or uncertainty is None:
+        return
+    values = uncertainty.tolist()
+    uncertainty_axis.barh(rows, values, color=["tab:red" if value > 0 else "tab:blue" for value in values])
+    limit = max(abs(value) for value in values) * 1.15 or 1.0
+    uncertainty_axis.axvline(0, color="black", linewidth=0.6)
+    uncertainty_axis.set(xlim=(-limit, limit), xlabel="uncertainty (Eq. 15 term)")
+    uncertainty_axis.tick_params(axis="y", left=False, labelleft=False)
+    uncertainty_axis.tick_params(axis="x", labelsize=7)
+    uncertainty_axis.set_title("per-label uncertainty", fontsize=9)
+
+
+def attention_figure(image: Tensor, maps: Sequence[tuple[str, Tensor]], labels: Sequence[str], probs: Tensor,
+                     uncertainty: Tensor | None, panel_title: str, title: str = "") -> plt.Figure:
+    """The image (uint8 [3, H, W]), each (title, signed [H, W] map) over it, then the top labels' panel.
+
+    `uncertainty` None (a model without the calibration branch) leaves the uncertainty chart out. The size is
+    MAP_INCHES per image or map plus BAR_INCHES per chart, by ROW_INCHES.
+    """
+    charts = 1 if uncertainty is None else 2
+    columns = [MAP_INCHES] * (1 + len(maps)) + [BAR_INCHES] * charts
+    figure = plt.figure(figsize=(sum(columns), ROW_INCHES), layout="constrained")
+    grid = figure.add_gridspec(1, len(columns), width_ratios=columns)
+    axis = figure.add_subplot(grid[0])
+    axis.imshow(image.permute(1, 2, 0).numpy())
+    axis.set_title("image", fontsize=9)
+    axis.axis("off")
+    for column, (map_title, attention) in enumerate(maps, start=1):
+        draw_attention(figure.add_subplot(grid[column]), image, attention, map_title)
+    prob_axis = figure.add_subplot(grid[1 + len(maps)])
+    uncertainty_axis = figure.add_subplot(grid[2 + len(maps)], sharey=prob_axis) if charts == 2 else None
+    draw_label_bars(prob_axis, uncertainty_axis, labels, probs, uncertainty, panel_title)
+    if title:
+        figure.suptitle(title, fontsize=10)
+    return figure

@@ -103,13 +103,14 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         if setup.on_epoch_start is not None:
             setup.on_epoch_start(epoch)
         epoch_start = time.perf_counter()
+        lr = setup.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (cosine restarts show)
         stats = train_one_epoch(
             model, setup.train_loader, setup.optimizer, setup.scheduler, accelerator, setup.objective, epoch,
             num_updates, clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
             show_progress=not args.no_progress,
         )
         num_updates += len(setup.train_loader)
-        row: dict[str, object] = {"epoch": epoch, "lr": setup.optimizer.param_groups[0]["lr"],
+        row: dict[str, object] = {"epoch": epoch, "lr": lr,
                                   "train_loss": stats.pop("loss", math.nan)}
         # Fixed columns, whatever terms this epoch's objective produced (self-distillation changes objective).
         row.update({f"train_{name}": stats.get(name, math.nan) for name in setup.loss_terms})

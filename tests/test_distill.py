@@ -1,0 +1,89 @@
+"""distill.py end to end on tiny digits: ud / kd / ud-noatt students, self-distillation, refusals."""
+
+import csv
+import os
+
+import pytest
+from conftest import tiny_train_args
+
+import distill
+import train
+from udtimm.checkpoint import model_metadata, read_metadata, save_checkpoint
+from udtimm.config import ConfigError
+from udtimm.model import create_model
+
+
+def read_rows(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def teachers(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    output = str(tmp_path_factory.mktemp("teachers"))
+    train.main(tiny_train_args(tiny_digits, output, "--cal", "--experiment", "cal"))
+    train.main(tiny_train_args(tiny_digits, output, "--experiment", "plain", "--epochs", "1"))
+    return {name: os.path.join(output, name, "best.safetensors") for name in ("cal", "plain")}
+
+
+@pytest.mark.parametrize(("flags", "method", "terms"), [
+    (["--method", "ud"], "ud", ("train_kd", "train_kd_cal", "train_attention")),
+    (["--method", "ud", "--att-weight", "0"], "ud-noatt", ("train_kd", "train_kd_cal")),
+    (["--method", "kd"], "kd", ("train_kd",)),
+])
+def test_students_learn_from_a_calibrated_teacher(tiny_digits, teachers, tmp_path, flags, method, terms) -> None:
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment", "s",
+                           "--model", "test_efficientnet", "--epochs", "3", "--lr", "3e-3", *flags)
+    row = distill.main(args)
+    summary = read_rows(str(tmp_path / "s" / "summary.csv"))
+    for term in terms:
+        assert float(summary[0][term]) >= 0
+    assert float(summary[-1]["train_loss"]) < float(summary[0]["train_loss"])
+    (result,) = read_rows(str(tmp_path / "s" / "results.csv"))
+    assert result["method"] == method and result["teacher"] == teachers["cal"] and row["method"] == method
+    assert read_metadata(str(tmp_path / "s" / "best.safetensors"))["cal"] == ("true" if method != "kd" else "false")
+
+
+def test_ud_refuses_a_teacher_without_calibration_branch_before_any_work(tiny_digits, teachers, tmp_path) -> None:
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["plain"], "--experiment", "x")
+    with pytest.raises(ConfigError, match="calibration branch"):
+        distill.main(args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_teacher_with_another_class_list_is_refused_naming_the_classes(tiny_digits, tmp_path) -> None:
+    classes = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "cat"]
+    model = create_model("test_resnet", num_classes=10, cal=True)
+    path = str(tmp_path / "other.safetensors")
+    save_checkpoint(path, model, model_metadata("test_resnet", model, classes, None, 32, [0.5] * 3, [0.5] * 3))
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", path, "--experiment", "x")
+    with pytest.raises(ConfigError, match="cat.*nine|nine.*cat"):
+        distill.main(args)
+    assert not (tmp_path / "x").exists()
+
+
+def test_token_pooled_vit_student_is_refused_for_attention(tiny_digits, teachers, tmp_path) -> None:
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment", "x",
+                           "--model", "test_vit", "--global-pool", "token")
+    with pytest.raises(ValueError, match="global-pool avg"):
+        distill.main(args)
+
+
+def test_self_distillation_switches_teacher_at_the_half(tiny_digits, tmp_path) -> None:
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--self-distill", "--epochs", "4", "--experiment", "self")
+    distill.main(args)
+    run_dir = tmp_path / "self"
+    summary = read_rows(str(run_dir / "summary.csv"))
+    assert [row["train_bce"] != "nan" for row in summary] == [True, True, False, False]
+    assert [row["train_attention"] != "nan" for row in summary] == [False, False, True, True]
+    teacher_epoch = int(read_metadata(str(run_dir / "teacher.safetensors"))["epoch"])
+    assert teacher_epoch == int(max(summary[:2], key=lambda row: float(row["map"]))["epoch"])
+    # Cosine restart: the learning rate climbs back up after the switch.
+    assert float(summary[2]["lr"]) > float(summary[1]["lr"])
+    (result,) = read_rows(str(run_dir / "results.csv"))
+    assert result["method"] == "self-ud" and result["teacher"] == "self"
+
+
+def test_distill_needs_a_teacher_or_self_distill() -> None:
+    with pytest.raises(ConfigError, match="--teacher-ckpt"):
+        distill.parse_args(["--model", "test_resnet"])

@@ -1,0 +1,54 @@
+"""The user's own images: listing folders and files, and the dataset engine.predict runs on."""
+
+import os
+
+import pytest
+import torch
+from PIL import Image
+
+from udtimm.data.base import CorruptImageError, DatasetError
+from udtimm.data.images import ImageFolderDataset, list_images
+
+
+def write_image(path: str, size: tuple[int, int] = (20, 12)) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    Image.new("RGB", size, (200, 30, 10)).save(path)
+    return path
+
+
+def test_folders_are_listed_recursively_sorted_with_image_extensions_only(tmp_path) -> None:
+    for name in ("b.jpg", "a.PNG", "sub/c.jpeg", "sub/deeper/d.JPG"):
+        write_image(str(tmp_path / name))
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert list_images([str(tmp_path)]) == sorted(
+        str(tmp_path / name) for name in ("a.PNG", "b.jpg", "sub/c.jpeg", "sub/deeper/d.JPG"))
+
+
+def test_files_are_kept_in_the_given_order_after_folders(tmp_path) -> None:
+    second, first = write_image(str(tmp_path / "z.jpg")), write_image(str(tmp_path / "dir" / "a.jpg"))
+    assert list_images([second, str(tmp_path / "dir")]) == [second, first]
+
+
+def test_missing_path_and_empty_folder_are_clear_errors(tmp_path) -> None:
+    with pytest.raises(DatasetError, match="nowhere.jpg"):
+        list_images([str(tmp_path / "nowhere.jpg")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DatasetError, match="no .jpg/.jpeg/.png images found"):
+        list_images([str(tmp_path / "empty")])
+
+
+def test_items_have_the_shape_of_a_multilabel_dataset_with_zero_labels(tmp_path) -> None:
+    paths = [write_image(str(tmp_path / f"{i}.png"), (10 + i, 8)) for i in range(2)]
+    dataset = ImageFolderDataset(paths, lambda image: image.float()[:, :4, :4], num_classes=5)
+    assert len(dataset) == 2
+    image, target, difficult, index = dataset[1]
+    assert image.shape == (3, 4, 4) and image.dtype == torch.float32 and index == 1
+    assert target.dtype == torch.float32 and torch.equal(target, torch.zeros(5))
+    assert difficult.dtype == torch.bool and not difficult.any()
+
+
+def test_unreadable_image_names_the_file(tmp_path) -> None:
+    bad = tmp_path / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 truncated")
+    with pytest.raises(CorruptImageError, match="broken.jpg"):
+        ImageFolderDataset([str(bad)])[0]

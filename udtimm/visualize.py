@@ -1,0 +1,207 @@
+"""Look inside a model: uncertainty attention over images (paper Fig. 4), reliability diagrams compared (Fig. 3).
+
+    python -m udtimm.visualize --checkpoint student.safetensors --teacher-ckpt teacher.safetensors \\
+        --images photos/ --out vis/
+    python -m udtimm.visualize --compare base/best.safetensors cal/best.safetensors --labels baseline cal \\
+        --out reliability_compare.png
+
+--checkpoint writes OUT/<image stem>.png per image: the image, the model's uncertainty attention map (Eq. 15-16)
+over it (and the teacher's beside it), and the top labels with their probability and uncertainty. A model
+without the calibration branch has no uncertainty: it shows the Grad-CAM of its top label instead, and says so.
+--compare evaluates the checkpoints on one split and draws their reliability diagrams on the same axes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from matplotlib.figure import Figure
+from torch import Tensor, nn
+
+from udtimm import checkpoint, plots, runs
+from udtimm.attention import check_attention_support, uncertainty_per_class
+from udtimm.config import DATASETS, ConfigError
+from udtimm.data.base import read_image
+from udtimm.data.images import list_images
+from udtimm.data.loader import load_split, make_loader
+from udtimm.data.transforms import eval_transform
+from udtimm.engine import predict
+from udtimm.model import CalibratedModel, ModelOutput
+
+
+@dataclass
+class LoadedModel:
+    model: CalibratedModel  # in eval mode, on its device
+    class_names: list[str]
+    transform: nn.Module
+    method: str  # the method column of results.csv, or the file name when the checkpoint has none
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    mode = parser.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--checkpoint", metavar="FILE", help="draw this model's attention maps over --images")
+    mode.add_argument("--compare", nargs="+", metavar="FILE", help="draw these checkpoints' reliability diagrams")
+    parser.add_argument("--out", required=True, help="--checkpoint: folder of PNGs; --compare: the PNG file")
+    maps = parser.add_argument_group("attention maps (--checkpoint)")
+    maps.add_argument("--images", nargs="+", metavar="DIR_OR_FILE", help="folders (.jpg/.jpeg/.png) or image files")
+    maps.add_argument("--teacher-ckpt", metavar="FILE", help="also draw this model's map (the teacher's)")
+    maps.add_argument("--topk", type=int, default=5, help="how many of the most probable labels to list")
+    compare = parser.add_argument_group("reliability comparison (--compare)")
+    compare.add_argument("--labels", nargs="+", default=None, help="legend names (default: each run's method)")
+    compare.add_argument("--dataset", default=None, choices=DATASETS, help="default: the first checkpoint's dataset")
+    compare.add_argument("--data-dir", default=None, help="dataset root (digits: the default cache folder)")
+    compare.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
+    compare.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
+    compare.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
+    compare.add_argument("-b", "--batch-size", type=int, default=64)
+    compare.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    args = parser.parse_args(argv)
+    if args.checkpoint and not args.images:
+        raise ConfigError("--checkpoint draws attention maps of images: give --images DIR_OR_FILE")
+    if args.compare and len(args.compare) < 2:
+        raise ConfigError("--compare needs two or more checkpoints")
+    if args.compare and args.labels and len(args.labels) != len(args.compare):
+        raise ConfigError(f"--labels: {len(args.labels)} name(s) for {len(args.compare)} checkpoints")
+    if args.topk < 1:
+        raise ConfigError("--topk must be at least 1")
+    return args
+
+
+def load_model(path: str, device: torch.device) -> LoadedModel:
+    """The model rebuilt from its checkpoint, with the eval transform its metadata describes."""
+    model, metadata = checkpoint.model_from_checkpoint(path)
+    transform = eval_transform(int(metadata["img_size"]), json.loads(metadata["mean"]), json.loads(metadata["std"]))
+    method = metadata.get("method") or os.path.splitext(os.path.basename(path))[0]
+    return LoadedModel(model.to(device).eval(), checkpoint.class_names(metadata), transform, method)
+
+
+def check_map_support(model: CalibratedModel, path: str) -> None:
+    """Refuse a model whose map would be identically zero or misread, naming the checkpoint."""
+    # The top-label Grad-CAM drawn for a model without the branch has the same needs (the head sees the patch
+    # tokens, NCHW maps), so such a backbone is checked as if it had the branch.
+    candidate = model if model.has_cal else CalibratedModel(model.backbone, model.num_classes, cal=True)
+    try:
+        check_attention_support(candidate)
+    except ValueError as err:
+        raise ConfigError(f"{path}: {err}") from err
+
+
+def label_gradcam(model: CalibratedModel, features: Tensor, labels: Tensor) -> Tensor:
+    """Grad-CAM of the classification logit of `labels` [B], through the head only like Eq. 16; [B, H, W]."""
+    with torch.enable_grad():
+        z = features.detach().requires_grad_(True)
+        logits, _ = model.forward_head(z)
+        (grad,) = torch.autograd.grad(logits.gather(1, labels[:, None]).sum(), z)
+    weights = model.feature_grid(grad).float().sum(dim=(2, 3), keepdim=True)
+    return (weights * model.feature_grid(z.detach()).float()).sum(dim=1)
+
+
+def look(loaded: LoadedModel, image: Tensor, role: str) -> tuple[ModelOutput, Tensor, str]:
+    """One image through the model: its outputs, its map at the image's size and the map's title."""
+    model = loaded.model
+    batch = loaded.transform(image)[None].to(next(model.parameters()).device)
+    with torch.no_grad():  # uncertainty_attention then takes create_graph=False: a detached map
+        output = model(batch, with_attention=model.has_cal)
+    if output.attention is not None:
+        attention, title = output.attention, f"{role}: uncertainty attention"
+    else:
+        top = output.logits.argmax(dim=1)
+        attention = label_gradcam(model, output.features, top)
+        title = f"{role}: Grad-CAM of {loaded.class_names[top.item()]!r}"
+    attention = F.interpolate(attention[:, None], size=image.shape[-2:], mode="bilinear", align_corners=False)
+    return output, attention[0, 0].cpu(), title
+
+
+def image_figure(path: str, loaded: LoadedModel, teacher: LoadedModel | None, topk: int) -> Figure:
+    """The attention figure of one image: the model's map, the teacher's, and the model's top labels."""
+    image = read_image(path)
+    output, attention, title = look(loaded, image, "model")
+    maps = [(title, attention)]
+    if teacher is not None:
+        _, teacher_map, teacher_title = look(teacher, image, "teacher")
+        maps.append((teacher_title, teacher_map))
+    probs = torch.sigmoid(output.logits.float())[0].cpu()
+    top = probs.topk(min(topk, probs.numel())).indices
+    labels = [loaded.class_names[index] for index in top.tolist()]
+    if output.cal_logits is None:
+        uncertainty = None
+        panel_title = f"top {len(labels)} labels\n(no calibration branch: Grad-CAM\nof the top label, no uncertainty)"
+    else:
+        uncertainty = uncertainty_per_class(output.logits, output.cal_logits)[0].cpu()[top]
+        panel_title = f"top {len(labels)} labels"
+    return plots.attention_figure(image, maps, labels, probs[top], uncertainty, panel_title,
+                                  title=f"{os.path.basename(path)} ({loaded.method})")
+
+
+def output_paths(images: Sequence[str], out_dir: str) -> list[str]:
+    """OUT/<stem>.png for each image; two images of one stem (in different folders) would overwrite each other."""
+    stems = [os.path.splitext(os.path.basename(path))[0] for path in images]
+    repeated = sorted({stem for stem in stems if stems.count(stem) > 1})
+    if repeated:
+        raise ConfigError(f"--images holds several images named {', '.join(repeated)}: their PNGs would collide")
+    return [os.path.join(out_dir, stem + ".png") for stem in stems]
+
+
+def draw_attention_maps(args: argparse.Namespace) -> list[str]:
+    device = Accelerator().device
+    loaded = load_model(args.checkpoint, device)
+    check_map_support(loaded.model, args.checkpoint)
+    teacher = load_model(args.teacher_ckpt, device) if args.teacher_ckpt else None
+    if teacher is not None:
+        check_map_support(teacher.model, args.teacher_ckpt)
+    images = list_images(args.images)
+    outputs = output_paths(images, args.out)
+    os.makedirs(args.out, exist_ok=True)
+    for image, output in zip(images, outputs, strict=True):
+        plots.save_figure(image_figure(image, loaded, teacher, args.topk), output)
+        print(output)
+    return outputs
+
+
+def compare_reliability(args: argparse.Namespace) -> list[str]:
+    """Every checkpoint evaluated on the same split, one reliability curve each on shared axes."""
+    accelerator = Accelerator()
+    args.dataset = args.dataset or checkpoint.read_metadata(args.compare[0]).get("dataset")
+    if not args.dataset:
+        raise ConfigError(f"{args.compare[0]} does not name its dataset: give --dataset")
+    with accelerator.main_process_first():  # the main process generates digits before the others read it
+        dataset = load_split(args, args.split)
+    curves = []
+    for number, path in enumerate(args.compare):
+        loaded = load_model(path, accelerator.device)
+        difference = checkpoint.class_difference(loaded.class_names, dataset.classes)
+        if difference:
+            raise checkpoint.CheckpointError(f"{path} was trained on other classes than {dataset.name} ({difference})")
+        dataset.transform = loaded.transform  # each model at its own input size and normalisation
+        loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
+        predictions = predict(loaded.model, loader, accelerator, show_progress=False)
+        label = args.labels[number] if args.labels else loaded.method
+        curves.append((label, predictions.scores, predictions.target, predictions.difficult))
+    if accelerator.is_main_process:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        figure = plots.reliability_figure(curves, f"reliability on {dataset.name} ({len(dataset)} images)")
+        plots.save_figure(figure, args.out)
+        print(args.out)
+    return [args.out]
+
+
+def main(argv: Sequence[str] | None = None) -> list[str]:
+    """The PNG files written."""
+    args = parse_args(argv)
+    return compare_reliability(args) if args.compare else draw_attention_maps(args)
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except runs.USER_ERRORS as err:
+        sys.exit(f"error: {err}")
