@@ -59,7 +59,8 @@ def build_dataset(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    root = root or default_data_dir(name)
+    if root is None and name == "digits":
+        root = default_data_dir(name, options.get("num_trainval", 3000), options.get("num_test", 1000))
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
     own_split = resolve_split(name, root, split)
