@@ -112,7 +112,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                 check_attention_support(model)
     run_dir = runs.prepare_run_dir(args, method, accelerator)
     mean, std = runs.normalisation(student.backbone)
-    train_loader, eval_loader = runs.build_loaders(args, train_set, eval_set, mean, std)
+    train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+        args, train_set, eval_set, mean, std, accelerator.device)
     optimizer, scheduler = runs.build_optimization(args, student, len(train_loader),
                                                    cycles=2 if args.self_distill else 1)
     student, optimizer, train_loader, eval_loader = accelerator.prepare(
@@ -133,6 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     setup = RunSetup(
         run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
         eval_loader=eval_loader, objective=objective, loss_terms=loss_terms, metadata=metadata,
+        train_batch_transform=train_transform, eval_batch_transform=eval_transform,
         result_fields={"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
                        "teacher": teacher_name, "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
                        "difficult": args.difficult,

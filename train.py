@@ -53,7 +53,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                          pretrained=args.pretrained, pretrained_path=args.pretrained_path, img_size=args.img_size,
                          drop_rate=args.drop)
     mean, std = runs.normalisation(model.backbone)
-    train_loader, eval_loader = runs.build_loaders(args, train_set, eval_set, mean, std)
+    train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+        args, train_set, eval_set, mean, std, accelerator.device)
     optimizer, scheduler = runs.build_optimization(args, model, len(train_loader))
     model, optimizer, train_loader, eval_loader = accelerator.prepare(
         runs.place_model(model, accelerator.device, args.channels_last), optimizer, train_loader, eval_loader)
@@ -66,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     setup = RunSetup(
         run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
         eval_loader=eval_loader, objective=objective, loss_terms=objective.term_names(args.cal), metadata=metadata,
+        train_batch_transform=train_transform, eval_batch_transform=eval_transform,
         result_fields={"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
                        "teacher": "", "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
                        "difficult": args.difficult,

@@ -174,6 +174,25 @@ def find_training_state(run_dir: str) -> str | None:
     return max(candidates)[1] if candidates else None
 
 
+def recover_training_state(run_dir: str) -> None:
+    """Tidy what a kill left in a run directory: the newest complete state becomes state/, the rest goes.
+
+    Every step keeps the newest complete state findable (it is renamed only after the others are removed), so a
+    kill during recovery is recovered next time. Partial files of atomic writes (.<name>.*.tmp) are removed.
+    """
+    newest = find_training_state(run_dir)
+    final = os.path.join(run_dir, STATE_DIR)
+    for name in (STATE_DIR, STATE_DIR + ".tmp", STATE_DIR + ".old"):
+        path = os.path.join(run_dir, name)
+        if path != newest and os.path.isdir(path):
+            shutil.rmtree(path)
+    if newest is not None and newest != final:
+        os.rename(newest, final)
+    for name in os.listdir(run_dir):
+        if name.startswith(".") and name.endswith(".tmp"):
+            os.remove(os.path.join(run_dir, name))
+
+
 def load_training_state(state_dir: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
     """(weights, optimizer/scheduler/scaler state, progress); torch.load with weights_only=True refuses pickled code."""
     tensors, _ = load_checkpoint(os.path.join(state_dir, "weights.safetensors"))

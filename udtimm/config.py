@@ -128,7 +128,11 @@ def load_yaml(path: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"{path} does not exist")
     with open(path) as handle:
-        values = yaml.safe_load(handle) or {}
+        try:
+            # safe_load: a python/object tag in a config file is refused, never run.
+            values = yaml.safe_load(handle) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path} is not a valid config file: {err}") from err
     if not isinstance(values, dict):
         raise ConfigError(f"{path}: expected a mapping of flag names to values, got {type(values).__name__}")
     return values

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import torch
@@ -12,7 +12,11 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 from tqdm import tqdm
 
+from udtimm.data.loader import report_unreadable
 from udtimm.objectives import Objective
+
+# Turns a loader's image field into the model's input on the device (--gpu-decode: udtimm.data.gpu.DeviceTransform).
+BatchTransform = Callable[[object], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -42,6 +46,14 @@ def first_nonfinite_term(terms: dict[str, Tensor], accelerator: Accelerator) -> 
     return None
 
 
+def smallest_batch(size: int, accelerator: Accelerator) -> int:
+    """The smallest batch of all processes: --skip-corrupt shrinks batches unevenly, and a step skipped on one
+    process must be skipped on all or DDP waits forever."""
+    if accelerator.num_processes == 1:
+        return size
+    return int(accelerator.gather(torch.tensor([size], device=accelerator.device)).min())
+
+
 def train_one_epoch(
     model: nn.Module,
     loader: Iterable,
@@ -54,14 +66,23 @@ def train_one_epoch(
     clip_grad: float | None = None,
     skip_nonfinite: bool = False,
     show_progress: bool = True,
+    batch_transform: BatchTransform | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch; returns the mean of each loss term, the skipped-step count and images/s."""
+    """Train for one epoch; returns the mean of each loss term, the skipped-step and -image counts and images/s."""
     model.train()
     sums: dict[str, Tensor] = {}
-    steps = skipped = images_seen = 0
+    steps = skipped = images_seen = unreadable = 0
     start = time.perf_counter()
     bar = progress(loader, accelerator, f"train {epoch}", show_progress)
-    for step, (images, target, difficult, _) in enumerate(bar):
+    for step, batch in enumerate(bar):
+        images, target, difficult = batch[:3]
+        if len(batch) > 4:  # --skip-corrupt: the fifth field lists the images the loader left out
+            unreadable += report_unreadable(batch[4])
+            # BatchNorm cannot train on one sample; such a rare leftover batch is passed over.
+            if smallest_batch(len(images), accelerator) < 2:
+                continue
+        if batch_transform is not None:
+            images = batch_transform(images)
         terms = objective(model, images, target, difficult)
         bad_term = first_nonfinite_term(terms, accelerator)
         if bad_term is not None:
@@ -91,26 +112,44 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     means.update(
         skipped_steps=skipped,
+        skipped_images=int(accelerator.reduce(torch.tensor(unreadable, device=accelerator.device), "sum").item()),
         images_per_s=images_seen * accelerator.num_processes / elapsed if elapsed > 0 else math.nan,
     )
     return means
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True) -> Predictions:
+def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True,
+            batch_transform: BatchTransform | None = None) -> Predictions:
     """Classification-branch probabilities for every image of the loader, gathered across processes.
 
-    gather_for_metrics drops the samples a distributed sampler repeats to even out the last batch, so N
-    processes return exactly the images (and numbers) of one.
+    Each image is kept once, in dataset order: the samples a distributed sampler repeats to even out the last
+    batch are recognised by their index, so N processes return exactly the images (and numbers) of one. A single
+    padded gather at the end lets processes hold different numbers of images (--skip-corrupt leaves some out).
     """
     model.eval()
     parts: list[tuple[Tensor, ...]] = []
-    for images, target, difficult, indices in progress(loader, accelerator, "eval", show_progress):
+    for batch in progress(loader, accelerator, "eval", show_progress):
+        images, target, difficult, indices = batch[:4]
+        if len(batch) > 4:  # --skip-corrupt: the fifth field lists the images the loader left out
+            report_unreadable(batch[4])
+            if len(images) == 0:
+                continue
+        if batch_transform is not None:
+            images = batch_transform(images)
         with accelerator.autocast():
             logits = model(images).logits
-        batch = (torch.sigmoid(logits.float()), target.float(), difficult, indices)
-        parts.append(tuple(t.cpu() for t in accelerator.gather_for_metrics(batch)))
+        # Results stay on the device until the end: a copy to the host per batch would make the host wait for
+        # the GPU, which would then sit idle while the next batch is decoded.
+        parts.append((torch.sigmoid(logits.float()), target.float(), difficult.float(), indices))
     if not parts:
         raise ValueError("the evaluation loader yielded no images")
-    scores, target, difficult, indices = (torch.cat(column) for column in zip(*parts, strict=True))
-    return Predictions(scores, target, difficult.bool(), indices)
+    local = tuple(torch.cat(column) for column in zip(*parts, strict=True))
+    gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=-1))
+    scores, target, difficult, indices = (column.cpu() for column in gathered)
+    order = torch.argsort(indices, stable=True)
+    sorted_indices = indices[order]
+    first = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first[1:] = sorted_indices[1:] != sorted_indices[:-1]
+    keep = order[first & (sorted_indices >= 0)]  # padding has index -1
+    return Predictions(scores[keep], target[keep], difficult[keep].bool(), indices[keep])

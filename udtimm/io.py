@@ -61,8 +61,9 @@ def append_csv_row(path: str, row: Mapping[str, object]) -> None:
 
 def check_writable(directory: str) -> None:
     """Fail at the start, not after the first epoch, when the output directory cannot be written."""
-    os.makedirs(directory, exist_ok=True)
     try:
+        # Inside the try: a --output that is a regular file fails here, in makedirs.
+        os.makedirs(directory, exist_ok=True)
         fd, probe = tempfile.mkstemp(prefix=".write-test.", dir=directory)
     except OSError as err:
         raise OSError(f"output directory {directory} is not writable: {err.strerror}") from err

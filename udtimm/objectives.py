@@ -11,6 +11,7 @@ from torch import Tensor
 
 from udtimm import losses
 from udtimm.attention import uncertainty_attention
+from udtimm.checkpoint import class_difference
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
 
@@ -58,13 +59,9 @@ DISTILL_METHODS = ("kd", "ud")
 
 def check_teacher(teacher_metadata: dict[str, str], teacher_path: str, class_names: list[str], method: str) -> None:
     """Refuse, before any training step, a teacher that cannot teach this student (names what differs)."""
-    teacher_classes = json.loads(teacher_metadata["class_names"])
-    if teacher_classes != list(class_names):
-        only_teacher = [name for name in teacher_classes if name not in class_names]
-        only_data = [name for name in class_names if name not in teacher_classes]
-        detail = (f"only in the teacher: {only_teacher}; only in the dataset: {only_data}"
-                  if only_teacher or only_data else "same names in another order")
-        raise ConfigError(f"teacher {teacher_path} was trained on other classes than this dataset ({detail})")
+    difference = class_difference(json.loads(teacher_metadata["class_names"]), class_names)
+    if difference:
+        raise ConfigError(f"teacher {teacher_path} was trained on other classes than this dataset ({difference})")
     if method == "ud" and teacher_metadata.get("cal") != "true":
         raise ConfigError(
             f"--method ud needs a teacher with the calibration branch, but {teacher_path} has none: "

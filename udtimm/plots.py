@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # files only: no display on training machines
 
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 from torch import Tensor  # noqa: E402
 
 from udtimm.io import atomic_write  # noqa: E402
@@ -24,7 +25,11 @@ ROW_INCHES = 3.2
 
 def draw_reliability(axis: plt.Axes, probs: Tensor, target: Tensor, difficult: Tensor | None, label: str,
                      colour: str, width_share: float = 1.0, offset: float = 0.0) -> float:
-    """Accuracy per confidence bin as bars, the gap to the diagonal shaded; returns the pooled ECE."""
+    """Accuracy per confidence bin as bars, the gap up to the bin's mean confidence hatched; returns the pooled ECE.
+
+    Red shows above the bars (over-confidence) and through them (under-confidence); with several models the
+    gap stays in its model's slot of the bin.
+    """
     bins = reliability_bins(probs, target, difficult)
     lower, upper = bins["lower"].numpy(), bins["upper"].numpy()
     width = (upper - lower) * width_share
@@ -33,10 +38,10 @@ def draw_reliability(axis: plt.Axes, probs: Tensor, target: Tensor, difficult: T
     ece = expected_calibration_error(probs, target, difficult, classwise=False)
     left = lower + offset * (upper - lower)
     axis.bar(left, accuracy, width=width, align="edge", color=colour, alpha=0.8, edgecolor="black",
-             linewidth=0.5, label=f"{label} (ECE {ece:.2f}%)")
+             linewidth=0.5, label=f"{label} (pooled ECE {ece:.2f}%)")
     filled = bins["count"].numpy() > 0
     axis.bar(left[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width[filled],
-             align="edge", color="red", alpha=0.25, hatch="//", edgecolor="red", linewidth=0.0)
+             align="edge", color="red", alpha=0.25, hatch="//", edgecolor="red", linewidth=0.5)
     return ece
 
 
@@ -46,13 +51,13 @@ def save_figure(figure: plt.Figure, path: str) -> None:
 
 
 def reliability_figure(curves: list[tuple[str, Tensor, Tensor, Tensor | None]], title: str) -> plt.Figure:
-    """One axes: a bar series per (label, probs, target, difficult), the diagonal, the gap shaded in red."""
+    """One axes: a bar series per (label, probs, target, difficult) side by side in each bin, the diagonal."""
     figure, axis = plt.subplots(figsize=(5, 5))
     share = 1.0 / len(curves)
     for number, (label, probs, target, difficult) in enumerate(curves):
         draw_reliability(axis, probs, target, difficult, label, COLOURS[number % len(COLOURS)], share, number * share)
     axis.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
-    axis.fill_between([], [], color="red", alpha=0.25, hatch="//", label="gap to confidence")
+    axis.fill_between([], [], color="red", alpha=0.25, hatch="//", label="gap: mean confidence - accuracy")
     axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (predicted probability)",
              ylabel="accuracy (fraction of positives)", title=title)
     axis.legend(loc="upper left", fontsize=8)
@@ -84,7 +89,8 @@ def draw_label_bars(prob_axis: plt.Axes, uncertainty_axis: plt.Axes | None, labe
     prob_axis.barh(rows, probs.tolist(), color="tab:blue")
     for row, value in zip(rows, probs.tolist(), strict=True):
         prob_axis.text(min(value, 0.72) + 0.02, row, f"{value:.2f}", va="center", fontsize=8)
-    prob_axis.set(xlim=(0, 1), yticks=list(rows), xlabel="probability")
+    prob_axis.set(xlim=(0, 1), yticks=list(rows))
+    prob_axis.set_xlabel("probability", fontsize=9)
     prob_axis.set_yticklabels(labels, fontsize=9)
     prob_axis.invert_yaxis()
     prob_axis.set_title(title, fontsize=9)
@@ -94,8 +100,10 @@ def draw_label_bars(prob_axis: plt.Axes, uncertainty_axis: plt.Axes | None, labe
     uncertainty_axis.barh(rows, values, color=["tab:red" if value > 0 else "tab:blue" for value in values])
     limit = max(abs(value) for value in values) * 1.15 or 1.0
     uncertainty_axis.axvline(0, color="black", linewidth=0.6)
-    uncertainty_axis.set(xlim=(-limit, limit), xlabel="uncertainty (Eq. 15 term)")
+    uncertainty_axis.set_xlim(-limit, limit)
+    uncertainty_axis.set_xlabel("KL term of Eq. 15", fontsize=9)
     uncertainty_axis.tick_params(axis="y", left=False, labelleft=False)
+    uncertainty_axis.xaxis.set_major_locator(MaxNLocator(nbins=4, symmetric=True))
     uncertainty_axis.tick_params(axis="x", labelsize=7)
     uncertainty_axis.set_title("per-label uncertainty", fontsize=9)
 

@@ -14,9 +14,10 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from torch import nn
+from torch.utils.data import DataLoader
 
 from udtimm import checkpoint, metrics
-from udtimm.engine import Predictions, predict, train_one_epoch
+from udtimm.engine import BatchTransform, Predictions, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
 
@@ -41,6 +42,9 @@ class RunSetup:
     result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
     on_epoch_start: Callable[[int], None] | None = None
     extra_state: dict = field(default_factory=dict)
+    # --gpu-decode: what turns a loader's encoded files into model input on the device (runs.build_loaders).
+    train_batch_transform: BatchTransform | None = None
+    eval_batch_transform: BatchTransform | None = None
 
 
 def evaluate_metrics(predictions: Predictions, args: argparse.Namespace) -> dict[str, float]:
@@ -58,14 +62,25 @@ def truncate_summary(path: str, last_epoch: int) -> None:
         rows = list(csv.reader(handle))
     if not rows:
         return
-    kept = [rows[0]] + [row for row in rows[1:] if row and int(row[0]) <= last_epoch]
+    # A row cut short (disk full mid-append) has fewer cells than the header and is dropped with the later epochs.
+    kept = [rows[0]] + [row for row in rows[1:] if len(row) == len(rows[0]) and int(row[0]) <= last_epoch]
     atomic_write_text(path, "".join(csv_line(row) for row in kept))
 
 
 def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]:
-    """Load the newest complete state of the run: (next epoch, optimizer updates so far, best metric)."""
+    """Load the newest complete state of the run: (next epoch, optimizer updates so far, best metric).
+
+    summary.csv keeps the rows of the epochs that state saw complete: a run killed between writing an epoch's row
+    and its state redoes that epoch, and lists it once.
+    """
+    summary_path = os.path.join(setup.run_dir, "summary.csv")
+    if accelerator.is_main_process:
+        checkpoint.recover_training_state(setup.run_dir)
+    accelerator.wait_for_everyone()
     state_dir = checkpoint.find_training_state(setup.run_dir)
     if state_dir is None:
+        if accelerator.is_main_process:
+            truncate_summary(summary_path, -1)
         return 0, 0, -math.inf
     tensors, optimizer_state, progress = checkpoint.load_training_state(state_dir)
     checkpoint.load_weights(accelerator.unwrap_model(setup.model), tensors, state_dir)
@@ -76,7 +91,7 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
     setup.extra_state.update(progress.get("extra", {}))
     epoch = int(progress["epoch"])
     if accelerator.is_main_process:
-        truncate_summary(os.path.join(setup.run_dir, "summary.csv"), epoch)
+        truncate_summary(summary_path, epoch)
     accelerator.print(f"resumed {setup.run_dir} after epoch {epoch} (state: {state_dir})")
     return epoch + 1, int(progress["num_updates"]), float(progress["best"])
 
@@ -92,14 +107,23 @@ def print_row(accelerator: Accelerator, row: dict[str, object], header: bool) ->
     accelerator.print(" ".join(cells))
 
 
+def seed_epoch(seed: int, train_loader: DataLoader) -> None:
+    """Shuffling, augmentation and dropout of an epoch depend on (seed, epoch) only, so resume is exact.
+
+    The loader's own generator (udtimm.data.loader.make_loader) is seeded too: with several processes accelerate
+    shuffles with it, and set_seed does not reach it.
+    """
+    set_seed(seed)
+    train_loader.generator.manual_seed(seed)
+
+
 def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
     """Run the remaining epochs; returns the results.csv row (metrics of best.safetensors)."""
     start_epoch, num_updates, best = restore(setup, accelerator)
     model, run_dir = setup.model, setup.run_dir
     summary_path = os.path.join(run_dir, "summary.csv")
     for epoch in range(start_epoch, args.epochs):
-        # Shuffling, augmentation and dropout of an epoch depend on (seed, epoch) only: resume is exact.
-        set_seed(args.seed + epoch)
+        seed_epoch(args.seed + epoch, setup.train_loader)
         if setup.on_epoch_start is not None:
             setup.on_epoch_start(epoch)
         epoch_start = time.perf_counter()
@@ -107,16 +131,18 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         stats = train_one_epoch(
             model, setup.train_loader, setup.optimizer, setup.scheduler, accelerator, setup.objective, epoch,
             num_updates, clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
-            show_progress=not args.no_progress,
+            show_progress=not args.no_progress, batch_transform=setup.train_batch_transform,
         )
         num_updates += len(setup.train_loader)
         row: dict[str, object] = {"epoch": epoch, "lr": lr,
                                   "train_loss": stats.pop("loss", math.nan)}
         # Fixed columns, whatever terms this epoch's objective produced (self-distillation changes objective).
         row.update({f"train_{name}": stats.get(name, math.nan) for name in setup.loss_terms})
-        row.update(skipped_steps=stats["skipped_steps"], images_per_s=stats["images_per_s"])
+        row.update(skipped_steps=stats["skipped_steps"], skipped_images=stats["skipped_images"],
+                   images_per_s=stats["images_per_s"])
         evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
-        scores = evaluate_metrics(predict(model, setup.eval_loader, accelerator, not args.no_progress), args) \
+        scores = evaluate_metrics(predict(model, setup.eval_loader, accelerator, not args.no_progress,
+                                          setup.eval_batch_transform), args) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
         row.update(scores)
         row["epoch_time"] = time.perf_counter() - epoch_start
@@ -147,14 +173,15 @@ def final_results(args: argparse.Namespace, setup: RunSetup, accelerator: Accele
     best_path = os.path.join(setup.run_dir, "best.safetensors")
     tensors, metadata = checkpoint.load_checkpoint(best_path)
     checkpoint.load_weights(accelerator.unwrap_model(setup.model), tensors, best_path)
-    predictions = predict(setup.model, setup.eval_loader, accelerator, not args.no_progress)
+    predictions = predict(setup.model, setup.eval_loader, accelerator, not args.no_progress, setup.eval_batch_transform)
     scores = evaluate_metrics(predictions, args)
     row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]), "checkpoint": best_path}
     if accelerator.is_main_process:
-        append_csv_row(os.path.join(setup.run_dir, "results.csv"), row)
         from udtimm.plots import reliability_diagram
 
         reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
                             os.path.join(setup.run_dir, "reliability.png"), title=metadata["model"])
+        # Written last, the row marks a finished run: one killed before it gets a single row when resumed.
+        append_csv_row(os.path.join(setup.run_dir, "results.csv"), row)
     accelerator.wait_for_everyone()
     return row

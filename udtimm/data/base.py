@@ -51,6 +51,20 @@ def read_image(path: str) -> Tensor:
         raise CorruptImageError(f"cannot read image {path}: {e}") from e
 
 
+def read_encoded(path: str) -> Tensor:
+    """The file's bytes as a 1-D uint8 tensor, decoded later on the device (--gpu-decode); raises CorruptImageError.
+
+    Only a missing or empty file is caught here: decoding errors surface where the batch is decoded.
+    """
+    try:
+        data = read_file(path)
+    except Exception as e:  # torchvision raises bare RuntimeErrors for missing or unreadable files
+        raise CorruptImageError(f"cannot read image {path}: {e}") from e
+    if data.numel() == 0:
+        raise CorruptImageError(f"cannot read image {path}: the file is empty")
+    return data
+
+
 def check_unique_ids(samples: Iterable[Sample], source: str) -> None:
     """Raise DatasetError naming `source` and the id if an image id is listed twice."""
     seen: set[str] = set()
@@ -78,6 +92,8 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         self.classes = list(classes)
         self.transform = transform
         self.name = name
+        # True: items carry the encoded file instead of the decoded image (--gpu-decode; see udtimm.data.gpu).
+        self.encoded = False
 
     def __len__(self) -> int:
         return len(self.samples)
@@ -85,7 +101,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
         """Return (image, target float32 [C], difficult bool [C], index); the index lets callers match outputs."""
         s = self.samples[index]
-        image = read_image(s.path)
+        image = read_encoded(s.path) if self.encoded else read_image(s.path)
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.from_numpy(s.target.copy()), torch.from_numpy(s.difficult.copy()), index

@@ -72,7 +72,10 @@ def load_voc(root: str, split: str, classes: Sequence[str] | None = None) -> tup
         for path in (xml_path, jpg_path):
             if not os.path.isfile(path):
                 raise DatasetError(f"{path} is missing (image {image_id!r}, listed at {split_file} line {line_no})")
-        target, difficult = _parse_xml(xml_path, index)
+        try:
+            target, difficult = _parse_xml(xml_path, index)
+        except DatasetError as e:
+            raise DatasetError(f"{e} (image {image_id!r}, listed at {split_file} line {line_no})") from e
         samples.append(Sample(image_id, jpg_path, target, difficult))
     return samples, classes
 
@@ -86,20 +89,24 @@ def _read_split(split_file: str) -> list[tuple[int, str]]:
         raise DatasetError(
             f"split file {split_file} does not exist; available splits: {', '.join(available) or 'none'}"
         )
+    try:
+        with open(split_file, encoding="utf-8") as f:
+            lines = f.readlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"split file {split_file} cannot be read as text: {e}") from e
     ids: list[tuple[int, str]] = []
     first_line: dict[str, int] = {}
-    with open(split_file, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            image_id = line.split()[0]
-            if image_id in first_line:
-                raise DatasetError(
-                    f"{split_file} line {line_no}: image id {image_id!r} is listed twice (first at line "
-                    f"{first_line[image_id]})"
-                )
-            first_line[image_id] = line_no
-            ids.append((line_no, image_id))
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        image_id = line.split()[0]
+        if image_id in first_line:
+            raise DatasetError(
+                f"{split_file} line {line_no}: image id {image_id!r} is listed twice (first at line "
+                f"{first_line[image_id]})"
+            )
+        first_line[image_id] = line_no
+        ids.append((line_no, image_id))
     if not ids:
         raise DatasetError(f"split file {split_file} lists no image ids")
     return ids

@@ -1,0 +1,284 @@
+"""Does the data pipeline keep the GPU busy? Real loops against the model-only ceiling, measured in one run.
+
+Pipelines, each timed in the steady state (after --warmup batches):
+  ceiling     the loop on one random batch already on the device: no files, no decoding
+  cpu-decode  the loop on a DataLoader over JPEG files, the loader workers decoding and augmenting (the default)
+  gpu-decode  the same with --gpu-decode: the workers read bytes, the GPU decodes (nvJPEG) and augments (CUDA only)
+Workloads: train (train.py's step: engine.train_one_epoch, SupervisedObjective, timm optimizer, --cal as given),
+distill (distill.py --method ud from a random-init --teacher to --student) and predict (validate.py's
+engine.predict). The JPEGs are a synthetic VOC2007 folder at VOC's image sizes (--synthetic-voc).
+
+Prints img/s, real/ceiling per pipeline (DESIGN §5 asks >= 0.90), the calibration branch's cost (train ceiling with
+vs without the branch; DESIGN §5: < 1 %), peak GPU memory and the card; --csv appends one row per measurement.
+
+    python benchmarks/throughput.py --model resnet101 --cal --teacher resnet101 --student resnet18 --img-size 448 \\
+        --batch-size 64 --mixed-precision bf16 --channels-last --workers 16 --num-images 2000
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from any directory
+
+import distill  # noqa: E402
+import train  # noqa: E402
+from udtimm import runs  # noqa: E402
+from udtimm.data import VOC_CLASSES  # noqa: E402
+from udtimm.engine import predict, train_one_epoch  # noqa: E402
+from udtimm.io import append_csv_row  # noqa: E402
+from udtimm.model import create_model  # noqa: E402
+from udtimm.objectives import SupervisedObjective  # noqa: E402
+
+WORKLOADS = ("train", "distill", "predict")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model", default="resnet101", help="train and predict this model")
+    parser.add_argument("--cal", action="store_true", help="with the calibration branch, as train.py --cal")
+    parser.add_argument("--teacher", help="also measure distillation (ud) from this random-init teacher")
+    parser.add_argument("--student", help="the distilled model (default: --model)")
+    parser.add_argument("--img-size", type=int, default=448)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--steps", type=int, default=20, help="timed ceiling steps")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed batches first (real loops: at most half)")
+    parser.add_argument("--num-images", type=int, default=1000, help="synthetic JPEGs: one epoch of the real loops")
+    parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader worker processes")
+    parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: bf16 on GPU, else no")
+    parser.add_argument("--channels-last", action="store_true")
+    parser.add_argument("--torchcompile", action="store_true")
+    parser.add_argument("--synthetic-voc", metavar="DIR", help="where the JPEGs are written (default: a temp dir)")
+    parser.add_argument("--csv", metavar="FILE", help="append one row per measurement to this CSV file")
+    args = parser.parse_args(argv)
+    args.student = args.student or args.model
+    if args.mixed_precision is None:
+        args.mixed_precision = "bf16" if torch.cuda.is_available() else "no"
+    return args
+
+
+def write_synthetic_voc(root: str, count: int) -> str:
+    """`count` JPEGs in the VOC2007 layout, both trainval and test listing all; kept if already written."""
+    voc = Path(root) / "VOC2007"
+    marker = voc / f".synthetic-{count}"
+    if not marker.exists():
+        for sub in ("JPEGImages", "Annotations", "ImageSets/Main"):
+            (voc / sub).mkdir(parents=True, exist_ok=True)
+        with ProcessPoolExecutor() as pool:
+            list(pool.map(write_image, [voc] * count, range(count), chunksize=16))
+        ids = "".join(f"{index:06d}\n" for index in range(count))
+        for split in ("trainval", "test"):
+            (voc / "ImageSets" / "Main" / f"{split}.txt").write_text(ids)
+        marker.touch()
+    return root
+
+
+def write_image(voc: Path, index: int) -> None:
+    """One image at VOC's usual sizes (500x375, a quarter 375x500) with 1-3 random VOC objects."""
+    rng = np.random.default_rng(index)
+    width, height = (375, 500) if index % 4 == 3 else (500, 375)
+    # Smooth colour fields plus sensor-like noise: about VOC's 80 KB per file, so about its decoding cost.
+    coarse = Image.fromarray(rng.integers(0, 256, (12, 16, 3), dtype=np.uint8)).resize((width, height), Image.BICUBIC)
+    noise = rng.standard_normal((height, width, 3), dtype=np.float32) * 12
+    pixels = np.clip(np.asarray(coarse, dtype=np.float32) + noise, 0, 255).astype(np.uint8)
+    Image.fromarray(pixels).save(voc / "JPEGImages" / f"{index:06d}.jpg", quality=90)
+    objects = "".join(f"<object><name>{rng.choice(VOC_CLASSES)}</name><difficult>{int(rng.random() < 0.1)}"
+                      "</difficult></object>" for _ in range(rng.integers(1, 4)))
+    (voc / "Annotations" / f"{index:06d}.xml").write_text(f"<annotation>{objects}</annotation>\n")
+
+
+class Clock:
+    """Hands the batches on, timing from the `skip`-th: worker start-up and cuDNN's tuning stay out of the figure."""
+
+    def __init__(self, batches: Iterable, skip: int, sync: Callable[[], None]) -> None:
+        self.batches, self.skip, self.sync = batches, skip, sync
+        self.images = self.steps = 0
+        self.start = math.nan
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self) -> Iterator:
+        for index, batch in enumerate(self.batches):
+            if index == self.skip:
+                self.sync()  # the window starts with the device idle, so it holds exactly the timed batches' work
+                self.start = time.perf_counter()
+            if index >= self.skip:
+                self.images += len(batch[1])
+                self.steps += 1
+            yield batch
+
+    def stop(self) -> float:
+        self.sync()
+        return time.perf_counter() - self.start
+
+
+@dataclass
+class Row:
+    workload: str
+    pipeline: str
+    cal: bool
+    images: int
+    steps: int
+    seconds: float
+    peak_mib: float
+    ratio: float = math.nan
+
+    @property
+    def img_per_s(self) -> float:
+        return self.images / self.seconds
+
+
+def script_args(script: object, args: argparse.Namespace, root: str, *extra: str) -> argparse.Namespace:
+    """The arguments train.py or distill.py would run with (their defaults: optimizer, loss weights, ...)."""
+    flags = ["--dataset", "voc2007", "--data-dir", root, "--img-size", str(args.img_size), "-b", str(args.batch_size),
+             "--workers", str(args.workers), "--mixed-precision", args.mixed_precision, "--no-progress"]
+    flags += ["--channels-last"] * args.channels_last + ["--torchcompile"] * args.torchcompile
+    return script.parse_args([*flags, *extra])
+
+
+def device_batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.Tensor, ...]:
+    generator = torch.Generator().manual_seed(0)
+    size, classes = (args.batch_size, 3, args.img_size, args.img_size), len(VOC_CLASSES)
+    images = torch.randn(size, generator=generator)
+    target = (torch.rand(args.batch_size, classes, generator=generator) < 0.1).float()
+    difficult = torch.zeros(args.batch_size, classes, dtype=torch.bool)
+    return tuple(t.to(device) for t in (images, target, difficult, torch.arange(args.batch_size)))
+
+
+def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, root: str,
+            accelerator: Accelerator) -> Row:
+    """One timed epoch of `workload` fed by `pipeline`, set up as the script that runs it does."""
+    accelerator.free_memory()  # the previous measurement's model and optimizer, so peak memory is this one's
+    device = accelerator.device
+    gpu_decode = ["--gpu-decode"] * (pipeline == "gpu-decode")
+    if workload == "distill":
+        run = script_args(distill, args, root, "--model", args.student, "--teacher-ckpt", "random-init", *gpu_decode)
+    else:
+        run = script_args(train, args, root, "--model", args.model, *["--cal"] * cal, *gpu_decode)
+    set_seed(0)
+    model = create_model(run.model, len(VOC_CLASSES), cal=cal, img_size=run.img_size)
+    if pipeline == "ceiling":
+        loader, transform, skip = [device_batch(args, device)] * (args.warmup + args.steps), None, args.warmup
+    else:
+        train_set, eval_set = runs.load_datasets(run, accelerator)
+        mean, std = runs.normalisation(model.backbone)
+        train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+            run, train_set, eval_set, mean, std, device)
+        loader, transform = (eval_loader, eval_transform) if workload == "predict" else (train_loader, train_transform)
+        loader, skip = accelerator.prepare(loader), min(args.warmup, len(loader) // 2)
+    model = runs.place_model(model, device, run.channels_last)
+    if workload == "predict":  # as validate.py: the model is not prepared, predict() applies autocast
+
+        def loop(batches: Iterable) -> None:
+            predict(model, batches, accelerator, show_progress=False, batch_transform=transform)
+    else:
+        optimizer, scheduler = runs.build_optimization(run, model, len(loader))
+        model, optimizer = accelerator.prepare(model, optimizer)
+        if workload == "distill":
+            teacher = create_model(args.teacher, len(VOC_CLASSES), cal=True, img_size=run.img_size)
+            objective = distill.make_objective(run, runs.place_model(teacher, device, run.channels_last),
+                                               accelerator, "ud")
+        else:
+            objective = SupervisedObjective(run.loss, run.cal_weight, run.difficult, run.temperature)
+
+        def loop(batches: Iterable) -> None:
+            train_one_epoch(model, batches, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0,
+                            clip_grad=run.clip_grad, show_progress=False, batch_transform=transform)
+
+    cuda = device.type == "cuda"
+    if cuda:
+        torch.cuda.reset_peak_memory_stats(device)
+    clock = Clock(loader, skip, torch.cuda.synchronize if cuda else lambda: None)
+    loop(clock)
+    seconds = clock.stop()
+    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else math.nan
+    return Row(workload, pipeline, cal, clock.images, clock.steps, seconds, peak)
+
+
+def main(argv: list[str] | None = None) -> list[Row]:
+    args = parse_args(argv)
+    with tempfile.TemporaryDirectory() as scratch:
+        root = write_synthetic_voc(args.synthetic_voc or scratch, args.num_images)
+        accelerator = runs.make_accelerator(script_args(train, args, root))
+        cuda = accelerator.device.type == "cuda"
+        card = torch.cuda.get_device_name(accelerator.device) if cuda else "cpu"
+        pipelines = ("cpu-decode", "gpu-decode") if cuda else ("cpu-decode",)
+        plan = [("train", "ceiling", not args.cal)]  # the other side of the calibration branch's cost
+        for workload in ("train", "distill", "predict") if args.teacher else ("train", "predict"):
+            cal = True if workload == "distill" else args.cal
+            plan += [(workload, pipeline, cal) for pipeline in ("ceiling", *pipelines)]
+        print_header(args, card)
+        rows, failed = [], []
+        for workload, pipeline, cal in plan:
+            # One failing pipeline (say nvJPEG missing) must not cost the other measurements of a GPU session.
+            try:
+                rows.append(measure(workload, pipeline, cal, args, root, accelerator))
+            except Exception:
+                traceback.print_exc()
+                failed.append(f"{workload} {pipeline}")
+                continue
+            report_row(rows, args, card)
+    print_summary(rows)
+    if failed:
+        sys.exit(f"failed: {', '.join(failed)}")
+    return rows
+
+
+def print_header(args: argparse.Namespace, card: str) -> None:
+    distilled = f", distill {args.teacher} -> {args.student} (ud)" if args.teacher else ""
+    print(f"{card}: train/predict {args.model}{' --cal' if args.cal else ''}{distilled}; {args.img_size} px, batch "
+          f"{args.batch_size}, mixed precision {args.mixed_precision}, channels_last {args.channels_last}, "
+          f"{args.workers} workers, {args.num_images} images")
+    print(f"{'workload':>8} {'pipeline':>10} {'cal':>3} {'img/s':>9} {'ms/step':>9} {'peak MiB':>9} {'real/ceil':>9}",
+          flush=True)
+
+
+def report_row(rows: list[Row], args: argparse.Namespace, card: str) -> None:
+    """Print (and append to --csv) the newest row, as a ratio to its workload's ceiling, measured before it."""
+    row = rows[-1]
+    ceiling = next((r for r in rows if r.pipeline == "ceiling" and (r.workload, r.cal) == (row.workload, row.cal)),
+                   None)
+    row.ratio = row.img_per_s / ceiling.img_per_s if ceiling else math.nan
+    ms_per_step = row.seconds / row.steps * 1e3
+    print(f"{row.workload:>8} {row.pipeline:>10} {'yes' if row.cal else 'no':>3} {row.img_per_s:9.1f} "
+          f"{ms_per_step:9.1f} {row.peak_mib:9.0f} {row.ratio:9.3f}", flush=True)
+    if args.csv:
+        distilling = row.workload == "distill"
+        append_csv_row(args.csv, {
+            "device": card, "workload": row.workload, "pipeline": row.pipeline,
+            "model": args.student if distilling else args.model, "teacher": args.teacher if distilling else "",
+            "cal": row.cal, "img_size": args.img_size, "batch_size": args.batch_size,
+            "mixed_precision": args.mixed_precision, "channels_last": args.channels_last, "workers": args.workers,
+            "images": row.images, "img_per_s": f"{row.img_per_s:.1f}", "ms_per_step": f"{ms_per_step:.2f}",
+            "peak_mib": f"{row.peak_mib:.0f}", "real_over_ceiling": f"{row.ratio:.3f}",
+        })
+
+
+def print_summary(rows: list[Row]) -> None:
+    real = [row for row in rows if row.pipeline != "ceiling"]
+    print("ratio real/ceiling: " + ", ".join(f"{row.workload} {row.pipeline} {row.ratio:.3f}" for row in real))
+    cal = {row.cal: row for row in rows if (row.workload, row.pipeline) == ("train", "ceiling")}
+    if len(cal) == 2:
+        print(f"calibration branch: {(cal[False].img_per_s / cal[True].img_per_s - 1) * 100:+.2f} % train step time "
+              "(ceiling with vs without it)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The --gpu-decode path (udtimm.data.gpu) run with device="cpu" against the CPU path it must reproduce."""
+
+import argparse
+import random
+
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.utils import send_to_device
+from conftest import TINY_DIGITS
+from PIL import Image
+from torchvision.io import read_file
+
+from udtimm import runs
+from udtimm.config import ConfigError
+from udtimm.data import build_dataset, read_image
+from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample
+from udtimm.data.gpu import DeviceTransform, EncodedBatch, collate_encoded, decode_images
+from udtimm.data.loader import make_loader
+from udtimm.data.transforms import eval_transform, train_transform
+from udtimm.engine import predict
+from udtimm.model import create_model
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+SIZE, COUNT = 32, 12
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_digits: str) -> MultiLabelDataset:
+    return build_dataset("digits", tiny_digits, "test", **TINY_DIGITS)
+
+
+def encoded_batch(dataset: MultiLabelDataset) -> tuple:
+    dataset.encoded = True
+    try:
+        return collate_encoded([dataset[i] for i in range(COUNT)])
+    finally:
+        dataset.encoded = False
+
+
+def cpu_path(dataset: MultiLabelDataset, transform: torch.nn.Module) -> torch.Tensor:
+    return torch.stack([transform(read_image(dataset.samples[i].path)) for i in range(COUNT)])
+
+
+def test_eval_batch_equals_the_cpu_eval_transform(digits: MultiLabelDataset) -> None:
+    files, target, difficult, indices = encoded_batch(digits)
+    out = DeviceTransform(SIZE, MEAN, STD, "cpu", train=False)(files)
+    torch.testing.assert_close(out, cpu_path(digits, eval_transform(SIZE, MEAN, STD)), rtol=0, atol=1e-5)
+    torch.testing.assert_close(target, digits.targets()[:COUNT])
+    torch.testing.assert_close(difficult, digits.difficult_masks()[:COUNT])
+    assert indices.tolist() == list(range(COUNT))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_train_batch_draws_and_applies_the_cpu_augmentations(digits: MultiLabelDataset, seed: int) -> None:
+    files, *_ = encoded_batch(digits)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    out = DeviceTransform(SIZE, MEAN, STD, "cpu", train=True, reprob=1.0)(files)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    expected = cpu_path(digits, train_transform(SIZE, MEAN, STD, reprob=1.0))
+    torch.testing.assert_close(out, expected, rtol=0, atol=1e-5)
+    erased = (out == 0).all(dim=1).flatten(1).any(dim=1)
+    assert erased.any(), "reprob=1 erases (value 0) a box in most images"
+
+
+def test_non_jpeg_files_are_decoded_on_the_cpu(tmp_path, digits: MultiLabelDataset) -> None:
+    png = tmp_path / "image.png"
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(png)
+    jpeg = digits.samples[0].path
+    images = decode_images([read_file(str(png)), read_file(jpeg)], torch.device("cpu"))
+    assert torch.equal(images[0], read_image(str(png))) and torch.equal(images[1], read_image(jpeg))
+
+
+def test_undecodable_file_raises_corrupt_image_error() -> None:
+    with pytest.raises(CorruptImageError, match="without --gpu-decode"):
+        decode_images([torch.tensor([0xFF, 0xD8, 1, 2, 3], dtype=torch.uint8)], torch.device("cpu"))
+
+
+def test_missing_file_is_skipped_in_the_workers(tmp_path, digits: MultiLabelDataset) -> None:
+    first = digits.samples[0]
+    gone = Sample("gone", str(tmp_path / "gone.jpg"), first.target, first.difficult)
+    missing = MultiLabelDataset([gone, *digits.samples[:3]], digits.classes)
+    missing.encoded = True
+    files, target, _, indices, unreadable = next(iter(make_loader(missing, 4, False, 0, skip_corrupt=True)))
+    assert isinstance(files, EncodedBatch) and len(files) == 3 and indices.tolist() == [1, 2, 3]
+    assert target.shape[0] == 3 and len(unreadable) == 1 and "gone.jpg" in unreadable[0]
+
+
+def test_device_placement_leaves_encoded_files_on_the_cpu(digits: MultiLabelDataset) -> None:
+    # What accelerate's prepared DataLoader does to every batch; "meta" stands in for the GPU.
+    files, target, _, _ = send_to_device(encoded_batch(digits), torch.device("meta"))
+    assert isinstance(files, EncodedBatch) and files.data.device.type == "cpu" and target.device.type == "meta"
+
+
+def test_predict_with_the_batch_transform_matches_the_cpu_path(digits: MultiLabelDataset) -> None:
+    torch.manual_seed(0)
+    model = create_model("test_resnet", len(digits.classes))
+    digits.transform = eval_transform(SIZE, MEAN, STD)
+    expected = predict(model, make_loader(digits, 16, False, 0), Accelerator(cpu=True), show_progress=False)
+    digits.transform, digits.encoded = None, True
+    try:
+        got = predict(model, make_loader(digits, 16, False, 0), Accelerator(cpu=True), show_progress=False,
+                      batch_transform=DeviceTransform(SIZE, MEAN, STD, "cpu", train=False))
+    finally:
+        digits.encoded = False
+    torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-5)
+    assert torch.equal(got.indices, expected.indices) and torch.equal(got.target, expected.target)
+
+
+def test_gpu_decode_without_cuda_is_a_clear_error(digits: MultiLabelDataset) -> None:
+    args = argparse.Namespace(gpu_decode=True, img_size=SIZE, reprob=0.5, batch_size=4, workers=0,
+                              skip_corrupt=False)
+    with pytest.raises(ConfigError, match="--gpu-decode .* CUDA"):
+        runs.build_loaders(args, digits, digits, list(MEAN), list(STD), torch.device("cpu"))

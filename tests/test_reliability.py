@@ -1,0 +1,394 @@
+"""Issue 7: resume after a kill, atomic outputs, non-finite losses, bad input, refused checkpoints, files and flags."""
+
+import csv
+import logging
+import math
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+
+import pytest
+import torch
+from accelerate.data_loader import prepare_data_loader
+from conftest import tiny_train_args
+from safetensors.torch import load_file
+
+import distill
+import train
+from udtimm import checkpoint, losses, trainer
+from udtimm.checkpoint import CheckpointError
+from udtimm.config import ConfigError
+from udtimm.data.base import CorruptImageError, DatasetError
+from udtimm.data.loader import make_loader
+from udtimm.engine import NonFiniteLossError
+from udtimm.metrics import METRIC_NAMES
+from udtimm.model import ModelConfigError, create_model
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEPS_PER_EPOCH = 6  # 96 tiny digits in batches of 16
+TIMING_COLUMNS = ("epoch_time", "images_per_s")  # the only cells of summary.csv a resumed run may change
+
+
+def read_rows(path: str) -> list[dict[str, str]]:
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """An uninterrupted two-epoch run: what every interrupted one must end up identical to."""
+    output = str(tmp_path_factory.mktemp("reference"))
+    train.main(tiny_train_args(tiny_digits, output, "--experiment", "ref"))
+    return os.path.join(output, "ref")
+
+
+def assert_same_run(run_dir: str, reference: str) -> None:
+    """Same weights bit for bit, the same summary rows (each epoch once) and the same final metrics."""
+    for name in ("best.safetensors", "last.safetensors"):
+        got, want = load_file(os.path.join(run_dir, name)), load_file(os.path.join(reference, name))
+        assert got.keys() == want.keys()
+        assert all(torch.equal(got[key], want[key]) for key in want), name
+    with open(os.path.join(run_dir, "summary.csv")) as handle:
+        assert handle.read().count("epoch,") == 1  # one header
+    got_rows, want_rows = (read_rows(os.path.join(d, "summary.csv")) for d in (run_dir, reference))
+    assert [row["epoch"] for row in got_rows] == ["0", "1"]
+    for got, want in zip(got_rows, want_rows, strict=True):
+        assert {k: v for k, v in got.items() if k not in TIMING_COLUMNS} == \
+            {k: v for k, v in want.items() if k not in TIMING_COLUMNS}
+    (got,) = read_rows(os.path.join(run_dir, "results.csv"))
+    (want,) = read_rows(os.path.join(reference, "results.csv"))
+    assert {k: got[k] for k in (*METRIC_NAMES, "best_epoch")} == {k: want[k] for k in (*METRIC_NAMES, "best_epoch")}
+
+
+def assert_no_leftovers(run_dir: str) -> None:
+    names = os.listdir(run_dir)
+    assert "state" in names and not {"state.tmp", "state.old"} & set(names)
+    assert not [name for name in names if name.endswith(".tmp")]
+
+
+# ---------------------------------------------------------------- 1. kill and resume
+
+
+def test_a_run_killed_with_sigkill_mid_epoch_resumes_to_the_same_weights_and_metrics(
+        tiny_digits: str, reference: str, tmp_path) -> None:
+    run_dir = tmp_path / "killed"
+    # With the progress bar on, stderr says when epoch 1 has started; the same thread count as this process
+    # keeps the CPU arithmetic identical.
+    args = [a for a in tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "killed") if a != "--no-progress"]
+    env = {**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads()), "PYTHONUNBUFFERED": "1"}
+    log_path = tmp_path / "stderr.txt"
+    with open(log_path, "w") as log:
+        process = subprocess.Popen([sys.executable, "train.py", *args], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=log)
+        deadline = time.monotonic() + 240
+        while "train 1:" not in log_path.read_text():
+            assert process.poll() is None, log_path.read_text()[-3000:]
+            assert time.monotonic() < deadline, "epoch 1 never started"
+            time.sleep(0.005)
+        os.kill(process.pid, signal.SIGKILL)
+        assert process.wait() == -signal.SIGKILL
+    assert not (run_dir / "results.csv").exists()
+    train.main(["--resume", str(run_dir), "--no-progress"])
+    assert_same_run(str(run_dir), reference)
+
+
+def test_repeated_kills_inside_checkpoint_writes_resume_to_the_same_run(
+        tiny_digits: str, reference: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Three kills (SystemExit stands in for SIGKILL, the files are left as a kill leaves them), then a clean resume."""
+    run_dir = str(tmp_path / "k")
+    resume = ["--resume", run_dir, "--no-progress"]
+
+    # 1. After epoch 0's summary row, before its first state: epoch 0 is redone and listed once.
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint, "save_training_state", lambda *args: sys.exit("killed"))
+        with pytest.raises(SystemExit):
+            train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "k"))
+    assert [row["epoch"] for row in read_rows(os.path.join(run_dir, "summary.csv"))] == ["0"]
+
+    # 2. Inside epoch 1's state swap, state/ moved aside and state.tmp/ not yet in its place; best.safetensors
+    # half-written to its temporary name.
+    rename = os.rename
+
+    def kill_before_the_swap(src: str, dst: str) -> None:
+        if src.endswith("state.tmp") and os.path.isdir(os.path.join(run_dir, "state.old")):
+            open(os.path.join(run_dir, ".best.safetensors.x1y2.tmp"), "wb").write(b"partial")
+            sys.exit("killed")
+        rename(src, dst)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(checkpoint.os, "rename", kill_before_the_swap)
+        with pytest.raises(SystemExit):
+            train.main(resume)
+    assert {"state.old", "state.tmp"} <= set(os.listdir(run_dir)) and "state" not in os.listdir(run_dir)
+
+    # 3. All epochs done, killed while drawing reliability.png: no results row yet.
+    with monkeypatch.context() as patch:
+        patch.setattr("udtimm.plots.reliability_diagram", lambda *args, **kwargs: sys.exit("killed"))
+        with pytest.raises(SystemExit):
+            train.main(resume)
+    assert not os.path.exists(os.path.join(run_dir, "results.csv"))
+
+    train.main(resume)
+    assert_same_run(run_dir, reference)
+    assert_no_leftovers(run_dir)
+
+
+def test_train_order_depends_on_seed_and_epoch_alone_with_several_processes() -> None:
+    """accelerate shuffles a multi-process loader with a generator it keeps across epochs: reseeded per epoch,
+    a resumed run's first epoch is shuffled like that epoch of an uninterrupted run, not like epoch 0."""
+
+    def sharded_loader():  # what rank 0 of 2 iterates, as accelerator.prepare builds it
+        return prepare_data_loader(make_loader(list(range(32)), 4, True, 0), num_processes=2, process_index=0,
+                                   put_on_device=False, rng_types=None)
+
+    def order(loader, seed: int) -> list[int]:
+        trainer.seed_epoch(seed, loader)
+        return torch.cat(list(loader)).tolist()
+
+    uninterrupted = sharded_loader()
+    first, second = order(uninterrupted, 0), order(uninterrupted, 1)
+    assert first != second
+    assert order(sharded_loader(), 1) == second
+
+
+def test_a_summary_row_cut_short_is_dropped_on_resume(tmp_path) -> None:
+    path = str(tmp_path / "summary.csv")
+    with open(path, "w") as handle:
+        handle.write("epoch,map\n9,50.0\n10,51.0\n1")  # epoch 11's row, cut after one character by a full disk
+    trainer.truncate_summary(path, 10)
+    assert [row["epoch"] for row in read_rows(path)] == ["9", "10"]
+
+
+# ---------------------------------------------------------------- 2-3. best checkpoint, non-finite loss
+
+
+@pytest.fixture(scope="module")
+def nan_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
+    """A run whose bce is NaN at epoch 1, step 2: it stops there, then resumes with --skip-nonfinite.
+
+    Its mAP is scripted to fall after epoch 0 (50 then 40), so best.safetensors must stay at epoch 0.
+    """
+    output = str(tmp_path_factory.mktemp("nan"))
+    run_dir = os.path.join(output, "nan")
+    result: dict = {"run_dir": run_dir}
+    real_bce, real_metrics = losses.bce_loss, trainer.evaluate_metrics
+    calls = {"bce": 0}
+    scripted_map = [50.0, 40.0]
+
+    def bce_nan_at(step: int):
+        calls["bce"] = 0
+
+        def bce(*args, **kwargs):
+            calls["bce"] += 1
+            value = real_bce(*args, **kwargs)
+            return value * math.nan if calls["bce"] == step + 1 else value
+
+        return bce
+
+    def metrics(*args, **kwargs) -> dict[str, float]:
+        scores = real_metrics(*args, **kwargs)
+        return {**scores, "map": scripted_map.pop(0)} if scripted_map else scores
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "evaluate_metrics", metrics)
+        patch.setattr(losses, "bce_loss", bce_nan_at(STEPS_PER_EPOCH + 2))
+        with pytest.raises(NonFiniteLossError) as stopped:
+            train.main(tiny_train_args(tiny_digits, output, "--experiment", "nan"))
+        result["error"] = str(stopped.value)
+        result["last_after_stop"] = checkpoint.read_metadata(os.path.join(run_dir, "last.safetensors"))
+        result["state_after_stop"] = checkpoint.load_training_state(os.path.join(run_dir, "state"))
+        result["summary_after_stop"] = read_rows(os.path.join(run_dir, "summary.csv"))
+        patch.setattr(losses, "bce_loss", bce_nan_at(2))  # the resumed run starts at epoch 1, step 0
+        train.main(["--resume", run_dir, "--skip-nonfinite", "--no-progress"])
+    yield result
+
+
+def test_a_nan_loss_stops_the_run_naming_epoch_step_and_term(nan_run: dict) -> None:
+    assert "epoch 1, step 2" in nan_run["error"] and "'bce'" in nan_run["error"]
+    assert "--skip-nonfinite" in nan_run["error"]
+
+
+def test_a_nan_loss_keeps_the_last_good_checkpoint(nan_run: dict) -> None:
+    assert nan_run["last_after_stop"]["epoch"] == "0"
+    tensors, _, progress = nan_run["state_after_stop"]
+    assert progress["epoch"] == 0 and all(torch.isfinite(t).all() for t in tensors.values() if t.is_floating_point())
+    assert [row["epoch"] for row in nan_run["summary_after_stop"]] == ["0"]
+
+
+def test_skip_nonfinite_skips_the_step_and_counts_it(nan_run: dict) -> None:
+    rows = read_rows(os.path.join(nan_run["run_dir"], "summary.csv"))
+    assert [(row["epoch"], row["skipped_steps"]) for row in rows] == [("0", "0"), ("1", "1")]
+    assert all(math.isfinite(float(row["train_loss"])) for row in rows)
+
+
+def test_best_checkpoint_is_replaced_only_by_a_better_epoch(nan_run: dict) -> None:
+    run_dir = nan_run["run_dir"]
+    assert [row["map"] for row in read_rows(os.path.join(run_dir, "summary.csv"))] == ["50.0", "40.0"]
+    assert checkpoint.read_metadata(os.path.join(run_dir, "best.safetensors"))["epoch"] == "0"
+    assert checkpoint.read_metadata(os.path.join(run_dir, "last.safetensors"))["epoch"] == "1"
+    (row,) = read_rows(os.path.join(run_dir, "results.csv"))
+    assert row["best_epoch"] == "0"
+
+
+# ---------------------------------------------------------------- 4. bad data
+
+
+def copy_digits(tiny_digits: str, destination) -> str:
+    """A copy of the tiny digits set to damage; returns its VOC2007 directory."""
+    shutil.copytree(tiny_digits, destination)
+    return os.path.join(destination, "VOC2007")
+
+
+def first_id(voc_dir: str, split: str) -> str:
+    with open(os.path.join(voc_dir, "ImageSets", "Main", f"{split}.txt")) as handle:
+        return handle.readline().strip()
+
+
+@pytest.fixture(scope="module")
+def corrupt_digits(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, list[str]]:
+    """Digits with one truncated JPEG in trainval and one in test; returns (root, [train image, test image])."""
+    root = str(tmp_path_factory.mktemp("corrupt") / "digits")
+    voc_dir = copy_digits(tiny_digits, root)
+    paths = [os.path.join(voc_dir, "JPEGImages", f"{first_id(voc_dir, split)}.jpg") for split in ("trainval", "test")]
+    for path in paths:
+        data = open(path, "rb").read()
+        open(path, "wb").write(data[: len(data) // 2])
+    return root, paths
+
+
+def test_a_truncated_jpeg_is_an_error_naming_the_file(corrupt_digits: tuple[str, list[str]], tmp_path) -> None:
+    root, (train_image, _) = corrupt_digits
+    with pytest.raises(CorruptImageError, match=re.escape(train_image)):
+        train.main(tiny_train_args(root, str(tmp_path), "--epochs", "1"))
+
+
+def test_skip_corrupt_leaves_truncated_jpegs_out_logs_each_once_and_counts_them(
+        corrupt_digits: tuple[str, list[str]], tmp_path, caplog: pytest.LogCaptureFixture) -> None:
+    root, paths = corrupt_digits
+    with caplog.at_level(logging.WARNING, logger="udtimm.data.loader"):
+        result = train.main(tiny_train_args(root, str(tmp_path), "--epochs", "1", "--skip-corrupt",
+                                            "--experiment", "s"))
+    (row,) = read_rows(str(tmp_path / "s" / "summary.csv"))
+    assert row["skipped_images"] == "1"  # the training image; the test image shows in num_images
+    assert result["num_images"] == 39
+    for path in paths:  # the test image was left out twice (epoch 0 and the final evaluation), logged once
+        assert sum(path in record.getMessage() for record in caplog.records) == 1
+
+
+def break_voc(voc_dir: str, case: str) -> str:
+    """Damage the copy as `case` says; returns what the error must name (file and line)."""
+    main_dir = os.path.join(voc_dir, "ImageSets", "Main")
+    trainval = os.path.join(main_dir, "trainval.txt")
+    if case == "unknown class":
+        image_id = first_id(voc_dir, "trainval")
+        xml = os.path.join(voc_dir, "Annotations", f"{image_id}.xml")
+        text = open(xml).read()
+        open(xml, "w").write(text.replace("<name>", "<name>eleven", 1))
+        return rf"{xml}.*eleven.*{trainval} line 1\b"
+    if case == "empty split":
+        open(trainval, "w").close()
+        return f"{trainval} lists no image ids"
+    if case == "unreadable split":
+        open(trainval, "wb").write(b"\xff\xfe\x00\x81" * 8)
+        return f"{trainval} cannot be read"
+    ids = open(trainval).read().split()
+    open(trainval, "w").write("\n".join([*ids, ids[3]]) + "\n")  # "id twice"
+    return rf"{trainval} line {len(ids) + 1}: image id '{ids[3]}' is listed twice \(first at line 4\)"
+
+
+@pytest.mark.parametrize("case", ["unknown class", "empty split", "unreadable split", "id twice"])
+def test_bad_voc_annotations_are_refused_before_training_naming_file_and_line(
+        tiny_digits: str, tmp_path, case: str) -> None:
+    root = str(tmp_path / "digits")
+    expected = break_voc(copy_digits(tiny_digits, root), case)
+    with pytest.raises(DatasetError, match=expected):
+        train.main(tiny_train_args(root, str(tmp_path), "--experiment", "x"))
+    assert not (tmp_path / "x" / "summary.csv").exists()
+
+
+@pytest.mark.parametrize("case", ["missing image", "image twice"])
+def test_bad_csv_rows_are_refused_before_training_naming_file_and_line(tiny_digits: str, tmp_path, case: str) -> None:
+    voc_dir = os.path.join(tiny_digits, "VOC2007")
+    images = [os.path.join(voc_dir, "JPEGImages", f"{index:06d}.jpg") for index in range(1, 5)]
+    rows = [f"{path},one" for path in images]
+    rows[2] = f"{tmp_path / 'gone.jpg'},one" if case == "missing image" else rows[0]
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.csv").write_text("image,labels\n" + "\n".join(rows) + "\n")
+    expected = r"train.csv line 4: image file .*gone.jpg does not exist" if case == "missing image" else \
+        r"train.csv line 4: image .* is listed twice \(first at line 2\)"
+    with pytest.raises(DatasetError, match=expected):
+        train.main(["--dataset", "csv", "--data-dir", str(tmp_path), "--model", "test_resnet", "--img-size", "32",
+                    "--workers", "0", "--output", str(tmp_path), "--experiment", "x", "--no-progress"])
+    assert not (tmp_path / "x" / "summary.csv").exists()
+
+
+# ---------------------------------------------------------------- 5. bad checkpoints
+
+
+def test_a_truncated_teacher_is_refused_before_the_run_directory_exists(tiny_digits: str, tmp_path) -> None:
+    classes = open(os.path.join(tiny_digits, "VOC2007", "classes.txt")).read().split()
+    model = create_model("test_resnet", num_classes=len(classes), cal=True)
+    path = str(tmp_path / "teacher.safetensors")
+    checkpoint.save_checkpoint(path, model, checkpoint.model_metadata("test_resnet", model, classes, None, 32,
+                                                                      [0.5] * 3, [0.5] * 3))
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[: len(data) // 3])
+    with pytest.raises(CheckpointError, match="teacher.safetensors.*truncated"):
+        distill.main(tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", path, "--experiment", "x"))
+    assert not (tmp_path / "x").exists()
+
+
+def test_weights_of_another_model_name_the_keys_that_differ(tmp_path) -> None:
+    path = str(tmp_path / "resnet.safetensors")
+    model = create_model("test_resnet", num_classes=3)
+    checkpoint.save_checkpoint(path, model, checkpoint.model_metadata("test_resnet", model, ["a", "b", "c"], None, 32,
+                                                                      [0.5] * 3, [0.5] * 3))
+    tensors, _ = checkpoint.load_checkpoint(path)
+    with pytest.raises(CheckpointError, match=r"resnet.safetensors does not fit this model: missing .* unexpected"):
+        checkpoint.load_weights(create_model("test_efficientnet", num_classes=3), tensors, path)
+
+
+# ---------------------------------------------------------------- 6. no code execution from files
+
+
+class RunsCode:
+    """Unpickling this creates the marker file: the proof that a file ran code."""
+
+    def __init__(self, marker: str) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_pth_with_a_pickle_payload_is_refused_without_running_it(tmp_path) -> None:
+    marker = tmp_path / "ran"
+    path = str(tmp_path / "weights.pth")
+    torch.save({"fc.weight": torch.zeros(1), "payload": RunsCode(str(marker))}, path)
+    with pytest.raises(ModelConfigError, match=r"weights.pth.*weights_only"):
+        create_model("test_resnet", num_classes=3, pretrained_path=path)
+    assert not marker.exists()
+
+
+def test_a_yaml_config_with_a_python_tag_is_refused_without_running_it(tmp_path) -> None:
+    marker = tmp_path / "ran"
+    config = tmp_path / "evil.yaml"
+    config.write_text(f"model: !!python/object/apply:os.system ['touch {marker}']\n")
+    with pytest.raises(ConfigError, match=r"evil.yaml.*python/object/apply:os.system"):
+        train.parse_args(["-c", str(config)])
+    assert not marker.exists()
+
+
+# ---------------------------------------------------------------- 7. output that cannot be written
+
+
+def test_an_output_path_that_is_a_file_is_refused_before_any_work(tiny_digits: str, tmp_path) -> None:
+    blocker = tmp_path / "output"
+    blocker.write_text("not a directory")
+    with pytest.raises(OSError, match=f"output directory {blocker}/x is not writable"):
+        train.main(tiny_train_args(tiny_digits, str(blocker), "--experiment", "x"))
