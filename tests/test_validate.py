@@ -51,8 +51,10 @@ def data_flags(data_dir: str) -> list[str]:
 
 
 def assert_same_metrics(found: dict[str, object], expected: dict[str, object]) -> None:
+    # CPU convolutions may round differently for another batch size (float32 noise, ~1e-8 of a percent);
+    # any real difference (a lost or repeated image) moves a metric by far more than 1e-6 percent.
     for name in METRIC_NAMES:
-        assert float(found[name]) == pytest.approx(float(expected[name]), rel=0, abs=1e-9, nan_ok=True), name
+        assert float(found[name]) == pytest.approx(float(expected[name]), rel=0, abs=1e-6, nan_ok=True), name
 
 
 def reference_predictions(best: str, data_dir: str):

@@ -65,9 +65,10 @@ def test_attention_without_teacher_from_a_folder(tmp_path, digit_images) -> None
 
 def test_attention_figure_lists_the_top_labels_with_their_uncertainty(tmp_path, digit_images) -> None:
     loaded = visualize.load_model(save_random(str(tmp_path / "m.safetensors")), torch.device("cpu"))
-    figure = visualize.image_figure(digit_images[0], loaded, None, topk=4)
+    figure = visualize.image_figure(digit_images[0], loaded, loaded, topk=4)
     titles = [axis.get_title() for axis in figure.axes]
-    assert "model: uncertainty attention" in titles and "per-label uncertainty" in titles
+    assert {"student (cal): uncertainty attention", "teacher (cal): uncertainty attention"} <= set(titles)
+    assert "per-label uncertainty" in titles
     labels = [tick.get_text() for tick in figure.axes[-2].get_yticklabels()]
     assert len(labels) == 4 and set(labels) <= set(DIGIT_CLASSES)
 
@@ -79,7 +80,7 @@ def test_a_checkpoint_without_calibration_branch_draws_the_top_label_gradcam_and
     assert pixel_size(written[0]) == attention_size(num_maps=1, charts=1)
     figure = visualize.image_figure(digit_images[0], visualize.load_model(path, torch.device("cpu")), None, 5)
     titles = " | ".join(axis.get_title() for axis in figure.axes)
-    assert "model: Grad-CAM of '" in titles and "no calibration branch" in titles
+    assert "model (baseline): Grad-CAM of '" in titles and "no calibration branch" in titles
     assert "uncertainty attention" not in titles
 
 

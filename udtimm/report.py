@@ -146,11 +146,17 @@ def read_results_csv(path: str) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype=str, keep_default_na=False)
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise ReportError(f"{path}: not a readable results.csv ({type(err).__name__}: {err})") from err
-    missing = [column for column in (*GROUP_KEYS, "seed", "map") if column not in frame.columns]
+    missing = [column for column in (*GROUP_KEYS, "map") if column not in frame.columns]
     if missing:
         raise ReportError(f"{path}: not a udtimm results.csv, it lacks the columns {missing}")
     if frame.empty:
         raise ReportError(f"{path}: no result rows")
+    if "seed" not in frame.columns:  # validate.py rows: the checkpoint's seed is not known there
+        frame["seed"] = ""
+    if "subset" in frame.columns:
+        # validate.py --subset difficult scores other images than the whole split: never one group with those.
+        partial = ~frame["subset"].isin(("", "all"))
+        frame.loc[partial, "split"] = frame["split"][partial] + ":" + frame["subset"][partial]
     for column, _ in PAPER_COLUMNS:
         if column not in frame.columns:
             frame[column] = "nan"
@@ -246,7 +252,7 @@ def group_warnings(summary: pd.DataFrame) -> list[str]:
         mixed = [f"{column} {row[column]}" for column in CONSISTENT_KEYS if "/" in str(row.get(column, ""))]
         if mixed:
             warnings.append(f"warning: the runs of {label} differ in {', '.join(mixed)}")
-        if len(str(row["seeds"]).split("/")) < row["n"]:
+        if row["seeds"] and len(str(row["seeds"]).split("/")) < row["n"]:
             warnings.append(f"warning: {label} has {row['n']} runs but only the seeds {row['seeds']}")
     return warnings
 

@@ -124,10 +124,10 @@ def look(loaded: LoadedModel, image: Tensor, role: str) -> tuple[ModelOutput, Te
 def image_figure(path: str, loaded: LoadedModel, teacher: LoadedModel | None, topk: int) -> Figure:
     """The attention figure of one image: the model's map, the teacher's, and the model's top labels."""
     image = read_image(path)
-    output, attention, title = look(loaded, image, "model")
+    output, attention, title = look(loaded, image, f"{'student' if teacher else 'model'} ({loaded.method})")
     maps = [(title, attention)]
     if teacher is not None:
-        _, teacher_map, teacher_title = look(teacher, image, "teacher")
+        _, teacher_map, teacher_title = look(teacher, image, f"teacher ({teacher.method})")
         maps.append((teacher_title, teacher_map))
     probs = torch.sigmoid(output.logits.float())[0].cpu()
     top = probs.topk(min(topk, probs.numel())).indices
@@ -139,7 +139,7 @@ def image_figure(path: str, loaded: LoadedModel, teacher: LoadedModel | None, to
         uncertainty = uncertainty_per_class(output.logits, output.cal_logits)[0].cpu()[top]
         panel_title = f"top {len(labels)} labels"
     return plots.attention_figure(image, maps, labels, probs[top], uncertainty, panel_title,
-                                  title=f"{os.path.basename(path)} ({loaded.method})")
+                                  title=os.path.basename(path))
 
 
 def output_paths(images: Sequence[str], out_dir: str) -> list[str]:

@@ -76,8 +76,8 @@ def resize_all(images: list[Tensor], size: int) -> list[Tensor]:
 class DeviceTransform:
     """train_transform or eval_transform (udtimm.data.transforms) for a whole EncodedBatch, on `device`.
 
-    Nothing here waits for the device (no .item(), no host-to-device copy of a tensor), so decoding and augmenting
-    the next batch is queued while the GPU still works on the previous step.
+    This code never waits for the device (no .item(), no host-to-device copy of a tensor), so that the next batch can
+    be prepared while the GPU still works on the previous step; nvJPEG itself seems to wait (docs/throughput.md).
     """
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
@@ -85,11 +85,26 @@ class DeviceTransform:
         self.img_size, self.train, self.hflip = img_size, train, hflip
         self.device = torch.device(device)
         self.normalize = NormalizeImage(mean, std).to(self.device)
+        # torchvision's nvJPEG writes its output from a stream of its own without waiting for the current stream, so
+        # its buffers must not be memory the current stream freed but still uses (the last step's activations: NaN
+        # losses on an H200). Allocated under this side stream, they come from the side stream's own pool.
+        self.decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         # Only its parameter draws are used: its own erase would copy a CPU value tensor into the image (a sync).
         self.erasing = v2.RandomErasing(p=reprob, value=0) if train and reprob > 0 else None
 
+    def decode(self, batch: EncodedBatch) -> list[Tensor]:
+        if self.decode_stream is None:
+            return decode_images(batch.files(), self.device)
+        current = torch.cuda.current_stream(self.device)
+        with torch.cuda.stream(self.decode_stream):
+            images = decode_images(batch.files(), self.device)
+        current.wait_stream(self.decode_stream)
+        for image in images:
+            image.record_stream(current)  # once freed, reused by the side stream only after the current one is done
+        return images
+
     def __call__(self, batch: EncodedBatch) -> Tensor:
-        images = decode_images(batch.files(), self.device)
+        images = self.decode(batch)
         if not self.train:
             return self.normalize(torch.stack(resize_all(images, self.img_size)))
         side = resize_size(self.img_size)
