@@ -135,10 +135,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
         eval_loader=eval_loader, objective=objective, loss_terms=loss_terms, metadata=metadata,
         train_batch_transform=train_transform, eval_batch_transform=eval_transform,
-        result_fields={"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
-                       "teacher": teacher_name, "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
-                       "difficult": args.difficult,
-                       "eval_difficult": "negative" if args.eval_difficult_negative else "ignore"},
+        result_fields=runs.result_fields(args, method, teacher_name),
     )
     if args.self_distill:
         self_distill_switch(args, setup, train_set.classes, accelerator)

@@ -68,10 +68,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
         eval_loader=eval_loader, objective=objective, loss_terms=objective.term_names(args.cal), metadata=metadata,
         train_batch_transform=train_transform, eval_batch_transform=eval_transform,
-        result_fields={"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
-                       "teacher": "", "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
-                       "difficult": args.difficult,
-                       "eval_difficult": "negative" if args.eval_difficult_negative else "ignore"},
+        result_fields=runs.result_fields(args, method, ""),
     )
     row = fit(args, setup, accelerator)
     runs.print_results(accelerator, row)

@@ -75,8 +75,8 @@ def reliability_diagram(probs: Tensor, target: Tensor, difficult: Tensor | None,
 def draw_attention(axis: plt.Axes, image: Tensor, attention: Tensor, title: str) -> None:
     """A signed map over the image in grey: 'coolwarm' with limits symmetric about 0, so white means 0."""
     limit = attention.abs().max().item() or 1.0  # an all-zero map still needs a non-empty colour range
-    axis.imshow(image.float().mean(dim=0).numpy(), cmap="gray", vmin=0, vmax=255)
-    shown = axis.imshow(attention.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.6)
+    axis.imshow(image.float().mean(dim=0).numpy(), cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+    shown = axis.imshow(attention.numpy(), cmap="coolwarm", vmin=-limit, vmax=limit, alpha=0.6, interpolation="nearest")
     axis.figure.colorbar(shown, ax=axis, fraction=0.046, pad=0.03)
     axis.set_title(title, fontsize=9)
     axis.axis("off")
@@ -120,7 +120,8 @@ def attention_figure(image: Tensor, maps: Sequence[tuple[str, Tensor]], labels: 
     figure = plt.figure(figsize=(sum(columns), ROW_INCHES), layout="constrained")
     grid = figure.add_gridspec(1, len(columns), width_ratios=columns)
     axis = figure.add_subplot(grid[0])
-    axis.imshow(image.permute(1, 2, 0).numpy())
+    # Nearest: the pixels as they are, not smoothed (smoothing also triples the PNG's size).
+    axis.imshow(image.permute(1, 2, 0).numpy(), interpolation="nearest")
     axis.set_title("image", fontsize=9)
     axis.axis("off")
     for column, (map_title, attention) in enumerate(maps, start=1):

@@ -113,6 +113,13 @@ def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_e
     return optimizer, scheduler
 
 
+def result_fields(args: argparse.Namespace, method: str, teacher: str) -> dict[str, object]:
+    """The columns of results.csv that say which experiment a row is (the report groups by them)."""
+    return {"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
+            "teacher": teacher, "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
+            "difficult": args.difficult, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore"}
+
+
 def print_results(accelerator: Accelerator, row: dict[str, object]) -> None:
     names = ("map", "map_difficult", "cp", "cr", "cf1", "op", "or", "of1", "cp_top3", "cr_top3", "cf1_top3",
              "op_top3", "or_top3", "of1_top3", "ece", "ece_pooled")
