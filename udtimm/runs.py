@@ -89,10 +89,11 @@ def build_loaders(
             raise ConfigError(f"--gpu-decode decodes on a CUDA GPU (nvJPEG), but this run is on {device}: "
                               "drop --gpu-decode to decode with the loader workers")
         train_set.encoded = eval_set.encoded = True
-        train_transform = DeviceTransform(args.img_size, mean, std, device, train=True, reprob=args.reprob)
+        train_transform = DeviceTransform(args.img_size, mean, std, device, train=True, reprob=args.reprob,
+                                          crop_scales=args.crop_scales)
         eval_transform = DeviceTransform(args.img_size, mean, std, device, train=False)
     else:
-        attach_transforms(train_set, eval_set, args.img_size, mean, std, args.reprob)
+        attach_transforms(train_set, eval_set, args.img_size, mean, std, args.reprob, args.crop_scales)
     train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
     eval_loader = make_loader(eval_set, args.batch_size, False, args.workers, args.skip_corrupt)
     return train_loader, eval_loader, train_transform, eval_transform

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .base import CorruptImageError
-from .transforms import NormalizeImage, multi_scale_crop_box, resize_size
+from .transforms import CROP_SCALES, NormalizeImage, multi_scale_crop_box, resize_size
 
 JPEG_MAGIC = [0xFF, 0xD8]
 
@@ -81,8 +81,9 @@ class DeviceTransform:
     """
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
-                 train: bool, reprob: float = 0.5, hflip: float = 0.5) -> None:
-        self.img_size, self.train, self.hflip = img_size, train, hflip
+                 train: bool, reprob: float = 0.5, hflip: float = 0.5,
+                 crop_scales: Sequence[float] = CROP_SCALES) -> None:
+        self.img_size, self.train, self.hflip, self.crop_scales = img_size, train, hflip, tuple(crop_scales)
         self.device = torch.device(device)
         self.normalize = NormalizeImage(mean, std).to(self.device)
         # torchvision's nvJPEG writes its output from a stream of its own without waiting for the current stream, so
@@ -130,7 +131,7 @@ class DeviceTransform:
         crops, flips, erasures = [], [], []
         shape = torch.empty(3, self.img_size, self.img_size, device="meta")  # make_params reads only the size
         for _ in range(count):
-            crops.append(multi_scale_crop_box(side, side))
+            crops.append(multi_scale_crop_box(side, side, self.crop_scales))
             flips.append(bool(torch.rand(1) < self.hflip))
             box = None
             if self.erasing is not None and torch.rand(1) < self.erasing.p:

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, MultiLabelDataset
 from udtimm.data.gpu import collate_encoded
-from udtimm.data.transforms import eval_transform, train_transform
+from udtimm.data.transforms import CROP_SCALES, eval_transform, train_transform
 
 LOGGER = logging.getLogger(__name__)
 
@@ -84,9 +84,10 @@ def attach_transforms(
     mean: Sequence[float],
     std: Sequence[float],
     reprob: float,
+    crop_scales: Sequence[float] = CROP_SCALES,
 ) -> None:
     if train_set is not None:
-        train_set.transform = train_transform(img_size, mean, std, reprob=reprob)
+        train_set.transform = train_transform(img_size, mean, std, reprob=reprob, crop_scales=crop_scales)
     if eval_set is not None:
         eval_set.transform = eval_transform(img_size, mean, std)
 

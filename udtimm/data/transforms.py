@@ -67,12 +67,17 @@ class NormalizeImage(nn.Module):
 
 
 def train_transform(
-    img_size: int, mean: Sequence[float], std: Sequence[float], reprob: float = 0.5, hflip: float = 0.5
+    img_size: int,
+    mean: Sequence[float],
+    std: Sequence[float],
+    reprob: float = 0.5,
+    hflip: float = 0.5,
+    crop_scales: Sequence[float] = CROP_SCALES,
 ) -> nn.Module:
     """Resize to 8/7 of the input size, multi-scale crop, flip, normalise, random erasing (Sec. 5.1)."""
     steps: list[nn.Module] = [
         v2.Resize([resize_size(img_size)] * 2, antialias=True),
-        MultiScaleCrop(img_size),
+        MultiScaleCrop(img_size, crop_scales),
         v2.RandomHorizontalFlip(hflip),
         NormalizeImage(mean, std),
     ]
