@@ -13,6 +13,14 @@ def test_atomic_write_replaces_whole_file(tmp_path) -> None:
     assert open(path).read() == "two" and os.listdir(tmp_path) == ["a.txt"]
 
 
+def test_atomically_written_files_get_the_usual_permissions(tmp_path) -> None:
+    path = str(tmp_path / "a.txt")
+    atomic_write_text(path, "x")
+    plain = str(tmp_path / "b.txt")
+    open(plain, "w").close()
+    assert os.stat(path).st_mode & 0o777 == os.stat(plain).st_mode & 0o777
+
+
 def test_append_csv_row_writes_header_once(tmp_path) -> None:
     path = str(tmp_path / "r.csv")
     append_csv_row(path, {"a": 1, "b": "x,y"})

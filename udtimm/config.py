@@ -38,10 +38,12 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
     group.add_argument("--val-split", default="test", help="eval split (test = VOC test, COCO val2014)")
     group.add_argument("--img-size", type=int, default=None, help="square input size (default: per dataset)")
-    group.add_argument("-b", "--batch-size", type=int, default=64)
+    group.add_argument("-b", "--batch-size", type=int, default=32, help="images per process and step")
     group.add_argument("--workers", type=int, default=2, help="data loader worker processes per device")
     group.add_argument("--reprob", type=float, default=None,
                        help="random erasing probability (default: 0.5, the paper's; digits: 0)")
+    group.add_argument("--hflip", type=float, default=None,
+                       help="horizontal flip probability (default: 0.5; digits: 0, a mirrored digit is another glyph)")
     group.add_argument("--crop-scales", type=float, nargs="+", default=None, metavar="S",
                        help="multi-scale crop sides as fractions of the short side (default: 1 .875 .75 .66 .5, "
                             "the paper's; digits: 1 .875 .75, since smaller crops cut whole digits out)")
@@ -57,7 +59,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="resnet18", help="any timm model name")
+    group.add_argument("--model", default="resnet10t", help="any timm model name")
     # --no-pretrained lets a command line switch off a YAML's `pretrained: true` (offline smoke tests).
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                        help="start from timm's pretrained weights")
@@ -69,7 +71,7 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=10)
+    group.add_argument("--epochs", type=int, default=15)
     group.add_argument("--opt", default="adamw", help="timm optimizer name (sgd, momentum, adamw, ...)")
     group.add_argument("--lr", type=float, default=2e-3)
     group.add_argument("--momentum", type=float, default=0.9)
@@ -145,8 +147,8 @@ def load_yaml(path: str) -> dict:
 # side) is for VOC/COCO objects; on the small digits scenes such crops and erasings remove whole digits while their
 # labels stay, so the embedded default trains with milder augmentation at 48 px (fast on a CPU).
 DATASET_DEFAULTS = {
-    "digits": {"img_size": 48, "reprob": 0.0, "crop_scales": [1.0, 0.875, 0.75]},
-    "paper": {"img_size": 448, "reprob": 0.5, "crop_scales": [1.0, 0.875, 0.75, 0.66, 0.5]},
+    "digits": {"img_size": 48, "reprob": 0.0, "hflip": 0.0, "crop_scales": [1.0, 0.875]},
+    "paper": {"img_size": 448, "reprob": 0.5, "hflip": 0.5, "crop_scales": [1.0, 0.875, 0.75, 0.66, 0.5]},
 }
 
 

@@ -90,10 +90,11 @@ def build_loaders(
                               "drop --gpu-decode to decode with the loader workers")
         train_set.encoded = eval_set.encoded = True
         train_transform = DeviceTransform(args.img_size, mean, std, device, train=True, reprob=args.reprob,
-                                          crop_scales=args.crop_scales)
+                                          hflip=args.hflip, crop_scales=args.crop_scales)
         eval_transform = DeviceTransform(args.img_size, mean, std, device, train=False)
     else:
-        attach_transforms(train_set, eval_set, args.img_size, mean, std, args.reprob, args.crop_scales)
+        attach_transforms(train_set, eval_set, args.img_size, mean, std, args.reprob, args.crop_scales,
+                          args.hflip)
     train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
     eval_loader = make_loader(eval_set, args.batch_size, False, args.workers, args.skip_corrupt)
     return train_loader, eval_loader, train_transform, eval_transform

@@ -85,9 +85,11 @@ def attach_transforms(
     std: Sequence[float],
     reprob: float,
     crop_scales: Sequence[float] = CROP_SCALES,
+    hflip: float = 0.5,
 ) -> None:
     if train_set is not None:
-        train_set.transform = train_transform(img_size, mean, std, reprob=reprob, crop_scales=crop_scales)
+        train_set.transform = train_transform(img_size, mean, std, reprob=reprob, hflip=hflip,
+                                              crop_scales=crop_scales)
     if eval_set is not None:
         eval_set.transform = eval_transform(img_size, mean, std)
 
