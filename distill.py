@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from udtimm import checkpoint, config, runs
 from udtimm.attention import check_attention_support
+from udtimm.engine import bare_model
 from udtimm.model import CalibratedModel, create_model
 from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher
 from udtimm.trainer import RunSetup, fit
@@ -45,6 +46,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise config.ConfigError("--self-distill makes its own teacher: drop --teacher-ckpt")
     if not args.self_distill and not args.teacher_ckpt:
         raise config.ConfigError("distill.py needs --teacher-ckpt FILE (or --self-distill)")
+    if args.torchcompile and (args.self_distill or (args.method == "ud" and args.att_weight > 0)):
+        # The attention map takes autograd.grad inside the student's forward, which torch.compile cannot trace.
+        raise config.ConfigError("--torchcompile does not support uncertainty attention (autograd.grad inside the "
+                                 "forward): drop it, or use --att-weight 0 / --method kd")
     if args.self_distill and args.epochs < 2:
         raise config.ConfigError("--self-distill needs --epochs >= 2: half with labels, half distilled")
     return args
@@ -122,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     accelerator.print(f"{run_dir}: {args.model} ({method}) from {teacher_name} on {args.dataset}, "
                       f"{len(train_set)} train / {len(eval_set)} eval images, {accelerator.num_processes} "
                       f"process(es) on {accelerator.device}")
-    metadata = checkpoint.model_metadata(args.model, accelerator.unwrap_model(student), train_set.classes,
+    metadata = checkpoint.model_metadata(args.model, bare_model(accelerator, student), train_set.classes,
                                          args.global_pool, args.img_size, mean, std, dataset=args.dataset,
                                          method=method, teacher=teacher_name)
     if args.self_distill:

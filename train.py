@@ -16,6 +16,7 @@ from accelerate.utils import set_seed
 
 from udtimm import config, runs
 from udtimm.checkpoint import model_metadata
+from udtimm.engine import bare_model
 from udtimm.model import create_model
 from udtimm.objectives import LOSSES, SupervisedObjective
 from udtimm.trainer import RunSetup, fit
@@ -61,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     accelerator.print(f"{run_dir}: {args.model} ({method}) on {args.dataset}, {len(train_set)} train / "
                       f"{len(eval_set)} eval images, {len(train_set.classes)} classes, {accelerator.num_processes} "
                       f"process(es) on {accelerator.device}")
-    metadata = model_metadata(args.model, accelerator.unwrap_model(model), train_set.classes, args.global_pool,
+    metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
                               args.img_size, mean, std, dataset=args.dataset, method=method, teacher="")
     objective = SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature)
     setup = RunSetup(

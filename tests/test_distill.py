@@ -84,6 +84,12 @@ def test_self_distillation_switches_teacher_at_the_half(tiny_digits, tmp_path) -
     assert result["method"] == "self-ud" and result["teacher"] == "self"
 
 
+def test_torchcompile_with_uncertainty_attention_is_refused_up_front() -> None:
+    with pytest.raises(ConfigError, match="--torchcompile"):
+        distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile"])
+    assert distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile", "--method", "kd"]).torchcompile
+
+
 def test_distill_needs_a_teacher_or_self_distill() -> None:
     with pytest.raises(ConfigError, match="--teacher-ckpt"):
         distill.parse_args(["--model", "test_resnet"])

@@ -31,6 +31,11 @@ class Predictions:
     indices: Tensor  # [N] dataset indices, to name the images
 
 
+def bare_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
+    """The model without its DDP / torch.compile wrappers, whose state_dict keys are the checkpoint's."""
+    return accelerator.unwrap_model(model, keep_torch_compile=False)
+
+
 def progress(iterable: Iterable, accelerator: Accelerator, description: str, enabled: bool = True) -> Iterable:
     return tqdm(iterable, desc=description, leave=False, dynamic_ncols=True,
                 disable=not (enabled and accelerator.is_main_process))

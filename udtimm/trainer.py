@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from udtimm import checkpoint, metrics
-from udtimm.engine import BatchTransform, Predictions, predict, train_one_epoch
+from udtimm.engine import BatchTransform, Predictions, bare_model, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
 
@@ -83,7 +83,7 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
             truncate_summary(summary_path, -1)
         return 0, 0, -math.inf
     tensors, optimizer_state, progress = checkpoint.load_training_state(state_dir)
-    checkpoint.load_weights(accelerator.unwrap_model(setup.model), tensors, state_dir)
+    checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, state_dir)
     setup.optimizer.load_state_dict(optimizer_state["optimizer"])
     setup.scheduler.load_state_dict(optimizer_state["scheduler"])
     if accelerator.scaler is not None and optimizer_state.get("scaler"):
@@ -150,7 +150,7 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         best = scores[BEST_METRIC] if improved else best
         if accelerator.is_main_process:
             append_csv_row(summary_path, row)
-            unwrapped = accelerator.unwrap_model(model)
+            unwrapped = bare_model(accelerator, model)
             meta = {**setup.metadata, "epoch": str(epoch), "metric": BEST_METRIC,
                     "metric_value": str(scores[BEST_METRIC])}
             if improved:
@@ -172,7 +172,7 @@ def final_results(args: argparse.Namespace, setup: RunSetup, accelerator: Accele
     """Evaluate best.safetensors again, write results.csv and reliability.png, return the row."""
     best_path = os.path.join(setup.run_dir, "best.safetensors")
     tensors, metadata = checkpoint.load_checkpoint(best_path)
-    checkpoint.load_weights(accelerator.unwrap_model(setup.model), tensors, best_path)
+    checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
     predictions = predict(setup.model, setup.eval_loader, accelerator, not args.no_progress, setup.eval_batch_transform)
     scores = evaluate_metrics(predictions, args)
     row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]), "checkpoint": best_path}
