@@ -1,5 +1,6 @@
 """Shared fixtures: no network, few threads, one tiny digits dataset per test session."""
 
+import csv
 import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
@@ -31,3 +32,9 @@ def tiny_train_args(data_dir: str, output: str, *extra: str) -> list[str]:
         "--model", "test_resnet", "--img-size", "32", "-b", "16", "--epochs", "2", "--workers", "0",
         "--warmup-epochs", "0", "--output", output, "--no-progress", *extra,
     ]
+
+
+def read_rows(path: str) -> list[dict[str, str]]:
+    """The rows of a CSV written by udtimm (summary.csv, results.csv, ...)."""
+    with open(path, newline="") as handle:
+        return list(csv.DictReader(handle))

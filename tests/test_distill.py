@@ -1,21 +1,15 @@
 """distill.py end to end on tiny digits: ud / kd / ud-noatt students, self-distillation, refusals."""
 
-import csv
 import os
 
 import pytest
-from conftest import tiny_train_args
+from conftest import read_rows, tiny_train_args
 
 import distill
 import train
 from udtimm.checkpoint import model_metadata, read_metadata, save_checkpoint
 from udtimm.config import ConfigError
 from udtimm.model import create_model
-
-
-def read_rows(path: str) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,5 @@
 """train.py end to end on the tiny digits set: outputs of DESIGN §3, resume, two processes, bad input."""
 
-import csv
 import json
 import os
 import socket
@@ -9,7 +8,7 @@ import sys
 
 import pytest
 import yaml
-from conftest import tiny_train_args
+from conftest import read_rows, tiny_train_args
 
 import train
 from udtimm.checkpoint import read_metadata
@@ -18,11 +17,6 @@ from udtimm.data.base import DatasetError
 from udtimm.metrics import METRIC_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def read_rows(path: str) -> list[dict[str, str]]:
-    with open(path, newline="") as handle:
-        return list(csv.DictReader(handle))
 
 
 @pytest.fixture(scope="module")
