@@ -20,6 +20,7 @@ from udtimm import checkpoint, metrics
 from udtimm.engine import BatchTransform, Predictions, bare_model, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
+from udtimm.plots import reliability_diagram
 
 BEST_METRIC = "map"
 RESULT_KEYS = ("dataset", "split", "model", "method", "teacher", "seed", "epochs", "img_size", "difficult",
@@ -177,8 +178,6 @@ def final_results(args: argparse.Namespace, setup: RunSetup, accelerator: Accele
     scores = evaluate_metrics(predictions, args)
     row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]), "checkpoint": best_path}
     if accelerator.is_main_process:
-        from udtimm.plots import reliability_diagram
-
         reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
                             os.path.join(setup.run_dir, "reliability.png"), title=metadata["model"])
         # Written last, the row marks a finished run: one killed before it gets a single row when resumed.
