@@ -128,7 +128,7 @@ def test_repeated_kills_inside_checkpoint_writes_resume_to_the_same_run(
 
     # 3. All epochs done, killed while drawing reliability.png: no results row yet.
     with monkeypatch.context() as patch:
-        patch.setattr("udtimm.plots.reliability_diagram", lambda *args, **kwargs: sys.exit("killed"))
+        patch.setattr("udtimm.trainer.reliability_diagram", lambda *args, **kwargs: sys.exit("killed"))
         with pytest.raises(SystemExit):
             train.main(resume)
     assert not os.path.exists(os.path.join(run_dir, "results.csv"))
