@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import shutil
-import sys
 from collections.abc import Sequence
 
 from accelerate import Accelerator
@@ -21,7 +20,7 @@ from udtimm.attention import check_attention_support
 from udtimm.engine import bare_model
 from udtimm.model import CalibratedModel, create_model
 from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher
-from udtimm.trainer import RunSetup, fit
+from udtimm.trainer import RunSetup
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -144,14 +143,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     )
     if args.self_distill:
         self_distill_switch(args, setup, train_set.classes, accelerator)
-    row = fit(args, setup, accelerator)
-    runs.print_results(accelerator, row)
-    accelerator.end_training()
-    return row
+    return runs.fit_and_report(args, setup, accelerator)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except runs.USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    runs.run_script(main)

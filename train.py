@@ -9,7 +9,6 @@
 from __future__ import annotations
 
 import argparse
-import sys
 from collections.abc import Sequence
 
 from accelerate.utils import set_seed
@@ -19,7 +18,7 @@ from udtimm.checkpoint import model_metadata
 from udtimm.engine import bare_model
 from udtimm.model import create_model
 from udtimm.objectives import LOSSES, SupervisedObjective
-from udtimm.trainer import RunSetup, fit
+from udtimm.trainer import RunSetup
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -71,14 +70,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         train_batch_transform=train_transform, eval_batch_transform=eval_transform,
         result_fields=runs.result_fields(args, method, ""),
     )
-    row = fit(args, setup, accelerator)
-    runs.print_results(accelerator, row)
-    accelerator.end_training()
-    return row
+    return runs.fit_and_report(args, setup, accelerator)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except runs.USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    runs.run_script(main)

@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 
 from accelerate import Accelerator
@@ -175,7 +174,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except runs.USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    runs.run_script(main)

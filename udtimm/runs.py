@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
+from collections.abc import Callable
 
 import timm
 import torch
@@ -22,6 +24,7 @@ from udtimm.data.loader import attach_transforms, load_split, make_loader
 from udtimm.engine import BatchTransform, NonFiniteLossError
 from udtimm.io import check_writable
 from udtimm.model import ModelConfigError
+from udtimm.trainer import RunSetup, fit
 
 # Errors caused by the user's input: the scripts print their message alone, without a traceback.
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, NonFiniteLossError, OSError)
@@ -120,6 +123,22 @@ def result_fields(args: argparse.Namespace, method: str, teacher: str) -> dict[s
     return {"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
             "teacher": teacher, "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
             "difficult": args.difficult, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore"}
+
+
+def fit_and_report(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
+    """Train the remaining epochs, print the metrics of best.safetensors, return its results.csv row."""
+    row = fit(args, setup, accelerator)
+    print_results(accelerator, row)
+    accelerator.end_training()
+    return row
+
+
+def run_script(main: Callable[[], object]) -> None:
+    """Run a script's main; errors caused by the user's input end it with their message, without a traceback."""
+    try:
+        main()
+    except USER_ERRORS as err:
+        sys.exit(f"error: {err}")
 
 
 def print_results(accelerator: Accelerator, row: dict[str, object]) -> None:
