@@ -24,12 +24,7 @@ from udtimm.trainer import RunSetup
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[config.config_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_data_args(parser)
-    config.add_model_args(parser)
-    config.add_optim_args(parser)
-    config.add_runtime_args(parser)
+    parser = config.training_parser(__doc__)
     group = parser.add_argument_group("distillation")
     group.add_argument("--teacher-ckpt", default=None, metavar="FILE", help="teacher: best.safetensors of train.py")
     group.add_argument("--method", default="ud", choices=DISTILL_METHODS, help="kd: Eq. 13 only; ud: Eq. 18")

@@ -22,12 +22,7 @@ from udtimm.trainer import RunSetup
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, parents=[config.config_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    config.add_data_args(parser)
-    config.add_model_args(parser)
-    config.add_optim_args(parser)
-    config.add_runtime_args(parser)
+    parser = config.training_parser(__doc__)
     group = parser.add_argument_group("method")
     group.add_argument("--cal", action="store_true", help="add the calibration branch trained with PAL-N (Eq. 12)")
     group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of Eq. 12")

@@ -97,6 +97,17 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
 
 
+def training_parser(description: str | None) -> argparse.ArgumentParser:
+    """The flags train.py and distill.py share (data, model, optimisation, runtime), -c and --resume included."""
+    parser = argparse.ArgumentParser(description=description, parents=[config_parser()],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_data_args(parser)
+    add_model_args(parser)
+    add_optim_args(parser)
+    add_runtime_args(parser)
+    return parser
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: -c YAML (or the args.yaml of the --resume run) sets the defaults, then the flags win.
 
