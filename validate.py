@@ -21,9 +21,11 @@ from accelerate import Accelerator
 from udtimm import checkpoint, metrics, runs
 from udtimm.config import DATASETS, ConfigError
 from udtimm.data.base import MultiLabelDataset
+from udtimm.data.feed import DeviceFeeder
+from udtimm.data.gpu import DeviceTransform
 from udtimm.data.images import ImageFolderDataset, list_images
 from udtimm.data.loader import load_split, make_loader
-from udtimm.data.transforms import eval_transform
+from udtimm.data.transforms import NormalizeBatch, eval_pixels
 from udtimm.engine import Predictions, predict
 from udtimm.io import append_csv_row
 from udtimm.plots import reliability_diagram
@@ -73,6 +75,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     runtime.add_argument("--channels-last", action="store_true")
+    runtime.add_argument("--torchcompile", action="store_true", help="torch.compile the model (through accelerate)")
+    runtime.add_argument("--gpu-decode", action="store_true",
+                         help="the workers only read the files; the GPU decodes (nvJPEG) and resizes them")
     runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.images:
@@ -149,19 +154,27 @@ def label_images(args: argparse.Namespace, dataset: ImageFolderDataset, predicti
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """The metrics dict (METRIC_NAMES), or {"num_images": n} with --images."""
     args = parse_args(argv)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = runs.make_accelerator(args)
     model, metadata = checkpoint.model_from_checkpoint(args.checkpoint)
     class_names = checkpoint.class_names(metadata)
-    transform = eval_transform(int(metadata["img_size"]), json.loads(metadata["mean"]), json.loads(metadata["std"]))
+    img_size, mean, std = int(metadata["img_size"]), json.loads(metadata["mean"]), json.loads(metadata["std"])
     if args.images:
-        dataset = ImageFolderDataset(list_images(args.images), transform, len(class_names))
+        dataset = ImageFolderDataset(list_images(args.images), num_classes=len(class_names))
     else:
         dataset = load_dataset(args, metadata, accelerator)
-        dataset.transform = transform
-    # Only the loader is prepared (sharded): evaluation needs no distributed wrapper around the model.
+    if args.gpu_decode:
+        runs.check_gpu_decode(accelerator.device)
+        dataset.encoded = True
+        transform = DeviceTransform(img_size, mean, std, accelerator.device, train=False)
+    else:
+        dataset.transform = eval_pixels(img_size)
+        transform = NormalizeBatch(mean, std, accelerator.device)
+    # The model gets no distributed wrapper (evaluation_mode): only mixed precision and --torchcompile.
     loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
-    model = runs.place_model(model, accelerator.device, args.channels_last)
-    predictions = predict(model, loader, accelerator, not args.no_progress)
+    model = accelerator.prepare_model(runs.place_model(model, accelerator.device, args.channels_last),
+                                      evaluation_mode=True)
+    predictions = predict(model, DeviceFeeder(loader, transform, accelerator.device), accelerator,
+                          not args.no_progress)
     # Dataset order whatever the number of processes, so tied scores rank (and files list) the same way.
     predictions = select(predictions, predictions.indices.argsort())
     if args.images:

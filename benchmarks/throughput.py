@@ -24,7 +24,7 @@ import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sized
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,7 @@ import distill  # noqa: E402
 import train  # noqa: E402
 from udtimm import runs  # noqa: E402
 from udtimm.data import VOC_CLASSES  # noqa: E402
+from udtimm.data.feed import DeviceFeeder  # noqa: E402
 from udtimm.engine import predict, train_one_epoch  # noqa: E402
 from udtimm.io import append_csv_row  # noqa: E402
 from udtimm.model import create_model  # noqa: E402
@@ -104,29 +105,39 @@ def write_image(voc: Path, index: int) -> None:
 
 
 class Clock:
-    """Hands the batches on, timing from the `skip`-th: worker start-up and cuDNN's tuning stay out of the figure."""
+    """Hands the batches on, timing those from the `skip`-th to the `tail`-th from the end.
 
-    def __init__(self, batches: Iterable, skip: int, sync: Callable[[], None]) -> None:
+    Skipped at the start: worker start-up and cuDNN's tuning. Left out at the end: the batches a DeviceFeeder had
+    prepared before the window opened, so that the window starts and ends with as many batches prepared ahead.
+    """
+
+    def __init__(self, batches: Sized, skip: int, sync: Callable[[], None], tail: int = 0) -> None:
         self.batches, self.skip, self.sync = batches, skip, sync
+        self.end = len(batches) - tail
         self.images = self.steps = 0
-        self.start = math.nan
+        self.start = self.stopped = math.nan
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator:
         for index, batch in enumerate(self.batches):
+            # The window opens and closes with the device idle, so it holds exactly the timed batches' work.
             if index == self.skip:
-                self.sync()  # the window starts with the device idle, so it holds exactly the timed batches' work
+                self.sync()
                 self.start = time.perf_counter()
-            if index >= self.skip:
+            if index == self.end:
+                self.stop()
+            if self.skip <= index < self.end:
                 self.images += len(batch[1])
                 self.steps += 1
             yield batch
 
     def stop(self) -> float:
-        self.sync()
-        return time.perf_counter() - self.start
+        if math.isnan(self.stopped):
+            self.sync()
+            self.stopped = time.perf_counter()
+        return self.stopped - self.start
 
 
 @dataclass
@@ -175,21 +186,23 @@ def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, r
     set_seed(0)
     model = create_model(run.model, len(VOC_CLASSES), cal=cal, img_size=run.img_size)
     if pipeline == "ceiling":
-        loader, transform, skip = [device_batch(args, device)] * (args.warmup + args.steps), None, args.warmup
+        batches, skip, tail = [device_batch(args, device)] * (args.warmup + args.steps), args.warmup, 0
     else:
         train_set, eval_set = runs.load_datasets(run, accelerator)
         mean, std = runs.normalisation(model.backbone)
         train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
             run, train_set, eval_set, mean, std, device)
         loader, transform = (eval_loader, eval_transform) if workload == "predict" else (train_loader, train_transform)
-        loader, skip = accelerator.prepare(loader), min(args.warmup, len(loader) // 2)
+        batches = DeviceFeeder(accelerator.prepare(loader), transform, device)
+        skip, tail = min(args.warmup, len(loader) // 2), min(batches.ahead, len(loader) // 4)
     model = runs.place_model(model, device, run.channels_last)
-    if workload == "predict":  # as validate.py: the model is not prepared, predict() applies autocast
+    if workload == "predict":  # as validate.py: only mixed precision and --torchcompile, no distributed wrapper
+        model = accelerator.prepare_model(model, evaluation_mode=True)
 
-        def loop(batches: Iterable) -> None:
-            predict(model, batches, accelerator, show_progress=False, batch_transform=transform)
+        def loop(timed: Iterable) -> None:
+            predict(model, timed, accelerator, show_progress=False)
     else:
-        optimizer, scheduler = runs.build_optimization(run, model, len(loader))
+        optimizer, scheduler = runs.build_optimization(run, model, len(batches))
         model, optimizer = accelerator.prepare(model, optimizer)
         if workload == "distill":
             teacher = create_model(args.teacher, len(VOC_CLASSES), cal=True, img_size=run.img_size)
@@ -198,14 +211,14 @@ def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, r
         else:
             objective = SupervisedObjective(run.loss, run.cal_weight, run.difficult, run.temperature)
 
-        def loop(batches: Iterable) -> None:
-            train_one_epoch(model, batches, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0,
-                            clip_grad=run.clip_grad, show_progress=False, batch_transform=transform)
+        def loop(timed: Iterable) -> None:
+            train_one_epoch(model, timed, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0,
+                            clip_grad=run.clip_grad, show_progress=False)
 
     cuda = device.type == "cuda"
     if cuda:
         torch.cuda.reset_peak_memory_stats(device)
-    clock = Clock(loader, skip, torch.cuda.synchronize if cuda else lambda: None)
+    clock = Clock(batches, skip, torch.cuda.synchronize if cuda else lambda: None, tail)
     loop(clock)
     seconds = clock.stop()
     peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else math.nan

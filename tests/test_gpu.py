@@ -15,6 +15,7 @@ from udtimm import runs
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, read_image
 from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample
+from udtimm.data.feed import DeviceFeeder
 from udtimm.data.gpu import DeviceTransform, EncodedBatch, collate_encoded, decode_images
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform, train_transform
@@ -94,15 +95,16 @@ def test_device_placement_leaves_encoded_files_on_the_cpu(digits: MultiLabelData
     assert isinstance(files, EncodedBatch) and files.data.device.type == "cpu" and target.device.type == "meta"
 
 
-def test_predict_with_the_batch_transform_matches_the_cpu_path(digits: MultiLabelDataset) -> None:
+def test_predict_with_the_device_transform_matches_the_cpu_path(digits: MultiLabelDataset) -> None:
     torch.manual_seed(0)
     model = create_model("test_resnet", len(digits.classes))
     digits.transform = eval_transform(SIZE, MEAN, STD)
     expected = predict(model, make_loader(digits, 16, False, 0), Accelerator(cpu=True), show_progress=False)
     digits.transform, digits.encoded = None, True
     try:
-        got = predict(model, make_loader(digits, 16, False, 0), Accelerator(cpu=True), show_progress=False,
-                      batch_transform=DeviceTransform(SIZE, MEAN, STD, "cpu", train=False))
+        batches = DeviceFeeder(make_loader(digits, 16, False, 0), DeviceTransform(SIZE, MEAN, STD, "cpu", train=False),
+                               torch.device("cpu"))
+        got = predict(model, batches, Accelerator(cpu=True), show_progress=False)
     finally:
         digits.encoded = False
     torch.testing.assert_close(got.scores, expected.scores, rtol=0, atol=1e-5)

@@ -2,12 +2,19 @@ import random
 
 import pytest
 import torch
+from torchvision.transforms.v2 import functional as F
 
 from udtimm.data.transforms import (
     CROP_SCALES,
+    ERASE,
+    PIXELS,
     MultiScaleCrop,
+    NormalizeBatch,
     NormalizeImage,
+    TrainPixels,
     crop_offsets,
+    erase_boxes,
+    eval_pixels,
     eval_transform,
     multi_scale_crop_box,
     resize_size,
@@ -63,3 +70,48 @@ def test_eval_transform_is_deterministic_resize() -> None:
 def test_random_erasing_probability_zero_disables_it() -> None:
     assert "RandomErasing" not in repr(train_transform(32, MEAN, STD, reprob=0.0))
     assert "RandomErasing" in repr(train_transform(32, MEAN, STD, reprob=0.5))
+
+
+def images_of_sizes(count: int) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(1)
+    return [torch.randint(0, 256, (3, 40 + 7 * i, 90 - 5 * i), dtype=torch.uint8, generator=generator)
+            for i in range(count)]
+
+
+@pytest.mark.parametrize(("reprob", "hflip", "seed"), [(1.0, 0.5, 0), (0.5, 0.5, 1), (0.0, 0.0, 2)])
+def test_worker_pixels_then_device_normalisation_equal_the_whole_train_transform(
+        reprob: float, hflip: float, seed: int) -> None:
+    """The loaders' split transform (uint8 in the workers, NormalizeBatch on the device) draws and gives the same."""
+    images = images_of_sizes(8)
+    random.seed(seed)
+    torch.manual_seed(seed)
+    whole = train_transform(32, MEAN, STD, reprob=reprob, hflip=hflip)
+    expected = torch.stack([whole(image) for image in images])
+    random.seed(seed)
+    torch.manual_seed(seed)
+    pixels = TrainPixels(32, reprob=reprob, hflip=hflip)
+    items = [pixels(image) for image in images]
+    if reprob > 0:
+        assert all(item[PIXELS].dtype == torch.uint8 for item in items)
+        batch = {key: torch.stack([item[key] for item in items]) for key in (PIXELS, ERASE)}
+        assert (batch[ERASE][:, 2] > 0).any()
+    else:
+        assert all(item.dtype == torch.uint8 for item in items)
+        batch = torch.stack(items)
+    assert torch.equal(NormalizeBatch(MEAN, STD, "cpu")(batch), expected)
+
+
+def test_eval_pixels_then_normalisation_equal_the_eval_transform() -> None:
+    images = [image[:, :40, :60] for image in images_of_sizes(4)]
+    expected = torch.stack([eval_transform(24, MEAN, STD)(image) for image in images])
+    pixels = torch.stack([eval_pixels(24)(image) for image in images])
+    assert pixels.dtype == torch.uint8 and torch.equal(NormalizeBatch(MEAN, STD, "cpu")(pixels), expected)
+
+
+def test_erase_boxes_equals_erasing_each_image() -> None:
+    images = torch.randn(4, 3, 10, 12)
+    boxes = torch.tensor([[0, 0, 10, 12], [2, 3, 4, 5], [0, 0, 0, 0], [9, 11, 1, 1]])
+    expected = torch.stack([F.erase(image, *box.tolist(), v=torch.tensor(0.0))
+                            for image, box in zip(images, boxes, strict=True)])
+    assert torch.equal(erase_boxes(images, boxes), expected)
+    assert torch.equal(erase_boxes(images, boxes)[2], images[2])

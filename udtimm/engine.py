@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -14,9 +14,6 @@ from tqdm import tqdm
 
 from udtimm.data.loader import report_unreadable
 from udtimm.objectives import Objective
-
-# Turns a loader's image field into the model's input on the device (--gpu-decode: udtimm.data.gpu.DeviceTransform).
-BatchTransform = Callable[[object], Tensor]
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -41,14 +38,34 @@ def progress(iterable: Iterable, accelerator: Accelerator, description: str, ena
                 disable=not (enabled and accelerator.is_main_process))
 
 
-def first_nonfinite_term(terms: dict[str, Tensor], accelerator: Accelerator) -> str | None:
-    """The name of a NaN/inf term on any process; all processes agree so they skip or stop together."""
-    finite = torch.stack([torch.isfinite(value.detach().float()) for value in terms.values()]).to(torch.int32)
-    finite = accelerator.reduce(finite, reduction="sum") if accelerator.num_processes > 1 else finite
-    for name, count in zip(terms, finite.tolist(), strict=True):
-        if count < accelerator.num_processes:
-            return name
-    return None
+class LossReadout:
+    """A step's loss terms, copied to the host by the step's own stream without the host waiting for them.
+
+    Reading them waits for that step only, not for those launched since: the training loop reads a step's terms
+    after launching the next one, so the host stays a step ahead of the GPU instead of waiting for it every step.
+    """
+
+    def __init__(self, step: int, terms: dict[str, Tensor], accelerator: Accelerator) -> None:
+        values = torch.stack([value.detach().float() for value in terms.values()])
+        finite = torch.isfinite(values).float()
+        if accelerator.num_processes > 1:  # all processes agree on a bad step, so they skip or stop together
+            finite = accelerator.reduce(finite, reduction="sum")
+        self.step, self.names, self.processes = step, tuple(terms), accelerator.num_processes
+        self.host = torch.cat([values, finite]).to("cpu", non_blocking=True)
+        self.copied = torch.cuda.Event() if values.is_cuda else None
+        if self.copied is not None:
+            self.copied.record()
+
+    def values(self) -> dict[str, float]:
+        if self.copied is not None:
+            self.copied.synchronize()
+        return dict(zip(self.names, self.host[:len(self.names)].tolist(), strict=True))
+
+    def first_nonfinite(self) -> str | None:
+        """The name of the first term that is NaN/inf on any process, or None."""
+        values = self.values()
+        finite = self.host[len(self.names):].tolist()
+        return next((name for name, count in zip(values, finite, strict=True) if count < self.processes), None)
 
 
 def smallest_batch(size: int, accelerator: Accelerator) -> int:
@@ -71,12 +88,16 @@ def train_one_epoch(
     clip_grad: float | None = None,
     skip_nonfinite: bool = False,
     show_progress: bool = True,
-    batch_transform: BatchTransform | None = None,
 ) -> dict[str, float]:
-    """Train for one epoch; returns the mean of each loss term, the skipped-step and -image counts and images/s."""
+    """Train for one epoch; returns the mean of each loss term, the skipped-step and -image counts and images/s.
+
+    `loader` yields batches ready for the model (udtimm.data.feed.DeviceFeeder). A NaN/inf loss term stops the
+    epoch with NonFiniteLossError naming its step; with `skip_nonfinite` that step is skipped instead.
+    """
     model.train()
     sums: dict[str, Tensor] = {}
     steps = skipped = images_seen = unreadable = 0
+    previous: LossReadout | None = None
     start = time.perf_counter()
     bar = progress(loader, accelerator, f"train {epoch}", show_progress)
     for step, batch in enumerate(bar):
@@ -84,18 +105,11 @@ def train_one_epoch(
         if len(batch) > 4:  # --skip-corrupt: the fifth field lists the images the loader left out
             unreadable += report_unreadable(batch[4])
             # BatchNorm cannot train on one sample; such a rare leftover batch is passed over.
-            if smallest_batch(len(images), accelerator) < 2:
+            if smallest_batch(len(target), accelerator) < 2:
                 continue
-        if batch_transform is not None:
-            images = batch_transform(images)
         terms = objective(model, images, target, difficult)
-        bad_term = first_nonfinite_term(terms, accelerator)
-        if bad_term is not None:
-            if not skip_nonfinite:
-                raise NonFiniteLossError(
-                    f"non-finite loss at epoch {epoch}, step {step}: term {bad_term!r} = "
-                    f"{terms[bad_term].item()} (use --skip-nonfinite to skip such steps)"
-                )
+        readout = LossReadout(step, terms, accelerator)
+        if skip_nonfinite and readout.first_nonfinite() is not None:  # known before the update: waits for the step
             skipped += 1
             optimizer.zero_grad(set_to_none=True)
             continue
@@ -109,9 +123,14 @@ def train_one_epoch(
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         steps += 1
-        images_seen += images.shape[0]
-        if steps % 10 == 0 and hasattr(bar, "set_postfix"):
-            bar.set_postfix(loss=f"{terms['loss'].item():.4f}")
+        images_seen += len(target)
+        if previous is not None:  # this step is launched: checking the one before it does not idle the GPU
+            check_finite(previous, epoch)
+            if steps % 10 == 0 and hasattr(bar, "set_postfix"):
+                bar.set_postfix(loss=f"{previous.values()['loss']:.4f}")
+        previous = readout
+    if previous is not None:
+        check_finite(previous, epoch)
     scheduler.step(epoch + 1)
     means = {name: accelerator.reduce(total, reduction="mean").item() / max(steps, 1) for name, total in sums.items()}
     elapsed = time.perf_counter() - start
@@ -123,9 +142,17 @@ def train_one_epoch(
     return means
 
 
+def check_finite(readout: LossReadout, epoch: int) -> None:
+    bad_term = readout.first_nonfinite()
+    if bad_term is not None:
+        raise NonFiniteLossError(
+            f"non-finite loss at epoch {epoch}, step {readout.step}: term {bad_term!r} = "
+            f"{readout.values()[bad_term]} (use --skip-nonfinite to skip such steps)"
+        )
+
+
 @torch.no_grad()
-def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True,
-            batch_transform: BatchTransform | None = None) -> Predictions:
+def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True) -> Predictions:
     """Classification-branch probabilities for every image of the loader, gathered across processes.
 
     Each image is kept once, in dataset order: the samples a distributed sampler repeats to even out the last
@@ -138,10 +165,8 @@ def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_p
         images, target, difficult, indices = batch[:4]
         if len(batch) > 4:  # --skip-corrupt: the fifth field lists the images the loader left out
             report_unreadable(batch[4])
-            if len(images) == 0:
+            if len(target) == 0:
                 continue
-        if batch_transform is not None:
-            images = batch_transform(images)
         with accelerator.autocast():
             logits = model(images).logits
         # Results stay on the device until the end: a copy to the host per batch would make the host wait for

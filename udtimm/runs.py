@@ -19,9 +19,11 @@ from torch.utils.data import DataLoader
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError, experiment_name, save_args
 from udtimm.data.base import DatasetError, MultiLabelDataset
+from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
-from udtimm.data.loader import attach_transforms, load_split, make_loader
-from udtimm.engine import BatchTransform, NonFiniteLossError
+from udtimm.data.loader import attach_pixel_transforms, load_split, make_loader
+from udtimm.data.transforms import NormalizeBatch
+from udtimm.engine import NonFiniteLossError
 from udtimm.io import check_writable
 from udtimm.model import ModelConfigError
 from udtimm.trainer import RunSetup, fit
@@ -79,25 +81,31 @@ def normalisation(backbone: nn.Module) -> tuple[list[float], list[float]]:
     return list(config["mean"]), list(config["std"])
 
 
+def check_gpu_decode(device: torch.device) -> None:
+    if device.type != "cuda":
+        raise ConfigError(f"--gpu-decode decodes on a CUDA GPU (nvJPEG), but this run is on {device}: "
+                          "drop --gpu-decode to decode with the loader workers")
+
+
 def build_loaders(
     args: argparse.Namespace, train_set: MultiLabelDataset, eval_set: MultiLabelDataset, mean: list[float],
     std: list[float], device: torch.device,
-) -> tuple[DataLoader, DataLoader, BatchTransform | None, BatchTransform | None]:
-    """Train and eval loaders, and the transforms the engine applies to their batches on `device` (None: the workers
-    transform each image). With --gpu-decode the workers only read files; `device` decodes and augments them.
+) -> tuple[DataLoader, DataLoader, BatchTransform, BatchTransform]:
+    """Train and eval loaders, and the transforms that finish their batches on `device` (DeviceFeeder applies them).
+
+    The workers decode and augment each image and hand over uint8 batches, normalised and erased on the device
+    (NormalizeBatch). With --gpu-decode the workers only read the files; the device decodes and augments them too.
     """
-    train_transform = eval_transform = None
     if args.gpu_decode:
-        if device.type != "cuda":
-            raise ConfigError(f"--gpu-decode decodes on a CUDA GPU (nvJPEG), but this run is on {device}: "
-                              "drop --gpu-decode to decode with the loader workers")
+        check_gpu_decode(device)
         train_set.encoded = eval_set.encoded = True
-        train_transform = DeviceTransform(args.img_size, mean, std, device, train=True, reprob=args.reprob,
-                                          hflip=args.hflip, crop_scales=args.crop_scales)
-        eval_transform = DeviceTransform(args.img_size, mean, std, device, train=False)
+        train_transform: BatchTransform = DeviceTransform(
+            args.img_size, mean, std, device, train=True, reprob=args.reprob, hflip=args.hflip,
+            crop_scales=args.crop_scales)
+        eval_transform: BatchTransform = DeviceTransform(args.img_size, mean, std, device, train=False)
     else:
-        attach_transforms(train_set, eval_set, args.img_size, mean, std, args.reprob, args.crop_scales,
-                          args.hflip)
+        attach_pixel_transforms(train_set, eval_set, args.img_size, args.reprob, args.crop_scales, args.hflip)
+        train_transform = eval_transform = NormalizeBatch(mean, std, device)
     train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
     eval_loader = make_loader(eval_set, args.batch_size, False, args.workers, args.skip_corrupt)
     return train_loader, eval_loader, train_transform, eval_transform

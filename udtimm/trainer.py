@@ -17,7 +17,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from udtimm import checkpoint, metrics
-from udtimm.engine import BatchTransform, Predictions, bare_model, predict, train_one_epoch
+from udtimm.data.feed import BatchTransform, DeviceFeeder
+from udtimm.engine import Predictions, bare_model, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
 from udtimm.plots import reliability_diagram
@@ -35,7 +36,7 @@ class RunSetup:
     model: nn.Module  # prepared by accelerate
     optimizer: torch.optim.Optimizer  # prepared by accelerate
     scheduler: object  # timm scheduler (step_update per optimizer step)
-    train_loader: object
+    train_loader: object  # prepared by accelerate
     eval_loader: object
     objective: Objective
     loss_terms: tuple[str, ...]  # the objective's term names, the train_* columns of summary.csv
@@ -43,9 +44,15 @@ class RunSetup:
     result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
     on_epoch_start: Callable[[int], None] | None = None
     extra_state: dict = field(default_factory=dict)
-    # --gpu-decode: what turns a loader's encoded files into model input on the device (runs.build_loaders).
-    train_batch_transform: BatchTransform | None = None
-    eval_batch_transform: BatchTransform | None = None
+    # What finishes the loaders' batches on the device (runs.build_loaders); None: they are model input already.
+    train_transform: BatchTransform | None = None
+    eval_transform: BatchTransform | None = None
+
+    def train_batches(self, device: torch.device) -> DeviceFeeder:
+        return DeviceFeeder(self.train_loader, self.train_transform, device)
+
+    def eval_batches(self, device: torch.device) -> DeviceFeeder:
+        return DeviceFeeder(self.eval_loader, self.eval_transform, device)
 
 
 def evaluate_metrics(predictions: Predictions, args: argparse.Namespace) -> dict[str, float]:
@@ -130,9 +137,9 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         epoch_start = time.perf_counter()
         lr = setup.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (cosine restarts show)
         stats = train_one_epoch(
-            model, setup.train_loader, setup.optimizer, setup.scheduler, accelerator, setup.objective, epoch,
-            num_updates, clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
-            show_progress=not args.no_progress, batch_transform=setup.train_batch_transform,
+            model, setup.train_batches(accelerator.device), setup.optimizer, setup.scheduler, accelerator,
+            setup.objective, epoch, num_updates, clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
+            show_progress=not args.no_progress,
         )
         num_updates += len(setup.train_loader)
         row: dict[str, object] = {"epoch": epoch, "lr": lr,
@@ -142,8 +149,8 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         row.update(skipped_steps=stats["skipped_steps"], skipped_images=stats["skipped_images"],
                    images_per_s=stats["images_per_s"])
         evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
-        scores = evaluate_metrics(predict(model, setup.eval_loader, accelerator, not args.no_progress,
-                                          setup.eval_batch_transform), args) \
+        scores = evaluate_metrics(predict(model, setup.eval_batches(accelerator.device), accelerator,
+                                          not args.no_progress), args) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
         row.update(scores)
         row["epoch_time"] = time.perf_counter() - epoch_start
@@ -174,7 +181,7 @@ def final_results(args: argparse.Namespace, setup: RunSetup, accelerator: Accele
     best_path = os.path.join(setup.run_dir, "best.safetensors")
     tensors, metadata = checkpoint.load_checkpoint(best_path)
     checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
-    predictions = predict(setup.model, setup.eval_loader, accelerator, not args.no_progress, setup.eval_batch_transform)
+    predictions = predict(setup.model, setup.eval_batches(accelerator.device), accelerator, not args.no_progress)
     scores = evaluate_metrics(predictions, args)
     row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]), "checkpoint": best_path}
     if accelerator.is_main_process:

@@ -19,7 +19,7 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .base import CorruptImageError
-from .transforms import CROP_SCALES, NormalizeImage, multi_scale_crop_box, resize_size
+from .transforms import CROP_SCALES, ERASE, PIXELS, NormalizeBatch, draw_erase_box, multi_scale_crop_box, resize_size
 
 JPEG_MAGIC = [0xFF, 0xD8]
 
@@ -76,8 +76,9 @@ def resize_all(images: list[Tensor], size: int) -> list[Tensor]:
 class DeviceTransform:
     """train_transform or eval_transform (udtimm.data.transforms) for a whole EncodedBatch, on `device`.
 
-    This code never waits for the device (no .item(), no host-to-device copy of a tensor), so that the next batch can
-    be prepared while the GPU still works on the previous step; nvJPEG itself seems to wait (docs/throughput.md).
+    This code never waits for the device (no .item(), no copy from pageable memory), so that it can prepare the
+    next batch while the GPU still works on the previous step; nvJPEG's decode itself makes the host wait, which is
+    why udtimm.data.feed runs it in a thread of its own (docs/throughput.md).
     """
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
@@ -85,12 +86,11 @@ class DeviceTransform:
                  crop_scales: Sequence[float] = CROP_SCALES) -> None:
         self.img_size, self.train, self.hflip, self.crop_scales = img_size, train, hflip, tuple(crop_scales)
         self.device = torch.device(device)
-        self.normalize = NormalizeImage(mean, std).to(self.device)
+        self.finish = NormalizeBatch(mean, std, self.device)
         # torchvision's nvJPEG writes its output from a stream of its own without waiting for the current stream, so
         # its buffers must not be memory the current stream freed but still uses (the last step's activations: NaN
         # losses on an H200). Allocated under this side stream, they come from the side stream's own pool.
         self.decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
-        # Only its parameter draws are used: its own erase would copy a CPU value tensor into the image (a sync).
         self.erasing = v2.RandomErasing(p=reprob, value=0) if train and reprob > 0 else None
 
     def decode(self, batch: EncodedBatch) -> list[Tensor]:
@@ -107,7 +107,7 @@ class DeviceTransform:
     def __call__(self, batch: EncodedBatch) -> Tensor:
         images = self.decode(batch)
         if not self.train:
-            return self.normalize(torch.stack(resize_all(images, self.img_size)))
+            return self.finish(torch.stack(resize_all(images, self.img_size)))
         side = resize_size(self.img_size)
         images = resize_all(images, side)
         crops, flips, erasures = self.draw(len(images), side)
@@ -119,23 +119,23 @@ class DeviceTransform:
             resized = F.resize(torch.stack(boxes), [self.img_size, self.img_size], antialias=True)
             for i, image in zip(members, resized, strict=True):
                 images[i] = F.horizontal_flip(image) if flips[i] else image
-        out = self.normalize(torch.stack(images))
-        for i, box in enumerate(erasures):
-            if box is not None:
-                top, left, height, width = box
-                out[i, :, top:top + height, left:left + width] = 0
-        return out
+        pixels = torch.stack(images)
+        if erasures is None:
+            return self.finish(pixels)
+        return self.finish({PIXELS: pixels, ERASE: erasures.to(self.device, non_blocking=True)})
 
-    def draw(self, count: int, side: int) -> tuple[list, list[bool], list]:
-        """Per image, in the CPU pipeline's order: crop box (Python random), flip, erasing (torch's generator)."""
+    def draw(self, count: int, side: int) -> tuple[list, list[bool], Tensor | None]:
+        """Per image, in the CPU pipeline's order: crop box (Python random), flip, erasing (torch's generator).
+
+        The erasing boxes come as one int64 [count, 4] tensor, pinned on CUDA so that its copy does not wait.
+        """
         crops, flips, erasures = [], [], []
-        shape = torch.empty(3, self.img_size, self.img_size, device="meta")  # make_params reads only the size
         for _ in range(count):
             crops.append(multi_scale_crop_box(side, side, self.crop_scales))
             flips.append(bool(torch.rand(1) < self.hflip))
-            box = None
-            if self.erasing is not None and torch.rand(1) < self.erasing.p:
-                params = self.erasing.make_params([shape])
-                box = None if params["v"] is None else (params["i"], params["j"], params["h"], params["w"])
-            erasures.append(box)
-        return crops, flips, erasures
+            if self.erasing is not None:
+                erasures.append(draw_erase_box(self.erasing, self.img_size))
+        if self.erasing is None:
+            return crops, flips, None
+        boxes = torch.tensor(erasures, dtype=torch.int64)
+        return crops, flips, boxes.pin_memory() if self.device.type == "cuda" else boxes

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import DatasetError, read_image
+from .base import DatasetError, read_encoded, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -41,13 +41,14 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         self.paths = list(paths)
         self.transform = transform
         self.num_classes = num_classes
+        self.encoded = False  # True: items carry the file's bytes, decoded on the device (--gpu-decode)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
         """(image, zero target float32 [C], all-False difficult [C], index); a bad file raises CorruptImageError."""
-        image = read_image(self.paths[index])
+        image = read_encoded(self.paths[index]) if self.encoded else read_image(self.paths[index])
         if self.transform is not None:
             image = self.transform(image)
         return image, torch.zeros(self.num_classes), torch.zeros(self.num_classes, dtype=torch.bool), index

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, MultiLabelDataset
 from udtimm.data.gpu import collate_encoded
-from udtimm.data.transforms import CROP_SCALES, eval_transform, train_transform
+from udtimm.data.transforms import CROP_SCALES, TrainPixels, eval_pixels
 
 LOGGER = logging.getLogger(__name__)
 
@@ -77,21 +77,19 @@ def load_split(args: argparse.Namespace, split: str) -> MultiLabelDataset:
     return build_dataset(args.dataset, args.data_dir, split, **dataset_options(args))
 
 
-def attach_transforms(
+def attach_pixel_transforms(
     train_set: MultiLabelDataset | None,
     eval_set: MultiLabelDataset | None,
     img_size: int,
-    mean: Sequence[float],
-    std: Sequence[float],
     reprob: float,
     crop_scales: Sequence[float] = CROP_SCALES,
     hflip: float = 0.5,
 ) -> None:
+    """The workers' half of the paper's transforms (uint8 out); NormalizeBatch finishes the batches on the device."""
     if train_set is not None:
-        train_set.transform = train_transform(img_size, mean, std, reprob=reprob, hflip=hflip,
-                                              crop_scales=crop_scales)
+        train_set.transform = TrainPixels(img_size, reprob=reprob, hflip=hflip, crop_scales=crop_scales)
     if eval_set is not None:
-        eval_set.transform = eval_transform(img_size, mean, std)
+        eval_set.transform = eval_pixels(img_size)
 
 
 def make_loader(
@@ -109,7 +107,6 @@ def make_loader(
     augmentation do not depend on whether the run resumed.
     """
     source = SkipCorrupt(dataset) if skip_corrupt else dataset
-    # validate.py's image folders have no encoded mode.
     collate = collate_encoded if getattr(dataset, "encoded", False) else default_collate
     return DataLoader(
         source,

@@ -1,4 +1,10 @@
-"""The paper's train and eval transforms (Sec. 5.1), on uint8 image tensors, scaled to any input size."""
+"""The paper's train and eval transforms (Sec. 5.1), on uint8 image tensors, scaled to any input size.
+
+The loaders split each transform in two (DESIGN §5): the workers do the pixel work and hand over uint8 images
+(`train_pixels`, `eval_pixels`: a quarter of float32's bytes through shared memory and onto the GPU), and
+`NormalizeBatch` normalises and erases a whole batch on the device. Together they give `train_transform` and
+`eval_transform`, which stay whole for code that wants finished images one at a time.
+"""
 
 from __future__ import annotations
 
@@ -66,6 +72,19 @@ class NormalizeImage(nn.Module):
         return (image.float() - self.mean) / self.std
 
 
+ERASE = "erase"  # the key of random erasing's box in a train_pixels item
+PIXELS = "pixels"
+
+
+def train_geometry(img_size: int, hflip: float, crop_scales: Sequence[float]) -> list[nn.Module]:
+    """Resize to 8/7 of the input size, multi-scale crop, flip: the train transform's pixel work (Sec. 5.1)."""
+    return [
+        v2.Resize([resize_size(img_size)] * 2, antialias=True),
+        MultiScaleCrop(img_size, crop_scales),
+        v2.RandomHorizontalFlip(hflip),
+    ]
+
+
 def train_transform(
     img_size: int,
     mean: Sequence[float],
@@ -75,12 +94,7 @@ def train_transform(
     crop_scales: Sequence[float] = CROP_SCALES,
 ) -> nn.Module:
     """Resize to 8/7 of the input size, multi-scale crop, flip, normalise, random erasing (Sec. 5.1)."""
-    steps: list[nn.Module] = [
-        v2.Resize([resize_size(img_size)] * 2, antialias=True),
-        MultiScaleCrop(img_size, crop_scales),
-        v2.RandomHorizontalFlip(hflip),
-        NormalizeImage(mean, std),
-    ]
+    steps = [*train_geometry(img_size, hflip, crop_scales), NormalizeImage(mean, std)]
     if reprob > 0:
         steps.append(v2.RandomErasing(p=reprob, value=0))
     return v2.Compose(steps)
@@ -88,4 +102,58 @@ def train_transform(
 
 def eval_transform(img_size: int, mean: Sequence[float], std: Sequence[float]) -> nn.Module:
     """Resize straight to img_size x img_size, normalise (Sec. 5.1)."""
-    return v2.Compose([v2.Resize([img_size, img_size], antialias=True), NormalizeImage(mean, std)])
+    return v2.Compose([eval_pixels(img_size), NormalizeImage(mean, std)])
+
+
+def eval_pixels(img_size: int) -> nn.Module:
+    """eval_transform without its normalisation: uint8 [3, img_size, img_size]."""
+    return v2.Resize([img_size, img_size], antialias=True)
+
+
+def draw_erase_box(erasing: v2.RandomErasing, img_size: int) -> tuple[int, int, int, int]:
+    """The (top, left, height, width) that `erasing` would zero in an image of that size, from the same random
+    draws in the same order; height 0 when it erases nothing."""
+    if torch.rand(1) >= erasing.p:
+        return 0, 0, 0, 0
+    params = erasing.make_params([torch.empty(3, img_size, img_size, device="meta")])  # it reads only the size
+    return (params["i"], params["j"], params["h"], params["w"]) if params["v"] is not None else (0, 0, 0, 0)
+
+
+class TrainPixels(nn.Module):
+    """train_transform up to its normalisation, on uint8; with random erasing, the item is a dict of the image
+    (PIXELS) and the box to erase (ERASE, int64 [4]), drawn here so the draws stay in train_transform's order."""
+
+    def __init__(self, img_size: int, reprob: float = 0.5, hflip: float = 0.5,
+                 crop_scales: Sequence[float] = CROP_SCALES) -> None:
+        super().__init__()
+        self.img_size = img_size
+        self.geometry = v2.Compose(train_geometry(img_size, hflip, crop_scales))
+        self.erasing = v2.RandomErasing(p=reprob, value=0) if reprob > 0 else None
+
+    def forward(self, image: Tensor) -> Tensor | dict[str, Tensor]:
+        image = self.geometry(image)
+        if self.erasing is None:
+            return image
+        return {PIXELS: image, ERASE: torch.tensor(draw_erase_box(self.erasing, self.img_size))}
+
+
+def erase_boxes(images: Tensor, boxes: Tensor) -> Tensor:
+    """Zero boxes[i] = (top, left, height, width) in images[i] [B, C, H, W], all at once on the images' device."""
+    rows = torch.arange(images.shape[-2], device=images.device).view(1, -1, 1)
+    cols = torch.arange(images.shape[-1], device=images.device).view(1, 1, -1)
+    top, left, height, width = (side.view(-1, 1, 1) for side in boxes.unbind(1))
+    inside = (rows >= top) & (rows < top + height) & (cols >= left) & (cols < left + width)
+    return images.masked_fill(inside.unsqueeze(1), 0)
+
+
+class NormalizeBatch:
+    """The device half of the loaders' transforms: a batch of train_pixels or eval_pixels items (uint8) becomes
+    normalised float32 model input, random erasing's boxes zeroed, without the host waiting for the device."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: torch.device | str) -> None:
+        self.normalize = NormalizeImage(mean, std).to(device)
+
+    def __call__(self, images: Tensor | dict[str, Tensor]) -> Tensor:
+        if isinstance(images, Tensor):
+            return self.normalize(images)
+        return erase_boxes(self.normalize(images[PIXELS]), images[ERASE])

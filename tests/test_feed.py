@@ -1,0 +1,76 @@
+"""udtimm.data.feed.DeviceFeeder: prepared inline (ahead=0) or by its thread, the same batches in the same order."""
+
+import random
+import threading
+
+import pytest
+import torch
+from conftest import TINY_DIGITS
+
+from udtimm.data import build_dataset
+from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample
+from udtimm.data.feed import DeviceFeeder, to_device
+from udtimm.data.loader import attach_pixel_transforms, make_loader
+from udtimm.data.transforms import NormalizeBatch
+
+MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CPU = torch.device("cpu")
+
+
+@pytest.fixture(scope="module")
+def digits(tiny_digits: str) -> MultiLabelDataset:
+    dataset = build_dataset("digits", tiny_digits, "test", **TINY_DIGITS)
+    attach_pixel_transforms(dataset, None, 32, reprob=1.0, hflip=0.5)
+    return dataset
+
+
+def feed(digits: MultiLabelDataset, ahead: int, workers: int = 0) -> list[tuple]:
+    random.seed(0)
+    torch.manual_seed(0)
+    loader = make_loader(digits, 8, True, workers)
+    loader.generator.manual_seed(0)
+    return list(DeviceFeeder(loader, NormalizeBatch(MEAN, STD, CPU), CPU, ahead=ahead))
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_the_thread_gives_the_batches_prepared_inline(digits: MultiLabelDataset, workers: int) -> None:
+    inline, ahead = feed(digits, 0, workers), feed(digits, 2, workers)
+    assert len(inline) == len(ahead) == len(digits) // 8
+    for expected, got in zip(inline, ahead, strict=True):
+        assert got[0].dtype == torch.float32 and got[0].shape == (8, 3, 32, 32)
+        for expected_field, got_field in zip(expected, got, strict=True):
+            assert torch.equal(expected_field, got_field)
+
+
+def test_an_error_in_the_loader_reaches_the_consumer_with_its_message(tmp_path, digits: MultiLabelDataset) -> None:
+    first = digits.samples[0]
+    broken = MultiLabelDataset([*digits.samples[:8], Sample("gone", str(tmp_path / "gone.jpg"), first.target,
+                                                             first.difficult)], digits.classes, digits.transform)
+    batches = iter(DeviceFeeder(make_loader(broken, 8, False, 0), NormalizeBatch(MEAN, STD, CPU), CPU, ahead=2))
+    assert next(batches)[0].shape[0] == 8
+    with pytest.raises(CorruptImageError, match="gone.jpg"):
+        next(batches)
+
+
+def test_a_consumer_that_stops_early_stops_the_thread(digits: MultiLabelDataset) -> None:
+    before = threading.active_count()
+    for _ in DeviceFeeder(make_loader(digits, 4, False, 0), None, CPU, ahead=1):
+        break
+    assert threading.active_count() == before
+    assert not any(thread.name == "udtimm-feeder" for thread in threading.enumerate())
+
+
+def test_an_empty_skip_corrupt_batch_passes_untransformed() -> None:
+    empty = (torch.empty(0), torch.empty(0), torch.empty(0), torch.empty(0), ["cannot read image a.jpg"])
+
+    def refuse(images: object) -> torch.Tensor:
+        raise AssertionError("an empty batch has nothing to transform")
+
+    (batch,) = DeviceFeeder([empty], refuse, CPU, ahead=2)
+    assert batch[0].numel() == 0 and batch[4] == ["cannot read image a.jpg"]
+
+
+def test_to_device_moves_tensors_inside_dicts_and_leaves_the_rest() -> None:
+    moved = to_device({"pixels": torch.zeros(2), "erase": torch.zeros(2, 4)}, torch.device("meta"))
+    assert {value.device.type for value in moved.values()} == {"meta"}
+    assert to_device(["a.jpg"], torch.device("meta")) == ["a.jpg"]
