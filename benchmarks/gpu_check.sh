@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Issue 6 on one GPU (H100/H200), as one short run: throughput.py at the paper's 448 px (ResNet-101 --cal training
-# with CPU decoding by 16 workers and with --gpu-decode, UD distillation ResNet-101 -> ResNet-18, inference), then
-# how far the GPU path's pixels are from the CPU path's (nvJPEG vs libjpeg). Uses the machine's own torch,
-# torchvision, timm and accelerate; writes gpu_check.log and throughput.csv under $OUT (default: a temp dir).
+# with CPU decoding by 16 workers and with --gpu-decode, UD distillation ResNet-101 -> ResNet-18, inference); that
+# DeviceFeeder's thread and side stream give the batches and predictions of inline preparation (feeder_check.py);
+# one short epoch of train.py, distill.py and validate.py as a user runs them (bf16, --gpu-decode); then how far
+# the GPU path's pixels are from the CPU path's (nvJPEG vs libjpeg). Uses the machine's own torch, torchvision,
+# timm and accelerate; writes gpu_check.log, throughput.csv and the runs under $OUT (default: a temp dir).
 #
-#   bash benchmarks/gpu_check.sh        # about 2-4 minutes (each part has its own time limit)
+#   bash benchmarks/gpu_check.sh        # about 4-5 minutes (each part has its own time limit)
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 VOC=/tmp/synthetic-voc
@@ -18,6 +20,14 @@ torchvision.__version__, 'timm', timm.__version__, 'accelerate', a.__version__)"
   timeout 140 python3 benchmarks/throughput.py --model resnet101 --cal --teacher resnet101 --student resnet18 \
     --img-size 448 --batch-size 64 --mixed-precision bf16 --channels-last --workers 16 --num-images 1500 \
     --synthetic-voc "$VOC" --csv "$OUT/throughput.csv"
+  timeout 60 python3 benchmarks/feeder_check.py --data-dir "$VOC" --img-size 448 -b 32 --workers 8
+  RUN=(--dataset voc2007 --data-dir "$VOC" --img-size 224 -b 64 --epochs 1 --workers 16 --mixed-precision bf16
+       --channels-last --no-progress --output "$OUT/runs")
+  timeout 60 python3 train.py "${RUN[@]}" --model resnet18 --cal --gpu-decode --experiment teacher
+  timeout 60 python3 distill.py "${RUN[@]}" --model resnet18 --teacher-ckpt "$OUT/runs/teacher/best.safetensors" \
+    --experiment student
+  timeout 60 python3 validate.py --checkpoint "$OUT/runs/student/best.safetensors" --data-dir "$VOC" -b 64 \
+    --workers 16 --mixed-precision bf16 --gpu-decode --no-progress
   timeout 30 python3 - "$VOC" <<'EOF'
 import glob, random, sys, time
 import torch

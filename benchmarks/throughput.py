@@ -62,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first (real loops: at most half)")
     parser.add_argument("--num-images", type=int, default=1000, help="synthetic JPEGs: one epoch of the real loops")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader worker processes")
+    parser.add_argument("--ahead", type=int, default=None,
+                        help="batches prepared ahead of the step by DeviceFeeder's thread (default: 2 on CUDA, 0 "
+                             "elsewhere, as the scripts run)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: bf16 on GPU, else no")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--torchcompile", action="store_true")
@@ -69,6 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--csv", metavar="FILE", help="append one row per measurement to this CSV file")
     args = parser.parse_args(argv)
     args.student = args.student or args.model
+    if args.ahead is None:
+        args.ahead = 2 if torch.cuda.is_available() else 0
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     return args
@@ -193,7 +198,7 @@ def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, r
         train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
             run, train_set, eval_set, mean, std, device)
         loader, transform = (eval_loader, eval_transform) if workload == "predict" else (train_loader, train_transform)
-        batches = DeviceFeeder(accelerator.prepare(loader), transform, device)
+        batches = DeviceFeeder(accelerator.prepare(loader), transform, device, ahead=args.ahead)
         skip, tail = min(args.warmup, len(loader) // 2), min(batches.ahead, len(loader) // 4)
     model = runs.place_model(model, device, run.channels_last)
     if workload == "predict":  # as validate.py: only mixed precision and --torchcompile, no distributed wrapper
@@ -258,7 +263,7 @@ def print_header(args: argparse.Namespace, card: str) -> None:
     distilled = f", distill {args.teacher} -> {args.student} (ud)" if args.teacher else ""
     print(f"{card}: train/predict {args.model}{' --cal' if args.cal else ''}{distilled}; {args.img_size} px, batch "
           f"{args.batch_size}, mixed precision {args.mixed_precision}, channels_last {args.channels_last}, "
-          f"{args.workers} workers, {args.num_images} images")
+          f"{args.workers} workers, {args.num_images} images, prepared ahead: {args.ahead}")
     print(f"{'workload':>8} {'pipeline':>10} {'cal':>3} {'img/s':>9} {'ms/step':>9} {'peak MiB':>9} {'real/ceil':>9}",
           flush=True)
 
@@ -279,6 +284,7 @@ def report_row(rows: list[Row], args: argparse.Namespace, card: str) -> None:
             "model": args.student if distilling else args.model, "teacher": args.teacher if distilling else "",
             "cal": row.cal, "img_size": args.img_size, "batch_size": args.batch_size,
             "mixed_precision": args.mixed_precision, "channels_last": args.channels_last, "workers": args.workers,
+            "ahead": args.ahead,
             "images": row.images, "img_per_s": f"{row.img_per_s:.1f}", "ms_per_step": f"{ms_per_step:.2f}",
             "peak_mib": f"{row.peak_mib:.0f}", "real_over_ceiling": f"{row.ratio:.3f}",
         })

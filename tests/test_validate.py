@@ -72,6 +72,13 @@ def test_checkpoint_alone_reproduces_the_results_of_train(best: str, single_proc
     assert single_process["num_images"] == TINY_DIGITS["num_test"]
 
 
+def test_torchcompile_gives_the_metrics_of_the_eager_model(best: str, tiny_digits: str,
+                                                          single_process: dict[str, float]) -> None:
+    compiled = validate.main(["--checkpoint", best, *data_flags(tiny_digits), "--torchcompile"])
+    for name in METRIC_NAMES:  # inductor fuses and reorders float32 arithmetic: scores move by ~1e-7
+        assert compiled[name] == pytest.approx(single_process[name], rel=0, abs=1e-3, nan_ok=True), name
+
+
 def test_difficult_subset_matches_metrics_on_the_subset(best: str, tiny_digits: str, capsys) -> None:
     found = validate.main(["--checkpoint", best, "--subset", "difficult", *data_flags(tiny_digits)])
     dataset, predictions = reference_predictions(best, tiny_digits)

@@ -55,6 +55,8 @@ class DeviceFeeder:
     def __init__(self, loader: Iterable, transform: BatchTransform | None, device: torch.device,
                  ahead: int | None = None) -> None:
         self.loader, self.transform, self.device = loader, transform, torch.device(device)
+        if self.device.type == "cuda" and self.device.index is None:  # accelerate's single-GPU device is "cuda"
+            self.device = torch.device("cuda", torch.cuda.current_device())
         self.ahead = (2 if self.device.type == "cuda" else 0) if ahead is None else ahead
 
     def __len__(self) -> int:
