@@ -2,6 +2,9 @@
 
 import csv
 import os
+import socket
+import subprocess
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # no test may reach a model hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -12,6 +15,7 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 TINY_DIGITS = {"num_trainval": 96, "num_test": 40}
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="session")
@@ -38,3 +42,14 @@ def read_rows(path: str) -> list[dict[str, str]]:
     """The rows of a CSV written by udtimm (summary.csv, results.csv, ...)."""
     with open(path, newline="") as handle:
         return list(csv.DictReader(handle))
+
+
+def run_two_cpu_processes(script: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    """`script` (train.py, validate.py, ...) in 2 CPU processes under torchrun, as a user launches it."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               script, *args]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

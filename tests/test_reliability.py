@@ -15,7 +15,7 @@ from collections.abc import Iterator
 import pytest
 import torch
 from accelerate.data_loader import prepare_data_loader
-from conftest import tiny_train_args
+from conftest import run_two_cpu_processes, tiny_train_args
 from safetensors.torch import load_file
 
 import distill
@@ -278,6 +278,19 @@ def test_skip_corrupt_leaves_truncated_jpegs_out_logs_each_once_and_counts_them(
     assert result["num_images"] == 39
     for path in paths:  # the test image was left out twice (epoch 0 and the final evaluation), logged once
         assert sum(path in record.getMessage() for record in caplog.records) == 1
+
+
+def test_skip_corrupt_in_two_processes_counts_each_left_out_image_once(
+        corrupt_digits: tuple[str, list[str]], tmp_path) -> None:
+    """Batches shrink unevenly across processes; steps stay in lockstep and the counts are of the whole run."""
+    root, _ = corrupt_digits
+    result = run_two_cpu_processes("train.py", *tiny_train_args(root, str(tmp_path), "--epochs", "1",
+                                                                "--skip-corrupt", "--experiment", "s2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    (row,) = read_rows(str(tmp_path / "s2" / "summary.csv"))
+    assert row["skipped_images"] == "1"
+    (result_row,) = read_rows(str(tmp_path / "s2" / "results.csv"))
+    assert float(result_row["num_images"]) == 39
 
 
 def break_voc(voc_dir: str, case: str) -> str:

@@ -2,13 +2,12 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import yaml
-from conftest import read_rows, tiny_train_args
+from conftest import read_rows, run_two_cpu_processes, tiny_train_args
 
 import train
 from udtimm.checkpoint import read_metadata
@@ -107,18 +106,9 @@ def test_unknown_model_is_a_clean_error_from_the_command_line(tiny_digits: str, 
     assert result.returncode != 0 and "resnet18" in result.stderr and "Traceback" not in result.stderr
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_cpu_processes_write_one_consistent_run(tiny_digits: str, tmp_path) -> None:
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-               "--master_port", str(free_port()), "train.py",
-               *tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "ddp", "--cal")]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    result = run_two_cpu_processes("train.py", *tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "ddp",
+                                                                "--cal"))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp"
     assert "2 process(es)" in result.stdout

@@ -5,16 +5,13 @@ import csv
 import json
 import os
 import shutil
-import socket
-import subprocess
-import sys
 
 import numpy as np
 import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_DIGITS, tiny_train_args
+from conftest import TINY_DIGITS, run_two_cpu_processes, tiny_train_args
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -159,22 +156,13 @@ def test_images_refuse_options_that_need_annotations(best: str, image_folder: st
                        "--results-file", "r.csv"])
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_two_processes_give_the_single_process_metrics(best: str, tiny_digits: str, tmp_path,
                                                        single_process: dict[str, float]) -> None:
     # 40 images in batches of 16 over 2 processes: the second process's last batch is padded with repeats.
     assert TINY_DIGITS["num_test"] % (16 * 2) != 0
     results = str(tmp_path / "r2.csv")
-    env = {**os.environ, "ACCELERATE_USE_CPU": "true", "OMP_NUM_THREADS": "1"}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "validate.py", "--checkpoint", best, *data_flags(tiny_digits), "-b", "16",
-               "--results-file", results]
-    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    result = run_two_cpu_processes("validate.py", "--checkpoint", best, *data_flags(tiny_digits), "-b", "16",
+                                   "--results-file", results, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     with open(results, newline="") as handle:
