@@ -91,6 +91,28 @@ def test_training_state_survives_a_kill_between_the_renames(tmp_path) -> None:
     assert progress["epoch"] == 1
 
 
+@pytest.mark.parametrize("links", [True, False])
+def test_last_and_best_share_the_states_weights_file_and_outlive_it(tmp_path, monkeypatch, links: bool) -> None:
+    if not links:  # a file system without hard links: copies
+        monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no links here")))
+    metadata = checkpoint.model_metadata("test_resnet", create_model("test_resnet", num_classes=2), ["a", "b"], None,
+                                         32, [0.5] * 3, [0.5] * 3)
+    last, best = str(tmp_path / "last.safetensors"), str(tmp_path / "best.safetensors")
+    saved = []
+    for epoch, also_at in enumerate(([last, best], [last])):  # epoch 1 does not improve: best stays epoch 0's
+        torch.manual_seed(epoch)
+        model = create_model("test_resnet", num_classes=2)
+        saved.append(model.state_dict())
+        checkpoint.save_training_state(str(tmp_path), model, {**metadata, "epoch": str(epoch)}, {"optimizer": {}},
+                                       {"epoch": epoch, "num_updates": epoch, "best": 0.0}, also_at)
+    weights = str(tmp_path / "state" / "weights.safetensors")
+    assert os.path.samefile(last, weights) == links
+    for path, epoch in ((weights, 1), (last, 1), (best, 0)):
+        tensors, meta = checkpoint.load_checkpoint(path)
+        assert meta["epoch"] == str(epoch)
+        assert all(torch.equal(tensors[key], value) for key, value in saved[epoch].items())
+
+
 class Payload:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -143,17 +143,23 @@ def save_training_state(
     metadata: Mapping[str, str],
     optimizer_state: dict,
     progress: Mapping[str, object],
+    weights_also_at: Sequence[str] = (),
 ) -> None:
     """state/: weights, optimizer/scheduler/scaler state and progress.json, replaced as a whole.
 
     The new state is written to state.tmp/ (progress.json last, marking it complete) and swapped in by
-    renames, so a kill at any moment leaves at least one complete state directory.
+    renames, so a kill at any moment leaves at least one complete state directory. The paths in
+    `weights_also_at` (last.safetensors, best.safetensors) get the same weights file before the state is complete:
+    a kill in between repeats the epoch, which writes them again.
     """
     final = os.path.join(run_dir, STATE_DIR)
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    save_checkpoint(os.path.join(tmp, "weights.safetensors"), model, metadata)
+    weights = os.path.join(tmp, "weights.safetensors")
+    save_checkpoint(weights, model, metadata)
+    for path in weights_also_at:
+        atomic_write(path, lambda target: link_or_copy(weights, target))
     atomic_write(os.path.join(tmp, "optimizer.pt"), lambda path: torch.save(optimizer_state, path))
     atomic_write_text(os.path.join(tmp, PROGRESS_FILE), json.dumps(dict(progress), indent=2))
     if os.path.isdir(final):
@@ -161,6 +167,16 @@ def save_training_state(
         os.rename(final, old)
     os.rename(tmp, final)
     shutil.rmtree(old, ignore_errors=True)
+
+
+def link_or_copy(source: str, target: str) -> None:
+    """`target` becomes `source`'s file: a hard link (no second copy on disk), or a copy where links fail."""
+    if os.path.exists(target):
+        os.remove(target)
+    try:
+        os.link(source, target)
+    except OSError:  # a file system without hard links, or another device
+        shutil.copyfile(source, target)
 
 
 def find_training_state(run_dir: str) -> str | None:

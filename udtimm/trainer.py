@@ -161,16 +161,17 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
             unwrapped = bare_model(accelerator, model)
             meta = {**setup.metadata, "epoch": str(epoch), "metric": BEST_METRIC,
                     "metric_value": str(scores[BEST_METRIC])}
-            if improved:
-                checkpoint.save_checkpoint(os.path.join(run_dir, "best.safetensors"), unwrapped, meta)
-            checkpoint.save_checkpoint(os.path.join(run_dir, "last.safetensors"), unwrapped, meta)
             optimizer_state = {
                 "optimizer": setup.optimizer.state_dict(),
                 "scheduler": setup.scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
             }
             progress = {"epoch": epoch, "num_updates": num_updates, "best": best, "extra": setup.extra_state}
-            checkpoint.save_training_state(run_dir, unwrapped, meta, optimizer_state, progress)
+            # The weights leave the device and reach the disk once; last and best are links to state's file.
+            also_at = [os.path.join(run_dir, "last.safetensors")]
+            if improved:
+                also_at.append(os.path.join(run_dir, "best.safetensors"))
+            checkpoint.save_training_state(run_dir, unwrapped, meta, optimizer_state, progress, also_at)
         accelerator.wait_for_everyone()
         print_row(accelerator, row, header=epoch == start_epoch)
     return final_results(args, setup, accelerator)
