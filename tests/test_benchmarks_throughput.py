@@ -23,9 +23,10 @@ def test_throughput_benchmark_runs(tmp_path):
     with open(csv_path, newline="") as handle:
         rows = list(csv.DictReader(handle))
     assert [(row["workload"], row["pipeline"]) for row in rows] == [
-        ("train", "ceiling"), ("train", "ceiling"), ("train", "cpu-decode"), ("distill", "ceiling"),
-        ("distill", "cpu-decode"), ("predict", "ceiling"), ("predict", "cpu-decode"),
+        ("train", "ceiling"), ("train", "ceiling"), ("train", "ceiling"), ("train", "cpu-decode"),
+        ("distill", "ceiling"), ("distill", "cpu-decode"), ("predict", "ceiling"), ("predict", "cpu-decode"),
     ]
     assert {"device", "img_per_s", "ms_per_step", "peak_mib", "real_over_ceiling", "ahead"} <= set(rows[0])
-    assert rows[2]["ahead"] == "1" and int(rows[2]["images"]) == 8  # 4 batches of 4: 1 skipped, 1 left ahead
+    assert [row["cal"] for row in rows[:3]] == ["True", "False", "True"]  # without --cal: the branch is the extra
+    assert rows[3]["ahead"] == "1" and int(rows[3]["images"]) == 8  # 4 batches of 4: 1 skipped, 1 left ahead
     assert len(list((tmp_path / "voc" / "VOC2007" / "JPEGImages").glob("*.jpg"))) == 16
