@@ -14,7 +14,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 cd "$(dirname "$0")/.."
 {
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-  df -h /dev/shm | tail -1  # 16 workers pass float batches through shared memory
+  df -h /dev/shm | tail -1  # 16 workers pass uint8 batches through shared memory
   python3 -c "import torch, torchvision, timm, accelerate as a; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'timm', timm.__version__, 'accelerate', a.__version__)"
   timeout 200 python3 benchmarks/throughput.py --model resnet101 --cal --teacher resnet101 --student resnet18 \
