@@ -20,6 +20,15 @@ from torch import Tensor
 BatchTransform = Callable[[object], Tensor]
 
 _END = object()
+_SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
+
+
+def side_stream(device: torch.device) -> torch.cuda.Stream:
+    """One side stream per GPU for the whole run: the caching allocator keeps freed memory per stream, so a new
+    stream per epoch would strand each old one's cached batches."""
+    if device not in _SIDE_STREAMS:
+        _SIDE_STREAMS[device] = torch.cuda.Stream(device)
+    return _SIDE_STREAMS[device]
 
 
 def to_device(value: object, device: torch.device) -> object:
@@ -81,7 +90,7 @@ class DeviceFeeder:
     def _prepared_ahead(self) -> Iterator[tuple]:
         ready: queue.Queue = queue.Queue(maxsize=self.ahead)
         stop = threading.Event()
-        stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
+        stream = side_stream(self.device) if self.device.type == "cuda" else None
         batches = iter(self.loader)
 
         def hand_over(item: object) -> bool:
