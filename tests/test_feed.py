@@ -1,11 +1,12 @@
 """udtimm.data.feed.DeviceFeeder: prepared inline (ahead=0) or by its thread, the same batches in the same order."""
 
+import functools
 import random
 import threading
 
 import pytest
 import torch
-from conftest import TINY_DIGITS
+from conftest import TINY_DIGITS, read_rows, tiny_train_args
 
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample
@@ -74,3 +75,18 @@ def test_to_device_moves_tensors_inside_dicts_and_leaves_the_rest() -> None:
     moved = to_device({"pixels": torch.zeros(2), "erase": torch.zeros(2, 4)}, torch.device("meta"))
     assert {value.device.type for value in moved.values()} == {"meta"}
     assert to_device(["a.jpg"], torch.device("meta")) == ["a.jpg"]
+
+
+def test_a_training_run_fed_by_the_thread_equals_one_fed_inline(tiny_digits: str, tmp_path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.py end to end, as on a GPU (batches prepared ahead by the thread): the same losses and metrics."""
+    import train
+    from udtimm import trainer
+
+    runs = {}
+    for ahead in (0, 2):
+        monkeypatch.setattr(trainer, "DeviceFeeder", functools.partial(DeviceFeeder, ahead=ahead))
+        train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", f"ahead{ahead}", "--workers", "2"))
+        runs[ahead] = [{key: value for key, value in row.items() if key not in ("epoch_time", "images_per_s")}
+                       for row in read_rows(str(tmp_path / f"ahead{ahead}" / "summary.csv"))]
+    assert runs[2] == runs[0] and len(runs[0]) == 2
