@@ -272,11 +272,15 @@ def print_header(args: argparse.Namespace, card: str) -> None:
 
 
 def report_row(rows: list[Row], args: argparse.Namespace, card: str) -> None:
-    """Print (and append to --csv) the newest row, as a ratio to its workload's ceiling, measured before it."""
+    """Print (and append to --csv) the newest row, as a ratio to its workload's ceiling, measured before it.
+
+    A repeated ceiling (the calibration branch's "after") has no ratio: it is compared in print_summary.
+    """
     row = rows[-1]
     ceiling = next((r for r in rows if r.pipeline == "ceiling" and (r.workload, r.cal) == (row.workload, row.cal)),
                    None)
-    row.ratio = row.img_per_s / ceiling.img_per_s if ceiling else math.nan
+    repeated = row.pipeline == "ceiling" and ceiling is not row
+    row.ratio = row.img_per_s / ceiling.img_per_s if ceiling and not repeated else math.nan
     ms_per_step = row.seconds / row.steps * 1e3
     print(f"{row.workload:>8} {row.pipeline:>10} {'yes' if row.cal else 'no':>3} {row.img_per_s:9.1f} "
           f"{ms_per_step:9.1f} {row.peak_mib:9.0f} {row.ratio:9.3f}", flush=True)
@@ -296,15 +300,14 @@ def report_row(rows: list[Row], args: argparse.Namespace, card: str) -> None:
 def print_summary(rows: list[Row]) -> None:
     real = [row for row in rows if row.pipeline != "ceiling"]
     print("ratio real/ceiling: " + ", ".join(f"{row.workload} {row.pipeline} {row.ratio:.3f}" for row in real))
-    seconds_per_image: dict[bool, list[float]] = {False: [], True: []}
-    for row in rows:
-        if (row.workload, row.pipeline) == ("train", "ceiling"):
-            seconds_per_image[row.cal].append(1 / row.img_per_s)
-    if all(seconds_per_image.values()):
-        without, with_cal = (sum(times) / len(times) for times in seconds_per_image.values())
-        print(f"calibration branch: {(with_cal / without - 1) * 100:+.2f} % train step time (ceiling with it vs "
-              "the mean of the ceilings without it before and after)")
-
+    train_ceilings = [row for row in rows if (row.workload, row.pipeline) == ("train", "ceiling")]
+    rates = {cal: [row.img_per_s for row in train_ceilings if row.cal == cal] for cal in (False, True)}
+    if all(rates.values()):
+        # Mean time per image: it cancels a drift of the machine's speed between the runs before and after.
+        without, with_cal = (sum(1 / rate for rate in rates[cal]) / len(rates[cal]) for cal in (False, True))
+        order = ", ".join(f"{'with' if row.cal else 'without'} {row.img_per_s:.1f}" for row in train_ceilings)
+        print(f"calibration branch: {(with_cal / without - 1) * 100:+.2f} % train step time (train ceilings in "
+              f"img/s, in the order measured: {order})")
 
 if __name__ == "__main__":
     main()
