@@ -4,7 +4,7 @@
 # DeviceFeeder's thread and side stream give the batches and predictions of inline preparation (feeder_check.py);
 # one short epoch of train.py, distill.py and validate.py as a user runs them (bf16, --gpu-decode); then how far
 # the GPU path's pixels are from the CPU path's (nvJPEG vs libjpeg). Uses the machine's own torch, torchvision,
-# timm and accelerate; writes gpu_check.log, throughput.csv and the runs under $OUT (default: a temp dir).
+# timm and accelerate; writes gpu_check.log and throughput.csv under $OUT (default: a temp dir).
 #
 #   bash benchmarks/gpu_check.sh        # about 4-5 minutes (each part has its own time limit)
 set -uo pipefail
@@ -21,12 +21,14 @@ torchvision.__version__, 'timm', timm.__version__, 'accelerate', a.__version__)"
     --img-size 448 --batch-size 64 --mixed-precision bf16 --channels-last --workers 16 --num-images 1500 --steps 50 \
     --synthetic-voc "$VOC" --csv "$OUT/throughput.csv"
   timeout 60 python3 benchmarks/feeder_check.py --data-dir "$VOC" --img-size 448 -b 32 --workers 8
+  RUNS=/tmp/gpu-check-runs  # the checkpoints stay off $OUT
+  rm -rf "$RUNS"
   RUN=(--dataset voc2007 --data-dir "$VOC" --img-size 224 -b 64 --epochs 1 --workers 16 --mixed-precision bf16
-       --channels-last --no-progress --output "$OUT/runs")
+       --channels-last --no-progress --output "$RUNS")
   timeout 60 python3 train.py "${RUN[@]}" --model resnet18 --cal --gpu-decode --experiment teacher
-  timeout 60 python3 distill.py "${RUN[@]}" --model resnet18 --teacher-ckpt "$OUT/runs/teacher/best.safetensors" \
+  timeout 60 python3 distill.py "${RUN[@]}" --model resnet18 --teacher-ckpt "$RUNS/teacher/best.safetensors" \
     --experiment student
-  timeout 60 python3 validate.py --checkpoint "$OUT/runs/student/best.safetensors" --data-dir "$VOC" -b 64 \
+  timeout 60 python3 validate.py --checkpoint "$RUNS/student/best.safetensors" --data-dir "$VOC" -b 64 \
     --workers 16 --mixed-precision bf16 --gpu-decode --no-progress
   timeout 30 python3 - "$VOC" <<'EOF'
 import glob, random, sys, time
