@@ -62,7 +62,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     setup = RunSetup(
         run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
         eval_loader=eval_loader, objective=objective, loss_terms=objective.term_names(args.cal), metadata=metadata,
-        train_transform=train_transform, eval_transform=eval_transform,
+        train_transform=train_transform, eval_transform=eval_transform, prefetch=args.prefetch,
         result_fields=runs.result_fields(args, method, ""),
     )
     return runs.fit_and_report(args, setup, accelerator)

@@ -18,7 +18,7 @@ from collections.abc import Sequence
 
 from accelerate import Accelerator
 
-from udtimm import checkpoint, metrics, runs
+from udtimm import checkpoint, config, metrics, runs
 from udtimm.config import DATASETS, ConfigError
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
@@ -78,6 +78,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     runtime.add_argument("--torchcompile", action="store_true", help="torch.compile the model (through accelerate)")
     runtime.add_argument("--gpu-decode", action="store_true",
                          help="the workers only read the files; the GPU decodes (nvJPEG) and resizes them")
+    config.add_prefetch_arg(runtime)
     runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = parser.parse_args(argv)
     if args.images:
@@ -173,7 +174,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
     model = accelerator.prepare_model(runs.place_model(model, accelerator.device, args.channels_last),
                                       evaluation_mode=True)
-    predictions = predict(model, DeviceFeeder(loader, transform, accelerator.device), accelerator,
+    predictions = predict(model, DeviceFeeder(loader, transform, accelerator.device, args.prefetch), accelerator,
                           not args.no_progress)
     # Dataset order whatever the number of processes, so tied scores rank (and files list) the same way.
     predictions = select(predictions, predictions.indices.argsort())

@@ -62,9 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first (real loops: at most half)")
     parser.add_argument("--num-images", type=int, default=1000, help="synthetic JPEGs: one epoch of the real loops")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader worker processes")
-    parser.add_argument("--ahead", type=int, default=None,
-                        help="batches prepared ahead of the step by DeviceFeeder's thread (default: 2 on CUDA, 0 "
-                             "elsewhere, as the scripts run)")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="the scripts' --prefetch: batches prepared ahead by the feeder thread (default: 2 on "
+                             "CUDA, 0 elsewhere)")
     parser.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), help="default: bf16 on GPU, else no")
     parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--torchcompile", action="store_true")
@@ -72,8 +72,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--csv", metavar="FILE", help="append one row per measurement to this CSV file")
     args = parser.parse_args(argv)
     args.student = args.student or args.model
-    if args.ahead is None:
-        args.ahead = 2 if torch.cuda.is_available() else 0
+    if args.prefetch is None:
+        args.prefetch = 2 if torch.cuda.is_available() else 0
     if args.mixed_precision is None:
         args.mixed_precision = "bf16" if torch.cuda.is_available() else "no"
     return args
@@ -166,6 +166,7 @@ def script_args(script: object, args: argparse.Namespace, root: str, *extra: str
     flags = ["--dataset", "voc2007", "--data-dir", root, "--img-size", str(args.img_size), "-b", str(args.batch_size),
              "--workers", str(args.workers), "--mixed-precision", args.mixed_precision, "--no-progress"]
     flags += ["--channels-last"] * args.channels_last + ["--torchcompile"] * args.torchcompile
+    flags += ["--prefetch", str(args.prefetch)]
     return script.parse_args([*flags, *extra])
 
 
@@ -198,7 +199,7 @@ def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, r
         train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
             run, train_set, eval_set, mean, std, device)
         loader, transform = (eval_loader, eval_transform) if workload == "predict" else (train_loader, train_transform)
-        batches = DeviceFeeder(accelerator.prepare(loader), transform, device, ahead=args.ahead)
+        batches = DeviceFeeder(accelerator.prepare(loader), transform, device, run.prefetch)
         skip, tail = min(args.warmup, len(loader) // 2), min(batches.ahead, len(loader) // 4)
     model = runs.place_model(model, device, run.channels_last)
     if workload == "predict":  # as validate.py: only mixed precision and --torchcompile, no distributed wrapper
@@ -266,7 +267,7 @@ def print_header(args: argparse.Namespace, card: str) -> None:
     distilled = f", distill {args.teacher} -> {args.student} (ud)" if args.teacher else ""
     print(f"{card}: train/predict {args.model}{' --cal' if args.cal else ''}{distilled}; {args.img_size} px, batch "
           f"{args.batch_size}, mixed precision {args.mixed_precision}, channels_last {args.channels_last}, "
-          f"{args.workers} workers, {args.num_images} images, prepared ahead: {args.ahead}")
+          f"{args.workers} workers, {args.num_images} images, --prefetch {args.prefetch}")
     print(f"{'workload':>8} {'pipeline':>10} {'cal':>3} {'img/s':>9} {'ms/step':>9} {'peak MiB':>9} {'real/ceil':>9}",
           flush=True)
 
@@ -291,7 +292,7 @@ def report_row(rows: list[Row], args: argparse.Namespace, card: str) -> None:
             "model": args.student if distilling else args.model, "teacher": args.teacher if distilling else "",
             "cal": row.cal, "img_size": args.img_size, "batch_size": args.batch_size,
             "mixed_precision": args.mixed_precision, "channels_last": args.channels_last, "workers": args.workers,
-            "ahead": args.ahead,
+            "prefetch": args.prefetch,
             "images": row.images, "img_per_s": f"{row.img_per_s:.1f}", "ms_per_step": f"{ms_per_step:.2f}",
             "peak_mib": f"{row.peak_mib:.0f}", "real_over_ceiling": f"{row.ratio:.3f}",
         })

@@ -1,6 +1,5 @@
 """udtimm.data.feed.DeviceFeeder: prepared inline (ahead=0) or by its thread, the same batches in the same order."""
 
-import functools
 import random
 import threading
 
@@ -77,16 +76,14 @@ def test_to_device_moves_tensors_inside_dicts_and_leaves_the_rest() -> None:
     assert to_device(["a.jpg"], torch.device("meta")) == ["a.jpg"]
 
 
-def test_a_training_run_fed_by_the_thread_equals_one_fed_inline(tiny_digits: str, tmp_path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
-    """train.py end to end, as on a GPU (batches prepared ahead by the thread): the same losses and metrics."""
+def test_a_training_run_fed_by_the_thread_equals_one_fed_inline(tiny_digits: str, tmp_path) -> None:
+    """train.py --prefetch 2 (the thread, as on a GPU) against --prefetch 0: the same losses and metrics."""
     import train
-    from udtimm import trainer
 
     runs = {}
-    for ahead in (0, 2):
-        monkeypatch.setattr(trainer, "DeviceFeeder", functools.partial(DeviceFeeder, ahead=ahead))
-        train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", f"ahead{ahead}", "--workers", "2"))
-        runs[ahead] = [{key: value for key, value in row.items() if key not in ("epoch_time", "images_per_s")}
-                       for row in read_rows(str(tmp_path / f"ahead{ahead}" / "summary.csv"))]
+    for prefetch in (0, 2):
+        train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", f"p{prefetch}", "--workers", "2",
+                                   "--prefetch", str(prefetch)))
+        runs[prefetch] = [{key: value for key, value in row.items() if key not in ("epoch_time", "images_per_s")}
+                          for row in read_rows(str(tmp_path / f"p{prefetch}" / "summary.csv"))]
     assert runs[2] == runs[0] and len(runs[0]) == 2

@@ -55,6 +55,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
     group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")
     group.add_argument("--gpu-decode", action="store_true", help="decode and augment JPEGs on the GPU")
+    add_prefetch_arg(group)
+
+
+def add_prefetch_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--prefetch", type=int, default=None, metavar="N",
+                       help="batches a feeder thread prepares ahead of the step (copy to the device, normalisation, "
+                            "--gpu-decode); default 2 on a GPU, 0 (none, no thread) on the CPU")
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

@@ -47,12 +47,13 @@ class RunSetup:
     # What finishes the loaders' batches on the device (runs.build_loaders); None: they are model input already.
     train_transform: BatchTransform | None = None
     eval_transform: BatchTransform | None = None
+    prefetch: int | None = None  # --prefetch: batches prepared ahead (None: DeviceFeeder's default for the device)
 
     def train_batches(self, device: torch.device) -> DeviceFeeder:
-        return DeviceFeeder(self.train_loader, self.train_transform, device)
+        return DeviceFeeder(self.train_loader, self.train_transform, device, self.prefetch)
 
     def eval_batches(self, device: torch.device) -> DeviceFeeder:
-        return DeviceFeeder(self.eval_loader, self.eval_transform, device)
+        return DeviceFeeder(self.eval_loader, self.eval_transform, device, self.prefetch)
 
 
 def evaluate_metrics(predictions: Predictions, args: argparse.Namespace) -> dict[str, float]:
