@@ -22,10 +22,8 @@ from udtimm import checkpoint, config, metrics, runs
 from udtimm.config import DATASETS, ConfigError
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
-from udtimm.data.gpu import DeviceTransform
 from udtimm.data.images import ImageFolderDataset, list_images
 from udtimm.data.loader import load_split, make_loader
-from udtimm.data.transforms import NormalizeBatch, eval_pixels
 from udtimm.engine import Predictions, predict
 from udtimm.io import append_csv_row
 from udtimm.plots import reliability_diagram
@@ -163,13 +161,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         dataset = ImageFolderDataset(list_images(args.images), num_classes=len(class_names))
     else:
         dataset = load_dataset(args, metadata, accelerator)
-    if args.gpu_decode:
-        runs.check_gpu_decode(accelerator.device)
-        dataset.encoded = True
-        transform = DeviceTransform(img_size, mean, std, accelerator.device, train=False)
-    else:
-        dataset.transform = eval_pixels(img_size)
-        transform = NormalizeBatch(mean, std, accelerator.device)
+    transform = runs.eval_pipeline(dataset, img_size, mean, std, accelerator.device, args.gpu_decode)
     # The model gets no distributed wrapper (evaluation_mode): only mixed precision and --torchcompile.
     loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
     model = accelerator.prepare_model(runs.place_model(model, accelerator.device, args.channels_last),

@@ -9,9 +9,9 @@ from conftest import TINY_DIGITS, read_rows, tiny_train_args
 
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample
-from udtimm.data.feed import DeviceFeeder, to_device
-from udtimm.data.loader import attach_pixel_transforms, make_loader
-from udtimm.data.transforms import NormalizeBatch
+from udtimm.data.feed import DeviceFeeder
+from udtimm.data.loader import make_loader
+from udtimm.data.transforms import NormalizeBatch, TrainPixels
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CPU = torch.device("cpu")
@@ -20,7 +20,7 @@ CPU = torch.device("cpu")
 @pytest.fixture(scope="module")
 def digits(tiny_digits: str) -> MultiLabelDataset:
     dataset = build_dataset("digits", tiny_digits, "test", **TINY_DIGITS)
-    attach_pixel_transforms(dataset, None, 32, reprob=1.0, hflip=0.5)
+    dataset.transform = TrainPixels(32, reprob=1.0, hflip=0.5)
     return dataset
 
 
@@ -70,10 +70,12 @@ def test_an_empty_skip_corrupt_batch_passes_untransformed() -> None:
     assert batch[0].numel() == 0 and batch[4] == ["cannot read image a.jpg"]
 
 
-def test_to_device_moves_tensors_inside_dicts_and_leaves_the_rest() -> None:
-    moved = to_device({"pixels": torch.zeros(2), "erase": torch.zeros(2, 4)}, torch.device("meta"))
+def test_prepare_moves_tensors_inside_dicts_and_leaves_the_rest() -> None:
+    batch = ({"pixels": torch.zeros(2), "erase": torch.zeros(2, 4)}, torch.zeros(2), torch.zeros(2), torch.zeros(2),
+             ["a.jpg"])
+    moved, *_, messages = DeviceFeeder([], None, torch.device("meta")).prepare(batch)
     assert {value.device.type for value in moved.values()} == {"meta"}
-    assert to_device(["a.jpg"], torch.device("meta")) == ["a.jpg"]
+    assert messages == ["a.jpg"]
 
 
 def test_a_training_run_fed_by_the_thread_equals_one_fed_inline(tiny_digits: str, tmp_path) -> None:

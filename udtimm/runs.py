@@ -14,15 +14,15 @@ from accelerate.utils import DataLoaderConfiguration
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from torch import nn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Dataset
 
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError, experiment_name, save_args
 from udtimm.data.base import DatasetError, MultiLabelDataset
 from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
-from udtimm.data.loader import attach_pixel_transforms, load_split, make_loader
-from udtimm.data.transforms import NormalizeBatch
+from udtimm.data.loader import load_split, make_loader
+from udtimm.data.transforms import NormalizeBatch, TrainPixels, eval_pixels
 from udtimm.engine import NonFiniteLossError
 from udtimm.io import check_writable
 from udtimm.model import ModelConfigError
@@ -98,17 +98,30 @@ def build_loaders(
     """
     if args.gpu_decode:
         check_gpu_decode(device)
-        train_set.encoded = eval_set.encoded = True
+        train_set.encoded = True
         train_transform: BatchTransform = DeviceTransform(
             args.img_size, mean, std, device, train=True, reprob=args.reprob, hflip=args.hflip,
             crop_scales=args.crop_scales)
-        eval_transform: BatchTransform = DeviceTransform(args.img_size, mean, std, device, train=False)
     else:
-        attach_pixel_transforms(train_set, eval_set, args.img_size, args.reprob, args.crop_scales, args.hflip)
-        train_transform = eval_transform = NormalizeBatch(mean, std, device)
+        train_set.transform = TrainPixels(args.img_size, reprob=args.reprob, hflip=args.hflip,
+                                          crop_scales=args.crop_scales)
+        train_transform = NormalizeBatch(mean, std, device)
+    eval_transform = eval_pipeline(eval_set, args.img_size, mean, std, device, args.gpu_decode)
     train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
     eval_loader = make_loader(eval_set, args.batch_size, False, args.workers, args.skip_corrupt)
     return train_loader, eval_loader, train_transform, eval_transform
+
+
+def eval_pipeline(dataset: Dataset, img_size: int, mean: list[float], std: list[float], device: torch.device,
+                  gpu_decode: bool) -> BatchTransform:
+    """Set what the workers do with `dataset`'s images for evaluation; return what finishes its batches on `device`
+    (train.py's and distill.py's eval split, validate.py's split or image folder)."""
+    if gpu_decode:
+        check_gpu_decode(device)
+        dataset.encoded = True
+        return DeviceTransform(img_size, mean, std, device, train=False)
+    dataset.transform = eval_pixels(img_size)
+    return NormalizeBatch(mean, std, device)
 
 
 def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int, cycles: int = 1) -> tuple:

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
 
 import torch
+from accelerate.utils import send_to_device
 from torch import Tensor
 
 # Turns a loader's image field (uint8 batches, or --gpu-decode's encoded files) into the model's input on the device.
@@ -29,17 +30,6 @@ def side_stream(device: torch.device) -> torch.cuda.Stream:
     if device not in _SIDE_STREAMS:
         _SIDE_STREAMS[device] = torch.cuda.Stream(device)
     return _SIDE_STREAMS[device]
-
-
-def to_device(value: object, device: torch.device) -> object:
-    """Tensors (also inside lists and dicts) copied to `device` without the host waiting (pinned memory)."""
-    if isinstance(value, Tensor):
-        return value.to(device, non_blocking=True)
-    if isinstance(value, dict):
-        return {key: to_device(item, device) for key, item in value.items()}
-    if isinstance(value, (list, tuple)) and any(isinstance(item, Tensor) for item in value):
-        return type(value)(to_device(item, device) for item in value)
-    return value
 
 
 def tensors_of(value: object) -> Iterator[Tensor]:
@@ -72,13 +62,12 @@ class DeviceFeeder:
         return len(self.loader)
 
     def prepare(self, batch: tuple | list) -> tuple:
-        images, *rest = batch
-        rest = [to_device(field, self.device) for field in rest]
-        if self.transform is None:
-            return (to_device(images, self.device), *rest)
-        if len(rest[0]) == 0:  # --skip-corrupt: no readable image in this batch; the loop passes it over
+        # send_to_device copies from pinned memory without the host waiting, and leaves an EncodedBatch (no .to) and
+        # --skip-corrupt's messages where they are.
+        images, *rest = send_to_device(tuple(batch), self.device, non_blocking=True)
+        if self.transform is None or len(rest[0]) == 0:  # --skip-corrupt: no readable image; the loop passes it over
             return (images, *rest)
-        return (self.transform(to_device(images, self.device)), *rest)
+        return (self.transform(images), *rest)
 
     def __iter__(self) -> Iterator[tuple]:
         if self.ahead == 0:

@@ -14,7 +14,6 @@ from torch.utils.data import DataLoader, Dataset, default_collate
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, MultiLabelDataset
 from udtimm.data.gpu import collate_encoded
-from udtimm.data.transforms import CROP_SCALES, TrainPixels, eval_pixels
 
 LOGGER = logging.getLogger(__name__)
 
@@ -75,21 +74,6 @@ def dataset_options(args: argparse.Namespace) -> dict:
 
 def load_split(args: argparse.Namespace, split: str) -> MultiLabelDataset:
     return build_dataset(args.dataset, args.data_dir, split, **dataset_options(args))
-
-
-def attach_pixel_transforms(
-    train_set: MultiLabelDataset | None,
-    eval_set: MultiLabelDataset | None,
-    img_size: int,
-    reprob: float,
-    crop_scales: Sequence[float] = CROP_SCALES,
-    hflip: float = 0.5,
-) -> None:
-    """The workers' half of the paper's transforms (uint8 out); NormalizeBatch finishes the batches on the device."""
-    if train_set is not None:
-        train_set.transform = TrainPixels(img_size, reprob=reprob, hflip=hflip, crop_scales=crop_scales)
-    if eval_set is not None:
-        eval_set.transform = eval_pixels(img_size)
 
 
 def make_loader(
