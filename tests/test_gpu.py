@@ -9,13 +9,12 @@ from accelerate import Accelerator
 from accelerate.utils import send_to_device
 from conftest import TINY_DIGITS
 from PIL import Image
-from torchvision.io import read_file
 
 from udtimm import runs
 from udtimm.config import ConfigError
-from udtimm.data import build_dataset, read_image
-from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample
-from udtimm.data.feed import DeviceFeeder
+from udtimm.data import build_dataset, gpu, read_image
+from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample, read_encoded
+from udtimm.data.feed import DeviceFeeder, PartialBatch
 from udtimm.data.gpu import DeviceTransform, EncodedBatch, collate_encoded, decode_images
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform, train_transform
@@ -66,17 +65,80 @@ def test_train_batch_draws_and_applies_the_cpu_augmentations(digits: MultiLabelD
     assert erased.any(), "reprob=1 erases (value 0) a box in most images"
 
 
+def encoded_files(*paths: str) -> EncodedBatch:
+    return collate_encoded([(read_encoded(path), torch.zeros(1), torch.zeros(1, dtype=torch.bool), i)
+                            for i, path in enumerate(paths)])[0]
+
+
+def truncated_copy(path: str, folder) -> str:
+    data = open(path, "rb").read()
+    broken = folder / "truncated.jpg"
+    broken.write_bytes(data[:len(data) // 2])
+    return str(broken)
+
+
 def test_non_jpeg_files_are_decoded_on_the_cpu(tmp_path, digits: MultiLabelDataset) -> None:
     png = tmp_path / "image.png"
     Image.new("RGB", (30, 20), (10, 200, 30)).save(png)
     jpeg = digits.samples[0].path
-    images = decode_images([read_file(str(png)), read_file(jpeg)], torch.device("cpu"))
-    assert torch.equal(images[0], read_image(str(png))) and torch.equal(images[1], read_image(jpeg))
+    images, unreadable = decode_images(encoded_files(str(png), jpeg), torch.device("cpu"))
+    assert torch.equal(images[0], read_image(str(png))) and torch.equal(images[1], read_image(jpeg)) and not unreadable
 
 
-def test_undecodable_file_raises_corrupt_image_error() -> None:
-    with pytest.raises(CorruptImageError, match="without --gpu-decode"):
-        decode_images([torch.tensor([0xFF, 0xD8, 1, 2, 3], dtype=torch.uint8)], torch.device("cpu"))
+def test_jpegs_the_batched_decoder_refuses_are_decoded_one_by_one_then_on_the_cpu(
+        monkeypatch, digits: MultiLabelDataset) -> None:
+    # Stands in for nvJPEG refusing a JPEG that libjpeg reads: every call of the device decoder fails.
+    def refuse(*args, **kwargs):
+        raise RuntimeError("nvjpeg refuses")
+
+    monkeypatch.setattr(gpu, "decode_jpeg", refuse)
+    paths = [s.path for s in digits.samples[:3]]
+    images, unreadable = decode_images(encoded_files(*paths), torch.device("cpu"))
+    assert not unreadable and all(torch.equal(image, read_image(p)) for image, p in zip(images, paths, strict=True))
+
+
+def test_undecodable_file_is_named_and_stops_the_batch(tmp_path, digits: MultiLabelDataset) -> None:
+    broken = truncated_copy(digits.samples[0].path, tmp_path)
+    files = encoded_files(digits.samples[1].path, broken)
+    with pytest.raises(CorruptImageError, match="truncated.jpg.*--skip-corrupt"):
+        DeviceTransform(SIZE, MEAN, STD, "cpu", train=False)(files)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_skip_corrupt_leaves_undecodable_files_out_of_the_batch(tmp_path, digits: MultiLabelDataset,
+                                                                train: bool) -> None:
+    broken = truncated_copy(digits.samples[0].path, tmp_path)
+    paths = [digits.samples[1].path, broken, digits.samples[2].path]
+    transform = DeviceTransform(SIZE, MEAN, STD, "cpu", train=train, reprob=1.0, skip_corrupt=True)
+    random.seed(0)
+    torch.manual_seed(0)
+    out = transform(encoded_files(*paths))
+    random.seed(0)
+    torch.manual_seed(0)
+    expected = transform(encoded_files(paths[0], paths[2]))  # the same draws: none are made for the broken file
+    assert isinstance(out, PartialBatch) and out.kept == [0, 2] and len(out.messages) == 1
+    assert "truncated.jpg" in out.messages[0]
+    torch.testing.assert_close(out.images, expected, rtol=0, atol=0)
+
+
+def test_feeder_drops_the_labels_of_images_left_out_on_the_device(tmp_path, digits: MultiLabelDataset) -> None:
+    samples = digits.samples[:4]
+    broken = Sample("broken", truncated_copy(samples[1].path, tmp_path), samples[1].target, samples[1].difficult)
+    dataset = MultiLabelDataset([samples[0], broken, *samples[2:]], digits.classes)
+    dataset.encoded = True
+    transform = DeviceTransform(SIZE, MEAN, STD, "cpu", train=False, skip_corrupt=True)
+    feeder = DeviceFeeder(make_loader(dataset, 4, False, 0, skip_corrupt=True), transform, torch.device("cpu"))
+    images, target, difficult, indices, unreadable = next(iter(feeder))
+    keep = [0, 2, 3]
+    assert images.shape == (3, 3, SIZE, SIZE) and indices.tolist() == keep
+    assert torch.equal(target, dataset.targets()[keep]) and torch.equal(difficult, dataset.difficult_masks()[keep])
+    assert len(unreadable) == 1 and "truncated.jpg" in unreadable[0]
+
+
+def test_a_batch_with_no_decodable_file_is_empty(tmp_path, digits: MultiLabelDataset) -> None:
+    out = DeviceTransform(SIZE, MEAN, STD, "cpu", train=True, skip_corrupt=True)(
+        encoded_files(truncated_copy(digits.samples[0].path, tmp_path)))
+    assert isinstance(out, PartialBatch) and out.kept == [] and out.images.numel() == 0
 
 
 def test_missing_file_is_skipped_in_the_workers(tmp_path, digits: MultiLabelDataset) -> None:

@@ -101,25 +101,25 @@ def build_loaders(
         train_set.encoded = True
         train_transform: BatchTransform = DeviceTransform(
             args.img_size, mean, std, device, train=True, reprob=args.reprob, hflip=args.hflip,
-            crop_scales=args.crop_scales)
+            crop_scales=args.crop_scales, skip_corrupt=args.skip_corrupt)
     else:
         train_set.transform = TrainPixels(args.img_size, reprob=args.reprob, hflip=args.hflip,
                                           crop_scales=args.crop_scales)
         train_transform = NormalizeBatch(mean, std, device)
-    eval_transform = eval_pipeline(eval_set, args.img_size, mean, std, device, args.gpu_decode)
+    eval_transform = eval_pipeline(eval_set, args.img_size, mean, std, device, args.gpu_decode, args.skip_corrupt)
     train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
     eval_loader = make_loader(eval_set, args.batch_size, False, args.workers, args.skip_corrupt)
     return train_loader, eval_loader, train_transform, eval_transform
 
 
 def eval_pipeline(dataset: Dataset, img_size: int, mean: list[float], std: list[float], device: torch.device,
-                  gpu_decode: bool) -> BatchTransform:
+                  gpu_decode: bool, skip_corrupt: bool = False) -> BatchTransform:
     """Set what the workers do with `dataset`'s images for evaluation; return what finishes its batches on `device`
     (train.py's and distill.py's eval split, validate.py's split or image folder)."""
     if gpu_decode:
         check_gpu_decode(device)
         dataset.encoded = True
-        return DeviceTransform(img_size, mean, std, device, train=False)
+        return DeviceTransform(img_size, mean, std, device, train=False, skip_corrupt=skip_corrupt)
     dataset.transform = eval_pixels(img_size)
     return NormalizeBatch(mean, std, device)
 

@@ -51,8 +51,16 @@ def read_image(path: str) -> Tensor:
         raise CorruptImageError(f"cannot read image {path}: {e}") from e
 
 
-def read_encoded(path: str) -> Tensor:
-    """The file's bytes as a 1-D uint8 tensor, decoded later on the device (--gpu-decode); raises CorruptImageError.
+@dataclass(frozen=True)
+class EncodedImage:
+    """A file's bytes (1-D uint8), decoded later on the device (--gpu-decode), with its path to name it if it fails."""
+
+    data: Tensor
+    path: str
+
+
+def read_encoded(path: str) -> EncodedImage:
+    """The file's bytes, decoded later on the device (--gpu-decode); raises CorruptImageError.
 
     Only a missing or empty file is caught here: decoding errors surface where the batch is decoded.
     """
@@ -62,7 +70,7 @@ def read_encoded(path: str) -> Tensor:
         raise CorruptImageError(f"cannot read image {path}: {e}") from e
     if data.numel() == 0:
         raise CorruptImageError(f"cannot read image {path}: the file is empty")
-    return data
+    return EncodedImage(data, path)
 
 
 def check_unique_ids(samples: Iterable[Sample], source: str) -> None:
@@ -98,7 +106,7 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor | EncodedImage, Tensor, Tensor, int]:
         """Return (image, target float32 [C], difficult bool [C], index); the index lets callers match outputs."""
         s = self.samples[index]
         image = read_encoded(s.path) if self.encoded else read_image(s.path)

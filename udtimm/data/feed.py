@@ -12,13 +12,25 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
+from dataclasses import dataclass
 
 import torch
 from accelerate.utils import send_to_device
 from torch import Tensor
 
+
+@dataclass
+class PartialBatch:
+    """What a BatchTransform returns when it had to leave images out (--gpu-decode with --skip-corrupt: files that
+    the workers read but the device could not decode)."""
+
+    images: Tensor
+    kept: list[int]  # the positions in the batch of the images that remain
+    messages: list[str]  # why each left-out image was left out, naming its file
+
+
 # Turns a loader's image field (uint8 batches, or --gpu-decode's encoded files) into the model's input on the device.
-BatchTransform = Callable[[object], Tensor]
+BatchTransform = Callable[[object], Tensor | PartialBatch]
 
 _END = object()
 _SIDE_STREAMS: dict[torch.device, torch.cuda.Stream] = {}
@@ -67,7 +79,13 @@ class DeviceFeeder:
         images, *rest = send_to_device(tuple(batch), self.device, non_blocking=True)
         if self.transform is None or len(rest[0]) == 0:  # --skip-corrupt: no readable image; the loop passes it over
             return (images, *rest)
-        return (self.transform(images), *rest)
+        images = self.transform(images)
+        if not isinstance(images, PartialBatch):
+            return (images, *rest)
+        # --skip-corrupt's batches carry a fifth field, the messages of the images left out: these join them.
+        target, difficult, indices, messages = rest
+        kept = torch.tensor(images.kept, dtype=torch.int64).to(target.device)
+        return (images.images, target[kept], difficult[kept], indices[kept], [*messages, *images.messages])
 
     def __iter__(self) -> Iterator[tuple]:
         if self.ahead == 0:

@@ -18,7 +18,8 @@ from torchvision.io import ImageReadMode, decode_image, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .base import CorruptImageError
+from .base import CorruptImageError, EncodedImage
+from .feed import PartialBatch
 from .transforms import CROP_SCALES, ERASE, PIXELS, NormalizeBatch, draw_erase_box, multi_scale_crop_box, resize_size
 
 JPEG_MAGIC = [0xFF, 0xD8]
@@ -33,6 +34,7 @@ class EncodedBatch:
 
     data: Tensor  # uint8 [total bytes]
     sizes: list[int]  # bytes per file, in batch order
+    paths: list[str]  # to name a file that cannot be decoded
 
     def files(self) -> list[Tensor]:
         return list(self.data.split(self.sizes))
@@ -42,22 +44,47 @@ class EncodedBatch:
 
 
 def collate_encoded(batch: Sequence[tuple]) -> tuple:
-    """(EncodedBatch, target, difficult, index) of (encoded file, target, difficult, index) items."""
-    files = [item[0] for item in batch]
-    return (EncodedBatch(torch.cat(files), [len(f) for f in files]), *default_collate([item[1:] for item in batch]))
+    """(EncodedBatch, target, difficult, index) of (EncodedImage, target, difficult, index) items."""
+    files: list[EncodedImage] = [item[0] for item in batch]
+    return (EncodedBatch(torch.cat([f.data for f in files]), [f.data.numel() for f in files], [f.path for f in files]),
+            *default_collate([item[1:] for item in batch]))
 
 
-def decode_images(files: list[Tensor], device: torch.device) -> list[Tensor]:
-    """uint8 RGB [3, H, W] images on `device`: JPEGs in one batched call (nvJPEG on CUDA), other formats on the CPU."""
-    is_jpeg = [f[:2].tolist() == JPEG_MAGIC for f in files]
-    jpegs = [f for f, jpeg in zip(files, is_jpeg, strict=True) if jpeg]
+def is_jpeg(file: Tensor) -> bool:
+    return file[:2].tolist() == JPEG_MAGIC
+
+
+def decode_images(batch: EncodedBatch, device: torch.device) -> tuple[list[Tensor], dict[int, str]]:
+    """uint8 RGB [3, H, W] images on `device`: JPEGs in one batched call (nvJPEG on CUDA), other formats on the CPU.
+
+    If the batched call fails, each file is decoded alone; the second value then gives, by position in the batch,
+    the error of each file that could not be decoded (its image is left out of the first).
+    """
+    files = batch.files()
+    jpeg = [is_jpeg(f) for f in files]
     try:
-        decoded = iter(decode_jpeg(jpegs, mode=ImageReadMode.RGB, device=device) if jpegs else [])
-        return [next(decoded) if jpeg else decode_image(f, mode=ImageReadMode.RGB).to(device)
-                for f, jpeg in zip(files, is_jpeg, strict=True)]
-    except RuntimeError as e:
-        raise CorruptImageError(f"cannot decode an image of this batch on {device}: {e}; run without --gpu-decode "
-                                "to find it by name, or with --skip-corrupt to leave it out") from e
+        decoded = iter(decode_jpeg([f for f, j in zip(files, jpeg, strict=True) if j], mode=ImageReadMode.RGB,
+                                   device=device) if any(jpeg) else [])
+        return [next(decoded) if j else decode_image(f, mode=ImageReadMode.RGB).to(device)
+                for f, j in zip(files, jpeg, strict=True)], {}
+    except RuntimeError:
+        pass  # one bad file fails the whole call: decoding one at a time finds it, and keeps the others
+    images, unreadable = [], {}
+    for position, (file, path) in enumerate(zip(files, batch.paths, strict=True)):
+        try:
+            images.append(decode_one(file, device))
+        except RuntimeError as e:
+            unreadable[position] = f"cannot decode image {path}: {e}"
+    return images, unreadable
+
+
+def decode_one(file: Tensor, device: torch.device) -> Tensor:
+    if is_jpeg(file):
+        try:
+            return decode_jpeg(file, mode=ImageReadMode.RGB, device=device)
+        except RuntimeError:
+            pass  # nvJPEG does not read every JPEG that libjpeg reads: the CPU has the last word
+    return decode_image(file, mode=ImageReadMode.RGB).to(device)
 
 
 def resize_all(images: list[Tensor], size: int) -> list[Tensor]:
@@ -83,8 +110,9 @@ class DeviceTransform:
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
                  train: bool, reprob: float = 0.5, hflip: float = 0.5,
-                 crop_scales: Sequence[float] = CROP_SCALES) -> None:
+                 crop_scales: Sequence[float] = CROP_SCALES, skip_corrupt: bool = False) -> None:
         self.img_size, self.train, self.hflip, self.crop_scales = img_size, train, hflip, tuple(crop_scales)
+        self.skip_corrupt = skip_corrupt
         self.device = torch.device(device)
         self.finish = NormalizeBatch(mean, std, self.device)
         # torchvision's nvJPEG writes its output from a stream of its own without waiting for the current stream, so
@@ -93,21 +121,32 @@ class DeviceTransform:
         self.decode_stream = torch.cuda.Stream(self.device) if self.device.type == "cuda" else None
         self.erasing = v2.RandomErasing(p=reprob, value=0) if train and reprob > 0 else None
 
-    def decode(self, batch: EncodedBatch) -> list[Tensor]:
+    def decode(self, batch: EncodedBatch) -> tuple[list[Tensor], dict[int, str]]:
         if self.decode_stream is None:
-            return decode_images(batch.files(), self.device)
+            return decode_images(batch, self.device)
         current = torch.cuda.current_stream(self.device)
         with torch.cuda.stream(self.decode_stream):
-            images = decode_images(batch.files(), self.device)
+            images, unreadable = decode_images(batch, self.device)
         current.wait_stream(self.decode_stream)
         for image in images:
             image.record_stream(current)  # once freed, reused by the side stream only after the current one is done
-        return images
+        return images, unreadable
 
-    def __call__(self, batch: EncodedBatch) -> Tensor:
-        images = self.decode(batch)
+    def __call__(self, batch: EncodedBatch) -> Tensor | PartialBatch:
+        """The batch's model input; with skip_corrupt, a PartialBatch when some files could not be decoded."""
+        images, unreadable = self.decode(batch)
+        if unreadable and not self.skip_corrupt:
+            raise CorruptImageError(f"{next(iter(unreadable.values()))} (--skip-corrupt leaves such images out)")
+        pixels = self.finish(self.transform(images)) if images else torch.empty(0, device=self.device)
+        if not unreadable:
+            return pixels
+        kept = [i for i in range(len(batch)) if i not in unreadable]
+        return PartialBatch(pixels, kept, list(unreadable.values()))
+
+    def transform(self, images: list[Tensor]) -> Tensor | dict[str, Tensor]:
+        """The pixel work of the eval or train transform on decoded images; NormalizeBatch's input."""
         if not self.train:
-            return self.finish(torch.stack(resize_all(images, self.img_size)))
+            return torch.stack(resize_all(images, self.img_size))
         side = resize_size(self.img_size)
         images = resize_all(images, side)
         crops, flips, erasures = self.draw(len(images), side)
@@ -118,16 +157,22 @@ class DeviceTransform:
             boxes = [images[i][:, crops[i][1]:crops[i][1] + height, crops[i][0]:crops[i][0] + width] for i in members]
             resized = F.resize(torch.stack(boxes), [self.img_size, self.img_size], antialias=True)
             for i, image in zip(members, resized, strict=True):
-                images[i] = F.horizontal_flip(image) if flips[i] else image
+                images[i] = image
         pixels = torch.stack(images)
-        if erasures is None:
-            return self.finish(pixels)
-        return self.finish({PIXELS: pixels, ERASE: erasures.to(self.device, non_blocking=True)})
+        # One flip of the whole batch and one select, instead of a flip per flipped image: fewer kernel launches.
+        pixels = torch.where(self.to_device(torch.tensor(flips)).view(-1, 1, 1, 1), pixels.flip(-1), pixels)
+        return pixels if erasures is None else {PIXELS: pixels, ERASE: self.to_device(erasures)}
+
+    def to_device(self, values: Tensor) -> Tensor:
+        """A small host tensor on the device, its copy queued without the host waiting (pinned first on CUDA)."""
+        if self.device.type == "cuda":
+            values = values.pin_memory()
+        return values.to(self.device, non_blocking=True)
 
     def draw(self, count: int, side: int) -> tuple[list, list[bool], Tensor | None]:
         """Per image, in the CPU pipeline's order: crop box (Python random), flip, erasing (torch's generator).
 
-        The erasing boxes come as one int64 [count, 4] tensor, pinned on CUDA so that its copy does not wait.
+        The erasing boxes come as one int64 [count, 4] host tensor.
         """
         crops, flips, erasures = [], [], []
         for _ in range(count):
@@ -137,5 +182,4 @@ class DeviceTransform:
                 erasures.append(draw_erase_box(self.erasing, self.img_size))
         if self.erasing is None:
             return crops, flips, None
-        boxes = torch.tensor(erasures, dtype=torch.int64)
-        return crops, flips, boxes.pin_memory() if self.device.type == "cuda" else boxes
+        return crops, flips, torch.tensor(erasures, dtype=torch.int64)

@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from .base import DatasetError, read_encoded, read_image
+from .base import DatasetError, EncodedImage, read_encoded, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 
@@ -46,7 +46,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, Tensor, Tensor, int]:
+    def __getitem__(self, index: int) -> tuple[Tensor | EncodedImage, Tensor, Tensor, int]:
         """(image, zero target float32 [C], all-False difficult [C], index); a bad file raises CorruptImageError."""
         image = read_encoded(self.paths[index]) if self.encoded else read_image(self.paths[index])
         if self.transform is not None:
