@@ -17,9 +17,9 @@ cd "$(dirname "$0")/.."
   df -h /dev/shm | tail -1  # 16 workers pass uint8 batches through shared memory
   python3 -c "import torch, torchvision, timm, accelerate as a; print('torch', torch.__version__, 'torchvision',
 torchvision.__version__, 'timm', timm.__version__, 'accelerate', a.__version__)"
-  timeout 200 python3 benchmarks/throughput.py --model resnet101 --cal --teacher resnet101 --student resnet18 \
-    --img-size 448 --batch-size 64 --mixed-precision bf16 --channels-last --workers 16 --num-images 1500 --steps 50 \
-    --synthetic-voc "$VOC" --csv "$OUT/throughput.csv"
+  timeout 240 python3 benchmarks/throughput.py --model resnet101 --cal --teacher resnet101 --student resnet18 \
+    --img-size 448 --batch-size 64 --mixed-precision bf16 --channels-last --workers 16 --num-images 1500 --steps 30 \
+    --cal-rounds 6 --synthetic-voc "$VOC" --csv "$OUT/throughput.csv"
   timeout 60 python3 benchmarks/feeder_check.py --data-dir "$VOC" --img-size 448 -b 32 --workers 8
   RUNS=/tmp/gpu-check-runs  # the checkpoints stay off $OUT
   rm -rf "$RUNS"

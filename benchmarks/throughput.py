@@ -8,8 +8,9 @@ Workloads: train (train.py's step: engine.train_one_epoch, SupervisedObjective, 
 distill (distill.py --method ud from a random-init --teacher to --student) and predict (validate.py's
 engine.predict). The JPEGs are a synthetic VOC2007 folder at VOC's image sizes (--synthetic-voc).
 
-Prints img/s, real/ceiling per pipeline (DESIGN §5 asks >= 0.90), the calibration branch's cost (train ceiling with
-vs without the branch; DESIGN §5: < 1 %), peak GPU memory and the card; --csv appends one row per measurement.
+Prints img/s, real/ceiling per pipeline (DESIGN §5 asks >= 0.90), the calibration branch's cost (the median of
+--cal-rounds rounds of train ceilings without and with it; DESIGN §5: < 1 %), peak GPU memory, the seconds to the
+first batch (loader start-up, paid every epoch) and the card; --csv appends one row per measurement.
 
     python benchmarks/throughput.py --model resnet101 --cal --teacher resnet101 --student resnet18 --img-size 448 \\
         --batch-size 64 --mixed-precision bf16 --channels-last --workers 16 --num-images 2000
@@ -34,6 +35,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from PIL import Image
+from torch.utils.flop_counter import FlopCounterMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a plain script from any directory
 
@@ -59,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--img-size", type=int, default=448)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--steps", type=int, default=20, help="timed ceiling steps")
+    parser.add_argument("--cal-rounds", type=int, default=3,
+                        help="rounds of train ceilings without and with the calibration branch (its cost: the median)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed batches first (real loops: at most half)")
     parser.add_argument("--num-images", type=int, default=1000, help="synthetic JPEGs: one epoch of the real loops")
     parser.add_argument("--workers", type=int, default=min(16, os.cpu_count() or 1), help="loader worker processes")
@@ -114,19 +118,23 @@ class Clock:
 
     Skipped at the start: worker start-up and cuDNN's tuning. Left out at the end: the batches a DeviceFeeder had
     prepared before the window opened, so that the window starts and ends with as many batches prepared ahead.
+    The start-up is timed apart (`first_batch_s`): loader workers start anew every epoch, for train and eval.
     """
 
     def __init__(self, batches: Sized, skip: int, sync: Callable[[], None], tail: int = 0) -> None:
         self.batches, self.skip, self.sync = batches, skip, sync
         self.end = len(batches) - tail
         self.images = self.steps = 0
-        self.start = self.stopped = math.nan
+        self.start = self.stopped = self.first_batch_s = math.nan
 
     def __len__(self) -> int:
         return len(self.batches)
 
     def __iter__(self) -> Iterator:
+        begun = time.perf_counter()
         for index, batch in enumerate(self.batches):
+            if index == 0:
+                self.first_batch_s = time.perf_counter() - begun
             # The window opens and closes with the device idle, so it holds exactly the timed batches' work.
             if index == self.skip:
                 self.sync()
@@ -154,6 +162,8 @@ class Row:
     steps: int
     seconds: float
     peak_mib: float
+    first_batch_s: float
+    cal_round: int | None = None  # the calibration branch's rounds of ceilings (calibration_rounds)
     ratio: float = math.nan
 
     @property
@@ -179,10 +189,19 @@ def device_batch(args: argparse.Namespace, device: torch.device) -> tuple[torch.
     return tuple(t.to(device) for t in (images, target, difficult, torch.arange(args.batch_size)))
 
 
-def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, root: str,
-            accelerator: Accelerator) -> Row:
-    """One timed epoch of `workload` fed by `pipeline`, set up as the script that runs it does."""
-    accelerator.free_memory()  # the previous measurement's model and optimizer, so peak memory is this one's
+@dataclass
+class Loop:
+    """A workload set up as its script sets it up, ready to run over (timed) batches."""
+
+    batches: Sized
+    skip: int  # batches before the timed window
+    tail: int  # batches after it
+    run: Callable[[Iterable], object]
+
+
+def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, root: str,
+          accelerator: Accelerator) -> Loop:
+    """`workload` fed by `pipeline`, set up as the script that runs it does."""
     device = accelerator.device
     gpu_decode = ["--gpu-decode"] * (pipeline == "gpu-decode")
     if workload == "distill":
@@ -204,31 +223,66 @@ def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, r
     model = runs.place_model(model, device, run.channels_last)
     if workload == "predict":  # as validate.py: only mixed precision and --torchcompile, no distributed wrapper
         model = accelerator.prepare_model(model, evaluation_mode=True)
-
-        def loop(timed: Iterable) -> None:
-            predict(model, timed, accelerator, show_progress=False)
+        return Loop(batches, skip, tail, lambda timed: predict(model, timed, accelerator, show_progress=False))
+    optimizer, scheduler = runs.build_optimization(run, model, len(batches))
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if workload == "distill":
+        teacher = create_model(args.teacher, len(VOC_CLASSES), cal=True, img_size=run.img_size)
+        objective = distill.make_objective(run, runs.place_model(teacher, device, run.channels_last), accelerator,
+                                           "ud")
     else:
-        optimizer, scheduler = runs.build_optimization(run, model, len(batches))
-        model, optimizer = accelerator.prepare(model, optimizer)
-        if workload == "distill":
-            teacher = create_model(args.teacher, len(VOC_CLASSES), cal=True, img_size=run.img_size)
-            objective = distill.make_objective(run, runs.place_model(teacher, device, run.channels_last),
-                                               accelerator, "ud")
-        else:
-            objective = SupervisedObjective(run.loss, run.cal_weight, run.difficult, run.temperature)
+        objective = SupervisedObjective(run.loss, run.cal_weight, run.difficult, run.temperature)
+    return Loop(batches, skip, tail, lambda timed: train_one_epoch(
+        model, timed, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0, clip_grad=run.clip_grad,
+        show_progress=False))
 
-        def loop(timed: Iterable) -> None:
-            train_one_epoch(model, timed, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0,
-                            clip_grad=run.clip_grad, show_progress=False)
 
-    cuda = device.type == "cuda"
+def timed(workload: str, pipeline: str, cal: bool, loop: Loop, accelerator: Accelerator,
+          cal_round: int | None = None) -> Row:
+    """One pass of `loop`, its window timed."""
+    cuda = accelerator.device.type == "cuda"
     if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    clock = Clock(batches, skip, torch.cuda.synchronize if cuda else lambda: None, tail)
-    loop(clock)
+        torch.cuda.reset_peak_memory_stats(accelerator.device)
+    clock = Clock(loop.batches, loop.skip, torch.cuda.synchronize if cuda else lambda: None, loop.tail)
+    loop.run(clock)
     seconds = clock.stop()
-    peak = torch.cuda.max_memory_allocated(device) / 2**20 if cuda else math.nan
-    return Row(workload, pipeline, cal, clock.images, clock.steps, seconds, peak)
+    peak = torch.cuda.max_memory_allocated(accelerator.device) / 2**20 if cuda else math.nan
+    return Row(workload, pipeline, cal, clock.images, clock.steps, seconds, peak, clock.first_batch_s, cal_round)
+
+
+def measure(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, root: str,
+            accelerator: Accelerator) -> Row:
+    """One timed epoch of `workload` fed by `pipeline`."""
+    accelerator.free_memory()  # the previous measurement's model and optimizer, so peak memory is this one's
+    return timed(workload, pipeline, cal, setup(workload, pipeline, cal, args, root, accelerator), accelerator)
+
+
+def calibration_rounds(args: argparse.Namespace, root: str, accelerator: Accelerator) -> Iterator[Row]:
+    """Train ceilings without and with the calibration branch, in alternating order, --cal-rounds times each.
+
+    Both models stay set up, so the blocks follow each other closely; alternating the order cancels a drift of the
+    machine's speed (a GPU's clock settling, a CPU's neighbours), and print_summary takes the median round.
+    """
+    accelerator.free_memory()
+    loops = {cal: setup("train", "ceiling", cal, args, root, accelerator) for cal in (False, True)}
+    for round_index in range(args.cal_rounds):
+        for cal in (False, True) if round_index % 2 == 0 else (True, False):
+            yield timed("train", "ceiling", cal, loops[cal], accelerator, round_index)
+
+
+def step_flops(args: argparse.Namespace, root: str, accelerator: Accelerator) -> dict[bool, int]:
+    """The matmul and convolution FLOPs of one training step without and with the calibration branch.
+
+    Unlike time, they do not vary from run to run: the share the branch adds is the floor of its time cost.
+    """
+    flops = {}
+    for cal in (False, True):
+        accelerator.free_memory()
+        loop = setup("train", "ceiling", cal, args, root, accelerator)
+        with FlopCounterMode(display=False) as counter:
+            loop.run(loop.batches[:1])
+        flops[cal] = counter.get_total_flops()
+    return flops
 
 
 def main(argv: list[str] | None = None) -> list[Row]:
@@ -239,15 +293,22 @@ def main(argv: list[str] | None = None) -> list[Row]:
         cuda = accelerator.device.type == "cuda"
         card = torch.cuda.get_device_name(accelerator.device) if cuda else "cpu"
         pipelines = ("cpu-decode", "gpu-decode") if cuda else ("cpu-decode",)
-        # The calibration branch's cost: train ceilings without, with, and again without it (the mean of the two
-        # cancels a drift of the card's speed, such as its clock settling).
-        plan = [("train", "ceiling", not args.cal), ("train", "ceiling", args.cal), ("train", "ceiling", not args.cal)]
-        plan += [("train", pipeline, args.cal) for pipeline in pipelines]
+        plan = [("train", pipeline, args.cal) for pipeline in ("ceiling", *pipelines)]
         for workload in ("distill", "predict") if args.teacher else ("predict",):
             cal = True if workload == "distill" else args.cal
             plan += [(workload, pipeline, cal) for pipeline in ("ceiling", *pipelines)]
         print_header(args, card)
-        rows, failed = [], []
+        rows, failed, flops = [], [], {}
+        # The calibration branch's cost first: a measurement that fails later does not cost it.
+        try:
+            for row in calibration_rounds(args, root, accelerator):
+                rows.append(row)
+                report_row(rows, args, card)
+            if not args.torchcompile:  # the FLOP counter does not see into compiled graphs
+                flops = step_flops(args, root, accelerator)
+        except Exception:
+            traceback.print_exc()
+            failed.append("calibration rounds")
         for workload, pipeline, cal in plan:
             # One failing pipeline (say nvJPEG missing) must not cost the other measurements of a GPU session.
             try:
@@ -257,7 +318,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
                 failed.append(f"{workload} {pipeline}")
                 continue
             report_row(rows, args, card)
-    print_summary(rows)
+    print_summary(rows, flops)
     if failed:
         sys.exit(f"failed: {', '.join(failed)}")
     return rows
@@ -268,23 +329,22 @@ def print_header(args: argparse.Namespace, card: str) -> None:
     print(f"{card}: train/predict {args.model}{' --cal' if args.cal else ''}{distilled}; {args.img_size} px, batch "
           f"{args.batch_size}, mixed precision {args.mixed_precision}, channels_last {args.channels_last}, "
           f"{args.workers} workers, {args.num_images} images, --prefetch {args.prefetch}")
-    print(f"{'workload':>8} {'pipeline':>10} {'cal':>3} {'img/s':>9} {'ms/step':>9} {'peak MiB':>9} {'real/ceil':>9}",
-          flush=True)
+    print(f"{'workload':>8} {'pipeline':>10} {'cal':>3} {'img/s':>9} {'ms/step':>9} {'peak MiB':>9} {'real/ceil':>9} "
+          f"{'1st batch s':>11}", flush=True)
 
 
 def report_row(rows: list[Row], args: argparse.Namespace, card: str) -> None:
     """Print (and append to --csv) the newest row, as a ratio to its workload's ceiling, measured before it.
 
-    A repeated ceiling (the calibration branch's "after") has no ratio: it is compared in print_summary.
+    The calibration branch's rounds have no ratio: print_summary compares them with each other.
     """
     row = rows[-1]
-    ceiling = next((r for r in rows if r.pipeline == "ceiling" and (r.workload, r.cal) == (row.workload, row.cal)),
-                   None)
-    repeated = row.pipeline == "ceiling" and ceiling is not row
-    row.ratio = row.img_per_s / ceiling.img_per_s if ceiling and not repeated else math.nan
+    ceiling = next((r for r in rows if r.pipeline == "ceiling" and r.cal_round is None
+                    and (r.workload, r.cal) == (row.workload, row.cal)), None)
+    row.ratio = row.img_per_s / ceiling.img_per_s if ceiling and row.cal_round is None else math.nan
     ms_per_step = row.seconds / row.steps * 1e3
     print(f"{row.workload:>8} {row.pipeline:>10} {'yes' if row.cal else 'no':>3} {row.img_per_s:9.1f} "
-          f"{ms_per_step:9.1f} {row.peak_mib:9.0f} {row.ratio:9.3f}", flush=True)
+          f"{ms_per_step:9.1f} {row.peak_mib:9.0f} {row.ratio:9.3f} {row.first_batch_s:11.3f}", flush=True)
     if args.csv:
         distilling = row.workload == "distill"
         append_csv_row(args.csv, {
@@ -295,20 +355,26 @@ def report_row(rows: list[Row], args: argparse.Namespace, card: str) -> None:
             "prefetch": args.prefetch,
             "images": row.images, "img_per_s": f"{row.img_per_s:.1f}", "ms_per_step": f"{ms_per_step:.2f}",
             "peak_mib": f"{row.peak_mib:.0f}", "real_over_ceiling": f"{row.ratio:.3f}",
+            "first_batch_s": f"{row.first_batch_s:.3f}", "cal_round": "" if row.cal_round is None else row.cal_round,
         })
 
 
-def print_summary(rows: list[Row]) -> None:
+def print_summary(rows: list[Row], flops: dict[bool, int]) -> None:
     real = [row for row in rows if row.pipeline != "ceiling"]
     print("ratio real/ceiling: " + ", ".join(f"{row.workload} {row.pipeline} {row.ratio:.3f}" for row in real))
-    train_ceilings = [row for row in rows if (row.workload, row.pipeline) == ("train", "ceiling")]
-    rates = {cal: [row.img_per_s for row in train_ceilings if row.cal == cal] for cal in (False, True)}
-    if all(rates.values()):
-        # Mean time per image: it cancels a drift of the machine's speed between the runs before and after.
-        without, with_cal = (sum(1 / rate for rate in rates[cal]) / len(rates[cal]) for cal in (False, True))
-        order = ", ".join(f"{'with' if row.cal else 'without'} {row.img_per_s:.1f}" for row in train_ceilings)
-        print(f"calibration branch: {(with_cal / without - 1) * 100:+.2f} % train step time (train ceilings in "
-              f"img/s, in the order measured: {order})")
+    rounds: dict[int, dict[bool, Row]] = {}
+    for row in rows:
+        if row.cal_round is not None:
+            rounds.setdefault(row.cal_round, {})[row.cal] = row
+    costs = [(pair[True].seconds / pair[True].images) / (pair[False].seconds / pair[False].images) - 1
+             for pair in rounds.values() if len(pair) == 2]
+    if costs:
+        print(f"calibration branch: {np.median(costs) * 100:+.2f} % train step time (median of {len(costs)} rounds "
+              f"of ceilings without and with it: {', '.join(f'{cost * 100:+.2f}' for cost in costs)} %)")
+    if flops:
+        print(f"calibration branch: {(flops[True] / flops[False] - 1) * 100:+.4f} % train step FLOPs "
+              f"({flops[False] / 1e9:.3f} -> {flops[True] / 1e9:.3f} GFLOP per step, matmuls and convolutions)")
+
 
 if __name__ == "__main__":
     main()
