@@ -103,9 +103,10 @@ def resize_all(images: list[Tensor], size: int) -> list[Tensor]:
 class DeviceTransform:
     """train_transform or eval_transform (udtimm.data.transforms) for a whole EncodedBatch, on `device`.
 
-    This code never waits for the device (no .item(), no copy from pageable memory), so that it can prepare the
-    next batch while the GPU still works on the previous step; nvJPEG's decode itself makes the host wait, which is
-    why udtimm.data.feed runs it in a thread of its own (docs/throughput.md).
+    A batch of JPEGs never makes this code wait for the device (no .item(), no copy from pageable memory), so that
+    it can prepare the next batch while the GPU still works on the previous step; nvJPEG's decode itself makes the
+    host wait, which is why udtimm.data.feed runs it in a thread of its own (docs/throughput.md). Other formats and
+    files that fail the batched decode are decoded on the CPU and copied, which waits.
     """
 
     def __init__(self, img_size: int, mean: Sequence[float], std: Sequence[float], device: torch.device | str,
