@@ -138,6 +138,12 @@ def test_repeated_kills_inside_checkpoint_writes_resume_to_the_same_run(
     assert_no_leftovers(run_dir)
 
 
+def test_the_number_of_workers_does_not_change_a_run(tiny_digits: str, reference: str, tmp_path) -> None:
+    """The reference ran with --workers 0; two persistent workers draw the same augmentations in both epochs."""
+    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "w2", "--workers", "2"))
+    assert_same_run(str(tmp_path / "w2"), reference)
+
+
 def test_train_order_depends_on_seed_and_epoch_alone_with_several_processes() -> None:
     """accelerate shuffles a multi-process loader with a generator it keeps across epochs: reseeded per epoch,
     a resumed run's first epoch is shuffled like that epoch of an uninterrupted run, not like epoch 0."""

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from udtimm import checkpoint, metrics
 from udtimm.data.feed import BatchTransform, DeviceFeeder
+from udtimm.data.loader import seed_loader
 from udtimm.engine import Predictions, bare_model, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
@@ -117,13 +118,9 @@ def print_row(accelerator: Accelerator, row: dict[str, object], header: bool) ->
 
 
 def seed_epoch(seed: int, train_loader: DataLoader) -> None:
-    """Shuffling, augmentation and dropout of an epoch depend on (seed, epoch) only, so resume is exact.
-
-    The loader's own generator (udtimm.data.loader.make_loader) is seeded too: with several processes accelerate
-    shuffles with it, and set_seed does not reach it.
-    """
+    """Shuffling, augmentation and dropout of an epoch depend on (seed, epoch) only, so resume is exact."""
     set_seed(seed)
-    train_loader.generator.manual_seed(seed)
+    seed_loader(train_loader, seed)
 
 
 def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Callable, Sequence
+import random
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
 
+import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate, get_worker_info
 
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, MultiLabelDataset
@@ -39,6 +42,60 @@ class SkipCorrupt(Dataset):
             return self.dataset[index]
         except CorruptImageError as err:
             return Unreadable(str(err))
+
+
+class EpochSeeded(Dataset):
+    """Training items whose random augmentation depends on (epoch seed, index) only, and the generator that
+    shuffles them (accelerate's wrappers hide a loader's sampler but keep its dataset).
+
+    Not on which worker process draws an item, how many there are, or whether they outlive an epoch: so --workers
+    does not change a run, a resumed run repeats an uninterrupted one, and the workers can persist across epochs.
+    The epoch's seed sits in shared memory, set by the main process (`seed_loader`) before the epoch's indices go out.
+    """
+
+    def __init__(self, dataset: Dataset) -> None:
+        self.dataset = dataset
+        self.epoch_seed = torch.zeros((), dtype=torch.int64).share_memory_()
+        self.shuffle = torch.Generator()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> object:
+        seed = np.random.SeedSequence([int(self.epoch_seed) % 2**64, index]).generate_state(1, np.uint64)[0]
+        with seeded_cpu_rng(int(seed)):
+            return self.dataset[index]
+
+
+@contextmanager
+def seeded_cpu_rng(seed: int) -> Iterator[None]:
+    """Python's and torch's CPU generators (those the transforms draw from) seeded with `seed`.
+
+    Outside a worker (--workers 0) the main process's states are restored after, so its own draws go on unchanged.
+    """
+    if get_worker_info() is not None:
+        random.seed(seed)
+        torch.default_generator.manual_seed(seed)
+        yield
+        return
+    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    random.seed(seed)
+    torch.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(python_state)
+        torch.set_rng_state(torch_state)
+
+
+def seed_loader(loader: DataLoader, seed: int) -> None:
+    """Seed a training loader (make_loader) for an epoch: its shuffling and its items' augmentation.
+
+    set_seed does not reach either: the shuffling generator is the sampler's own (accelerate keeps a multi-process
+    sampler's generator across epochs), and the augmentation's seeds are drawn in the workers.
+    """
+    loader.dataset.shuffle.manual_seed(seed)
+    loader.dataset.epoch_seed.fill_(seed)
 
 
 def collate_skipping_unreadable(batch: Sequence[tuple | Unreadable], collate: Callable = default_collate) -> tuple:
@@ -85,20 +142,25 @@ def make_loader(
 ) -> DataLoader:
     """Training loaders shuffle and drop the last partial batch (BatchNorm needs > 1 sample); eval keeps all.
 
-    A training loader shuffles with a generator of its own, which the trainer seeds from (seed, epoch) like the
-    global RNG: accelerate keeps a multi-process sampler's generator across epochs, out of reach of set_seed.
-    Workers are not persistent: every epoch they are seeded from that generator, so an epoch's shuffling and
-    augmentation do not depend on whether the run resumed.
+    A training loader shuffles with a generator of its own and seeds each item's augmentation (EpochSeeded); the
+    trainer seeds both from (seed, epoch) every epoch (`seed_loader`), so an epoch's batches do not depend on
+    --workers or on whether the run resumed. The workers persist across epochs: they start once per run, not
+    twice per epoch (train and eval).
     """
     source = SkipCorrupt(dataset) if skip_corrupt else dataset
     collate = collate_encoded if getattr(dataset, "encoded", False) else default_collate
+    if train:
+        source = EpochSeeded(source)
     return DataLoader(
         source,
         batch_size=batch_size,
-        shuffle=train,
+        sampler=RandomSampler(source, generator=source.shuffle) if train else None,
         drop_last=train and len(dataset) > batch_size,
         num_workers=workers,
+        persistent_workers=workers > 0,
         pin_memory=torch.cuda.is_available(),
         collate_fn=partial(collate_skipping_unreadable, collate=collate) if skip_corrupt else collate,
-        generator=torch.Generator() if train else None,
+        # The workers' base seed is drawn from this one when they start: never from the global generator, whose
+        # draws would then depend on --workers. The items' augmentation does not use it (EpochSeeded).
+        generator=torch.Generator(),
     )
