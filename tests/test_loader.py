@@ -77,3 +77,12 @@ def test_workers_start_once_per_run(augmented: MultiLabelDataset) -> None:
         pids.append(sorted(worker.pid for worker in iterator._workers))
         list(iterator)
     assert pids[0] == pids[1]
+
+
+def test_spawned_workers_draw_what_forked_ones_draw(augmented: MultiLabelDataset) -> None:
+    # spawn is the default start method on macOS and Windows: there the dataset is pickled to the workers.
+    forked = make_loader(augmented, 16, True, 2)
+    spawned = make_loader(augmented, 16, True, 2)
+    spawned = torch.utils.data.DataLoader(spawned.dataset, batch_size=16, sampler=spawned.sampler, drop_last=True,
+                                          num_workers=2, persistent_workers=True, multiprocessing_context="spawn")
+    assert_same_batches(epochs_of(spawned, [5, 6]), epochs_of(forked, [5, 6]))

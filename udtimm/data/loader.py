@@ -58,6 +58,10 @@ class EpochSeeded(Dataset):
         self.epoch_seed = torch.zeros((), dtype=torch.int64).share_memory_()
         self.shuffle = torch.Generator()
 
+    def __getstate__(self) -> dict:
+        # What spawned workers get: they shuffle nothing, and a pickled torch.Generator does not survive the trip.
+        return {**self.__dict__, "shuffle": None}
+
     def __len__(self) -> int:
         return len(self.dataset)
 
