@@ -10,7 +10,8 @@ engine.predict). The JPEGs are a synthetic VOC2007 folder at VOC's image sizes (
 
 Prints img/s, real/ceiling per pipeline (DESIGN §5 asks >= 0.90), the calibration branch's cost (the median of
 --cal-rounds rounds of train ceilings without and with it; DESIGN §5: < 1 %), peak GPU memory, the seconds to the
-first batch (loader start-up, paid every epoch) and the card; --csv appends one row per measurement.
+first batch (paid every epoch, with the workers' start-up in a loader's first) and the card; --csv appends one row
+per measurement.
 
     python benchmarks/throughput.py --model resnet101 --cal --teacher resnet101 --student resnet18 --img-size 448 \\
         --batch-size 64 --mixed-precision bf16 --channels-last --workers 16 --num-images 2000
@@ -118,7 +119,8 @@ class Clock:
 
     Skipped at the start: worker start-up and cuDNN's tuning. Left out at the end: the batches a DeviceFeeder had
     prepared before the window opened, so that the window starts and ends with as many batches prepared ahead.
-    The start-up is timed apart (`first_batch_s`): loader workers start anew every epoch, for train and eval.
+    The wait for the first batch is timed apart (`first_batch_s`): one worker preparing a whole batch, after the
+    workers' start-up in a loader's first epoch (each measurement here is one).
     """
 
     def __init__(self, batches: Sized, skip: int, sync: Callable[[], None], tail: int = 0) -> None:

@@ -77,19 +77,17 @@ def seeded_cpu_rng(seed: int) -> Iterator[None]:
 
     Outside a worker (--workers 0) the main process's states are restored after, so its own draws go on unchanged.
     """
-    if get_worker_info() is not None:
-        random.seed(seed)
-        torch.default_generator.manual_seed(seed)
-        yield
-        return
-    python_state, torch_state = random.getstate(), torch.get_rng_state()
+    restore = get_worker_info() is None
+    if restore:
+        python_state, torch_state = random.getstate(), torch.get_rng_state()
     random.seed(seed)
     torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
-        random.setstate(python_state)
-        torch.set_rng_state(torch_state)
+        if restore:
+            random.setstate(python_state)
+            torch.set_rng_state(torch_state)
 
 
 def seed_loader(loader: DataLoader, seed: int) -> None:
