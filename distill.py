@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 from collections.abc import Sequence
@@ -16,9 +17,10 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from udtimm import checkpoint, config, runs
-from udtimm.attention import check_attention_support
+from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attention_support
+from udtimm.data.transforms import Renormalize
 from udtimm.engine import bare_model
-from udtimm.model import CalibratedModel, create_model
+from udtimm.model import CalibratedModel
 from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher
 from udtimm.trainer import RunSetup
 
@@ -31,6 +33,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--temperature", type=float, default=3.0, help="T of Eq. 13-14")
     group.add_argument("--dist-weight", type=float, default=0.5, help="alpha: weight of Eq. 14")
     group.add_argument("--att-weight", type=float, default=0.5, help="beta: weight of Eq. 17 (0: no attention)")
+    group.add_argument("--att-variant", default=DEFAULT_VARIANT, choices=tuple(ATTENTION_VARIANTS),
+                       help="how Eq. 16's maps are built: paper (as written), const-weights (w_c held as "
+                            "constants), gradcam (constants and ReLU); docs/distillation.md has the measured table")
+    group.add_argument("--distill-warmup-epochs", type=int, default=4, metavar="N",
+                       help="alpha and beta grow linearly from 0 over the first N distilled epochs (0: the paper); "
+                            "docs/distillation.md has the measured table")
     group.add_argument("--gt-weight", type=float, default=0.0, help="weight of a ground-truth L_b + lambda L_ps")
     group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of the ground-truth term")
     group.add_argument("--self-distill", action="store_true",
@@ -50,28 +58,37 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def method_name(args: argparse.Namespace) -> str:
-    """The method column of results.csv: kd, ud, ud-noatt (beta = 0) or self-ud."""
-    if args.self_distill:
-        return "self-ud"
-    return "ud-noatt" if args.method == "ud" and args.att_weight == 0 else args.method
+    """The method column of results.csv: kd, ud, ud-noatt (beta = 0) or self-ud; an --att-variant other than
+    paper is appended (ud-const-weights, self-ud-gradcam)."""
+    if args.method == "ud" and args.att_weight == 0 and not args.self_distill:
+        return "ud-noatt"
+    name = "self-ud" if args.self_distill else args.method
+    return name if name == "kd" or args.att_variant == "paper" else f"{name}-{args.att_variant}"
 
 
 def load_teacher(path: str, class_names: list[str], method: str, accelerator: Accelerator,
-                 channels_last: bool) -> CalibratedModel:
+                 channels_last: bool) -> tuple[CalibratedModel, dict[str, str]]:
     metadata = checkpoint.read_metadata(path)
     check_teacher(metadata, path, class_names, method)
     teacher, _ = checkpoint.model_from_checkpoint(path)
-    return runs.place_model(teacher, accelerator.device, channels_last)
+    return runs.place_model(teacher, accelerator.device, channels_last), metadata
 
 
-def make_objective(args: argparse.Namespace, teacher: CalibratedModel, accelerator: Accelerator,
-                   method: str) -> DistillationObjective:
+def make_objective(args: argparse.Namespace, teacher: CalibratedModel, teacher_metadata: dict[str, str],
+                   student_norm: tuple[list[float], list[float]], accelerator: Accelerator,
+                   method: str, first_epoch: int = 0) -> DistillationObjective:
+    """Eq. 18's objective; the teacher sees the student's batch normalised with its own mean and std."""
+    teacher_norm = (json.loads(teacher_metadata["mean"]), json.loads(teacher_metadata["std"]))
+    teacher_input = None if teacher_norm == student_norm else \
+        Renormalize(*student_norm, *teacher_norm).to(accelerator.device)
     return DistillationObjective(teacher, method, args.temperature, args.dist_weight, args.att_weight,
-                                 args.gt_weight, args.cal_weight, args.difficult, autocast=accelerator.autocast)
+                                 args.gt_weight, args.cal_weight, args.difficult, autocast=accelerator.autocast,
+                                 teacher_input=teacher_input, attention_form=ATTENTION_VARIANTS[args.att_variant],
+                                 warmup_epochs=args.distill_warmup_epochs, first_epoch=first_epoch)
 
 
 def self_distill_switch(args: argparse.Namespace, setup: RunSetup, class_names: list[str],
-                        accelerator: Accelerator) -> None:
+                        student_norm: tuple[list[float], list[float]], accelerator: Accelerator) -> None:
     """At the half: the best checkpoint so far becomes the frozen teacher (copied, so later bests don't move it)."""
     half = args.epochs // 2
     teacher_path = os.path.join(setup.run_dir, "teacher.safetensors")
@@ -83,8 +100,8 @@ def self_distill_switch(args: argparse.Namespace, setup: RunSetup, class_names: 
             shutil.copyfile(os.path.join(setup.run_dir, "best.safetensors"), teacher_path + ".tmp")
             os.replace(teacher_path + ".tmp", teacher_path)
         accelerator.wait_for_everyone()
-        teacher = load_teacher(teacher_path, class_names, "ud", accelerator, args.channels_last)
-        setup.objective = make_objective(args, teacher, accelerator, "ud")
+        teacher, teacher_metadata = load_teacher(teacher_path, class_names, "ud", accelerator, args.channels_last)
+        setup.objective = make_objective(args, teacher, teacher_metadata, student_norm, accelerator, "ud", half)
         setup.extra_state["teacher_epoch"] = int(checkpoint.read_metadata(teacher_path)["epoch"])
         accelerator.print(f"epoch {epoch}: self-distillation from {teacher_path} "
                           f"(epoch {setup.extra_state['teacher_epoch']}), cosine restart")
@@ -98,19 +115,17 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     method = method_name(args)
     train_set, eval_set = runs.load_datasets(args, accelerator)
     # Every check on the teacher happens before the run directory exists and before any step.
-    teacher = None if args.self_distill else load_teacher(args.teacher_ckpt, train_set.classes, args.method,
-                                                          accelerator, args.channels_last)
+    teacher, teacher_metadata = (None, {}) if args.self_distill else load_teacher(
+        args.teacher_ckpt, train_set.classes, args.method, accelerator, args.channels_last)
     student_cal = args.self_distill or args.method == "ud"
     set_seed(args.seed)
-    student = create_model(args.model, len(train_set.classes), cal=student_cal, global_pool=args.global_pool,
-                           pretrained=args.pretrained, pretrained_path=args.pretrained_path,
-                           img_size=args.img_size, drop_rate=args.drop)
+    student = runs.build_model(args, train_set.classes, student_cal, accelerator)
     if args.self_distill or (args.method == "ud" and args.att_weight > 0):
         for model in (student, teacher):
             if model is not None:
                 check_attention_support(model)
     run_dir = runs.prepare_run_dir(args, method, accelerator)
-    mean, std = runs.normalisation(student.backbone)
+    mean, std = student_norm = runs.normalisation(student.backbone)
     train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
         args, train_set, eval_set, mean, std, accelerator.device)
     optimizer, scheduler = runs.build_optimization(args, student, len(train_loader),
@@ -123,12 +138,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                       f"process(es) on {accelerator.device}")
     metadata = checkpoint.model_metadata(args.model, bare_model(accelerator, student), train_set.classes,
                                          args.global_pool, args.img_size, mean, std, dataset=args.dataset,
-                                         method=method, teacher=teacher_name)
+                                         method=method, teacher=teacher_name, model_kwargs=args.model_kwargs)
     if args.self_distill:
         objective = SupervisedObjective("bce", args.cal_weight, args.difficult)
         loss_terms = (*objective.term_names(cal=True), "kd", "kd_cal", "attention")
     else:
-        objective = make_objective(args, teacher, accelerator, args.method)
+        objective = make_objective(args, teacher, teacher_metadata, student_norm, accelerator, args.method)
         loss_terms = objective.term_names
     setup = RunSetup(
         run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
@@ -137,7 +152,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         result_fields=runs.result_fields(args, method, teacher_name),
     )
     if args.self_distill:
-        self_distill_switch(args, setup, train_set.classes, accelerator)
+        self_distill_switch(args, setup, train_set.classes, student_norm, accelerator)
     return runs.fit_and_report(args, setup, accelerator)
 
 

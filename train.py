@@ -16,7 +16,6 @@ from accelerate.utils import set_seed
 from udtimm import config, runs
 from udtimm.checkpoint import model_metadata
 from udtimm.engine import bare_model
-from udtimm.model import create_model
 from udtimm.objectives import LOSSES, SupervisedObjective
 from udtimm.trainer import RunSetup
 
@@ -41,12 +40,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     accelerator = runs.make_accelerator(args)
     method = method_name(args)
-    run_dir = runs.prepare_run_dir(args, method, accelerator)
     train_set, eval_set = runs.load_datasets(args, accelerator)
     set_seed(args.seed)
-    model = create_model(args.model, len(train_set.classes), cal=args.cal, global_pool=args.global_pool,
-                         pretrained=args.pretrained, pretrained_path=args.pretrained_path, img_size=args.img_size,
-                         drop_rate=args.drop)
+    model = runs.build_model(args, train_set.classes, args.cal, accelerator)
+    run_dir = runs.prepare_run_dir(args, method, accelerator)  # after every check on the data and the weights
     mean, std = runs.normalisation(model.backbone)
     train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
         args, train_set, eval_set, mean, std, accelerator.device)
@@ -57,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                       f"{len(eval_set)} eval images, {len(train_set.classes)} classes, {accelerator.num_processes} "
                       f"process(es) on {accelerator.device}")
     metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
-                              args.img_size, mean, std, dataset=args.dataset, method=method, teacher="")
+                              args.img_size, mean, std, dataset=args.dataset, method=method, teacher="",
+                              model_kwargs=args.model_kwargs)
     objective = SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature)
     setup = RunSetup(
         run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,

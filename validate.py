@@ -53,6 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
     data.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
     data.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
+    data.add_argument("--digits-seed", type=int, default=0, help="digits: scene seed (0: the default set)")
     data.add_argument("-b", "--batch-size", type=int, default=64)
     data.add_argument("--workers", type=int, default=2, help="data loader worker processes per device")
     evaluation = parser.add_argument_group("evaluation")

@@ -20,6 +20,7 @@ per measurement.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import sys
@@ -227,11 +228,14 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
         model = accelerator.prepare_model(model, evaluation_mode=True)
         return Loop(batches, skip, tail, lambda timed: predict(model, timed, accelerator, show_progress=False))
     optimizer, scheduler = runs.build_optimization(run, model, len(batches))
+    student_norm = runs.normalisation(model.backbone)
     model, optimizer = accelerator.prepare(model, optimizer)
     if workload == "distill":
         teacher = create_model(args.teacher, len(VOC_CLASSES), cal=True, img_size=run.img_size)
-        objective = distill.make_objective(run, runs.place_model(teacher, device, run.channels_last), accelerator,
-                                           "ud")
+        teacher_mean, teacher_std = runs.normalisation(teacher.backbone)
+        objective = distill.make_objective(run, runs.place_model(teacher, device, run.channels_last),
+                                           {"mean": json.dumps(teacher_mean), "std": json.dumps(teacher_std)},
+                                           student_norm, accelerator, "ud")
     else:
         objective = SupervisedObjective(run.loss, run.cal_weight, run.difficult, run.temperature)
     return Loop(batches, skip, tail, lambda timed: train_one_epoch(

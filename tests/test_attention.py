@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from udtimm.attention import (
+    ATTENTION_VARIANTS,
     branch_divergence,
     check_attention_support,
     uncertainty_attention,
@@ -163,3 +164,38 @@ def test_uncertainty_per_class_sums_to_divergence():
     torch.testing.assert_close(per_class, expected)
     torch.testing.assert_close(branch_divergence(logits, cal_logits), expected.sum(1))
     assert branch_divergence(logits.bfloat16(), cal_logits.bfloat16()).dtype == torch.float32
+
+
+@pytest.mark.parametrize("variant", ["const-weights", "gradcam"])
+def test_constant_weight_variants_train_through_z_only(variant):
+    """Same map values as Eq. 16 (up to the ReLU), but Eq. 17's gradient reaches the head only through Z."""
+    form = ATTENTION_VARIANTS[variant]
+    model = _model("test_resnet").train()
+    x = _images()
+    paper = model(x, with_attention=True)
+    out = model(x, with_attention=True, attention_form=form)
+    expected = paper.attention.relu() if form.relu else paper.attention
+    torch.testing.assert_close(out.attention, expected.detach())
+    teacher = torch.randn_like(out.attention)
+    (grad_paper,) = torch.autograd.grad(attention_distillation_loss(paper.attention, teacher),
+                                        model.cal_head[0].weight)
+    assert grad_paper.abs().max() > 0  # Eq. 16 as written: the loss reaches the head through w_c = sum dD/dZ
+    (grad_const,) = torch.autograd.grad(attention_distillation_loss(out.attention, teacher),
+                                        model.cal_head[0].weight, allow_unused=True)
+    assert grad_const is None or grad_const.abs().max() == 0
+    # Held as constants, the weights leave Z's gradient equal to that of sum_c w_c Z_c with w detached by hand.
+    features = out.features
+    logits, cal_logits = model.forward_head(features)
+    (w,) = torch.autograd.grad(branch_divergence(logits, cal_logits).sum(), features, retain_graph=True)
+    by_hand = (w.sum(dim=(2, 3), keepdim=True).detach() * features).sum(dim=1)
+    by_hand = by_hand.relu() if form.relu else by_hand
+    (grad_z,) = torch.autograd.grad(attention_distillation_loss(out.attention, teacher), features, retain_graph=True)
+    (grad_z_hand,) = torch.autograd.grad(attention_distillation_loss(by_hand, teacher), features)
+    torch.testing.assert_close(grad_z, grad_z_hand)
+
+
+def test_constant_weights_keep_the_head_graph_for_the_other_losses():
+    model = _model("test_resnet").train()
+    out = model(_images(), with_attention=True, attention_form=ATTENTION_VARIANTS["const-weights"])
+    (out.logits.sum() + out.cal_logits.sum() + out.attention.sum()).backward()  # would fail on a freed graph
+    assert model.cal_head[0].weight.grad is not None

@@ -134,3 +134,25 @@ def test_cli(tmp_path, monkeypatch, capsys):
     digits_module.main()
     assert capsys.readouterr().out.strip() == str(out)
     assert len(load_voc(str(out), "test")[0]) == 2
+
+
+def test_another_seed_never_uses_a_test_glyph_of_the_default_set(monkeypatch, tmp_path):
+    pools = {}
+    compose = digits_module._compose
+
+    def recording(rng, glyphs, labels, pool, *rest):
+        pools.setdefault(seed, set()).update(pool.tolist())
+        return compose(rng, glyphs, labels, pool, *rest)
+
+    monkeypatch.setattr(digits_module, "_compose", recording)
+    test_pools = {}
+    for seed in (0, 1):
+        root = ensure_digits(str(tmp_path / f"seed{seed}"), num_trainval=4, num_test=4, seed=seed)
+        test_pools[seed] = hashlib.sha256(open(os.path.join(root, "VOC2007", "JPEGImages", "000001.jpg"), "rb")
+                                          .read()).hexdigest()
+    order = np.random.default_rng(0).permutation(1797)
+    default_test = set(order[:int(1797 * 0.3)].tolist())
+    assert pools[0] >= default_test  # seed 0 draws its test scenes from these
+    assert not pools[1] & default_test and len(pools[1]) == 1797 - len(default_test)
+    assert test_pools[0] != test_pools[1]  # other scenes
+    assert default_data_dir("digits", 3000, 500, seed=1).endswith("digits-3000-500-seed1")

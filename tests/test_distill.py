@@ -1,15 +1,21 @@
 """distill.py end to end on tiny digits: ud / kd / ud-noatt students, self-distillation, refusals."""
 
+import json
 import os
 
 import pytest
+import torch
+from accelerate import Accelerator
 from conftest import read_rows, tiny_train_args
 
 import distill
 import train
 from udtimm.checkpoint import model_metadata, read_metadata, save_checkpoint
 from udtimm.config import ConfigError
+from udtimm.data.digits import DIGIT_CLASSES as DIGITS
+from udtimm.data.transforms import Renormalize
 from udtimm.model import create_model
+from udtimm.weights import WeightsError
 
 
 @pytest.fixture(scope="module")
@@ -21,7 +27,8 @@ def teachers(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 @pytest.mark.parametrize(("flags", "method", "terms"), [
-    (["--method", "ud"], "ud", ("train_kd", "train_kd_cal", "train_attention")),
+    (["--method", "ud"], "ud-gradcam", ("train_kd", "train_kd_cal", "train_attention")),
+    (["--method", "ud", "--att-variant", "paper"], "ud", ("train_kd", "train_kd_cal", "train_attention")),
     (["--method", "ud", "--att-weight", "0"], "ud-noatt", ("train_kd", "train_kd_cal")),
     (["--method", "kd"], "kd", ("train_kd",)),
 ])
@@ -75,7 +82,7 @@ def test_self_distillation_switches_teacher_at_the_half(tiny_digits, tmp_path) -
     # Cosine restart: the learning rate climbs back up after the switch.
     assert float(summary[2]["lr"]) > float(summary[1]["lr"])
     (result,) = read_rows(str(run_dir / "results.csv"))
-    assert result["method"] == "self-ud" and result["teacher"] == "self"
+    assert result["method"] == "self-ud-gradcam" and result["teacher"] == "self"
 
 
 def test_torchcompile_with_uncertainty_attention_is_refused_up_front() -> None:
@@ -87,3 +94,38 @@ def test_torchcompile_with_uncertainty_attention_is_refused_up_front() -> None:
 def test_distill_needs_a_teacher_or_self_distill() -> None:
     with pytest.raises(ConfigError, match="--teacher-ckpt"):
         distill.parse_args(["--model", "test_resnet"])
+
+
+def test_initial_checkpoint_starts_train_and_distill_and_a_misfit_is_refused_first(tiny_digits, teachers, tmp_path,
+                                                                                     capsys) -> None:
+    row = train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "warm", "--epochs", "1",
+                                     "--initial-checkpoint", teachers["cal"]))
+    assert "loaded the backbone" in capsys.readouterr().out and row["method"] == "baseline"
+    distill.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "warm-ud", "--epochs", "1",
+                                 "--teacher-ckpt", teachers["cal"], "--initial-checkpoint", teachers["cal"]))
+    out = capsys.readouterr().out
+    assert "loaded the backbone" in out and "the calibration branch" in out.split("left at random")[0]
+    other = create_model("test_efficientnet", num_classes=10)
+    path = str(tmp_path / "other.safetensors")
+    save_checkpoint(path, other, model_metadata("test_efficientnet", other, [str(i) for i in range(10)], None, 32,
+                                                [0.5] * 3, [0.5] * 3))
+    for script in (train, distill):
+        flags = ("--teacher-ckpt", teachers["cal"]) if script is distill else ()
+        with pytest.raises(WeightsError, match="other.safetensors does not fit"):
+            script.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "refused",
+                                        "--initial-checkpoint", path, *flags))
+        assert not (tmp_path / "refused").exists()
+
+
+def test_a_teacher_with_its_own_normalisation_gets_its_input_renormalised(tiny_digits, teachers) -> None:
+    args = distill.parse_args(tiny_train_args(tiny_digits, "unused", "--teacher-ckpt", teachers["cal"]))
+    teacher, metadata = distill.load_teacher(teachers["cal"], [str(i) for i in DIGITS], "ud", Accelerator(), False)
+    student_norm = (json.loads(metadata["mean"]), json.loads(metadata["std"]))
+    same = distill.make_objective(args, teacher, metadata, student_norm, Accelerator(), "ud")
+    assert same.teacher_input is None
+    other = distill.make_objective(args, teacher, metadata, ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225]),
+                                   Accelerator(), "ud")
+    assert isinstance(other.teacher_input, Renormalize)
+    images = torch.zeros(1, 3, 4, 4)  # the student's mean colour is the teacher's (mean_s - mean_t) / std_t
+    expected = (torch.tensor([0.485, 0.456, 0.406]) - torch.tensor(student_norm[0])) / torch.tensor(student_norm[1])
+    torch.testing.assert_close(other.teacher_input(images)[0, :, 0, 0], expected)

@@ -79,3 +79,29 @@ def test_pretrained_path_loads_local_weights_and_replaces_the_classifier(tmp_pat
 def test_missing_pretrained_path_names_the_file(tmp_path) -> None:
     with pytest.raises(ModelConfigError, match="missing.safetensors"):
         create_model("test_resnet", num_classes=3, pretrained_path=str(tmp_path / "missing.safetensors"))
+
+
+def test_model_kwargs_reach_timm_and_the_checkpoint(tmp_path) -> None:
+    from udtimm.checkpoint import model_from_checkpoint, model_metadata, save_checkpoint
+
+    model = create_model("test_resnet", num_classes=3, cal=True, model_kwargs={"output_stride": 16})
+    assert model.forward_features(torch.randn(1, 3, 64, 64)).shape[-2:] == (4, 4)  # stride 32 gives 2 x 2
+    path = str(tmp_path / "os16.safetensors")
+    save_checkpoint(path, model, model_metadata("test_resnet", model, ["a", "b", "c"], None, 64, [0.5] * 3, [0.5] * 3,
+                                                model_kwargs={"output_stride": 16}))
+    rebuilt, _ = model_from_checkpoint(path)
+    assert rebuilt.forward_features(torch.randn(1, 3, 64, 64)).shape[-2:] == (4, 4)
+    with pytest.raises(ModelConfigError, match="does not take --model-kwargs"):
+        create_model("test_resnet", num_classes=3, model_kwargs={"no_such_argument": 1})
+    with pytest.raises(ModelConfigError, match="own flags"):
+        create_model("test_resnet", num_classes=3, model_kwargs={"num_classes": 5})
+
+
+def test_model_kwargs_flag_parses_yaml_scalars() -> None:
+    import train
+
+    args = train.parse_args(["--model-kwargs", "output_stride=16", "drop_path_rate=0.1", "act_layer=relu"])
+    assert args.model_kwargs == {"output_stride": 16, "drop_path_rate": 0.1, "act_layer": "relu"}
+    assert train.parse_args([]).model_kwargs == {}
+    with pytest.raises(SystemExit):
+        train.parse_args(["--model-kwargs", "output_stride"])

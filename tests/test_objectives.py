@@ -5,6 +5,7 @@ import torch
 
 from udtimm import losses
 from udtimm.config import ConfigError
+from udtimm.data.transforms import NormalizeImage, Renormalize
 from udtimm.model import create_model
 from udtimm.objectives import DistillationObjective, SupervisedObjective, check_teacher
 
@@ -54,3 +55,38 @@ def test_check_teacher_names_the_difference() -> None:
     with pytest.raises(ConfigError, match="calibration branch"):
         check_teacher(metadata, "t.safetensors", ["a", "b", "c"], "ud")
     check_teacher(metadata, "t.safetensors", ["a", "b", "c"], "kd")
+
+
+def test_the_teacher_sees_the_batch_in_its_own_normalisation() -> None:
+    torch.manual_seed(0)
+    teacher = create_model("test_resnet", num_classes=4, cal=True).eval()
+    pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    student_norm, teacher_norm = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]), ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    images = NormalizeImage(*student_norm)(pixels)
+    objective = DistillationObjective(teacher, "ud", teacher_input=Renormalize(*student_norm, *teacher_norm))
+    logits, cal_logits, maps = objective.teacher_outputs(images)
+    expected = teacher(NormalizeImage(*teacher_norm)(pixels), with_attention=True)
+    torch.testing.assert_close(logits, expected.logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(cal_logits, expected.cal_logits, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(maps, expected.attention, rtol=1e-4, atol=1e-5)
+    # Without it the teacher would read the student's numbers as its own: other logits.
+    unadapted = DistillationObjective(teacher, "kd").teacher_outputs(images)[0]
+    assert (unadapted - expected.logits).abs().max() > 1e-2
+
+
+def test_warmup_ramps_alpha_and_beta_from_zero_over_the_distilled_epochs() -> None:
+    teacher = create_model("test_resnet", num_classes=4, cal=True)
+    student = create_model("test_resnet", num_classes=4, cal=True).eval()
+    images, target, difficult = batch()
+    objective = DistillationObjective(teacher, "ud", dist_weight=0.5, att_weight=0.25, warmup_epochs=4, first_epoch=2)
+    ramps = []
+    for epoch in range(2, 8):
+        objective.start_epoch(epoch)
+        terms = objective(student, images, target, difficult)
+        ramps.append(objective.ramp)
+        expected = terms["kd"] + objective.ramp * (0.5 * terms["kd_cal"] + 0.25 * terms["attention"])
+        torch.testing.assert_close(terms["loss"], expected)
+    assert ramps == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
+    plain = DistillationObjective(teacher, "ud")
+    plain.start_epoch(0)
+    assert plain.ramp == 1.0  # no warm-up: Eq. 18 from the first step

@@ -11,6 +11,7 @@ from udtimm.data.transforms import (
     MultiScaleCrop,
     NormalizeBatch,
     NormalizeImage,
+    Renormalize,
     TrainPixels,
     crop_offsets,
     erase_boxes,
@@ -115,3 +116,10 @@ def test_erase_boxes_equals_erasing_each_image() -> None:
                             for image, box in zip(images, boxes, strict=True)])
     assert torch.equal(erase_boxes(images, boxes), expected)
     assert torch.equal(erase_boxes(images, boxes)[2], images[2])
+
+
+def test_renormalize_turns_one_normalisation_into_another() -> None:
+    pixels = torch.randint(0, 256, (2, 3, 8, 8), dtype=torch.uint8)
+    source, target = ([0.5] * 3, [0.5] * 3), ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    renormalized = Renormalize(*source, *target)(NormalizeImage(*source)(pixels))
+    torch.testing.assert_close(renormalized, NormalizeImage(*target)(pixels), rtol=1e-5, atol=1e-5)

@@ -2,16 +2,38 @@
 
 The gradient dD/dZ is taken through the head only (pooling + the two branches), never the backbone: Z is the
 head's input, so the head-only gradient is exactly the one a full backward would deliver at Z, for a fraction
-of the cost (METHOD.md §5 "Cost"). No ReLU is applied to the map (METHOD.md §5): Eq. 16 has none, and the sign
-tells where the features raise the divergence and where they lower it.
+of the cost (METHOD.md §5 "Cost"). Eq. 16 as written (`--att-variant paper`) has no ReLU, and the sign tells where
+the features raise the divergence and where they lower it; the default `gradcam` variant holds the student's channel
+weights as constants and keeps the positive part, which the digits benchmark chose (docs/distillation.md).
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
 from udtimm.model import CalibratedModel
+
+
+@dataclass(frozen=True)
+class AttentionForm:
+    """How Eq. 16's map is built (--att-variant); teacher and student maps are built the same way."""
+
+    weights_in_graph: bool = True  # the student's w_c keep their graph, so Eq. 17 also trains through dD/dZ
+    relu: bool = False  # Grad-CAM's ReLU on the map: only where the features raise the divergence
+
+
+# paper: Eq. 16 as written. const-weights: w_c held as constants (Grad-CAM practice), Eq. 17 trains through Z
+# only, which drops the second-order terms. gradcam: constants and the ReLU of Grad-CAM.
+# The default by the digits benchmark (docs/distillation.md); "paper" reproduces Eq. 16 as written.
+DEFAULT_VARIANT = "gradcam"
+ATTENTION_VARIANTS = {
+    "paper": AttentionForm(),
+    "const-weights": AttentionForm(weights_in_graph=False),
+    "gradcam": AttentionForm(weights_in_graph=False, relu=True),
+}
 
 # Token-model pools that give no usable map, and why. timm's 'map' attention pooling does attend over the patch
 # tokens and gives a usable map, as do 'avg', 'max' and 'avgmax'.
@@ -39,6 +61,7 @@ def uncertainty_attention(
     features: Tensor,
     create_graph: bool,
     head_outputs: tuple[Tensor, Tensor] | None = None,
+    form: AttentionForm = ATTENTION_VARIANTS["paper"],
 ) -> Tensor:
     """Eq. 15-16: A_hw = sum_c w_c Z_chw with w_c = sum_hw dD/dZ_chw, D summed over the batch; [B, H, W] float32.
 
@@ -49,7 +72,7 @@ def uncertainty_attention(
     head forward, which saves that forward and keeps a train-mode head from updating its BatchNorm statistics
     twice or drawing new dropout masks. In train mode the calibration branch's BatchNorm mixes the samples of
     the batch, so a sample's map also carries the other samples' divergence -- as a whole-network Grad-CAM of
-    the summed D does.
+    the summed D does. `form` (AttentionForm) holds the student's w_c as constants or applies a ReLU.
     """
     with torch.enable_grad():
         if create_graph:
@@ -61,11 +84,14 @@ def uncertainty_attention(
         if cal_logits is None:
             raise ValueError("uncertainty attention needs a model with the calibration branch (--cal)")
         divergence = branch_divergence(logits, cal_logits).sum()
-        (grad,) = torch.autograd.grad(divergence, z, create_graph=create_graph)
+        second_order = create_graph and form.weights_in_graph
+        # Constant weights need no graph of the gradient, but the head's graph stays for the losses on its outputs.
+        (grad,) = torch.autograd.grad(divergence, z, create_graph=second_order, retain_graph=create_graph)
     if not create_graph:
         z = z.detach()
     weights = model.feature_grid(grad).float().sum(dim=(2, 3), keepdim=True)
-    return (weights * model.feature_grid(z).float()).sum(dim=1)
+    maps = (weights * model.feature_grid(z).float()).sum(dim=1)
+    return torch.relu(maps) if form.relu else maps
 
 
 def check_attention_support(model: CalibratedModel) -> None:

@@ -110,6 +110,7 @@ def model_from_checkpoint(path: str, **overrides: object) -> tuple[CalibratedMod
         "cal_width": int(metadata.get("cal_width") or 512),
         "global_pool": metadata.get("global_pool") or None,
         "img_size": int(metadata["img_size"]) if metadata.get("img_size") else None,
+        "model_kwargs": json.loads(metadata.get("model_kwargs") or "{}"),
     }
     options.update(overrides)
     model = create_model(metadata["model"], int(metadata["num_classes"]), **options)

@@ -20,8 +20,22 @@ class ConfigError(ValueError):
 
 
 # A resumed run must be the same experiment: these may not change between the first start and --resume.
-RESUME_FIXED = ("model", "dataset", "cal", "loss", "global_pool", "img_size", "batch_size", "seed", "method",
-                "teacher_ckpt", "self_distill", "difficult")
+RESUME_FIXED = ("model", "model_kwargs", "dataset", "cal", "loss", "global_pool", "img_size", "batch_size", "seed",
+                "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs", "difficult")
+
+
+class ParseKwargs(argparse.Action):
+    """KEY=VALUE pairs into a dict; each value is read as a YAML scalar (16 -> int, true -> bool, avg -> str)."""
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace, values: Sequence[str],
+                 option_string: str | None = None) -> None:
+        kwargs = {}
+        for item in values:
+            key, sep, value = item.partition("=")
+            if not sep or not key:
+                parser.error(f"{option_string} takes KEY=VALUE pairs, got {item!r}")
+            kwargs[key.replace("-", "_")] = yaml.safe_load(value)
+        setattr(namespace, self.dest, kwargs)
 
 
 def config_parser() -> argparse.ArgumentParser:
@@ -53,6 +67,9 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="CP..OF1 count difficult pairs as negatives (ML-GCN's code) instead of leaving them out")
     group.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
     group.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
+    group.add_argument("--digits-seed", type=int, default=0,
+                       help="digits: scene seed; any seed but 0 makes a pretraining set whose glyphs are all "
+                            "trainval glyphs of the default (seed 0) set, never its test glyphs")
     group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")
     group.add_argument("--gpu-decode", action="store_true", help="decode and augment JPEGs on the GPU")
     add_prefetch_arg(group)
@@ -72,6 +89,11 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="start from timm's pretrained weights")
     group.add_argument("--pretrained-path", default=None, metavar="FILE",
                        help="local pretrained weights (.safetensors/.pth); implies --pretrained, no network")
+    group.add_argument("--initial-checkpoint", default=None, metavar="FILE",
+                       help="start from these weights (a udtimm checkpoint or timm weights): the backbone always, "
+                            "the classifier and calibration branch when the file's class list is the dataset's")
+    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="extra timm.create_model arguments, e.g. output_stride=16 (kept in the checkpoint)")
     group.add_argument("--global-pool", default=None, help="timm global pooling: avg, max, avgmax, token, ...")
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
 

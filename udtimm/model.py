@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import difflib
+from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import timm
 import torch
 from torch import Tensor, nn
+
+from udtimm.weights import backbone_weights, check_pretrained_loaded, read_weights
 
 CAL_WIDTH = 512
 
@@ -63,8 +67,9 @@ class CalibratedModel(nn.Module):
         cal_logits = self.cal_head(pooled) if self.cal_head is not None else None
         return logits, cal_logits
 
-    def forward(self, x: Tensor, with_attention: bool = False) -> ModelOutput:
-        """Feature map and both branches; `with_attention` adds the uncertainty attention map (Eq. 15-16).
+    def forward(self, x: Tensor, with_attention: bool = False, attention_form: object = None) -> ModelOutput:
+        """Feature map and both branches; `with_attention` adds the uncertainty attention map (Eq. 15-16), built
+        as `attention_form` says (an attention.AttentionForm; None: Eq. 16 as written).
 
         The map is computed inside forward so that a distributed (DDP) wrapper sees one forward per step; with
         gradients enabled it keeps its graph, so a loss on it trains the network through the map.
@@ -73,10 +78,11 @@ class CalibratedModel(nn.Module):
         logits, cal_logits = self.forward_head(features)
         attention = None
         if with_attention:
-            from udtimm.attention import uncertainty_attention  # attention.py imports this module
+            from udtimm.attention import ATTENTION_VARIANTS, uncertainty_attention  # attention.py imports this module
 
             create_graph = torch.is_grad_enabled() and features.requires_grad
-            attention = uncertainty_attention(self, features, create_graph, head_outputs=(logits, cal_logits))
+            attention = uncertainty_attention(self, features, create_graph, head_outputs=(logits, cal_logits),
+                                              form=attention_form or ATTENTION_VARIANTS["paper"])
         return ModelOutput(features, logits, cal_logits, attention)
 
     def feature_grid(self, features: Tensor) -> Tensor:
@@ -111,8 +117,12 @@ def create_model(
     pretrained_path: str | None = None,
     img_size: int | None = None,
     drop_rate: float = 0.0,
+    model_kwargs: Mapping[str, Any] | None = None,
 ) -> CalibratedModel:
-    """Build a CalibratedModel from a timm model name; `pretrained_path` loads local weights (no network)."""
+    """Build a CalibratedModel from a timm model name; `pretrained_path` loads local weights (no network).
+
+    `model_kwargs` go to timm.create_model as they are (--model-kwargs, e.g. output_stride=16).
+    """
     if not timm.is_model(name):
         close = suggest_models(name)
         hint = f" Close timm names: {', '.join(close)}." if close else ""
@@ -120,12 +130,20 @@ def create_model(
     kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
     if global_pool:
         kwargs["global_pool"] = global_pool
-    if pretrained_path:
-        kwargs["pretrained_cfg_overlay"] = {"file": pretrained_path}
-        pretrained = True
+    clashes = sorted(set(model_kwargs or {}) & {*kwargs, "global_pool", "pretrained", "img_size"})
+    if clashes:
+        raise ModelConfigError(f"--model-kwargs {clashes}: set these with their own flags")
+    kwargs.update(model_kwargs or {})
+    weights = None
     try:
+        if pretrained_path:
+            weights = backbone_weights(read_weights(pretrained_path)[0])
+            kwargs["pretrained_cfg_overlay"] = {"state_dict": weights}
+            pretrained = True
         backbone = _create_backbone(name, pretrained, img_size, kwargs)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, TypeError) as err:
+        if isinstance(err, TypeError) and model_kwargs:
+            raise ModelConfigError(f"{name} does not take --model-kwargs {dict(model_kwargs)}: {err}") from err
         if pretrained_path:
             raise ModelConfigError(f"cannot load --pretrained-path {pretrained_path} into {name}: {err}") from err
         if pretrained:
@@ -134,6 +152,8 @@ def create_model(
                 "Without network access download them elsewhere and pass the file with --pretrained-path FILE."
             ) from err
         raise
+    if weights is not None:
+        check_pretrained_loaded(backbone, weights, pretrained_path)
     return CalibratedModel(backbone, num_classes, cal=cal, cal_width=cal_width)
 
 

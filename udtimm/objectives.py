@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from udtimm import losses
-from udtimm.attention import uncertainty_attention
+from udtimm.attention import ATTENTION_VARIANTS, AttentionForm, uncertainty_attention
 from udtimm.checkpoint import class_difference
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
@@ -73,13 +73,17 @@ class DistillationObjective:
     """Eq. 18: L'_b (Eq. 13) + alpha L'_ps (Eq. 14) + beta L_att (Eq. 17), plus an optional ground-truth term.
 
     `kd` is Eq. 13 alone (the paper's "Ours-KD"); `ud` with beta = 0 is "w/o uncertainty attention" (Table 5).
-    The teacher is frozen and in eval mode; `autocast` is the student's mixed-precision context.
+    The teacher is frozen and in eval mode; `autocast` is the student's mixed-precision context; `teacher_input`
+    turns the student's input into the teacher's (Renormalize, when the two were trained with other mean and std).
     """
 
     def __init__(self, teacher: CalibratedModel, method: str = "ud", temperature: float = 3.0,
                  dist_weight: float = 0.5, att_weight: float = 0.5, gt_weight: float = 0.0,
                  cal_weight: float = 0.1, difficult: str = "positive",
-                 autocast: Callable[[], AbstractContextManager] = nullcontext) -> None:
+                 autocast: Callable[[], AbstractContextManager] = nullcontext,
+                 teacher_input: Callable[[Tensor], Tensor] | None = None,
+                 attention_form: AttentionForm = ATTENTION_VARIANTS["paper"], warmup_epochs: int = 0,
+                 first_epoch: int = 0) -> None:
         if method not in DISTILL_METHODS:
             raise ValueError(f"--method {method!r} is not one of {DISTILL_METHODS}")
         self.teacher = teacher.eval().requires_grad_(False)
@@ -87,6 +91,15 @@ class DistillationObjective:
         self.dist_weight, self.att_weight, self.gt_weight = dist_weight, att_weight, gt_weight
         self.supervised = SupervisedObjective("bce", cal_weight, difficult)
         self.autocast = autocast
+        self.teacher_input = teacher_input
+        self.attention_form = attention_form
+        self.warmup_epochs, self.first_epoch = warmup_epochs, first_epoch
+        self.ramp = 1.0 if warmup_epochs == 0 else 0.0
+
+    def start_epoch(self, epoch: int) -> None:
+        """--distill-warmup-epochs: alpha and beta grow linearly from 0 (at `first_epoch`) to their full value."""
+        if self.warmup_epochs > 0:
+            self.ramp = min(1.0, max(0, epoch - self.first_epoch) / self.warmup_epochs)
 
     @property
     def uses_attention(self) -> bool:
@@ -100,23 +113,26 @@ class DistillationObjective:
 
     def teacher_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         with torch.no_grad(), self.autocast():
+            if self.teacher_input is not None:
+                images = self.teacher_input(images)
             features = self.teacher.forward_features(images)
             logits, cal_logits = self.teacher.forward_head(features)
             # Head-only gradient, no graph: the teacher map costs one small backward through the head.
-            maps = uncertainty_attention(self.teacher, features, create_graph=False) if self.uses_attention else None
+            maps = uncertainty_attention(self.teacher, features, create_graph=False, form=self.attention_form) \
+                if self.uses_attention else None
         return logits, cal_logits, maps
 
     def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
         teacher_logits, teacher_cal, teacher_maps = self.teacher_outputs(images)
-        out = model(images, with_attention=self.uses_attention)
+        out = model(images, with_attention=self.uses_attention, attention_form=self.attention_form)
         terms = {"kd": losses.binary_kd_loss(out.logits, teacher_logits, self.temperature)}
         total = terms["kd"]
         if self.method == "ud":
             terms["kd_cal"] = losses.softmax_kd_loss(out.cal_logits, teacher_cal, self.temperature)
-            total = total + self.dist_weight * terms["kd_cal"]
+            total = total + self.ramp * self.dist_weight * terms["kd_cal"]
             if self.uses_attention:
                 terms["attention"] = losses.attention_distillation_loss(out.attention, teacher_maps)
-                total = total + self.att_weight * terms["attention"]
+                total = total + self.ramp * self.att_weight * terms["attention"]
         if self.gt_weight > 0:
             target, mask = losses.apply_difficult_policy(target, difficult, self.supervised.difficult)
             terms["gt"] = self.supervised.terms(out, target, mask)["loss"]

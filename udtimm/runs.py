@@ -25,11 +25,13 @@ from udtimm.data.loader import load_split, make_loader
 from udtimm.data.transforms import NormalizeBatch, TrainPixels, eval_pixels
 from udtimm.engine import NonFiniteLossError
 from udtimm.io import check_writable
-from udtimm.model import ModelConfigError
+from udtimm.model import CalibratedModel, ModelConfigError, create_model
 from udtimm.trainer import RunSetup, fit
+from udtimm.weights import WeightsError, load_initial_checkpoint
 
 # Errors caused by the user's input: the scripts print their message alone, without a traceback.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, NonFiniteLossError, OSError)
+USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, WeightsError, NonFiniteLossError,
+               OSError)
 
 
 def make_accelerator(args: argparse.Namespace) -> Accelerator:
@@ -74,6 +76,17 @@ def load_datasets(args: argparse.Namespace, accelerator: Accelerator) -> tuple[M
     if train_set.classes != eval_set.classes:
         raise ConfigError(f"splits {args.train_split} and {args.val_split} have different class lists")
     return train_set, eval_set
+
+
+def build_model(args: argparse.Namespace, class_names: list[str], cal: bool,
+                accelerator: Accelerator) -> CalibratedModel:
+    """The model the flags ask for: timm's, pretrained or not, then --initial-checkpoint (which says what it loaded)."""
+    model = create_model(args.model, len(class_names), cal=cal, global_pool=args.global_pool,
+                         pretrained=args.pretrained, pretrained_path=args.pretrained_path, img_size=args.img_size,
+                         drop_rate=args.drop, model_kwargs=args.model_kwargs)
+    if args.initial_checkpoint:
+        accelerator.print(load_initial_checkpoint(model, args.initial_checkpoint, class_names))
+    return model
 
 
 def normalisation(backbone: nn.Module) -> tuple[list[float], list[float]]:

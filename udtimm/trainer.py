@@ -132,6 +132,8 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         seed_epoch(args.seed + epoch, setup.train_loader)
         if setup.on_epoch_start is not None:
             setup.on_epoch_start(epoch)
+        if hasattr(setup.objective, "start_epoch"):
+            setup.objective.start_epoch(epoch)
         epoch_start = time.perf_counter()
         lr = setup.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (cosine restarts show)
         stats = train_one_epoch(

@@ -29,16 +29,17 @@ _SPLITS = {
 }
 
 
-def default_data_dir(name: str, num_trainval: int = 3000, num_test: int = 1000) -> str | None:
+def default_data_dir(name: str, num_trainval: int = 3000, num_test: int = 1000, seed: int = 0) -> str | None:
     """Where `name` lives when no --data-dir is given: only `digits` has a default (under $UDTIMM_CACHE).
 
-    A digits set of another size gets its own folder, so it never clashes with the default one.
+    A digits set of another size or seed gets its own folder, so it never clashes with the default one.
     """
     if name != "digits":
         return None
     cache = os.environ.get("UDTIMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "udtimm")
-    default_size = (num_trainval, num_test) == (3000, 1000)
-    return os.path.join(cache, "digits" if default_size else f"digits-{num_trainval}-{num_test}")
+    if (num_trainval, num_test, seed) == (3000, 1000, 0):
+        return os.path.join(cache, "digits")
+    return os.path.join(cache, f"digits-{num_trainval}-{num_test}" + (f"-seed{seed}" if seed else ""))
 
 
 def resolve_split(name: str, root: str, split: str) -> str:
@@ -60,7 +61,8 @@ def build_dataset(
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
     if root is None and name == "digits":
-        root = default_data_dir(name, options.get("num_trainval", 3000), options.get("num_test", 1000))
+        root = default_data_dir(name, options.get("num_trainval", 3000), options.get("num_test", 1000),
+                                options.get("seed", 0))
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
     own_split = resolve_split(name, root, split)

@@ -127,7 +127,7 @@ def report_unreadable(messages: Sequence[str]) -> int:
 
 def dataset_options(args: argparse.Namespace) -> dict:
     if args.dataset == "digits":
-        return {"num_trainval": args.digits_trainval, "num_test": args.digits_test}
+        return {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed}
     return {}
 
 

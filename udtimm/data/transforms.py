@@ -73,6 +73,22 @@ class NormalizeImage(nn.Module):
         return image.to(torch.float32, copy=True).sub_(self.mean).div_(self.std)
 
 
+class Renormalize(nn.Module):
+    """A batch normalised with one (mean, std) re-expressed in another's: the same pixels, as another model expects."""
+
+    def __init__(self, source_mean: Sequence[float], source_std: Sequence[float], target_mean: Sequence[float],
+                 target_std: Sequence[float]) -> None:
+        super().__init__()
+        source_mean, source_std, target_mean, target_std = (
+            torch.tensor(values, dtype=torch.float32).view(-1, 1, 1)
+            for values in (source_mean, source_std, target_mean, target_std))
+        self.register_buffer("scale", source_std / target_std)
+        self.register_buffer("shift", (source_mean - target_mean) / target_std)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return torch.addcmul(self.shift.to(images.dtype), images, self.scale.to(images.dtype))
+
+
 ERASE = "erase"  # the key of random erasing's box in a train_pixels item
 PIXELS = "pixels"
 

@@ -1,0 +1,108 @@
+"""udtimm.claims: paired differences over seeds, the t-interval verdict against scipy, the Markdown table."""
+
+import os
+import sys
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+from test_report import results_row, write_run
+
+from udtimm import claims
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_verdict_reads_the_t_interval_of_the_mean_difference() -> None:
+    differences = [0.9, 1.1, 1.3]
+    low, high = stats.t.interval(0.95, 2, loc=np.mean(differences), scale=stats.sem(differences))
+    assert low > 0 and claims.verdict(differences) == "holds"
+    assert claims.verdict([-d for d in differences]) == "does not hold"
+    assert claims.verdict([-d for d in differences], lower_is_better=True) == "holds"
+    assert claims.verdict([1.0, -0.5, 2.0]) == "within noise"
+    assert claims.verdict([1.0]) == "not measured"
+    # Just inside and just outside the interval's edge, as scipy draws it.
+    spread = [-1.0, 0.0, 1.0]
+    half = stats.t.ppf(0.975, 2) * stats.sem(spread)
+    assert claims.verdict([value + half * 0.99 for value in spread]) == "within noise"
+    assert claims.verdict([value + half * 1.01 for value in spread]) == "holds"
+
+
+def _results() -> pd.DataFrame:
+    rows = []
+    for seed, (baseline, kd, ece_base, ece_cal) in enumerate([(80.0, 81.0, 5.0, 4.0), (82.0, 83.5, 6.0, 5.5),
+                                                                (81.0, 82.0, 5.5, 4.4)]):
+        rows += [{"method": "baseline", "seed": seed, "map": baseline, "map_difficult": 70.0, "ece": ece_base},
+                 {"method": "cal", "seed": seed, "map": baseline, "map_difficult": 70.0 + seed - 1, "ece": ece_cal},
+                 {"method": "kd", "seed": seed, "map": kd, "map_difficult": 70.0, "ece": 5.0}]
+    return pd.DataFrame(rows)
+
+
+def test_claims_table_pairs_runs_by_seed() -> None:
+    table = claims.claims_table(_results(), claims.paper_claims()).set_index("claim")
+    kd = table.loc["KD beats the baseline"]
+    assert kd["n"] == 3 and kd["difference"] == f"{np.mean([1.0, 1.5, 1.0]):.2f} ± {np.std([1, 1.5, 1], ddof=1):.2f}"
+    assert kd["method"] == "kd: 82.17 ± 1.26" and kd["verdict"] == "holds"
+    assert table.loc["`--cal` lowers classwise ECE", "verdict"] == "holds"
+    assert table.loc["`--cal` raises Difficult mAP", "verdict"] == "within noise"
+    assert table.loc["UD beats UD without attention", "verdict"] == "not measured"  # no such runs
+    assert table.loc["UD beats UD without attention", "n"] == 0
+
+
+def test_variants_name_their_own_runs() -> None:
+    names = [claim.method for claim in claims.paper_claims("const-weights", ("paper", "const-weights", "gradcam"))]
+    assert "ud-const-weights" in names and "self-ud-const-weights" in names and names[-2:] == ["ud", "ud-gradcam"]
+
+
+def test_cli_reads_run_directories(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        for method, shift in (("baseline", 0.0), ("kd", 2.0)):
+            row = results_row(seed, rng, method=method, model="test_resnet")
+            row["map"] = 50.0 + seed + shift + 0.1 * rng.standard_normal()
+            write_run(str(tmp_path), f"{method}-{seed}", row)
+    text = claims.main([str(tmp_path / "*"), "--model", "test_resnet", "--out", str(tmp_path / "claims.md")])
+    assert text == (tmp_path / "claims.md").read_text() and text.startswith("| claim | metric |")
+    kd_line = next(line for line in text.splitlines() if line.startswith("| KD beats the baseline"))
+    assert kd_line.endswith("| 3 | holds |")
+
+
+def test_benchmark_plan_orders_runs_after_what_they_need() -> None:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import distill_digits
+
+    args = distill_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"])
+    jobs = distill_digits.plan(args)
+    names = [job.name for job in jobs]
+    assert names[:3] == ["pretrain-resnet10t", "pretrain-test_resnet", "teacher"]
+    assert len(names) == len(set(names)) == 3 + 2 * (4 + len(args.att_variants) + 1)
+    for job in jobs:
+        assert all(names.index(need) < names.index(job.name) for need in job.needs)
+        if "--teacher-ckpt" in job.command:
+            assert "teacher" in job.needs
+        if job.name.endswith("-seed1"):
+            assert job.command[job.command.index("--seed") + 1] == "1"
+            assert "--initial-checkpoint" in job.command
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_benchmark_scheduler_runs_each_job_once_and_stops_at_a_failure(tmp_path, fail) -> None:
+    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+    import distill_digits
+
+    def job(name, needs=(), code=0):
+        run_dir = tmp_path / name
+        write = f"import os; os.makedirs({str(run_dir)!r}); open(os.path.join({str(run_dir)!r}, 'results.csv'), 'w')"
+        command = [sys.executable, "-c", f"{write}; raise SystemExit({code})"]
+        return distill_digits.Job(name, command, str(run_dir), needs)
+
+    jobs = [job("a"), job("b", ("a",), code=int(fail)), job("c", ("b",))]
+    if fail:
+        with pytest.raises(SystemExit, match="b failed"):
+            distill_digits.run_all(jobs, 2, str(tmp_path))
+        assert not (tmp_path / "c").exists()
+    else:
+        distill_digits.run_all(jobs, 2, str(tmp_path))
+        assert all(j.done for j in jobs)
+        distill_digits.run_all(jobs, 2, str(tmp_path))  # all done: nothing runs again (a second makedirs would fail)

@@ -1,0 +1,135 @@
+"""The paper's claims checked on repeated runs: paired differences over seeds and a verdict (python -m udtimm.claims).
+
+    python -m udtimm.claims output/distill-digits/*/ --model test_resnet     # Markdown table, one row per claim
+
+Each claim compares two methods of one model on one metric, seed by seed (the runs of a seed share their start
+and data order, so the paired difference is the method's effect). The verdict reads the 95 % confidence interval
+of the mean paired difference (Student's t, n - 1 degrees of freedom): "holds" when it lies wholly on the claimed
+side of zero, "does not hold" when it lies wholly on the other side, "within noise" when it contains zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import pandas as pd
+from scipy import stats
+
+from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT
+from udtimm.report import expand, load_results
+
+
+@dataclass(frozen=True)
+class Claim:
+    text: str
+    method: str  # results.csv's method column
+    against: str
+    metric: str  # results.csv's metric column
+    lower_is_better: bool = False
+
+
+def ud_method(variant: str) -> str:
+    """The method column of UD runs with this --att-variant (distill.py's naming)."""
+    return "ud" if variant == "paper" else f"ud-{variant}"
+
+
+def paper_claims(variant: str = DEFAULT_VARIANT, other_variants: Sequence[str] = ()) -> tuple[Claim, ...]:
+    """The paper's claims, UD being `variant`; each of `other_variants` adds its own row against UD w/o attention."""
+    return (
+        Claim("`--cal` lowers classwise ECE", "cal", "baseline", "ece", lower_is_better=True),
+        Claim("`--cal` raises Difficult mAP", "cal", "baseline", "map_difficult"),
+        Claim("KD beats the baseline", "kd", "baseline", "map"),
+        Claim("UD without attention beats KD", "ud-noatt", "kd", "map"),
+        Claim("UD beats UD without attention", ud_method(variant), "ud-noatt", "map"),
+        Claim("Self-distillation beats the baseline", "self-ud" + ud_method(variant)[2:], "baseline", "map"),
+        *(Claim(f"UD (`--att-variant {other}`) beats UD without attention", ud_method(other), "ud-noatt", "map")
+          for other in other_variants if other != variant),
+    )
+
+
+VERDICTS = ("holds", "does not hold", "within noise", "not measured")
+
+
+def paired_differences(results: pd.DataFrame, claim: Claim) -> pd.Series:
+    """method - against on claim.metric, one value per seed that both methods ran (index: seed)."""
+    by_method = {method: results[results["method"] == method].groupby("seed")[claim.metric].mean()
+                 for method in (claim.method, claim.against)}
+    return (by_method[claim.method] - by_method[claim.against]).dropna()
+
+
+def verdict(differences: Sequence[float], lower_is_better: bool = False, confidence: float = 0.95) -> str:
+    """Where the t confidence interval of the mean difference lies against zero, read in the claimed direction."""
+    values = [float(value) for value in differences]
+    if len(values) < 2:
+        return "not measured"
+    mean = sum(values) / len(values)
+    spread = pd.Series(values).std(ddof=1)
+    half_width = stats.t.ppf(0.5 + confidence / 2, len(values) - 1) * spread / math.sqrt(len(values))
+    better = -mean if lower_is_better else mean
+    if better - half_width > 0:
+        return "holds"
+    if better + half_width < 0:
+        return "does not hold"
+    return "within noise"
+
+
+def _mean_std(values: pd.Series) -> str:
+    if values.empty:
+        return "-"
+    std = values.std(ddof=1) if len(values) > 1 else math.nan
+    return f"{values.mean():.2f} ± {std:.2f}" if not math.isnan(std) else f"{values.mean():.2f}"
+
+
+def claims_table(results: pd.DataFrame, claims: Sequence[Claim]) -> pd.DataFrame:
+    """One row per claim: both methods' mean ± std over seeds, the paired difference's mean ± std, n, verdict."""
+    rows = []
+    for claim in claims:
+        differences = paired_differences(results, claim)
+        seeds = differences.index
+        values = {method: results[(results["method"] == method) & results["seed"].isin(seeds)][claim.metric]
+                  for method in (claim.method, claim.against)}
+        rows.append({
+            "claim": claim.text, "metric": claim.metric,
+            "method": f"{claim.method}: {_mean_std(values[claim.method])}",
+            "against": f"{claim.against}: {_mean_std(values[claim.against])}",
+            "difference": _mean_std(differences), "n": len(differences),
+            "verdict": verdict(differences.tolist(), claim.lower_is_better),
+        })
+    return pd.DataFrame(rows)
+
+
+def to_markdown(table: pd.DataFrame) -> str:
+    columns = list(table.columns)
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(str(row[column]) for column in columns) + " |" for _, row in table.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("paths", nargs="+", help="run directories or results.csv files (globs are expanded)")
+    parser.add_argument("--model", default=None, help="only the runs of this model (the students)")
+    parser.add_argument("--att-variant", default=DEFAULT_VARIANT, choices=tuple(ATTENTION_VARIANTS),
+                        help="the UD runs that stand for UD; the runs of the other variants get a row each")
+    parser.add_argument("--out", default=None, help="also write the Markdown table to this file")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> str:
+    args = parse_args(argv)
+    results = load_results(expand(args.paths))
+    if args.model:
+        results = results[results["model"] == args.model]
+    text = to_markdown(claims_table(results, paper_claims(args.att_variant, tuple(ATTENTION_VARIANTS))))
+    if args.out:
+        with open(args.out, "w") as handle:
+            handle.write(text)
+    print(text, end="")
+    return text
+
+
+if __name__ == "__main__":
+    main()
