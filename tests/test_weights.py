@@ -108,3 +108,11 @@ def test_pretrained_path_refuses_weights_that_name_nothing_in_the_model(tmp_path
     save_file(renamed, str(tmp_path / "renamed.safetensors"))
     with pytest.raises((WeightsError, ModelConfigError), match="missing \\['conv1"):
         create_model("test_resnet", 4, pretrained_path=str(tmp_path / "renamed.safetensors"))
+
+
+def test_pretrained_path_lets_timm_resample_a_position_embedding(tmp_path) -> None:
+    source = timm.create_model("test_vit", img_size=64)
+    save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(tmp_path / "v.safetensors"))
+    model = create_model("test_vit", 4, img_size=32, pretrained_path=str(tmp_path / "v.safetensors"))
+    assert model.backbone.pos_embed.shape != source.pos_embed.shape  # resampled by timm's filter, not refused
+    assert _equal(model.backbone, source, "blocks.0.")

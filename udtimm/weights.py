@@ -96,9 +96,14 @@ def check_pretrained_loaded(backbone: nn.Module, weights: Mapping[str, Tensor], 
     head = classifier_prefix(backbone)
     state = backbone.state_dict()
     keys = [key for key in state if not key.startswith(head)]
-    _misfit(path, f"--pretrained-path for {type(backbone).__name__}", state, weights, keys)
-    # Same name and shape but other values: timm skipped the tensor (resampled ones change shape, not this).
-    skipped = [key for key in keys if key in weights and not torch.equal(state[key], weights[key].to(state[key]))]
+    # A tensor of another shape is timm's to adapt (a resampled position embedding) or to refuse, as it does.
+    missing = [key for key in keys if key not in weights and not key.endswith("num_batches_tracked")]
+    if missing:
+        raise WeightsError(f"{path} does not fit --pretrained-path for {type(backbone).__name__}: missing "
+                           f"{_listed(missing)}")
+    # Same name and shape but other values: timm skipped the tensor.
+    skipped = [key for key in keys if key in weights and weights[key].shape == state[key].shape
+               and not torch.equal(state[key], weights[key].to(state[key]))]
     if skipped:
         raise WeightsError(f"{path}: timm did not load {_listed(skipped)} into {type(backbone).__name__}")
 
