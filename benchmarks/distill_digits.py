@@ -15,7 +15,8 @@ As in the paper, the teacher is much stronger than the student and both start fr
 Both models see 64 px with `output_stride=16`, so the uncertainty attention maps are 4 x 4 (2 x 2 at stride 32).
 
 Every run is a train.py/distill.py process with one thread; `--jobs` of them run at once. A run that finished
-is skipped, one that was interrupted is resumed, so the command can be stopped and started again. At the end it
+is skipped, one that was interrupted is resumed, so the command can be stopped and started again (a finished run
+is recognised by its directory name only: after changing a setting or the code, use another --out). At the end it
 writes `report.md` (python -m udtimm.report over every run) and `claims.md` (python -m udtimm.claims over the
 student runs) into `--out` and prints both.
 """
