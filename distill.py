@@ -21,7 +21,7 @@ from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attentio
 from udtimm.data.transforms import Renormalize
 from udtimm.engine import bare_model
 from udtimm.model import CalibratedModel
-from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher
+from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher, ud_method
 from udtimm.trainer import RunSetup
 
 
@@ -60,10 +60,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def method_name(args: argparse.Namespace) -> str:
     """The method column of results.csv: kd, ud, ud-noatt (beta = 0) or self-ud; an --att-variant other than
     paper is appended (ud-const-weights, self-ud-gradcam)."""
-    if args.method == "ud" and args.att_weight == 0 and not args.self_distill:
+    if args.method == "kd" and not args.self_distill:
+        return "kd"
+    if args.att_weight == 0 and not args.self_distill:
         return "ud-noatt"
-    name = "self-ud" if args.self_distill else args.method
-    return name if name == "kd" or args.att_variant == "paper" else f"{name}-{args.att_variant}"
+    return f"self-{ud_method(args.att_variant)}" if args.self_distill else ud_method(args.att_variant)
 
 
 def load_teacher(path: str, class_names: list[str], method: str, accelerator: Accelerator,

@@ -35,7 +35,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT  # noqa: E402
-from udtimm.claims import ud_method  # noqa: E402
+from udtimm.objectives import ud_method  # noqa: E402
 
 STUDENT, TEACHER = "test_resnet", "resnet10t"
 # Shared by every run: 64 px at stride 16 (4 x 4 attention maps), one process without loader workers.

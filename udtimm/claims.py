@@ -19,6 +19,7 @@ import pandas as pd
 from scipy import stats
 
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT
+from udtimm.objectives import ud_method
 from udtimm.report import expand, load_results
 
 
@@ -31,11 +32,6 @@ class Claim:
     lower_is_better: bool = False
 
 
-def ud_method(variant: str) -> str:
-    """The method column of UD runs with this --att-variant (distill.py's naming)."""
-    return "ud" if variant == "paper" else f"ud-{variant}"
-
-
 def paper_claims(variant: str = DEFAULT_VARIANT, other_variants: Sequence[str] = ()) -> tuple[Claim, ...]:
     """The paper's claims, UD being `variant`; each of `other_variants` adds its own row against UD w/o attention."""
     return (
@@ -44,13 +40,10 @@ def paper_claims(variant: str = DEFAULT_VARIANT, other_variants: Sequence[str] =
         Claim("KD beats the baseline", "kd", "baseline", "map"),
         Claim("UD without attention beats KD", "ud-noatt", "kd", "map"),
         Claim("UD beats UD without attention", ud_method(variant), "ud-noatt", "map"),
-        Claim("Self-distillation beats the baseline", "self-ud" + ud_method(variant)[2:], "baseline", "map"),
+        Claim("Self-distillation beats the baseline", f"self-{ud_method(variant)}", "baseline", "map"),
         *(Claim(f"UD (`--att-variant {other}`) beats UD without attention", ud_method(other), "ud-noatt", "map")
           for other in other_variants if other != variant),
     )
-
-
-VERDICTS = ("holds", "does not hold", "within noise", "not measured")
 
 
 def paired_differences(results: pd.DataFrame, claim: Claim) -> pd.Series:

@@ -57,6 +57,11 @@ class SupervisedObjective:
 DISTILL_METHODS = ("kd", "ud")
 
 
+def ud_method(variant: str) -> str:
+    """The method column of UD runs with this --att-variant: ud for Eq. 16 as written, else ud-<variant>."""
+    return "ud" if variant == "paper" else f"ud-{variant}"
+
+
 def check_teacher(teacher_metadata: dict[str, str], teacher_path: str, class_names: list[str], method: str) -> None:
     """Refuse, before any training step, a teacher that cannot teach this student (names what differs)."""
     difference = class_difference(json.loads(teacher_metadata["class_names"]), class_names)
