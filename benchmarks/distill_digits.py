@@ -105,7 +105,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
                     os.path.join(out, "teacher"), needs=(f"pretrain-{TEACHER}",)))
     start = ("--model", STUDENT, "--epochs", str(args.epochs), "--initial-checkpoint", pretrained[STUDENT])
     with_teacher = ("--teacher-ckpt", teacher)
-    # Runs that use no attention first, so that the teacher trains beside the students that do not need it.
+    # In this order the students that need no teacher fill the second process while the teacher trains.
     methods = {
         "baseline": ("train.py", ()),
         "cal": ("train.py", ("--cal",)),
@@ -115,7 +115,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
            for variant in args.att_variants},
         # As in the paper (80 epochs against 20 or 40), self-distillation trains twice as long: its first half is
         # the baseline's schedule, its second half distils from the best checkpoint of the first.
-        "self-" + ud_method(args.self_att_variant): ("distill.py", ("--self-distill", "--att-variant",
+        f"self-{ud_method(args.self_att_variant)}": ("distill.py", ("--self-distill", "--att-variant",
                                                                      args.self_att_variant, "--epochs",
                                                                      str(2 * args.epochs))),
     }
