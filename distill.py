@@ -21,7 +21,15 @@ from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attentio
 from udtimm.data.transforms import Renormalize
 from udtimm.engine import bare_model
 from udtimm.model import CalibratedModel
-from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher, ud_method
+from udtimm.objectives import (
+    DISTILL_METHODS,
+    DistillationObjective,
+    Objective,
+    SelfDistillationObjective,
+    SupervisedObjective,
+    check_teacher,
+    ud_method,
+)
 from udtimm.trainer import RunSetup
 
 
@@ -29,7 +37,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = config.training_parser(__doc__)
     group = parser.add_argument_group("distillation")
     group.add_argument("--teacher-ckpt", default=None, metavar="FILE", help="teacher: best.safetensors of train.py")
-    group.add_argument("--method", default="ud", choices=DISTILL_METHODS, help="kd: Eq. 13 only; ud: Eq. 18")
+    group.add_argument("--method", default="ud", choices=tuple(DISTILL_METHODS),
+                       help="kd: Eq. 13 only; ud: Eq. 18")
     group.add_argument("--temperature", type=float, default=3.0, help="T of Eq. 13-14")
     group.add_argument("--dist-weight", type=float, default=0.5, help="alpha: weight of Eq. 14")
     group.add_argument("--att-weight", type=float, default=0.5, help="beta: weight of Eq. 17 (0: no attention)")
@@ -82,79 +91,77 @@ def make_objective(args: argparse.Namespace, teacher: CalibratedModel, teacher_m
     teacher_norm = (json.loads(teacher_metadata["mean"]), json.loads(teacher_metadata["std"]))
     teacher_input = None if teacher_norm == student_norm else \
         Renormalize(*student_norm, *teacher_norm).to(accelerator.device)
-    return DistillationObjective(teacher, method, args.temperature, args.dist_weight, args.att_weight,
-                                 args.gt_weight, args.cal_weight, args.difficult, autocast=accelerator.autocast,
-                                 teacher_input=teacher_input, attention_form=ATTENTION_VARIANTS[args.att_variant],
-                                 warmup_epochs=args.distill_warmup_epochs, first_epoch=first_epoch)
+    return DISTILL_METHODS[method](
+        teacher, args.temperature, args.dist_weight, args.att_weight, args.gt_weight, args.cal_weight,
+        args.difficult, autocast=accelerator.autocast, teacher_input=teacher_input,
+        attention_form=ATTENTION_VARIANTS[args.att_variant], warmup_epochs=args.distill_warmup_epochs,
+        first_epoch=first_epoch)
 
 
-def self_distill_switch(args: argparse.Namespace, setup: RunSetup, class_names: list[str],
-                        student_norm: tuple[list[float], list[float]], accelerator: Accelerator) -> None:
-    """At the half: the best checkpoint so far becomes the frozen teacher (copied, so later bests don't move it)."""
+def self_distillation(args: argparse.Namespace, run_dir: str, class_names: list[str],
+                      student_norm: tuple[list[float], list[float]], accelerator: Accelerator) -> Objective:
+    """Labels for the first half; at the half, the best checkpoint so far, copied (so that later bests do not move
+    it) to teacher.safetensors, becomes the frozen teacher."""
     half = args.epochs // 2
-    teacher_path = os.path.join(setup.run_dir, "teacher.safetensors")
+    teacher_path = os.path.join(run_dir, "teacher.safetensors")
 
-    def on_epoch_start(epoch: int) -> None:
-        if epoch < half or isinstance(setup.objective, DistillationObjective):
-            return
+    def make_distillation() -> DistillationObjective:
         if accelerator.is_main_process and not os.path.isfile(teacher_path):
-            shutil.copyfile(os.path.join(setup.run_dir, "best.safetensors"), teacher_path + ".tmp")
+            shutil.copyfile(os.path.join(run_dir, "best.safetensors"), teacher_path + ".tmp")
             os.replace(teacher_path + ".tmp", teacher_path)
         accelerator.wait_for_everyone()
         teacher, teacher_metadata = load_teacher(teacher_path, class_names, "ud", accelerator, args.channels_last)
-        setup.objective = make_objective(args, teacher, teacher_metadata, student_norm, accelerator, "ud", half)
-        setup.extra_state["teacher_epoch"] = int(checkpoint.read_metadata(teacher_path)["epoch"])
-        accelerator.print(f"epoch {epoch}: self-distillation from {teacher_path} "
-                          f"(epoch {setup.extra_state['teacher_epoch']}), cosine restart")
+        accelerator.print(f"epoch {half}+: self-distillation from {teacher_path} "
+                          f"(epoch {teacher_metadata['epoch']}), cosine restart")
+        return make_objective(args, teacher, teacher_metadata, student_norm, accelerator, "ud", half)
 
-    setup.on_epoch_start = on_epoch_start
+    supervised = SupervisedObjective("bce", cal=True, cal_weight=args.cal_weight, difficult=args.difficult)
+    return SelfDistillationObjective(supervised, half, make_distillation)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args)
+    settings = config.training_settings(args)
+    data, runtime = settings.data, settings.runtime
+    accelerator = runs.make_accelerator(runtime.mixed_precision, runtime.torchcompile)
     method = method_name(args)
-    train_set, eval_set = runs.load_datasets(args, accelerator)
+    train_set, eval_set = runs.load_datasets(data, accelerator)
     # Every check on the teacher happens before the run directory exists and before any step.
     teacher, teacher_metadata = (None, {}) if args.self_distill else load_teacher(
-        args.teacher_ckpt, train_set.classes, args.method, accelerator, args.channels_last)
-    student_cal = args.self_distill or args.method == "ud"
-    set_seed(args.seed)
-    student = runs.build_model(args, train_set.classes, student_cal, accelerator)
-    if args.self_distill or (args.method == "ud" and args.att_weight > 0):
+        args.teacher_ckpt, train_set.classes, args.method, accelerator, runtime.channels_last)
+    student_cal = args.self_distill or DISTILL_METHODS[args.method].uses_calibration
+    set_seed(runtime.seed)
+    student = runs.build_model(settings.model, data.img_size, train_set.classes, student_cal, accelerator)
+    if args.self_distill or (student_cal and args.att_weight > 0):
         for model in (student, teacher):
             if model is not None:
                 check_attention_support(model)
-    run_dir = runs.prepare_run_dir(args, method, accelerator)
-    mean, std = student_norm = runs.normalisation(student.backbone)
-    train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
-        args, train_set, eval_set, mean, std, accelerator.device)
-    optimizer, scheduler = runs.build_optimization(args, student, len(train_loader),
-                                                   cycles=2 if args.self_distill else 1)
-    student, optimizer, train_loader, eval_loader = accelerator.prepare(
-        runs.place_model(student, accelerator.device, args.channels_last), optimizer, train_loader, eval_loader)
-    teacher_name = "self" if args.self_distill else args.teacher_ckpt
-    accelerator.print(f"{run_dir}: {args.model} ({method}) from {teacher_name} on {args.dataset}, "
-                      f"{len(train_set)} train / {len(eval_set)} eval images, {accelerator.num_processes} "
-                      f"process(es) on {accelerator.device}")
-    metadata = checkpoint.model_metadata(args.model, bare_model(accelerator, student), train_set.classes,
-                                         args.global_pool, args.img_size, mean, std, dataset=args.dataset,
-                                         method=method, teacher=teacher_name, model_kwargs=args.model_kwargs)
-    if args.self_distill:
-        objective = SupervisedObjective("bce", args.cal_weight, args.difficult)
-        loss_terms = (*objective.term_names(cal=True), "kd", "kd_cal", "attention")
-    else:
-        objective = make_objective(args, teacher, teacher_metadata, student_norm, accelerator, args.method)
-        loss_terms = objective.term_names
-    setup = RunSetup(
-        run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-        eval_loader=eval_loader, objective=objective, loss_terms=loss_terms, metadata=metadata,
-        train_transform=train_transform, eval_transform=eval_transform, prefetch=args.prefetch,
-        result_fields=runs.result_fields(args, method, teacher_name),
-    )
-    if args.self_distill:
-        self_distill_switch(args, setup, train_set.classes, student_norm, accelerator)
-    return runs.fit_and_report(args, setup, accelerator)
+    with runs.run_directory(runtime, args.model, method, settings.saved_args, accelerator) as run_dir:
+        mean, std = student_norm = runs.normalisation(student.backbone)
+        train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+            data, train_set, eval_set, mean, std, accelerator.device)
+        optimizer, scheduler = runs.build_optimization(settings.optim, student, len(train_loader),
+                                                       cycles=2 if args.self_distill else 1)
+        student, optimizer, train_loader, eval_loader = accelerator.prepare(
+            runs.place_model(student, accelerator.device, runtime.channels_last), optimizer, train_loader,
+            eval_loader)
+        teacher_name = "self" if args.self_distill else args.teacher_ckpt
+        accelerator.print(f"{run_dir}: {args.model} ({method}) from {teacher_name} on {data.source.name}, "
+                          f"{len(train_set)} train / {len(eval_set)} eval images, {accelerator.num_processes} "
+                          f"process(es) on {accelerator.device}")
+        metadata = checkpoint.model_metadata(args.model, bare_model(accelerator, student), train_set.classes,
+                                             args.global_pool, data.img_size, mean, std, dataset=data.source.name,
+                                             method=method, teacher=teacher_name, model_kwargs=args.model_kwargs)
+        objective = self_distillation(args, run_dir, train_set.classes, student_norm, accelerator) \
+            if args.self_distill else make_objective(args, teacher, teacher_metadata, student_norm, accelerator,
+                                                     args.method)
+        setup = RunSetup(
+            run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+            eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
+            eval_transform=eval_transform, prefetch=data.prefetch,
+            result_fields=runs.result_fields(settings, method, teacher_name),
+        )
+        return runs.fit_and_report(settings, setup, accelerator)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from accelerate.utils import set_seed
 from udtimm import config, runs
 from udtimm.checkpoint import model_metadata
 from udtimm.engine import bare_model
-from udtimm.objectives import LOSSES, SupervisedObjective
+from udtimm.objectives import CLASSIFICATION_LOSSES, LossOptions, SupervisedObjective
 from udtimm.trainer import RunSetup
 
 
@@ -25,45 +25,50 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group = parser.add_argument_group("method")
     group.add_argument("--cal", action="store_true", help="add the calibration branch trained with PAL-N (Eq. 12)")
     group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of Eq. 12")
-    group.add_argument("--loss", default="bce", choices=LOSSES, help="classification loss (Table 5 baselines)")
+    group.add_argument("--loss", default="bce", choices=tuple(CLASSIFICATION_LOSSES),
+                       help="classification loss (Table 5 baselines)")
     group.add_argument("--temperature", type=float, default=3.0, help="T of --loss temperature")
     return config.parse_with_config(parser, argv)
 
 
-def method_name(args: argparse.Namespace) -> str:
+def method_name(loss: str, cal: bool) -> str:
     """The method column of results.csv: baseline, cal, or the Table 5 loss."""
-    name = "baseline" if args.loss == "bce" else args.loss
-    return "cal" if args.cal and args.loss == "bce" else f"{name}+cal" if args.cal else name
+    name = "baseline" if loss == "bce" else loss
+    return "cal" if cal and loss == "bce" else f"{name}+cal" if cal else name
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args)
-    method = method_name(args)
-    train_set, eval_set = runs.load_datasets(args, accelerator)
-    set_seed(args.seed)
-    model = runs.build_model(args, train_set.classes, args.cal, accelerator)
-    run_dir = runs.prepare_run_dir(args, method, accelerator)  # after every check on the data and the weights
-    mean, std = runs.normalisation(model.backbone)
-    train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
-        args, train_set, eval_set, mean, std, accelerator.device)
-    optimizer, scheduler = runs.build_optimization(args, model, len(train_loader))
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(
-        runs.place_model(model, accelerator.device, args.channels_last), optimizer, train_loader, eval_loader)
-    accelerator.print(f"{run_dir}: {args.model} ({method}) on {args.dataset}, {len(train_set)} train / "
-                      f"{len(eval_set)} eval images, {len(train_set.classes)} classes, {accelerator.num_processes} "
-                      f"process(es) on {accelerator.device}")
-    metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
-                              args.img_size, mean, std, dataset=args.dataset, method=method, teacher="",
-                              model_kwargs=args.model_kwargs)
-    objective = SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature)
-    setup = RunSetup(
-        run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-        eval_loader=eval_loader, objective=objective, loss_terms=objective.term_names(args.cal), metadata=metadata,
-        train_transform=train_transform, eval_transform=eval_transform, prefetch=args.prefetch,
-        result_fields=runs.result_fields(args, method, ""),
-    )
-    return runs.fit_and_report(args, setup, accelerator)
+    settings = config.training_settings(args)
+    data, runtime = settings.data, settings.runtime
+    accelerator = runs.make_accelerator(runtime.mixed_precision, runtime.torchcompile)
+    method = method_name(args.loss, args.cal)
+    train_set, eval_set = runs.load_datasets(data, accelerator)
+    set_seed(runtime.seed)
+    model = runs.build_model(settings.model, data.img_size, train_set.classes, args.cal, accelerator)
+    # After every check on the data and the weights; removed again if the run fails before saving an epoch.
+    with runs.run_directory(runtime, args.model, method, settings.saved_args, accelerator) as run_dir:
+        mean, std = runs.normalisation(model.backbone)
+        train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+            data, train_set, eval_set, mean, std, accelerator.device)
+        optimizer, scheduler = runs.build_optimization(settings.optim, model, len(train_loader))
+        model, optimizer, train_loader, eval_loader = accelerator.prepare(
+            runs.place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader)
+        accelerator.print(f"{run_dir}: {args.model} ({method}) on {data.source.name}, {len(train_set)} train / "
+                          f"{len(eval_set)} eval images, {len(train_set.classes)} classes, "
+                          f"{accelerator.num_processes} process(es) on {accelerator.device}")
+        metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
+                                  data.img_size, mean, std, dataset=data.source.name, method=method, teacher="",
+                                  model_kwargs=args.model_kwargs)
+        objective = SupervisedObjective(args.loss, args.cal, args.cal_weight, data.difficult,
+                                        LossOptions(temperature=args.temperature))
+        setup = RunSetup(
+            run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+            eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
+            eval_transform=eval_transform, prefetch=data.prefetch,
+            result_fields=runs.result_fields(settings, method, ""),
+        )
+        return runs.fit_and_report(settings, setup, accelerator)
 
 
 if __name__ == "__main__":

@@ -19,11 +19,12 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 
 from udtimm import checkpoint, config, metrics, runs
-from udtimm.config import DATASETS, ConfigError
+from udtimm.config import ConfigError
+from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
 from udtimm.data.images import ImageFolderDataset, list_images
-from udtimm.data.loader import load_split, make_loader
+from udtimm.data.loader import make_loader
 from udtimm.engine import Predictions, predict
 from udtimm.io import append_csv_row
 from udtimm.plots import reliability_diagram
@@ -48,14 +49,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="a .safetensors file written by udtimm")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's dataset")
+    data.add_argument("--dataset", default=None, choices=tuple(DATASETS),
+                      help="default: the checkpoint's dataset")
     data.add_argument("--data-dir", default=None, help="dataset root (digits: the default cache folder)")
     data.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
     data.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
     data.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
     data.add_argument("--digits-seed", type=int, default=0, help="digits: scene seed (0: the default set)")
     data.add_argument("-b", "--batch-size", type=int, default=64)
-    data.add_argument("--workers", type=int, default=2, help="data loader worker processes per device")
+    config.add_workers_arg(data)
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--subset", default="all", choices=("all", "difficult"),
                             help="difficult: only images with a difficult class (Table 2), with per-class AP")
@@ -79,6 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                          help="the workers only read the files; the GPU decodes (nvJPEG) and resizes them")
     config.add_prefetch_arg(runtime)
     runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
+    config.add_debug_arg(runtime)
     args = parser.parse_args(argv)
     if args.images:
         given = [name for name, unset in ANNOTATED_ONLY if getattr(args, name) != unset]
@@ -90,11 +93,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator: Accelerator) -> MultiLabelDataset:
     """The split to evaluate (the checkpoint's dataset by default), refused when its classes differ."""
-    args.dataset = args.dataset or metadata.get("dataset")
-    if not args.dataset:
+    name = args.dataset or metadata.get("dataset")
+    if not name:
         raise ConfigError(f"{args.checkpoint} does not name its dataset: give --dataset")
     with accelerator.main_process_first():  # the main process generates digits before the others read it
-        dataset = load_split(args, args.split)
+        dataset = config.data_source(args, name).load(args.split)
     difference = checkpoint.class_difference(checkpoint.class_names(metadata), dataset.classes)
     if difference:
         raise checkpoint.CheckpointError(
@@ -121,7 +124,8 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
     print(metrics_table(values))
     if args.results_file:
         append_csv_row(args.results_file, {
-            "dataset": args.dataset, "split": args.split, "subset": args.subset, "model": metadata["model"],
+            "dataset": args.dataset or metadata["dataset"], "split": args.split, "subset": args.subset,
+            "model": metadata["model"],
             "method": metadata.get("method", ""), "teacher": metadata.get("teacher", ""),
             "checkpoint": args.checkpoint, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore",
             **values,
@@ -154,7 +158,7 @@ def label_images(args: argparse.Namespace, dataset: ImageFolderDataset, predicti
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """The metrics dict (METRIC_NAMES), or {"num_images": n} with --images."""
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args)
+    accelerator = runs.make_accelerator(args.mixed_precision, args.torchcompile)
     model, metadata = checkpoint.model_from_checkpoint(args.checkpoint)
     class_names = checkpoint.class_names(metadata)
     img_size, mean, std = int(metadata["img_size"]), json.loads(metadata["mean"]), json.loads(metadata["std"])

@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import distill  # noqa: E402
-from udtimm import runs  # noqa: E402
+from udtimm import config, runs  # noqa: E402
 from udtimm.attention import ATTENTION_VARIANTS  # noqa: E402
 from udtimm.data.feed import DeviceFeeder  # noqa: E402
 
@@ -50,13 +50,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--batches", type=int, default=4)
     own, rest = parser.parse_known_args(argv)
     args = distill.parse_args([*rest, "--method", "ud", "--workers", "0", "--no-progress"])
-    accelerator = runs.make_accelerator(args)
-    train_set, eval_set = runs.load_datasets(args, accelerator)
+    settings = config.training_settings(args)
+    accelerator = runs.make_accelerator()
+    train_set, eval_set = runs.load_datasets(settings.data, accelerator)
     teacher, teacher_metadata = distill.load_teacher(args.teacher_ckpt, train_set.classes, "ud", accelerator, False)
     torch.manual_seed(args.seed)
-    student = runs.build_model(args, train_set.classes, True, accelerator).train()
+    student = runs.build_model(settings.model, args.img_size, train_set.classes, True, accelerator).train()
     student_norm = runs.normalisation(student.backbone)
-    train_loader, _, train_transform, _ = runs.build_loaders(args, train_set, eval_set, *student_norm,
+    train_loader, _, train_transform, _ = runs.build_loaders(settings.data, train_set, eval_set, *student_norm,
                                                              accelerator.device)
     batches = []
     for batch in DeviceFeeder(train_loader, train_transform, accelerator.device, 0):
@@ -71,8 +72,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     state = {key: value.clone() for key, value in student.state_dict().items()}
     for variant in ATTENTION_VARIANTS:
         student.load_state_dict(state)  # BatchNorm statistics move in train mode: every variant starts the same
-        args.att_variant = variant
-        objective = distill.make_objective(args, teacher, teacher_metadata, student_norm, accelerator, "ud")
+        variant_args = argparse.Namespace(**{**vars(args), "att_variant": variant})
+        objective = distill.make_objective(variant_args, teacher, teacher_metadata, student_norm, accelerator, "ud")
         norms = gradient_norms(student, objective, batches, weights)
         print(f"{variant:<14} {norms['kd']:9.4f} {norms['kd_cal']:9.4f} {norms['attention']:9.4f} "
               f"{norms['attention'] / norms['kd']:14.2f} {norms['attention_loss']:7.3f} {norms['map_norm']:9.2e}")

@@ -23,10 +23,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 from accelerate import Accelerator  # noqa: E402
 
 from udtimm import runs  # noqa: E402
+from udtimm.data import DataSource  # noqa: E402
 from udtimm.data.feed import DeviceFeeder  # noqa: E402
-from udtimm.data.loader import load_split  # noqa: E402
 from udtimm.engine import predict  # noqa: E402
 from udtimm.model import create_model  # noqa: E402
+from udtimm.settings import DataSettings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -38,22 +39,27 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("-b", "--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=4)
     parser.add_argument("--batches", type=int, default=8, help="batches compared per check")
-    args = parser.parse_args(argv)
-    # What runs.build_loaders reads, at the paper's augmentation.
-    args.reprob, args.hflip, args.crop_scales, args.skip_corrupt = 0.5, 0.5, (1.0, 0.875, 0.75, 0.66, 0.5), False
-    args.train_split, args.val_split, args.digits_trainval, args.digits_test, args.digits_seed = \
-        "train", "test", 96, 40, 0
-    return args
+    return parser.parse_args(argv)
+
+
+def data_settings(args: argparse.Namespace, gpu_decode: bool) -> DataSettings:
+    """What runs.build_loaders reads, at the paper's augmentation."""
+    options = {"num_trainval": 96, "num_test": 40} if args.dataset == "digits" else {}
+    return DataSettings(
+        source=DataSource(args.dataset, args.data_dir, options), train_split="train", val_split="test",
+        img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, reprob=0.5, hflip=0.5,
+        crop_scales=(1.0, 0.875, 0.75, 0.66, 0.5), difficult="positive", eval_difficult_negative=False,
+        skip_corrupt=False, gpu_decode=gpu_decode, prefetch=None)
 
 
 def fed(args: argparse.Namespace, gpu_decode: bool, train: bool, ahead: int, device: torch.device,
         mean: list[float], std: list[float]) -> DeviceFeeder:
     """The first --batches batches of a loader fed to `device`, its random draws seeded the same every time."""
-    args.gpu_decode = gpu_decode
-    dataset = load_split(args, "test")
+    data = data_settings(args, gpu_decode)
+    dataset = data.source.load("test")
     dataset.samples = dataset.samples[:args.batches * args.batch_size]
     train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
-        args, dataset, dataset, mean, std, device)
+        data, dataset, dataset, mean, std, device)
     random.seed(0)
     torch.manual_seed(0)
     train_loader.generator.manual_seed(0)
@@ -65,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = Accelerator().device
     torch.manual_seed(0)
-    model = create_model(args.model, len(load_split(args, "test").classes))
+    model = create_model(args.model, len(data_settings(args, False).source.load("test").classes))
     mean, std = runs.normalisation(model.backbone)
     model = model.to(device).eval()
     failures = 0

@@ -43,13 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 
 import distill  # noqa: E402
 import train  # noqa: E402
-from udtimm import runs  # noqa: E402
+from udtimm import config, runs  # noqa: E402
 from udtimm.data import VOC_CLASSES  # noqa: E402
 from udtimm.data.feed import DeviceFeeder  # noqa: E402
 from udtimm.engine import predict, train_one_epoch  # noqa: E402
 from udtimm.io import append_csv_row  # noqa: E402
 from udtimm.model import create_model  # noqa: E402
-from udtimm.objectives import SupervisedObjective  # noqa: E402
+from udtimm.objectives import LossOptions, SupervisedObjective  # noqa: E402
 
 WORKLOADS = ("train", "distill", "predict")
 
@@ -211,15 +211,16 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
         run = script_args(distill, args, root, "--model", args.student, "--teacher-ckpt", "random-init", *gpu_decode)
     else:
         run = script_args(train, args, root, "--model", args.model, *["--cal"] * cal, *gpu_decode)
+    settings = config.training_settings(run)
     set_seed(0)
     model = create_model(run.model, len(VOC_CLASSES), cal=cal, img_size=run.img_size)
     if pipeline == "ceiling":
         batches, skip, tail = [device_batch(args, device)] * (args.warmup + args.steps), args.warmup, 0
     else:
-        train_set, eval_set = runs.load_datasets(run, accelerator)
+        train_set, eval_set = runs.load_datasets(settings.data, accelerator)
         mean, std = runs.normalisation(model.backbone)
         train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
-            run, train_set, eval_set, mean, std, device)
+            settings.data, train_set, eval_set, mean, std, device)
         loader, transform = (eval_loader, eval_transform) if workload == "predict" else (train_loader, train_transform)
         batches = DeviceFeeder(accelerator.prepare(loader), transform, device, run.prefetch)
         skip, tail = min(args.warmup, len(loader) // 2), min(batches.ahead, len(loader) // 4)
@@ -227,7 +228,7 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
     if workload == "predict":  # as validate.py: only mixed precision and --torchcompile, no distributed wrapper
         model = accelerator.prepare_model(model, evaluation_mode=True)
         return Loop(batches, skip, tail, lambda timed: predict(model, timed, accelerator, show_progress=False))
-    optimizer, scheduler = runs.build_optimization(run, model, len(batches))
+    optimizer, scheduler = runs.build_optimization(settings.optim, model, len(batches))
     student_norm = runs.normalisation(model.backbone)
     model, optimizer = accelerator.prepare(model, optimizer)
     if workload == "distill":
@@ -237,7 +238,8 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
                                            {"mean": json.dumps(teacher_mean), "std": json.dumps(teacher_std)},
                                            student_norm, accelerator, "ud")
     else:
-        objective = SupervisedObjective(run.loss, run.cal_weight, run.difficult, run.temperature)
+        objective = SupervisedObjective(run.loss, run.cal, run.cal_weight, run.difficult,
+                                        LossOptions(temperature=run.temperature))
     return Loop(batches, skip, tail, lambda timed: train_one_epoch(
         model, timed, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0, clip_grad=run.clip_grad,
         show_progress=False))
@@ -295,7 +297,8 @@ def main(argv: list[str] | None = None) -> list[Row]:
     args = parse_args(argv)
     with tempfile.TemporaryDirectory() as scratch:
         root = write_synthetic_voc(args.synthetic_voc or scratch, args.num_images)
-        accelerator = runs.make_accelerator(script_args(train, args, root))
+        train_args = script_args(train, args, root)
+        accelerator = runs.make_accelerator(train_args.mixed_precision, train_args.torchcompile)
         cuda = accelerator.device.type == "cuda"
         card = torch.cuda.get_device_name(accelerator.device) if cuda else "cpu"
         pipelines = ("cpu-decode", "gpu-decode") if cuda else ("cpu-decode",)

@@ -1,6 +1,5 @@
 """The --gpu-decode path (udtimm.data.gpu) run with device="cpu" against the CPU path it must reproduce."""
 
-import argparse
 import random
 
 import pytest
@@ -10,7 +9,8 @@ from accelerate.utils import send_to_device
 from conftest import TINY_DIGITS
 from PIL import Image
 
-from udtimm import runs
+import train
+from udtimm import config, runs
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, gpu, read_image
 from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample, read_encoded
@@ -174,7 +174,7 @@ def test_predict_with_the_device_transform_matches_the_cpu_path(digits: MultiLab
 
 
 def test_gpu_decode_without_cuda_is_a_clear_error(digits: MultiLabelDataset) -> None:
-    args = argparse.Namespace(gpu_decode=True, img_size=SIZE, reprob=0.5, batch_size=4, workers=0,
-                              skip_corrupt=False)
+    args = train.parse_args(["--gpu-decode", "--img-size", str(SIZE), "-b", "4", "--workers", "0"])
     with pytest.raises(ConfigError, match="--gpu-decode .* CUDA"):
-        runs.build_loaders(args, digits, digits, list(MEAN), list(STD), torch.device("cpu"))
+        runs.build_loaders(config.training_settings(args).data, digits, digits, list(MEAN), list(STD),
+                           torch.device("cpu"))

@@ -7,7 +7,12 @@ from udtimm import losses
 from udtimm.config import ConfigError
 from udtimm.data.transforms import NormalizeImage, Renormalize
 from udtimm.model import create_model
-from udtimm.objectives import DistillationObjective, SupervisedObjective, check_teacher
+from udtimm.objectives import (
+    DistillationObjective,
+    KnowledgeDistillationObjective,
+    SupervisedObjective,
+    check_teacher,
+)
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -20,7 +25,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 def test_supervised_objective_is_eq12_with_the_difficult_policy() -> None:
     model = create_model("test_resnet", num_classes=4, cal=True).eval()
     images, target, difficult = batch()
-    terms = SupervisedObjective("bce", cal_weight=0.1, difficult="ignore")(model, images, target, difficult)
+    terms = SupervisedObjective("bce", cal=True, cal_weight=0.1, difficult="ignore")(model, images, target, difficult)
     out = model(images)
     mask = ~difficult
     torch.testing.assert_close(terms["bce"], losses.bce_loss(out.logits, target, mask))
@@ -40,11 +45,11 @@ def test_distillation_terms_follow_eq18_weights() -> None:
     teacher = create_model("test_resnet", num_classes=4, cal=True)
     student = create_model("test_resnet", num_classes=4, cal=True).eval()
     images, target, difficult = batch()
-    objective = DistillationObjective(teacher, "ud", dist_weight=0.5, att_weight=0.25)
+    objective = DistillationObjective(teacher, dist_weight=0.5, att_weight=0.25)
     terms = objective(student, images, target, difficult)
     assert objective.term_names == ("kd", "kd_cal", "attention")
     torch.testing.assert_close(terms["loss"], terms["kd"] + 0.5 * terms["kd_cal"] + 0.25 * terms["attention"])
-    kd = DistillationObjective(teacher, "kd", gt_weight=1.0)
+    kd = KnowledgeDistillationObjective(teacher, gt_weight=1.0)
     assert kd.term_names == ("kd", "gt") and set(kd(student, images, target, difficult)) == {"kd", "gt", "loss"}
 
 
@@ -63,14 +68,14 @@ def test_the_teacher_sees_the_batch_in_its_own_normalisation() -> None:
     pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     student_norm, teacher_norm = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]), ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     images = NormalizeImage(*student_norm)(pixels)
-    objective = DistillationObjective(teacher, "ud", teacher_input=Renormalize(*student_norm, *teacher_norm))
+    objective = DistillationObjective(teacher, teacher_input=Renormalize(*student_norm, *teacher_norm))
     logits, cal_logits, maps = objective.teacher_outputs(images)
     expected = teacher(NormalizeImage(*teacher_norm)(pixels), with_attention=True)
     torch.testing.assert_close(logits, expected.logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(cal_logits, expected.cal_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(maps, expected.attention, rtol=1e-4, atol=1e-5)
     # Without it the teacher would read the student's numbers as its own: other logits.
-    unadapted = DistillationObjective(teacher, "kd").teacher_outputs(images)[0]
+    unadapted = KnowledgeDistillationObjective(teacher).teacher_outputs(images)[0]
     assert (unadapted - expected.logits).abs().max() > 1e-2
 
 
@@ -78,7 +83,7 @@ def test_warmup_ramps_alpha_and_beta_from_zero_over_the_distilled_epochs() -> No
     teacher = create_model("test_resnet", num_classes=4, cal=True)
     student = create_model("test_resnet", num_classes=4, cal=True).eval()
     images, target, difficult = batch()
-    objective = DistillationObjective(teacher, "ud", dist_weight=0.5, att_weight=0.25, warmup_epochs=4, first_epoch=2)
+    objective = DistillationObjective(teacher, dist_weight=0.5, att_weight=0.25, warmup_epochs=4, first_epoch=2)
     ramps = []
     for epoch in range(2, 8):
         objective.start_epoch(epoch)
@@ -87,6 +92,6 @@ def test_warmup_ramps_alpha_and_beta_from_zero_over_the_distilled_epochs() -> No
         expected = terms["kd"] + objective.ramp * (0.5 * terms["kd_cal"] + 0.25 * terms["attention"])
         torch.testing.assert_close(terms["loss"], expected)
     assert ramps == [0.0, 0.25, 0.5, 0.75, 1.0, 1.0]
-    plain = DistillationObjective(teacher, "ud")
+    plain = DistillationObjective(teacher)
     plain.start_epoch(0)
     assert plain.ramp == 1.0  # no warm-up: Eq. 18 from the first step

@@ -11,11 +11,13 @@ the student's channel weights as constants and keeps the positive part, which th
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from udtimm.model import CalibratedModel
+if TYPE_CHECKING:  # model.py imports this module to build the map inside forward
+    from udtimm.model import CalibratedModel
 
 
 @dataclass(frozen=True)

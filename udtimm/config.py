@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import os
 from collections.abc import Sequence
+from typing import TypeVar
 
 import yaml
 
+from udtimm.data import DATASETS, DataSource
 from udtimm.io import atomic_write_text
+from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
 
 DIFFICULT_POLICIES = ("positive", "ignore", "negative")
-DATASETS = ("digits", "voc2007", "coco2014", "csv")
+Settings = TypeVar("Settings")
 
 
 class ConfigError(ValueError):
@@ -47,13 +51,13 @@ def config_parser() -> argparse.ArgumentParser:
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="digits", choices=DATASETS)
+    group.add_argument("--dataset", default="digits", choices=tuple(DATASETS))
     group.add_argument("--data-dir", default=None, help="dataset root (digits: generated there on first use)")
     group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
     group.add_argument("--val-split", default="test", help="eval split (test = VOC test, COCO val2014)")
     group.add_argument("--img-size", type=int, default=None, help="square input size (default: per dataset)")
     group.add_argument("-b", "--batch-size", type=int, default=32, help="images per process and step")
-    group.add_argument("--workers", type=int, default=2, help="data loader worker processes per device")
+    add_workers_arg(group)
     group.add_argument("--reprob", type=float, default=None,
                        help="random erasing probability (default: 0.5, the paper's; digits: 0)")
     group.add_argument("--hflip", type=float, default=None,
@@ -73,6 +77,14 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")
     group.add_argument("--gpu-decode", action="store_true", help="decode and augment JPEGs on the GPU")
     add_prefetch_arg(group)
+
+
+def add_workers_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("-j", "--workers", type=int, default=2, help="data loader worker processes per device")
+
+
+def add_debug_arg(group: argparse._ArgumentGroup) -> None:
+    group.add_argument("--debug", action="store_true", help="on an error, show the whole traceback, not one line")
 
 
 def add_prefetch_arg(group: argparse._ArgumentGroup) -> None:
@@ -124,6 +136,7 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
                        help="skip a step whose loss is NaN/inf (counted in summary.csv) instead of stopping")
     group.add_argument("--eval-interval", type=int, default=1, help="evaluate every N epochs (and the last)")
     group.add_argument("--no-progress", action="store_true", help="no per-step progress bar")
+    add_debug_arg(group)
 
 
 def training_parser(description: str | None) -> argparse.ArgumentParser:
@@ -204,7 +217,31 @@ def experiment_name(model: str, method: str) -> str:
     return f"{stamp}-{model.replace('/', '_')}-{method}"
 
 
-def save_args(args: argparse.Namespace, path: str) -> None:
+def save_args(values: dict, path: str) -> None:
     """args.yaml: the resolved arguments, enough to rerun with -c."""
-    values = {key: value for key, value in sorted(vars(args).items()) if key not in ("config", "resume")}
     atomic_write_text(path, yaml.safe_dump(values, sort_keys=False))
+
+
+def settings_from(cls: type[Settings], args: argparse.Namespace, **given: object) -> Settings:
+    """A settings dataclass from the flags of the same names; `given` sets the fields that have no flag."""
+    names = (field.name for field in dataclasses.fields(cls) if field.name not in given)
+    return cls(**{name: getattr(args, name) for name in names}, **given)
+
+
+def data_source(args: argparse.Namespace, name: str | None = None) -> DataSource:
+    """The dataset `name` (default --dataset) at --data-dir; digits with its --digits-* options."""
+    name = name or args.dataset
+    options = {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed} \
+        if name == "digits" else {}
+    return DataSource(name, args.data_dir, options)
+
+
+def training_settings(args: argparse.Namespace) -> TrainingSettings:
+    """The typed settings of train.py's and distill.py's shared flags."""
+    return TrainingSettings(
+        data=settings_from(DataSettings, args, source=data_source(args), crop_scales=tuple(args.crop_scales)),
+        model=settings_from(ModelSettings, args),
+        optim=settings_from(OptimSettings, args),
+        runtime=settings_from(RuntimeSettings, args),
+        saved_args={key: value for key, value in sorted(vars(args).items()) if key not in ("config", "resume")},
+    )

@@ -7,29 +7,47 @@ so the target value stored at a difficult pair never matters. Computed in float6
 are returned as Python floats.
 """
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
-METRIC_NAMES: tuple[str, ...] = (
-    "map",
-    "cp",
-    "cr",
-    "cf1",
-    "op",
-    "or",
-    "of1",
-    "cp_top3",
-    "cr_top3",
-    "cf1_top3",
-    "op_top3",
-    "or_top3",
-    "of1_top3",
-    "ece",
-    "ece_pooled",
-    "map_difficult",
-    "num_images",
-    "num_classes_evaluated",
+
+@dataclass(frozen=True)
+class MetricColumn:
+    """A column of summary.csv and results.csv, and where else it shows."""
+
+    name: str
+    heading: str  # in the report's table
+    epoch_table: bool = False  # printed after every epoch
+    report: bool = True  # a column of the report's table (the paper's Tables 2-3)
+    percent: bool = True  # a percentage (printed with the final results), else a count
+    lower_is_better: bool = False
+
+
+# Adding a metric: compute it in compute_metrics and declare its column here; the epoch table, the final
+# results, summary.csv, results.csv and udtimm.report read this list.
+METRIC_COLUMNS: tuple[MetricColumn, ...] = (
+    MetricColumn("map", "mAP", epoch_table=True),
+    MetricColumn("cp", "CP"),
+    MetricColumn("cr", "CR"),
+    MetricColumn("cf1", "CF1", epoch_table=True),
+    MetricColumn("op", "OP"),
+    MetricColumn("or", "OR"),
+    MetricColumn("of1", "OF1", epoch_table=True),
+    MetricColumn("cp_top3", "CP@3"),
+    MetricColumn("cr_top3", "CR@3"),
+    MetricColumn("cf1_top3", "CF1@3"),
+    MetricColumn("op_top3", "OP@3"),
+    MetricColumn("or_top3", "OR@3"),
+    MetricColumn("of1_top3", "OF1@3"),
+    MetricColumn("map_difficult", "Difficult mAP", epoch_table=True),
+    MetricColumn("ece", "ECE", epoch_table=True, lower_is_better=True),
+    MetricColumn("ece_pooled", "pooled ECE", report=False, lower_is_better=True),
+    MetricColumn("num_images", "images", report=False, percent=False),
+    MetricColumn("num_classes_evaluated", "classes evaluated", report=False, percent=False),
 )
+METRIC_NAMES: tuple[str, ...] = tuple(column.name for column in METRIC_COLUMNS)
 
 _NAN = float("nan")
 

@@ -11,6 +11,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
+from udtimm.attention import ATTENTION_VARIANTS, AttentionForm, uncertainty_attention
 from udtimm.weights import backbone_weights, check_pretrained_loaded, read_weights
 
 CAL_WIDTH = 512
@@ -67,9 +68,10 @@ class CalibratedModel(nn.Module):
         cal_logits = self.cal_head(pooled) if self.cal_head is not None else None
         return logits, cal_logits
 
-    def forward(self, x: Tensor, with_attention: bool = False, attention_form: object = None) -> ModelOutput:
+    def forward(self, x: Tensor, with_attention: bool = False,
+                attention_form: AttentionForm | None = None) -> ModelOutput:
         """Feature map and both branches; `with_attention` adds the uncertainty attention map (Eq. 15-16), built
-        as `attention_form` says (an attention.AttentionForm; None: Eq. 16 as written).
+        as `attention_form` says (None: Eq. 16 as written).
 
         The map is computed inside forward so that a distributed (DDP) wrapper sees one forward per step; with
         gradients enabled it keeps its graph, so a loss on it trains the network through the map.
@@ -78,8 +80,6 @@ class CalibratedModel(nn.Module):
         logits, cal_logits = self.forward_head(features)
         attention = None
         if with_attention:
-            from udtimm.attention import ATTENTION_VARIANTS, uncertainty_attention  # attention.py imports this module
-
             create_graph = torch.is_grad_enabled() and features.requires_grad
             attention = uncertainty_attention(self, features, create_graph, head_outputs=(logits, cal_logits),
                                               form=attention_form or ATTENTION_VARIANTS["paper"])

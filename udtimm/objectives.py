@@ -5,6 +5,9 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from functools import partial
+from typing import Protocol
 
 import torch
 from torch import Tensor
@@ -15,30 +18,50 @@ from udtimm.checkpoint import class_difference
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
 
-LOSSES = ("bce", "temperature", "label-smoothing", "one-over-k")
-Objective = Callable[[CalibratedModel, Tensor, Tensor, Tensor], dict[str, Tensor]]
+LossFunction = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, target, mask) -> scalar
+
+
+@dataclass(frozen=True)
+class LossOptions:
+    """The classification losses' own settings (train.py's flags)."""
+
+    temperature: float = 3.0  # --temperature
+
+
+# Adding a classification loss: its function in losses.py, and one line here (name -> the loss, given the options).
+CLASSIFICATION_LOSSES: dict[str, Callable[[LossOptions], LossFunction]] = {
+    "bce": lambda options: losses.bce_loss,
+    "temperature": lambda options: partial(losses.temperature_bce_loss, temperature=options.temperature),
+    "label-smoothing": lambda options: losses.label_smoothing_loss,
+    "one-over-k": lambda options: losses.one_over_k_loss,
+}
+
+
+class Objective(Protocol):
+    """What one batch costs: named loss terms, the total under "loss"; `term_names` are the train_* columns of
+    summary.csv, fixed for the whole run; `start_epoch` lets an objective change over the epochs."""
+
+    term_names: tuple[str, ...]
+
+    def start_epoch(self, epoch: int) -> None: ...
+
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor,
+                 difficult: Tensor) -> dict[str, Tensor]: ...
 
 
 class SupervisedObjective:
-    """Eq. 12 (L_b + lambda * L_ps) with --cal, else the chosen classification loss alone (Table 5 baselines)."""
+    """Eq. 12 (L_b + lambda * L_ps) with `cal`, else the chosen classification loss alone (Table 5 baselines)."""
 
-    def __init__(self, loss: str = "bce", cal_weight: float = 0.1, difficult: str = "positive",
-                 temperature: float = 3.0) -> None:
-        if loss not in LOSSES:
-            raise ValueError(f"--loss {loss!r} is not one of {LOSSES}")
-        self.loss, self.cal_weight, self.difficult, self.temperature = loss, cal_weight, difficult, temperature
+    def __init__(self, loss: str = "bce", cal: bool = False, cal_weight: float = 0.1, difficult: str = "positive",
+                 options: LossOptions = LossOptions()) -> None:
+        if loss not in CLASSIFICATION_LOSSES:
+            raise ValueError(f"--loss {loss!r} is not one of {tuple(CLASSIFICATION_LOSSES)}")
+        self.loss, self.cal_weight, self.difficult = loss, cal_weight, difficult
+        self.classification_loss = CLASSIFICATION_LOSSES[loss](options)
+        self.term_names = (loss, "partial_softmax") if cal else (loss,)
 
-    def term_names(self, cal: bool) -> tuple[str, ...]:
-        return (self.loss, "partial_softmax") if cal else (self.loss,)
-
-    def classification_loss(self, logits: Tensor, target: Tensor, mask: Tensor) -> Tensor:
-        if self.loss == "temperature":
-            return losses.temperature_bce_loss(logits, target, mask, temperature=self.temperature)
-        if self.loss == "label-smoothing":
-            return losses.label_smoothing_loss(logits, target, mask)
-        if self.loss == "one-over-k":
-            return losses.one_over_k_loss(logits, target, mask)
-        return losses.bce_loss(logits, target, mask)
+    def start_epoch(self, epoch: int) -> None:
+        pass
 
     def terms(self, out: ModelOutput, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
         terms = {self.loss: self.classification_loss(out.logits, target, mask)}
@@ -54,9 +77,6 @@ class SupervisedObjective:
         return self.terms(model(images), target, mask)
 
 
-DISTILL_METHODS = ("kd", "ud")
-
-
 def ud_method(variant: str) -> str:
     """The method column of UD runs with this --att-variant: ud for Eq. 16 as written, else ud-<variant>."""
     return "ud" if variant == "paper" else f"ud-{variant}"
@@ -67,9 +87,9 @@ def check_teacher(teacher_metadata: dict[str, str], teacher_path: str, class_nam
     difference = class_difference(json.loads(teacher_metadata["class_names"]), class_names)
     if difference:
         raise ConfigError(f"teacher {teacher_path} was trained on other classes than this dataset ({difference})")
-    if method == "ud" and teacher_metadata.get("cal") != "true":
+    if DISTILL_METHODS[method].uses_calibration and teacher_metadata.get("cal") != "true":
         raise ConfigError(
-            f"--method ud needs a teacher with the calibration branch, but {teacher_path} has none: "
+            f"--method {method} needs a teacher with the calibration branch, but {teacher_path} has none: "
             "train the teacher with train.py --cal, or use --method kd"
         )
 
@@ -77,44 +97,39 @@ def check_teacher(teacher_metadata: dict[str, str], teacher_path: str, class_nam
 class DistillationObjective:
     """Eq. 18: L'_b (Eq. 13) + alpha L'_ps (Eq. 14) + beta L_att (Eq. 17), plus an optional ground-truth term.
 
-    `kd` is Eq. 13 alone (the paper's "Ours-KD"); `ud` with beta = 0 is "w/o uncertainty attention" (Table 5).
-    The teacher is frozen and in eval mode; `autocast` is the student's mixed-precision context; `teacher_input`
-    turns the student's input into the teacher's (Renormalize, when the two were trained with other mean and std).
+    This is `--method ud`; with beta = 0 it is "w/o uncertainty attention" (Table 5). The teacher is frozen and in
+    eval mode; `autocast` is the student's mixed-precision context; `teacher_input` turns the student's input into
+    the teacher's (Renormalize, when the two were trained with other mean and std).
     """
 
-    def __init__(self, teacher: CalibratedModel, method: str = "ud", temperature: float = 3.0,
+    uses_calibration = True  # teacher and student need the calibration branch (Eq. 14, 17)
+
+    def __init__(self, teacher: CalibratedModel, temperature: float = 3.0,
                  dist_weight: float = 0.5, att_weight: float = 0.5, gt_weight: float = 0.0,
                  cal_weight: float = 0.1, difficult: str = "positive",
                  autocast: Callable[[], AbstractContextManager] = nullcontext,
                  teacher_input: Callable[[Tensor], Tensor] | None = None,
                  attention_form: AttentionForm = ATTENTION_VARIANTS["paper"], warmup_epochs: int = 0,
                  first_epoch: int = 0) -> None:
-        if method not in DISTILL_METHODS:
-            raise ValueError(f"--method {method!r} is not one of {DISTILL_METHODS}")
         self.teacher = teacher.eval().requires_grad_(False)
-        self.method, self.temperature = method, temperature
+        self.temperature = temperature
         self.dist_weight, self.att_weight, self.gt_weight = dist_weight, att_weight, gt_weight
-        self.supervised = SupervisedObjective("bce", cal_weight, difficult)
+        self.supervised = SupervisedObjective("bce", cal=self.uses_calibration, cal_weight=cal_weight,
+                                              difficult=difficult)
         self.autocast = autocast
         self.teacher_input = teacher_input
         self.attention_form = attention_form
         self.warmup_epochs, self.first_epoch = warmup_epochs, first_epoch
         self.ramp = 1.0 if warmup_epochs == 0 else 0.0
+        self.uses_attention = self.uses_calibration and att_weight > 0
+        names = ("kd", "kd_cal", "attention") if self.uses_attention else ("kd", "kd_cal") \
+            if self.uses_calibration else ("kd",)
+        self.term_names = (*names, "gt") if gt_weight > 0 else names
 
     def start_epoch(self, epoch: int) -> None:
         """--distill-warmup-epochs: alpha and beta grow linearly from 0 (at `first_epoch`) to their full value."""
         if self.warmup_epochs > 0:
             self.ramp = min(1.0, max(0, epoch - self.first_epoch) / self.warmup_epochs)
-
-    @property
-    def uses_attention(self) -> bool:
-        return self.method == "ud" and self.att_weight > 0
-
-    @property
-    def term_names(self) -> tuple[str, ...]:
-        names = ("kd", "kd_cal", "attention") if self.uses_attention else ("kd", "kd_cal") if self.method == "ud" \
-            else ("kd",)
-        return (*names, "gt") if self.gt_weight > 0 else names
 
     def teacher_outputs(self, images: Tensor) -> tuple[Tensor, Tensor | None, Tensor | None]:
         with torch.no_grad(), self.autocast():
@@ -132,7 +147,7 @@ class DistillationObjective:
         out = model(images, with_attention=self.uses_attention, attention_form=self.attention_form)
         terms = {"kd": losses.binary_kd_loss(out.logits, teacher_logits, self.temperature)}
         total = terms["kd"]
-        if self.method == "ud":
+        if self.uses_calibration:
             terms["kd_cal"] = losses.softmax_kd_loss(out.cal_logits, teacher_cal, self.temperature)
             total = total + self.ramp * self.dist_weight * terms["kd_cal"]
             if self.uses_attention:
@@ -144,3 +159,35 @@ class DistillationObjective:
             total = total + self.gt_weight * terms["gt"]
         terms["loss"] = total
         return terms
+
+
+class KnowledgeDistillationObjective(DistillationObjective):
+    """Eq. 13 alone (the paper's "Ours-KD"): the classification branch learns the teacher's; no calibration branch."""
+
+    uses_calibration = False
+
+
+# Adding a distillation method: its objective class here (DistillationObjective's constructor), and one line.
+DISTILL_METHODS: dict[str, type[DistillationObjective]] = {
+    "kd": KnowledgeDistillationObjective,
+    "ud": DistillationObjective,
+}
+
+
+class SelfDistillationObjective:
+    """Self-distillation (Table 4): the labels teach the first epochs; from `switch_epoch` on, the network's best
+    checkpoint so far teaches it by Eq. 18 (`make_distillation` builds that objective when the time comes)."""
+
+    def __init__(self, supervised: SupervisedObjective, switch_epoch: int,
+                 make_distillation: Callable[[], DistillationObjective]) -> None:
+        self.supervised, self.switch_epoch, self.make_distillation = supervised, switch_epoch, make_distillation
+        self.current: Objective = supervised
+        self.term_names = (*supervised.term_names, "kd", "kd_cal", "attention")
+
+    def start_epoch(self, epoch: int) -> None:
+        if epoch >= self.switch_epoch and self.current is self.supervised:
+            self.current = self.make_distillation()
+        self.current.start_epoch(epoch)
+
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
+        return self.current(model, images, target, difficult)

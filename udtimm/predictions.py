@@ -69,7 +69,8 @@ def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> st
 
 def metrics_table(values: dict[str, float]) -> str:
     """The metrics in percent, the image and class counts as integers."""
-    rows = [(name, f"{value:.2f}" if not name.startswith("num_") else f"{value:.0f}") for name, value in values.items()]
+    percent = {column.name: column.percent for column in metrics.METRIC_COLUMNS}
+    rows = [(name, f"{value:.2f}" if percent.get(name, True) else f"{value:.0f}") for name, value in values.items()]
     return format_table(("metric", "value (%)"), rows)
 
 

@@ -32,19 +32,18 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from udtimm.checkpoint import CheckpointError, read_metadata  # noqa: E402
 from udtimm.io import atomic_write  # noqa: E402
+from udtimm.metrics import METRIC_COLUMNS  # noqa: E402
 
 GROUP_KEYS: tuple[str, ...] = ("dataset", "split", "model", "method", "teacher")
 # Settings that should agree inside a group; a mix (a 1-epoch trial among 20-epoch runs, say) is warned about.
 CONSISTENT_KEYS: tuple[str, ...] = ("epochs", "img_size", "difficult", "eval_difficult")
 # The paper's columns (Tables 2-3) plus the calibration error: (results.csv name, heading).
-PAPER_COLUMNS: tuple[tuple[str, str], ...] = (
-    ("map", "mAP"), ("cp", "CP"), ("cr", "CR"), ("cf1", "CF1"), ("op", "OP"), ("or", "OR"), ("of1", "OF1"),
-    ("cp_top3", "CP@3"), ("cr_top3", "CR@3"), ("cf1_top3", "CF1@3"), ("op_top3", "OP@3"), ("or_top3", "OR@3"),
-    ("of1_top3", "OF1@3"), ("map_difficult", "Difficult mAP"), ("ece", "ECE"),
-)  # fmt: skip
-METRICS = frozenset(column for column, _ in PAPER_COLUMNS)
-LOWER_IS_BETTER = frozenset({"ece"})
-DISTILL_METHODS = frozenset({"kd", "ud", "ud-noatt"})  # the methods whose paper number depends on the teacher
+PAPER_COLUMNS: tuple[tuple[str, str], ...] = tuple((column.name, column.heading) for column in METRIC_COLUMNS
+                                                   if column.report)
+METRICS = frozenset(column.name for column in METRIC_COLUMNS)
+LOWER_IS_BETTER = frozenset(column.name for column in METRIC_COLUMNS if column.lower_is_better)
+# The methods whose paper number depends on the teacher's model.
+TEACHER_KEYED_METHODS = frozenset({"kd", "ud", "ud-noatt"})
 CURVES: tuple[tuple[str, str], ...] = (("map", "mAP (%)"), ("ece", "ECE (%)"), ("train_loss", "train loss"))
 
 
@@ -259,7 +258,7 @@ def group_warnings(summary: pd.DataFrame) -> list[str]:
 
 def paper_number(dataset: str, model: str, method: str, teacher: str) -> PaperNumber | None:
     key = (dataset, base_model(model), method)
-    return PAPER_MAP.get((*key, base_model(teacher)) if method in DISTILL_METHODS else key)
+    return PAPER_MAP.get((*key, base_model(teacher)) if method in TEACHER_KEYED_METHODS else key)
 
 
 def add_paper(summary: pd.DataFrame) -> pd.DataFrame:

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import argparse
 import os
+import shutil
 import sys
-from collections.abc import Callable
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 import timm
 import torch
@@ -16,16 +18,18 @@ from timm.scheduler import create_scheduler_v2
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from udtimm.checkpoint import CheckpointError
+from udtimm.checkpoint import CheckpointError, find_training_state
 from udtimm.config import ConfigError, experiment_name, save_args
 from udtimm.data.base import DatasetError, MultiLabelDataset
 from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
-from udtimm.data.loader import load_split, make_loader
+from udtimm.data.loader import make_loader
 from udtimm.data.transforms import NormalizeBatch, TrainPixels, eval_pixels
 from udtimm.engine import NonFiniteLossError
 from udtimm.io import check_writable
+from udtimm.metrics import METRIC_COLUMNS
 from udtimm.model import CalibratedModel, ModelConfigError, create_model
+from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
 from udtimm.trainer import RunSetup, fit
 from udtimm.weights import WeightsError, load_initial_checkpoint
 
@@ -34,12 +38,12 @@ USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, Wei
                OSError)
 
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", torchcompile: bool = False) -> Accelerator:
     # Fixed input shapes: cuDNN times its convolution algorithms once and keeps the fastest.
     torch.backends.cudnn.benchmark = True
     # non_blocking: moving a (pinned) batch to the GPU does not make the host wait for the step before it, so the
     # host prepares the next batch while the GPU computes (DESIGN §5).
-    return Accelerator(mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.torchcompile else "no",
+    return Accelerator(mixed_precision=mixed_precision, dynamo_backend="inductor" if torchcompile else "no",
                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
 
 
@@ -49,43 +53,54 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def prepare_run_dir(args: argparse.Namespace, method: str, accelerator: Accelerator) -> str:
-    """The run directory (new, or the one being resumed), checked writable, with args.yaml written."""
-    if args.resume:
-        run_dir = args.resume
+@contextmanager
+def run_directory(runtime: RuntimeSettings, model: str, method: str, saved_args: dict,
+                  accelerator: Accelerator) -> Iterator[str]:
+    """The run directory (new, or the one being resumed), checked writable, with args.yaml written.
+
+    A directory made here that an error leaves without any saved epoch (the run was refused before its first
+    epoch ended) is removed again, so a refused run leaves nothing behind.
+    """
+    if runtime.resume:
+        run_dir = runtime.resume
         if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
             raise ConfigError(f"--resume {run_dir}: no args.yaml there, it is not a udtimm run directory")
     else:
-        name = args.experiment or experiment_name(args.model, method)
-        run_dir = os.path.join(args.output, name)
+        run_dir = os.path.join(runtime.output, runtime.experiment or experiment_name(model, method))
         if os.path.exists(os.path.join(run_dir, "summary.csv")):
             raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir} or another --experiment")
+    made_here = not os.path.exists(run_dir)
     if accelerator.is_main_process:
         check_writable(run_dir)
-        if not args.resume:
-            save_args(args, os.path.join(run_dir, "args.yaml"))
+        if not runtime.resume:
+            save_args(saved_args, os.path.join(run_dir, "args.yaml"))
     accelerator.wait_for_everyone()
-    return run_dir
+    try:
+        yield run_dir
+    except Exception:
+        if made_here and accelerator.is_main_process and find_training_state(run_dir) is None:
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
-def load_datasets(args: argparse.Namespace, accelerator: Accelerator) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+def load_datasets(data: DataSettings, accelerator: Accelerator) -> tuple[MultiLabelDataset, MultiLabelDataset]:
     # The main process generates the digits set (if needed) before the others read it.
     with accelerator.main_process_first():
-        train_set = load_split(args, args.train_split)
-        eval_set = load_split(args, args.val_split)
+        train_set = data.source.load(data.train_split)
+        eval_set = data.source.load(data.val_split)
     if train_set.classes != eval_set.classes:
-        raise ConfigError(f"splits {args.train_split} and {args.val_split} have different class lists")
+        raise ConfigError(f"splits {data.train_split} and {data.val_split} have different class lists")
     return train_set, eval_set
 
 
-def build_model(args: argparse.Namespace, class_names: list[str], cal: bool,
+def build_model(settings: ModelSettings, img_size: int, class_names: list[str], cal: bool,
                 accelerator: Accelerator) -> CalibratedModel:
     """The model the flags ask for: timm's, pretrained or not, then --initial-checkpoint (which says what it loaded)."""
-    model = create_model(args.model, len(class_names), cal=cal, global_pool=args.global_pool,
-                         pretrained=args.pretrained, pretrained_path=args.pretrained_path, img_size=args.img_size,
-                         drop_rate=args.drop, model_kwargs=args.model_kwargs)
-    if args.initial_checkpoint:
-        accelerator.print(load_initial_checkpoint(model, args.initial_checkpoint, class_names))
+    model = create_model(settings.model, len(class_names), cal=cal, global_pool=settings.global_pool,
+                         pretrained=settings.pretrained, pretrained_path=settings.pretrained_path, img_size=img_size,
+                         drop_rate=settings.drop, model_kwargs=settings.model_kwargs)
+    if settings.initial_checkpoint:
+        accelerator.print(load_initial_checkpoint(model, settings.initial_checkpoint, class_names))
     return model
 
 
@@ -101,7 +116,7 @@ def check_gpu_decode(device: torch.device) -> None:
 
 
 def build_loaders(
-    args: argparse.Namespace, train_set: MultiLabelDataset, eval_set: MultiLabelDataset, mean: list[float],
+    data: DataSettings, train_set: MultiLabelDataset, eval_set: MultiLabelDataset, mean: list[float],
     std: list[float], device: torch.device,
 ) -> tuple[DataLoader, DataLoader, BatchTransform, BatchTransform]:
     """Train and eval loaders, and the transforms that finish their batches on `device` (DeviceFeeder applies them).
@@ -109,19 +124,19 @@ def build_loaders(
     The workers decode and augment each image and hand over uint8 batches, normalised and erased on the device
     (NormalizeBatch). With --gpu-decode the workers only read the files; the device decodes and augments them too.
     """
-    if args.gpu_decode:
+    if data.gpu_decode:
         check_gpu_decode(device)
         train_set.encoded = True
         train_transform: BatchTransform = DeviceTransform(
-            args.img_size, mean, std, device, train=True, reprob=args.reprob, hflip=args.hflip,
-            crop_scales=args.crop_scales, skip_corrupt=args.skip_corrupt)
+            data.img_size, mean, std, device, train=True, reprob=data.reprob, hflip=data.hflip,
+            crop_scales=data.crop_scales, skip_corrupt=data.skip_corrupt)
     else:
-        train_set.transform = TrainPixels(args.img_size, reprob=args.reprob, hflip=args.hflip,
-                                          crop_scales=args.crop_scales)
+        train_set.transform = TrainPixels(data.img_size, reprob=data.reprob, hflip=data.hflip,
+                                          crop_scales=data.crop_scales)
         train_transform = NormalizeBatch(mean, std, device)
-    eval_transform = eval_pipeline(eval_set, args.img_size, mean, std, device, args.gpu_decode, args.skip_corrupt)
-    train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
-    eval_loader = make_loader(eval_set, args.batch_size, False, args.workers, args.skip_corrupt)
+    eval_transform = eval_pipeline(eval_set, data.img_size, mean, std, device, data.gpu_decode, data.skip_corrupt)
+    train_loader = make_loader(train_set, data.batch_size, True, data.workers, data.skip_corrupt)
+    eval_loader = make_loader(eval_set, data.batch_size, False, data.workers, data.skip_corrupt)
     return train_loader, eval_loader, train_transform, eval_transform
 
 
@@ -137,49 +152,62 @@ def eval_pipeline(dataset: Dataset, img_size: int, mean: list[float], std: list[
     return NormalizeBatch(mean, std, device)
 
 
-def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int, cycles: int = 1) -> tuple:
+def build_optimization(optim: OptimSettings, model: nn.Module, updates_per_epoch: int, cycles: int = 1) -> tuple:
     """timm's optimizer and scheduler factories; the scheduler steps every update (cosine with warmup).
 
     `cycles` > 1 splits the epochs into that many cosine cycles (warm restarts, used by self-distillation).
     """
-    optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
-                                    momentum=args.momentum)
+    optimizer = create_optimizer_v2(model, opt=optim.opt, lr=optim.lr, weight_decay=optim.weight_decay,
+                                    momentum=optim.momentum)
     scheduler, _ = create_scheduler_v2(
-        optimizer, sched=args.sched, num_epochs=args.epochs // cycles, warmup_epochs=args.warmup_epochs,
-        warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
+        optimizer, sched=optim.sched, num_epochs=optim.epochs // cycles, warmup_epochs=optim.warmup_epochs,
+        warmup_lr=optim.warmup_lr, min_lr=optim.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
         cycle_limit=cycles, cycle_decay=1.0,
     )
     return optimizer, scheduler
 
 
-def result_fields(args: argparse.Namespace, method: str, teacher: str) -> dict[str, object]:
+def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict[str, object]:
     """The columns of results.csv that say which experiment a row is (the report groups by them)."""
-    return {"dataset": args.dataset, "split": args.val_split, "model": args.model, "method": method,
-            "teacher": teacher, "seed": args.seed, "epochs": args.epochs, "img_size": args.img_size,
-            "difficult": args.difficult, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore"}
+    data = settings.data
+    return {"dataset": data.source.name, "split": data.val_split, "model": settings.model.model, "method": method,
+            "teacher": teacher, "seed": settings.runtime.seed, "epochs": settings.optim.epochs,
+            "img_size": data.img_size, "difficult": data.difficult,
+            "eval_difficult": "negative" if data.eval_difficult_negative else "ignore"}
 
 
-def fit_and_report(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
+def fit_and_report(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
     """Train the remaining epochs, print the metrics of best.safetensors, return its results.csv row."""
-    row = fit(args, setup, accelerator)
+    row = fit(settings, setup, accelerator)
     print_results(accelerator, row)
     accelerator.end_training()
     return row
 
 
 def run_script(main: Callable[[], object]) -> None:
-    """Run a script's main; errors caused by the user's input end it with their message, without a traceback."""
+    """Run a script's main; errors caused by the user's input end it with one `error:` line (--debug: traceback)."""
     try:
         main()
     except USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+        if "--debug" in sys.argv[1:]:
+            traceback.print_exc()
+        sys.exit(f"error: {user_message(err)}")
+
+
+def user_message(err: BaseException) -> str:
+    """The error's own message; an error raised in a loader worker reaches the main process with the worker's
+    traceback around it (torch's ExceptionWrapper), of which only the last line is the message."""
+    message = str(err)
+    if "\nOriginal Traceback" not in message:
+        return message
+    last = message.rstrip().splitlines()[-1]  # "package.module.ErrorClass: the message"
+    name = f"{type(err).__name__}: "
+    return last[last.index(name) + len(name):] if name in last else last
 
 
 def print_results(accelerator: Accelerator, row: dict[str, object]) -> None:
-    names = ("map", "map_difficult", "cp", "cr", "cf1", "op", "or", "of1", "cp_top3", "cr_top3", "cf1_top3",
-             "op_top3", "or_top3", "of1_top3", "ece", "ece_pooled")
     accelerator.print("final metrics of best.safetensors (percent):")
-    for name in names:
+    for name in (column.name for column in METRIC_COLUMNS if column.percent):
         value = row.get(name)
         if isinstance(value, float):
             accelerator.print(f"  {name:<14} {value:8.2f}")

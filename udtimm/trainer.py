@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import argparse
 import csv
 import math
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -23,6 +21,7 @@ from udtimm.engine import Predictions, bare_model, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
 from udtimm.plots import reliability_diagram
+from udtimm.settings import TrainingSettings
 
 BEST_METRIC = "map"
 RESULT_KEYS = ("dataset", "split", "model", "method", "teacher", "seed", "epochs", "img_size", "difficult",
@@ -31,7 +30,7 @@ RESULT_KEYS = ("dataset", "split", "model", "method", "teacher", "seed", "epochs
 
 @dataclass
 class RunSetup:
-    """Everything the loop needs besides the arguments; built by the script."""
+    """Everything the loop needs besides the settings; built by the script."""
 
     run_dir: str
     model: nn.Module  # prepared by accelerate
@@ -39,12 +38,9 @@ class RunSetup:
     scheduler: object  # timm scheduler (step_update per optimizer step)
     train_loader: object  # prepared by accelerate
     eval_loader: object
-    objective: Objective
-    loss_terms: tuple[str, ...]  # the objective's term names, the train_* columns of summary.csv
+    objective: Objective  # its term_names are the train_* columns of summary.csv
     metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
     result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
-    on_epoch_start: Callable[[int], None] | None = None
-    extra_state: dict = field(default_factory=dict)
     # What finishes the loaders' batches on the device (runs.build_loaders); None: they are model input already.
     train_transform: BatchTransform | None = None
     eval_transform: BatchTransform | None = None
@@ -57,11 +53,9 @@ class RunSetup:
         return DeviceFeeder(self.eval_loader, self.eval_transform, device, self.prefetch)
 
 
-def evaluate_metrics(predictions: Predictions, args: argparse.Namespace) -> dict[str, float]:
-    return metrics.compute_metrics(
-        predictions.scores, predictions.target, predictions.difficult,
-        difficult_as_negative=args.eval_difficult_negative,
-    )
+def evaluate_metrics(predictions: Predictions, difficult_as_negative: bool) -> dict[str, float]:
+    return metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult,
+                                   difficult_as_negative=difficult_as_negative)
 
 
 def truncate_summary(path: str, last_epoch: int) -> None:
@@ -98,7 +92,6 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
     setup.scheduler.load_state_dict(optimizer_state["scheduler"])
     if accelerator.scaler is not None and optimizer_state.get("scaler"):
         accelerator.scaler.load_state_dict(optimizer_state["scaler"])
-    setup.extra_state.update(progress.get("extra", {}))
     epoch = int(progress["epoch"])
     if accelerator.is_main_process:
         truncate_summary(summary_path, epoch)
@@ -107,7 +100,8 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
 
 
 def print_row(accelerator: Accelerator, row: dict[str, object], header: bool) -> None:
-    columns = ("epoch", "lr", "train_loss", "map", "map_difficult", "ece", "of1", "cf1", "epoch_time")
+    columns = ("epoch", "lr", "train_loss",
+               *(column.name for column in metrics.METRIC_COLUMNS if column.epoch_table), "epoch_time")
     if header:
         accelerator.print(" ".join(f"{name:>13}" for name in columns))
     cells = []
@@ -123,34 +117,33 @@ def seed_epoch(seed: int, train_loader: DataLoader) -> None:
     seed_loader(train_loader, seed)
 
 
-def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
+def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
     """Run the remaining epochs; returns the results.csv row (metrics of best.safetensors)."""
     start_epoch, num_updates, best = restore(setup, accelerator)
-    model, run_dir = setup.model, setup.run_dir
+    model, run_dir, objective = setup.model, setup.run_dir, setup.objective
+    epochs, runtime = settings.optim.epochs, settings.runtime
+    show_progress, difficult_as_negative = not runtime.no_progress, settings.data.eval_difficult_negative
     summary_path = os.path.join(run_dir, "summary.csv")
-    for epoch in range(start_epoch, args.epochs):
-        seed_epoch(args.seed + epoch, setup.train_loader)
-        if setup.on_epoch_start is not None:
-            setup.on_epoch_start(epoch)
-        if hasattr(setup.objective, "start_epoch"):
-            setup.objective.start_epoch(epoch)
+    for epoch in range(start_epoch, epochs):
+        seed_epoch(runtime.seed + epoch, setup.train_loader)
+        objective.start_epoch(epoch)
         epoch_start = time.perf_counter()
         lr = setup.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (cosine restarts show)
         stats = train_one_epoch(
             model, setup.train_batches(accelerator.device), setup.optimizer, setup.scheduler, accelerator,
-            setup.objective, epoch, num_updates, clip_grad=args.clip_grad, skip_nonfinite=args.skip_nonfinite,
-            show_progress=not args.no_progress,
+            objective, epoch, num_updates, clip_grad=settings.optim.clip_grad,
+            skip_nonfinite=runtime.skip_nonfinite, show_progress=show_progress,
         )
         num_updates += len(setup.train_loader)
         row: dict[str, object] = {"epoch": epoch, "lr": lr,
                                   "train_loss": stats.pop("loss", math.nan)}
         # Fixed columns, whatever terms this epoch's objective produced (self-distillation changes objective).
-        row.update({f"train_{name}": stats.get(name, math.nan) for name in setup.loss_terms})
+        row.update({f"train_{name}": stats.get(name, math.nan) for name in objective.term_names})
         row.update(skipped_steps=stats["skipped_steps"], skipped_images=stats["skipped_images"],
                    images_per_s=stats["images_per_s"])
-        evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
-        scores = evaluate_metrics(predict(model, setup.eval_batches(accelerator.device), accelerator,
-                                          not args.no_progress), args) \
+        evaluated = (epoch + 1) % runtime.eval_interval == 0 or epoch + 1 == epochs
+        scores = evaluate_metrics(predict(model, setup.eval_batches(accelerator.device), accelerator, show_progress),
+                                  difficult_as_negative) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
         row.update(scores)
         row["epoch_time"] = time.perf_counter() - epoch_start
@@ -166,7 +159,7 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
                 "scheduler": setup.scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
             }
-            progress = {"epoch": epoch, "num_updates": num_updates, "best": best, "extra": setup.extra_state}
+            progress = {"epoch": epoch, "num_updates": num_updates, "best": best}
             # The weights leave the device and reach the disk once; last and best are links to state's file.
             also_at = [os.path.join(run_dir, "last.safetensors")]
             if improved:
@@ -174,16 +167,17 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
             checkpoint.save_training_state(run_dir, unwrapped, meta, optimizer_state, progress, also_at)
         accelerator.wait_for_everyone()
         print_row(accelerator, row, header=epoch == start_epoch)
-    return final_results(args, setup, accelerator)
+    return final_results(setup, accelerator, difficult_as_negative, show_progress)
 
 
-def final_results(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
+def final_results(setup: RunSetup, accelerator: Accelerator, difficult_as_negative: bool,
+                  show_progress: bool) -> dict[str, object]:
     """Evaluate best.safetensors again, write results.csv and reliability.png, return the row."""
     best_path = os.path.join(setup.run_dir, "best.safetensors")
     tensors, metadata = checkpoint.load_checkpoint(best_path)
     checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
-    predictions = predict(setup.model, setup.eval_batches(accelerator.device), accelerator, not args.no_progress)
-    scores = evaluate_metrics(predictions, args)
+    predictions = predict(setup.model, setup.eval_batches(accelerator.device), accelerator, show_progress)
+    scores = evaluate_metrics(predictions, difficult_as_negative)
     row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]), "checkpoint": best_path}
     if accelerator.is_main_process:
         reliability_diagram(predictions.scores, predictions.target, predictions.difficult,

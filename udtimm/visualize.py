@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -28,10 +27,11 @@ from torch import Tensor, nn
 
 from udtimm import checkpoint, plots, runs
 from udtimm.attention import check_attention_support, uncertainty_per_class
-from udtimm.config import DATASETS, ConfigError
+from udtimm.config import ConfigError, add_workers_arg, data_source
+from udtimm.data import DATASETS, DataSource
 from udtimm.data.base import read_image
 from udtimm.data.images import list_images
-from udtimm.data.loader import load_split, make_loader
+from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
 from udtimm.model import CalibratedModel, ModelOutput
@@ -57,14 +57,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     maps.add_argument("--topk", type=int, default=5, help="how many of the most probable labels to list")
     compare = parser.add_argument_group("reliability comparison (--compare)")
     compare.add_argument("--labels", nargs="+", default=None, help="legend names (default: each run's method)")
-    compare.add_argument("--dataset", default=None, choices=DATASETS, help="default: the first checkpoint's dataset")
+    compare.add_argument("--dataset", default=None, choices=tuple(DATASETS),
+                         help="default: the first checkpoint's dataset")
     compare.add_argument("--data-dir", default=None, help="dataset root (digits: the default cache folder)")
     compare.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
     compare.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
     compare.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
     compare.add_argument("--digits-seed", type=int, default=0, help="digits: scene seed (0: the default set)")
     compare.add_argument("-b", "--batch-size", type=int, default=64)
-    compare.add_argument("--workers", type=int, default=2, help="data loader worker processes")
+    add_workers_arg(compare)
     args = parser.parse_args(argv)
     if args.checkpoint and not args.images:
         raise ConfigError("--checkpoint draws attention maps of images: give --images DIR_OR_FILE")
@@ -152,57 +153,60 @@ def output_paths(images: Sequence[str], out_dir: str) -> list[str]:
     return [os.path.join(out_dir, stem + ".png") for stem in stems]
 
 
-def draw_attention_maps(args: argparse.Namespace) -> list[str]:
+def draw_attention_maps(checkpoint_path: str, inputs: Sequence[str], out_dir: str, teacher_path: str | None = None,
+                        topk: int = 5) -> list[str]:
+    """One PNG per image in `out_dir`: the model's (and the teacher's) uncertainty attention maps and top labels."""
     device = Accelerator().device
-    loaded = load_model(args.checkpoint, device)
-    check_map_support(loaded.model, args.checkpoint)
-    teacher = load_model(args.teacher_ckpt, device) if args.teacher_ckpt else None
+    loaded = load_model(checkpoint_path, device)
+    check_map_support(loaded.model, checkpoint_path)
+    teacher = load_model(teacher_path, device) if teacher_path else None
     if teacher is not None:
-        check_map_support(teacher.model, args.teacher_ckpt)
-    images = list_images(args.images)
-    outputs = output_paths(images, args.out)
-    os.makedirs(args.out, exist_ok=True)
+        check_map_support(teacher.model, teacher_path)
+    images = list_images(inputs)
+    outputs = output_paths(images, out_dir)
+    os.makedirs(out_dir, exist_ok=True)
     for image, output in zip(images, outputs, strict=True):
-        plots.save_figure(image_figure(image, loaded, teacher, args.topk), output)
+        plots.save_figure(image_figure(image, loaded, teacher, topk), output)
         print(output)
     return outputs
 
 
-def compare_reliability(args: argparse.Namespace) -> list[str]:
-    """Every checkpoint evaluated on the same split, one reliability curve each on shared axes."""
+def compare_reliability(paths: Sequence[str], source: DataSource, split: str, out: str,
+                        labels: Sequence[str] | None = None, batch_size: int = 64, workers: int = 2) -> list[str]:
+    """Every checkpoint evaluated on the same split, one reliability curve each on shared axes, written to `out`."""
     accelerator = Accelerator()
-    args.dataset = args.dataset or checkpoint.read_metadata(args.compare[0]).get("dataset")
-    if not args.dataset:
-        raise ConfigError(f"{args.compare[0]} does not name its dataset: give --dataset")
     with accelerator.main_process_first():  # the main process generates digits before the others read it
-        dataset = load_split(args, args.split)
+        dataset = source.load(split)
     curves = []
-    for number, path in enumerate(args.compare):
+    for number, path in enumerate(paths):
         loaded = load_model(path, accelerator.device)
         difference = checkpoint.class_difference(loaded.class_names, dataset.classes)
         if difference:
             raise checkpoint.CheckpointError(f"{path} was trained on other classes than {dataset.name} ({difference})")
         dataset.transform = loaded.transform  # each model at its own input size and normalisation
-        loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
+        loader = accelerator.prepare(make_loader(dataset, batch_size, False, workers))
         predictions = predict(loaded.model, loader, accelerator, show_progress=False)
-        label = args.labels[number] if args.labels else loaded.method
+        label = labels[number] if labels else loaded.method
         curves.append((label, predictions.scores, predictions.target, predictions.difficult))
     if accelerator.is_main_process:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         figure = plots.reliability_figure(curves, f"reliability on {dataset.name} ({len(dataset)} images)")
-        plots.save_figure(figure, args.out)
-        print(args.out)
-    return [args.out]
+        plots.save_figure(figure, out)
+        print(out)
+    return [out]
 
 
 def main(argv: Sequence[str] | None = None) -> list[str]:
     """The PNG files written."""
     args = parse_args(argv)
-    return compare_reliability(args) if args.compare else draw_attention_maps(args)
+    if not args.compare:
+        return draw_attention_maps(args.checkpoint, args.images, args.out, args.teacher_ckpt, args.topk)
+    dataset = args.dataset or checkpoint.read_metadata(args.compare[0]).get("dataset")
+    if not dataset:
+        raise ConfigError(f"{args.compare[0]} does not name its dataset: give --dataset")
+    return compare_reliability(args.compare, data_source(args, dataset), args.split, args.out, args.labels,
+                               args.batch_size, args.workers)
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except runs.USER_ERRORS as err:
-        sys.exit(f"error: {err}")
+    runs.run_script(main)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any
 
 from torch import Tensor
@@ -14,39 +15,64 @@ from .csv import load_csv
 from .voc import VOC_CLASSES, load_voc
 
 __all__ = [
-    "DATASETS", "VOC_CLASSES", "CorruptImageError", "DatasetError", "MultiLabelDataset", "Sample",
-    "build_dataset", "check_unique_ids", "default_data_dir", "load_coco", "load_csv", "load_voc", "read_image",
+    "DATASETS", "VOC_CLASSES", "CorruptImageError", "DataSource", "DatasetError", "DatasetSpec", "MultiLabelDataset",
+    "Sample", "build_dataset", "check_unique_ids", "default_data_dir", "load_coco", "load_csv", "load_voc",
+    "read_image",
 ]  # fmt: skip
 
-DATASETS: tuple[str, ...] = ("digits", "voc2007", "coco2014", "csv")
-
-# Generic split names -> each dataset's own; any other name is passed through as the dataset's own split name.
-_SPLITS = {
-    "digits": {"train": "trainval", "test": "test"},
-    "voc2007": {"train": "trainval", "test": "test"},
-    "coco2014": {"train": "train2014", "test": "val2014", "val": "val2014"},
-    "csv": {"train": "train"},  # "test": test.csv, or val.csv when there is no test.csv (see resolve_split)
-}
+SplitLoader = Callable[..., tuple[list[Sample], list[str]]]
 
 
-def default_data_dir(name: str, num_trainval: int = 3000, num_test: int = 1000, seed: int = 0) -> str | None:
-    """Where `name` lives when no --data-dir is given: only `digits` has a default (under $UDTIMM_CACHE).
+@dataclass(frozen=True)
+class DatasetSpec:
+    """How to read one dataset: `load(root, own_split, **options)` gives (samples, class names); `splits` maps the
+    generic split names ("train", "test") to the dataset's own; any other name is passed through unchanged."""
 
-    A digits set of another size or seed gets its own folder, so it never clashes with the default one.
-    """
-    if name != "digits":
-        return None
+    load: SplitLoader
+    splits: dict[str, str]
+    default_root: Callable[..., str] | None = None  # where it lives without --data-dir, given the options
+
+    def own_split(self, root: str, split: str) -> str:
+        return self.splits.get(split, split)
+
+
+@dataclass(frozen=True)
+class CsvSpec(DatasetSpec):
+    def own_split(self, root: str, split: str) -> str:
+        # "test" reads test.csv, or val.csv when there is no test.csv.
+        if split == "test" and not os.path.isfile(os.path.join(root, "test.csv")):
+            return "val"
+        return super().own_split(root, split)
+
+
+def digits_cache_dir(num_trainval: int = 3000, num_test: int = 1000, seed: int = 0, **_: Any) -> str:
+    """The digits folder under $UDTIMM_CACHE; a set of another size or seed gets its own, never clashing."""
     cache = os.environ.get("UDTIMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "udtimm")
     if (num_trainval, num_test, seed) == (3000, 1000, 0):
         return os.path.join(cache, "digits")
     return os.path.join(cache, f"digits-{num_trainval}-{num_test}" + (f"-seed{seed}" if seed else ""))
 
 
-def resolve_split(name: str, root: str, split: str) -> str:
-    """The dataset's own split name for a generic one ("train", "test") or for its own name."""
-    if name == "csv" and split == "test" and not os.path.isfile(os.path.join(root, "test.csv")):
-        return "val"
-    return _SPLITS[name].get(split, split)
+def load_digits(root: str, split: str, **options: Any) -> tuple[list[Sample], list[str]]:
+    """The embedded digits set in VOC layout, generated in `root` first (ensure_digits's options)."""
+    from .digits import ensure_digits  # imported here so that `python -m udtimm.data.digits` runs cleanly
+
+    return load_voc(ensure_digits(root, **options), split)
+
+
+# Adding a dataset: its loader in a module of this package, and one line here.
+DATASETS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(load_digits, {"train": "trainval", "test": "test"}, default_root=digits_cache_dir),
+    "voc2007": DatasetSpec(load_voc, {"train": "trainval", "test": "test"}),
+    "coco2014": DatasetSpec(load_coco, {"train": "train2014", "test": "val2014", "val": "val2014"}),
+    "csv": CsvSpec(load_csv, {"train": "train"}),
+}
+
+
+def default_data_dir(name: str, num_trainval: int = 3000, num_test: int = 1000, seed: int = 0) -> str | None:
+    """Where `name` lives when no --data-dir is given, or None when it has no default (only digits has one)."""
+    spec = DATASETS[name]
+    return spec.default_root(num_trainval, num_test, seed) if spec.default_root else None
 
 
 def build_dataset(
@@ -54,26 +80,29 @@ def build_dataset(
 ) -> MultiLabelDataset:
     """Load split `split` ("train", "test" or a dataset-specific name) of dataset `name` from `root`.
 
-    `root=None` uses default_data_dir(name); `digits` is generated there on first use. `options` go to the
+    `root=None` uses the dataset's default folder; `digits` is generated there on first use. `options` go to the
     dataset's loader: ensure_digits's parameters for digits (num_trainval, ...), load_voc's `classes`, load_csv's
     `classes_file`.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")
-    if root is None and name == "digits":
-        root = default_data_dir(name, options.get("num_trainval", 3000), options.get("num_test", 1000),
-                                options.get("seed", 0))
+    spec = DATASETS[name]
+    if root is None and spec.default_root is not None:
+        root = spec.default_root(**options)
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
-    own_split = resolve_split(name, root, split)
-    if name == "digits":
-        from .digits import ensure_digits  # imported here so that `python -m udtimm.data.digits` runs cleanly
-
-        samples, classes = load_voc(ensure_digits(root, **options), own_split)
-    elif name == "voc2007":
-        samples, classes = load_voc(root, own_split, **options)
-    elif name == "coco2014":
-        samples, classes = load_coco(root, own_split, **options)
-    else:
-        samples, classes = load_csv(root, own_split, **options)
+    own_split = spec.own_split(root, split)
+    samples, classes = spec.load(root, own_split, **options)
     return MultiLabelDataset(samples, classes, transform, name=f"{name}:{own_split}")
+
+
+@dataclass(frozen=True)
+class DataSource:
+    """A dataset to read splits of: its name, its root (None: the default folder) and its loader's options."""
+
+    name: str
+    root: str | None = None
+    options: dict = field(default_factory=dict)
+
+    def load(self, split: str) -> MultiLabelDataset:
+        return build_dataset(self.name, self.root, split, **self.options)

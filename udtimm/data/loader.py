@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -14,7 +13,6 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, RandomSampler, default_collate, get_worker_info
 
-from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, MultiLabelDataset
 from udtimm.data.gpu import collate_encoded
 
@@ -123,16 +121,6 @@ def report_unreadable(messages: Sequence[str]) -> int:
             _REPORTED.add(message)
             LOGGER.warning("--skip-corrupt: leaving out %s", message)
     return len(messages)
-
-
-def dataset_options(args: argparse.Namespace) -> dict:
-    if args.dataset == "digits":
-        return {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed}
-    return {}
-
-
-def load_split(args: argparse.Namespace, split: str) -> MultiLabelDataset:
-    return build_dataset(args.dataset, args.data_dir, split, **dataset_options(args))
 
 
 def make_loader(

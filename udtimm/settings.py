@@ -1,0 +1,83 @@
+"""Typed settings: what the modules below the scripts get instead of the argparse Namespace (config.py builds them)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from udtimm.data import DataSource
+
+
+@dataclass(frozen=True)
+class DataSettings:
+    """Which data, read and augmented how (the "data" flags)."""
+
+    source: DataSource
+    train_split: str
+    val_split: str
+    img_size: int
+    batch_size: int
+    workers: int
+    reprob: float
+    hflip: float
+    crop_scales: tuple[float, ...]
+    difficult: str  # how the training losses treat difficult labels
+    eval_difficult_negative: bool
+    skip_corrupt: bool
+    gpu_decode: bool
+    prefetch: int | None
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which network, from which weights (the "model" flags)."""
+
+    model: str
+    pretrained: bool
+    pretrained_path: str | None
+    initial_checkpoint: str | None
+    model_kwargs: dict
+    global_pool: str | None
+    drop: float
+
+
+@dataclass(frozen=True)
+class OptimSettings:
+    """Optimizer and learning-rate schedule (the "optimisation" flags)."""
+
+    epochs: int
+    opt: str
+    lr: float
+    momentum: float
+    weight_decay: float
+    sched: str
+    warmup_epochs: int
+    warmup_lr: float
+    min_lr: float
+    clip_grad: float | None
+
+
+@dataclass(frozen=True)
+class RuntimeSettings:
+    """Where the run lives and how it runs (the "runtime" flags, and --resume)."""
+
+    seed: int
+    output: str
+    experiment: str | None
+    resume: str | None
+    mixed_precision: str
+    channels_last: bool
+    torchcompile: bool
+    skip_nonfinite: bool
+    eval_interval: int
+    no_progress: bool
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Everything train.py and distill.py share; each script keeps its method's own flags."""
+
+    data: DataSettings
+    model: ModelSettings
+    optim: OptimSettings
+    runtime: RuntimeSettings
+    saved_args: dict  # the resolved arguments, written to args.yaml (enough to rerun with -c)
