@@ -3,13 +3,19 @@ import json
 import pytest
 import torch
 
+import distill
+import train
 from udtimm import losses
 from udtimm.config import ConfigError
 from udtimm.data.transforms import NormalizeImage, Renormalize
 from udtimm.model import create_model
 from udtimm.objectives import (
+    CLASSIFICATION_LOSSES,
+    DISTILL_METHODS,
     DistillationObjective,
     KnowledgeDistillationObjective,
+    LossOptions,
+    SelfDistillationObjective,
     SupervisedObjective,
     check_teacher,
 )
@@ -33,12 +39,44 @@ def test_supervised_objective_is_eq12_with_the_difficult_policy() -> None:
     torch.testing.assert_close(terms["loss"], terms["bce"] + 0.1 * terms["partial_softmax"])
 
 
-@pytest.mark.parametrize("loss", ["temperature", "label-smoothing", "one-over-k"])
-def test_table5_losses_are_selected_by_name(loss: str) -> None:
+@pytest.mark.parametrize("loss", list(CLASSIFICATION_LOSSES))
+def test_every_registered_loss_is_selected_by_name_and_is_a_flag(loss: str) -> None:
     model = create_model("test_resnet", num_classes=4).eval()
     images, target, difficult = batch()
-    terms = SupervisedObjective(loss)(model, images, target, difficult)
-    assert set(terms) == {loss, "loss"} and torch.isfinite(terms["loss"])
+    objective = SupervisedObjective(loss, options=LossOptions(temperature=2.0))
+    terms = objective(model, images, target, difficult)
+    assert set(terms) == {loss, "loss"} and torch.isfinite(terms["loss"]) and objective.term_names == (loss,)
+    assert train.parse_args(["--loss", loss]).loss == loss
+
+
+def test_loss_options_reach_the_loss() -> None:
+    model = create_model("test_resnet", num_classes=4).eval()
+    images, target, difficult = batch()
+    terms = SupervisedObjective("temperature", options=LossOptions(temperature=2.0))(model, images, target, difficult)
+    target, mask = losses.apply_difficult_policy(target, difficult, "positive")
+    expected = losses.temperature_bce_loss(model(images).logits, target, mask, temperature=2.0)
+    torch.testing.assert_close(terms["temperature"], expected)
+
+
+def test_every_distillation_method_is_a_flag_and_says_what_it_needs() -> None:
+    for name, method in DISTILL_METHODS.items():
+        assert distill.parse_args(["--teacher-ckpt", "t.safetensors", "--method", name]).method == name
+        assert isinstance(method.uses_calibration, bool)
+
+
+def test_self_distillation_switches_to_its_teacher_once() -> None:
+    teacher = create_model("test_resnet", num_classes=4, cal=True)
+    student = create_model("test_resnet", num_classes=4, cal=True).eval()
+    images, target, difficult = batch()
+    built = []
+    objective = SelfDistillationObjective(SupervisedObjective("bce", cal=True), 2,
+                                          lambda: built.append(DistillationObjective(teacher)) or built[-1])
+    assert objective.term_names == ("bce", "partial_softmax", "kd", "kd_cal", "attention")
+    for epoch in range(4):
+        objective.start_epoch(epoch)
+        terms = objective(student, images, target, difficult)
+        assert set(terms) - {"loss"} == ({"bce", "partial_softmax"} if epoch < 2 else {"kd", "kd_cal", "attention"})
+    assert len(built) == 1
 
 
 def test_distillation_terms_follow_eq18_weights() -> None:
