@@ -2,12 +2,13 @@ import math
 
 import pytest
 import torch
-from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+from sklearn.metrics import average_precision_score, brier_score_loss, precision_recall_fscore_support
 from torchmetrics.classification import BinaryCalibrationError, MultilabelAveragePrecision
 
 from udtimm.metrics import (
     METRIC_NAMES,
     average_precision,
+    brier_score,
     compute_metrics,
     difficult_subset,
     expected_calibration_error,
@@ -261,6 +262,15 @@ def test_pooled_ece_matches_torchmetrics():
     ece = expected_calibration_error(probs, target, difficult, classwise=False)
     assert ece == pytest.approx(100 * expected, abs=1e-4)
     assert ece != pytest.approx(expected_calibration_error(probs, target, classwise=False))
+
+
+def test_brier_score_matches_sklearn_without_the_difficult_pairs():
+    _, target, difficult = make_data(n=80, c=5, seed=11)
+    probs = off_edge_probs(80, 5, seed=11)
+    keep = ~difficult
+    expected = brier_score_loss(target[keep].numpy(), probs[keep].numpy())
+    assert brier_score(probs, target, difficult) == pytest.approx(100 * expected, abs=1e-9)
+    assert compute_metrics(probs, target, difficult)["brier"] == pytest.approx(100 * expected, abs=1e-9)
 
 
 def test_classwise_ece_matches_eq2_loop():

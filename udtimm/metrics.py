@@ -44,6 +44,7 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
     MetricColumn("map_difficult", "Difficult mAP", epoch_table=True),
     MetricColumn("ece", "ECE", epoch_table=True, lower_is_better=True),
     MetricColumn("ece_pooled", "pooled ECE", report=False, lower_is_better=True),
+    MetricColumn("brier", "Brier", report=False, lower_is_better=True),
     MetricColumn("num_images", "images", report=False, percent=False),
     MetricColumn("num_classes_evaluated", "classes evaluated", report=False, percent=False),
 )
@@ -193,6 +194,12 @@ def expected_calibration_error(
     return 100.0 * (gap[evaluated] / n[evaluated]).mean().item()
 
 
+def brier_score(probs: Tensor, target: Tensor, difficult: Tensor | None = None) -> float:
+    """Brier score in percent: the mean of (p - y)^2 over the (image, class) pairs that are not difficult."""
+    p, positive, keep = _prepare(probs, target, difficult)
+    return 100.0 * ((p - positive.to(p.dtype)) ** 2)[keep].mean().item()
+
+
 def reliability_bins(
     probs: Tensor, target: Tensor, difficult: Tensor | None = None, n_bins: int = 15
 ) -> dict[str, Tensor]:
@@ -236,6 +243,7 @@ def compute_metrics(
     metrics.update({f"{name}_top3": value for name, value in top.items()})
     metrics["ece"] = expected_calibration_error(scores, target, difficult, n_bins, True)
     metrics["ece_pooled"] = expected_calibration_error(scores, target, difficult, n_bins, False)
+    metrics["brier"] = brier_score(scores, target, difficult)
     subset = difficult_subset(difficult)
     # An empty subset gives no AP for any class, hence nan.
     metrics["map_difficult"] = mean_average_precision(scores[subset], target[subset], difficult[subset])
