@@ -6,7 +6,7 @@
   ud-naive  ud, but both attention maps come from a gradient taken through the whole network, as Grad-CAM
             is usually written (the student's with create_graph=True)
 
-The target (METHOD.md §5 "Cost"): ud within 1.10x the kd step time. Prints img/s per mode and the ratios.
+The target (docs/design.md#speed): ud within 1.10x the kd step time. Prints img/s per mode and the ratios.
 
     python benchmarks/distill_step.py --teacher resnet101 --student resnet18 --img-size 448 --batch-size 64
 """
@@ -29,7 +29,7 @@ from udtimm.losses import attention_distillation_loss, binary_kd_loss, softmax_k
 from udtimm.model import CalibratedModel, ModelOutput, create_model  # noqa: E402
 
 MODES = ("kd", "ud", "ud-naive")
-TEMPERATURE, ALPHA, BETA = 3.0, 0.5, 0.5  # METHOD.md §5
+TEMPERATURE, ALPHA, BETA = 3.0, 0.5, 0.5  # docs/method.md#eq-18--distillation-objective
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

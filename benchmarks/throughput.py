@@ -8,8 +8,8 @@ Workloads: train (train.py's step: engine.train_one_epoch, SupervisedObjective, 
 distill (distill.py --method ud from a random-init --teacher to --student) and predict (validate.py's
 engine.predict). The JPEGs are a synthetic VOC2007 folder at VOC's image sizes (--synthetic-voc).
 
-Prints img/s, real/ceiling per pipeline (DESIGN §5 asks >= 0.90), the calibration branch's cost (the median of
---cal-rounds rounds of train ceilings without and with it; DESIGN §5: < 1 %), peak GPU memory, the seconds to the
+Prints img/s, real/ceiling per pipeline (docs/design.md#speed: >= 0.90), the calibration branch's cost (the median of
+--cal-rounds rounds of train ceilings without and with it; target: < 1 %), peak GPU memory, the seconds to the
 first batch (paid every epoch, with the workers' start-up in a loader's first) and the card; --csv appends one row
 per measurement.
 

@@ -1,4 +1,4 @@
-"""train.py end to end on the tiny digits set: outputs of DESIGN §3, resume, two processes, bad input."""
+"""train.py end to end on tiny digits: files of docs/design.md#files-on-disk, resume, two processes, bad input."""
 
 import json
 import os

@@ -1,4 +1,4 @@
-"""Training losses: Eq. 3, 10-14, 17 and the Table 5 baselines (METHOD.md §4-5).
+"""Training losses: Eq. 3, 10-14, 17 and the Table 5 baselines (docs/method.md).
 
 Every function takes logits [B, C] (any float dtype; computed in float32 so that bf16 autocast outputs do not
 lose the small differences the losses are made of) and, where labels enter, a float multi-hot `target` [B, C]
@@ -20,7 +20,7 @@ _MASKED_LOGIT = torch.finfo(torch.float32).min
 
 
 def apply_difficult_policy(target: Tensor, difficult: Tensor, policy: str) -> tuple[Tensor, Tensor]:
-    """METHOD §1: (target float [B, C], mask bool [B, C]) for one `--difficult` policy."""
+    """docs/method.md#difficult-labels: (target float [B, C], mask bool [B, C]) for one `--difficult` policy."""
     if policy not in DIFFICULT_POLICIES:
         raise ValueError(f"unknown difficult policy {policy!r}; expected one of {', '.join(DIFFICULT_POLICIES)}")
     target = target.float()

@@ -1,7 +1,7 @@
 """Multi-label metrics: AP/mAP, ML-GCN CP/CR/CF1/OP/OR/OF1, ECE (Eq. 2), reliability bins.
 
 Inputs are probabilities ``scores`` [N, C] (the caller applies the sigmoid), a multi-hot
-``target`` [N, C] (float or bool) and a bool ``difficult`` mask [N, C] (METHOD.md §1).
+``target`` [N, C] (float or bool) and a bool ``difficult`` mask [N, C] (docs/method.md#difficult-labels).
 Difficult (image, class) pairs are left out of every metric unless an option says otherwise,
 so the target value stored at a difficult pair never matters. Computed in float64; percentages
 are returned as Python floats.
@@ -82,7 +82,7 @@ def _ap_columns(scores: Tensor, positive: Tensor, keep: Tensor) -> Tensor:
 
 
 def average_precision(scores: Tensor, target: Tensor, ignore: Tensor | None = None) -> float:
-    """Non-interpolated AP of one class (METHOD §2); ``ignore`` pairs are removed first."""
+    """Non-interpolated AP of one class (docs/method.md#ap-and-map); ``ignore`` pairs are removed first."""
     if scores.dim() != 1:
         raise ValueError(f"average_precision expects 1-D scores, got {tuple(scores.shape)}")
     s, positive, keep = _prepare(scores, target, ignore)
@@ -90,12 +90,12 @@ def average_precision(scores: Tensor, target: Tensor, ignore: Tensor | None = No
 
 
 def per_class_average_precision(scores: Tensor, target: Tensor, difficult: Tensor) -> Tensor:
-    """Per-class non-interpolated AP (METHOD §2), [C] float64, nan for classes without positive."""
+    """Per-class non-interpolated AP (docs/method.md#ap-and-map), [C] float64, nan for classes without positive."""
     return _ap_columns(*_prepare(scores, target, difficult))
 
 
 def mean_average_precision(scores: Tensor, target: Tensor, difficult: Tensor) -> float:
-    """mAP in percent (METHOD §2) over classes with a non-difficult positive; nan if none."""
+    """mAP in percent (docs/method.md#ap-and-map) over classes with a non-difficult positive; nan if none."""
     return 100.0 * per_class_average_precision(scores, target, difficult).nanmean().item()
 
 
@@ -107,7 +107,7 @@ def _f1(precision: float, recall: float) -> float:
 
 
 def predicted_labels(scores: Tensor, threshold: float = 0.5, topk: int | None = None) -> Tensor:
-    """[N, C] bool: probability >= threshold and, with topk, among the image's topk highest (METHOD §2)."""
+    """[N, C] bool: probability >= threshold and, with topk, among the image's topk highest (docs/method.md#top-3)."""
     predicted = scores >= threshold
     if topk is not None:
         # The stable sort breaks ties by class index, so at most topk classes per image are predicted.
@@ -126,7 +126,7 @@ def threshold_metrics(
     topk: int | None = None,
     difficult_as_negative: bool = False,
 ) -> dict[str, float]:
-    """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (METHOD §2), optionally top-k."""
+    """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (docs/method.md#cp-cr-cf1-op-or-of1), optionally top-k."""
     s, positive, keep = _prepare(scores, target, difficult)
     # Ranked over all classes, difficult ones included: a classifier's top-k cannot know which labels are difficult.
     predicted = predicted_labels(s, threshold, topk)
@@ -234,7 +234,7 @@ def compute_metrics(
     n_bins: int = 15,
     difficult_as_negative: bool = False,
 ) -> dict[str, float]:
-    """All evaluation metrics (METHOD §2, Eq. 2, Table 2) as one flat dict keyed by METRIC_NAMES."""
+    """All evaluation metrics (docs/method.md#metrics, Eq. 2, Table 2) as one flat dict keyed by METRIC_NAMES."""
     ap = per_class_average_precision(scores, target, difficult)
     metrics = {"map": 100.0 * ap.nanmean().item()}
     metrics.update(threshold_metrics(scores, target, difficult, threshold, difficult_as_negative=difficult_as_negative))

@@ -75,7 +75,7 @@ def metrics_table(values: dict[str, float]) -> str:
 
 
 def per_class_table(predictions: Predictions, class_names: Sequence[str]) -> str:
-    """Per-class AP (percent) and the number of positives it ranks (difficult ones left out, METHOD §1)."""
+    """Per-class AP (percent) and the number of positives it ranks (difficult ones left out, docs/method.md#metrics)."""
     ap = metrics.per_class_average_precision(predictions.scores, predictions.target, predictions.difficult)
     positives = ((predictions.target > 0.5) & ~predictions.difficult).sum(0).tolist()
     rows = [(name, "n/a" if math.isnan(value) else f"{100 * value:.2f}", count)

@@ -42,7 +42,7 @@ def make_accelerator(mixed_precision: str = "no", torchcompile: bool = False) ->
     # Fixed input shapes: cuDNN times its convolution algorithms once and keeps the fastest.
     torch.backends.cudnn.benchmark = True
     # non_blocking: moving a (pinned) batch to the GPU does not make the host wait for the step before it, so the
-    # host prepares the next batch while the GPU computes (DESIGN §5).
+    # host prepares the next batch while the GPU computes (docs/throughput.md).
     return Accelerator(mixed_precision=mixed_precision, dynamo_backend="inductor" if torchcompile else "no",
                        dataloader_config=DataLoaderConfiguration(non_blocking=True))
 

@@ -21,7 +21,7 @@ class CorruptImageError(DatasetError):
 
 @dataclass(frozen=True)
 class Sample:
-    """One image: its id, absolute path and labels (METHOD §1).
+    """One image: its id, absolute path and labels (docs/method.md#difficult-labels).
 
     `target` is float32 [C] multi-hot (1 = present, difficult or not); `difficult` is bool [C], True where the
     class is present only through difficult objects.

@@ -18,7 +18,7 @@ COCO_LAYOUT = """\
 
 
 def load_coco(root: str, split: str) -> tuple[list[Sample], list[str]]:
-    """Load `root/annotations/instances_<split>.json` with images in `root/<split>/` (METHOD §1).
+    """Load `root/annotations/instances_<split>.json` with images in `root/<split>/` (docs/method.md#difficult-labels).
 
     Classes are the json's categories in id order. Images without annotations are kept as all-negative samples;
     COCO has no difficult flag, so the masks are all False. Images are not opened here.

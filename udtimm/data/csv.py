@@ -5,7 +5,7 @@ Two formats, told apart by the header:
     image,labels[,difficult]      labels and difficult: class names separated by ";" (empty = none)
     image,<class1>,<class2>,...   one 0/1 column per class (no difficult flags)
 
-In the first format `difficult` lists the classes present only through difficult objects (METHOD §1); they count
+In the first format `difficult` lists the classes present only through difficult objects (docs/method.md); they count
 as present whether or not `labels` repeats them. The class list is `classes_file`, else `<root>/classes.txt`
 (one name per line), else inferred from train.csv (sorted labels, or its class columns in order) whatever split is
 loaded, so that every split of one dataset agrees.

@@ -1,4 +1,4 @@
-"""The embedded `digits` dataset (DESIGN §2): real handwritten digits composed into multi-label scenes.
+"""The embedded `digits` dataset (docs/datasets.md#digits): real handwritten digits composed into multi-label scenes.
 
 scikit-learn's copy of the UCI digits (8x8, 16 grey levels, shipped with sklearn) are upscaled and pasted, 1-4 per
 image, onto cluttered backgrounds and written once, deterministically from a seed, in the VOC2007 layout so that
@@ -29,7 +29,7 @@ FORMAT_VERSION = 1
 MARKER = ".complete"
 DEFAULT_SEED = 0  # the default dataset; any other seed draws its glyphs from this one's trainval glyphs only
 
-# Digit height as a fraction of the image's shorter side, and the difficulty thresholds (DESIGN §2).
+# Digit height as a fraction of the image's shorter side, and the difficulty thresholds (docs/datasets.md#digits).
 _MIN_HEIGHT, _MAX_HEIGHT = 0.18, 0.55
 _SMALL_HEIGHT = 0.22  # shorter than this: difficult
 _MIN_INSIDE = 0.70  # less of the ink than this inside the image: difficult

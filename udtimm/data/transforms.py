@@ -1,6 +1,6 @@
 """The paper's train and eval transforms (Sec. 5.1), on uint8 image tensors, scaled to any input size.
 
-The loaders split each transform in two (DESIGN §5): the workers do the pixel work and hand over uint8 images
+The loaders split each transform in two (docs/throughput.md): the workers do the pixel work and hand over uint8 images
 (`train_pixels`, `eval_pixels`: a quarter of float32's bytes through shared memory and onto the GPU), and
 `NormalizeBatch` normalises and erases a whole batch on the device. Together they give `train_transform` and
 `eval_transform`, which stay whole for code that wants finished images one at a time.

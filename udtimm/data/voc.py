@@ -51,7 +51,7 @@ def read_classes_file(path: str) -> list[str]:
 
 
 def load_voc(root: str, split: str, classes: Sequence[str] | None = None) -> tuple[list[Sample], list[str]]:
-    """Load ImageSets/Main/<split>.txt of a VOC-layout dataset as multi-label samples (METHOD §1).
+    """Load ImageSets/Main/<split>.txt of a VOC-layout dataset as multi-label samples (docs/method.md#difficult-labels).
 
     `classes=None` uses the dataset's classes.txt if it has one, else VOC_CLASSES. A class is difficult for an
     image iff every object of that class in it is marked difficult; images without objects are kept.
