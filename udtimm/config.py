@@ -64,7 +64,7 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="horizontal flip probability (default: 0.5; digits: 0, a mirrored digit is another glyph)")
     group.add_argument("--crop-scales", type=float, nargs="+", default=None, metavar="S",
                        help="multi-scale crop sides as fractions of the short side (default: 1 .875 .75 .66 .5, "
-                            "the paper's; digits: 1 .875 .75, since smaller crops cut whole digits out)")
+                            "the paper's; digits: 1 .875, since smaller crops cut whole digits out)")
     group.add_argument("--difficult", default="positive", choices=DIFFICULT_POLICIES,
                        help="how the training losses treat VOC difficult labels")
     group.add_argument("--eval-difficult-negative", action="store_true",
