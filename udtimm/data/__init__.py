@@ -69,7 +69,7 @@ def build_dataset(
     if name == "digits":
         from .digits import ensure_digits  # imported here so that `python -m udtimm.data.digits` runs cleanly
 
-        samples, classes = load_voc(ensure_digits(root, **options), own_split)
+        samples, classes = load_voc(ensure_digits(root, **options, with_val=own_split == "val"), own_split)
     elif name == "voc2007":
         samples, classes = load_voc(root, own_split, **options)
     elif name == "coco2014":
