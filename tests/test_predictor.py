@@ -1,7 +1,6 @@
-"""udtimm.Predictor: the same scores from paths, PIL images and tensors as from validate.py, stored thresholds,
-bad inputs named before any work."""
+"""udtimm.Predictor: the same scores from paths, PIL images and tensors (and validate.py's: test_validate.py),
+stored thresholds, bad inputs named before any work."""
 
-import os
 import shutil
 
 import pandas as pd
@@ -11,7 +10,6 @@ from conftest import TINY_DIGITS
 from PIL import Image
 
 import udtimm
-import validate
 from udtimm import Predictor, checkpoint, thresholds
 from udtimm import predictor as predictor_module
 from udtimm.checkpoint import CheckpointError
@@ -60,20 +58,6 @@ def test_paths_pil_images_and_tensors_give_the_same_scores(predictor: Predictor,
     one = predictor.predict(png_images[0])  # a single path, and a single PIL image
     assert len(one) == 1 and len(predictor.predict(Image.open(png_images[0]))) == 1
     torch.testing.assert_close(scores_of(one, predictor)[0], scores[0], rtol=0, atol=1e-6)
-
-
-def test_a_path_gets_validate_scores(predictor: Predictor, tiny_checkpoint: str, tiny_digits: str, tmp_path) -> None:
-    preds = str(tmp_path / "preds.csv")
-    validate.main(["--checkpoint", tiny_checkpoint, "--data-dir", tiny_digits, "--digits-trainval",
-                   str(TINY_DIGITS["num_trainval"]), "--digits-test", str(TINY_DIGITS["num_test"]), "--workers", "0",
-                   "--no-progress", "--save-preds", preds, "-b", "16"])
-    evaluated = pd.read_csv(preds, dtype={"image_id": str})
-    dataset = build_dataset("digits", tiny_digits, "test", **TINY_DIGITS)
-    found = predictor.predict([sample.path for sample in dataset.samples], batch_size=7)
-    assert [os.path.basename(path)[:-4] for path in found["image"]] == evaluated["image_id"].tolist()
-    torch.testing.assert_close(scores_of(found, predictor), torch.tensor(evaluated[dataset.classes].to_numpy(),
-                                                                              dtype=torch.float32),
-                               rtol=0, atol=1e-6)
 
 
 def test_stored_thresholds_are_used_unless_a_threshold_is_given(tiny_checkpoint: str, png_images: list[str],

@@ -103,6 +103,10 @@ def test_results_file_predictions_and_plots(best: str, tiny_digits: str, tmp_pat
     assert torch.equal(torch.tensor(table[dataset.classes].to_numpy(), dtype=torch.float32), predictions.scores)
     first_labels = [name for name, t in zip(dataset.classes, predictions.target[0].tolist(), strict=True) if t]
     assert table["labels"][0] == ";".join(first_labels)
+    # An image through Predictor (predict.py's path) gets the score validate.py gives it.
+    labelled = Predictor.from_checkpoint(best).predict([sample.path for sample in dataset.samples], batch_size=7)
+    torch.testing.assert_close(torch.tensor(labelled[dataset.classes].to_numpy()),
+                               torch.tensor(table[dataset.classes].to_numpy(), dtype=torch.float32), rtol=0, atol=1e-6)
 
     with Image.open(os.path.join(plots, "reliability.png")) as image:
         assert image.format == "PNG" and image.size == (500, 500)
