@@ -113,7 +113,7 @@ class Predictor:
         """One row per image: `image` (its path, or `#i` for the i-th in-memory image), `labels` (the predicted
         classes, ';'-joined, at most `topk` of them) and one probability column per class.
 
-        `images`: a path (file, folder or glob pattern), a PIL image, a list of those, or a uint8 tensor
+        `images`: a path (file, folder or glob pattern), a PIL image, a list of paths or of PIL images, a uint8 tensor
         [N, 3, H, W]. `workers` loader processes decode files (0: this process). Bad input (a missing file, a file
         that is not an image, an empty folder, a tensor of another type or shape) raises before any image is
         labelled, with a message that names it.
