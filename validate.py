@@ -1,48 +1,38 @@
 #!/usr/bin/env python3
-"""Evaluate a checkpoint on a dataset split, or label your own images with it.
+"""Evaluate a checkpoint on a dataset split; choose per-class thresholds on a held-out split.
 
     python validate.py --checkpoint output/<run>/best.safetensors     # its dataset's test split
     python validate.py --checkpoint best.safetensors --subset difficult --results-file results.csv
-    python validate.py --checkpoint best.safetensors --images photos/ --out-csv predictions.csv
+    python validate.py --checkpoint best.safetensors --per-class      # AP, P, R, F1, ECE of every class
+    python validate.py --checkpoint best.safetensors --tune-thresholds f1 --tune-split val
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 validate.py --checkpoint best.safetensors
 
-The model, its classes, input size and normalisation come from the checkpoint's metadata.
+The model, its classes, input size and normalisation come from the checkpoint's metadata (udtimm.Predictor loads
+them). Labelling your own images, without annotations, is predict.py's job.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 
 from accelerate import Accelerator
+from torch import Tensor, nn
 
-from udtimm import checkpoint, config, metrics, runs
+from udtimm import checkpoint, config, metrics, runs, thresholds
 from udtimm.config import ConfigError
 from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
-from udtimm.data.images import ImageFolderDataset, list_images
 from udtimm.data.loader import make_loader
 from udtimm.engine import Predictions, predict
-from udtimm.io import append_csv_row
+from udtimm.io import append_csv_row, atomic_write_text
 from udtimm.plots import reliability_diagram
-from udtimm.predictions import (
-    format_table,
-    joined_names,
-    metrics_table,
-    per_class_table,
-    select,
-    write_image_predictions,
-    write_scores_csv,
-)
+from udtimm.predictions import frame_table, metrics_table, select, write_scores_csv
+from udtimm.predictor import Predictor
 
 TOPK = 3  # the paper's top-3 metrics
-PREVIEW_ROWS = 20
-# Options that need annotations, refused with --images: (attribute, its value when not given).
-ANNOTATED_ONLY = (("subset", "all"), ("results_file", None), ("save_preds", None), ("plots", None),
-                  ("eval_difficult_negative", False))
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -61,18 +51,27 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--subset", default="all", choices=("all", "difficult"),
                             help="difficult: only images with a difficult class (Table 2), with per-class AP")
-    evaluation.add_argument("--threshold", type=float, default=0.5, help="a class is predicted from this probability")
-    evaluation.add_argument("--topk", type=int, default=None,
-                            help=f"top-k metrics (default {TOPK}); --images: at most the k most probable labels")
+    evaluation.add_argument("--threshold", type=float, default=0.5,
+                            help="a class is predicted from this probability (the metrics' CP..OF1; default 0.5)")
+    evaluation.add_argument("--topk", type=int, default=None, help=f"top-k metrics (default {TOPK})")
     evaluation.add_argument("--eval-difficult-negative", action="store_true",
                             help="CP..OF1 count difficult pairs as negatives (ML-GCN's code), not left out")
     evaluation.add_argument("--results-file", default=None, metavar="CSV", help="append one row of metrics")
     evaluation.add_argument("--save-preds", default=None, metavar="CSV", help="write every image's probabilities")
     evaluation.add_argument("--plots", default=None, metavar="DIR", help="write DIR/reliability.png")
-    images = parser.add_argument_group("your own images (no annotations)")
-    images.add_argument("--images", nargs="+", default=None, metavar="DIR_OR_FILE",
-                        help="folders (.jpg/.jpeg/.png, recursive) or image files to label")
-    images.add_argument("--out-csv", default="predictions.csv", help="where --images writes its predictions")
+    evaluation.add_argument("--per-class", nargs="?", const="", default=None, metavar="CSV",
+                            help="print every class's AP, precision, recall, F1, ECE, positives and difficult labels, "
+                                 "and write them to CSV (default: <checkpoint stem>-per-class-<split>.csv beside "
+                                 "the checkpoint)")
+    tuning = parser.add_argument_group("per-class thresholds")
+    tuning.add_argument("--tune-thresholds", default=None, metavar="OBJECTIVE",
+                        help=f"choose one threshold per class on --tune-split ({thresholds.OBJECTIVES}), store them "
+                             "in <checkpoint stem>.thresholds.json beside the checkpoint (read by predict.py, "
+                             "Predictor and udtimm.export) and compare the metrics of --split with them and with "
+                             "--threshold")
+    tuning.add_argument("--tune-split", default="val",
+                        help="held-out split to choose the thresholds on, never the test split nor --split "
+                             "(default: val; digits writes its val split on first use)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
     runtime.add_argument("--channels-last", action="store_true")
@@ -83,21 +82,23 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
     config.add_debug_arg(runtime)
     args = parser.parse_args(argv)
-    if args.images:
-        given = [name for name, unset in ANNOTATED_ONLY if getattr(args, name) != unset]
-        if given:
-            flags = ", ".join("--" + name.replace("_", "-") for name in given)
-            raise ConfigError(f"{flags} need(s) annotations, which --images does not have")
+    args.objective = thresholds.parse_objective(args.tune_thresholds) if args.tune_thresholds else None
     return args
 
 
-def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator: Accelerator) -> MultiLabelDataset:
-    """The split to evaluate (the checkpoint's dataset by default), refused when its classes differ."""
+def dataset_name(args: argparse.Namespace, metadata: dict[str, str]) -> str:
+    """--dataset, else the checkpoint's."""
     name = args.dataset or metadata.get("dataset")
     if not name:
         raise ConfigError(f"{args.checkpoint} does not name its dataset: give --dataset")
+    return name
+
+
+def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator: Accelerator,
+                 split: str) -> MultiLabelDataset:
+    """A split of the checkpoint's dataset (or --dataset), refused when its classes differ."""
     with accelerator.main_process_first():  # the main process generates digits before the others read it
-        dataset = config.data_source(args, name).load(args.split)
+        dataset = config.data_source(args, dataset_name(args, metadata)).load(split)
     difference = checkpoint.class_difference(checkpoint.class_names(metadata), dataset.classes)
     if difference:
         raise checkpoint.CheckpointError(
@@ -106,8 +107,10 @@ def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator
 
 
 def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: Predictions,
-             metadata: dict[str, str], accelerator: Accelerator) -> dict[str, float]:
-    """Metrics of the split (or its difficult subset), printed and written by the main process."""
+             predictor: Predictor, accelerator: Accelerator) -> dict[str, float]:
+    """Metrics of the split (or its difficult subset), printed and written by the main process; with per-class
+    thresholds, CP..OF1 with them too (the `_tuned` entries)."""
+    metadata = predictor.metadata
     if args.subset == "difficult":
         predictions = select(predictions, metrics.difficult_subset(predictions.difficult))
         if len(predictions.indices) == 0:
@@ -115,16 +118,23 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
     values = metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult, args.threshold,
                                      TOPK if args.topk is None else args.topk,
                                      difficult_as_negative=args.eval_difficult_negative)
+    tuned = {}
+    if predictor.thresholds is not None:
+        comparison, tuned = thresholds.compare(predictions, args.threshold, predictor.thresholds,
+                                               args.eval_difficult_negative)
     if not accelerator.is_main_process:
-        return values
+        return {**values, **tuned}
     print(f"{args.checkpoint} ({metadata['model']}) on {dataset.name}, subset {args.subset}: "
           f"{len(predictions.indices)} images, {accelerator.num_processes} process(es)")
-    if args.subset == "difficult":
-        print(per_class_table(predictions, dataset.classes))
+    if args.subset == "difficult" or args.per_class is not None:
+        write_per_class(args, predictions, dataset, predictor)
     print(metrics_table(values))
+    if tuned:
+        print(f"per-class thresholds ({thresholds.thresholds_path(args.checkpoint)}) against --threshold "
+              f"{args.threshold:g}, on {dataset.name}:\n{comparison}")
     if args.results_file:
         append_csv_row(args.results_file, {
-            "dataset": args.dataset or metadata["dataset"], "split": args.split, "subset": args.subset,
+            "dataset": dataset_name(args, metadata), "split": args.split, "subset": args.subset,
             "model": metadata["model"],
             "method": metadata.get("method", ""), "teacher": metadata.get("teacher", ""),
             "checkpoint": args.checkpoint, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore",
@@ -137,48 +147,69 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
         os.makedirs(args.plots, exist_ok=True)
         reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
                             os.path.join(args.plots, "reliability.png"), title=metadata["model"])
-    return values
+    return {**values, **tuned}
 
 
-def label_images(args: argparse.Namespace, dataset: ImageFolderDataset, predictions: Predictions,
-                 class_names: list[str], accelerator: Accelerator) -> dict[str, float]:
-    """--images: the labels above --threshold (at most --topk of them), written to --out-csv and previewed."""
-    predicted = metrics.predicted_labels(predictions.scores, args.threshold, args.topk)
-    paths = [dataset.paths[index] for index in predictions.indices.tolist()]
+def write_per_class(args: argparse.Namespace, predictions: Predictions, dataset: MultiLabelDataset,
+                    predictor: Predictor) -> None:
+    """The per-class table, printed; with --per-class also written to its CSV."""
+    table = thresholds.per_class_table(predictions, dataset.classes, args.threshold, predictor.thresholds,
+                                       args.eval_difficult_negative)
+    print(frame_table(table))
+    if args.per_class is not None:
+        subset = "-difficult" if args.subset == "difficult" else ""
+        path = args.per_class or f"{os.path.splitext(args.checkpoint)[0]}-per-class-{args.split}{subset}.csv"
+        atomic_write_text(path, table.to_csv(index=False))
+        print(f"per-class table: {path}")
+
+
+def choose_thresholds(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Predictions,
+                      accelerator: Accelerator) -> Tensor:
+    """--tune-thresholds: one threshold per class chosen on the held-out split, stored beside the checkpoint."""
+    result = thresholds.tune_thresholds(predictions.scores, predictions.target, predictions.difficult,
+                                        args.objective, default=args.threshold)
     if accelerator.is_main_process:
-        write_image_predictions(args.out_csv, paths, class_names, predictions.scores, predicted)
-        preview = [(path, joined_names(mask, class_names))
-                   for path, mask in zip(paths[:PREVIEW_ROWS], predicted[:PREVIEW_ROWS], strict=True)]
-        print(format_table(("image", "labels"), preview))
-        more = f" ({len(paths) - PREVIEW_ROWS} more rows there)" if len(paths) > PREVIEW_ROWS else ""
-        print(f"{len(paths)} image(s) labelled: {args.out_csv}{more}")
-    return {"num_images": float(len(paths))}
+        record = thresholds.thresholds_record(args.checkpoint, tune_set.classes, result, args.objective,
+                                              tune_set.name, len(predictions.indices))
+        path = thresholds.save_thresholds(args.checkpoint, record)
+        print(f"thresholds for {args.objective} on {tune_set.name} ({len(predictions.indices)} images): {path}")
+        print(thresholds.summary_table(predictions, tune_set.classes, result, args.objective))
+    return result.values
 
 
-def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """The metrics dict (METRIC_NAMES), or {"num_images": n} with --images."""
-    args = parse_args(argv)
-    accelerator = runs.make_accelerator(args.mixed_precision, args.torchcompile)
-    model, metadata = checkpoint.model_from_checkpoint(args.checkpoint)
-    class_names = checkpoint.class_names(metadata)
-    img_size, mean, std = int(metadata["img_size"]), json.loads(metadata["mean"]), json.loads(metadata["std"])
-    if args.images:
-        dataset = ImageFolderDataset(list_images(args.images), num_classes=len(class_names))
-    else:
-        dataset = load_dataset(args, metadata, accelerator)
-    transform = runs.eval_pipeline(dataset, img_size, mean, std, accelerator.device, args.gpu_decode)
-    # The model gets no distributed wrapper (evaluation_mode): only mixed precision and --torchcompile.
+def run_predictions(args: argparse.Namespace, model: nn.Module, dataset: MultiLabelDataset, predictor: Predictor,
+                    accelerator: Accelerator) -> Predictions:
+    """The model's probabilities for every image of `dataset`, in dataset order, over all processes."""
+    transform = runs.eval_pipeline(dataset, predictor.img_size, predictor.mean, predictor.std, accelerator.device,
+                                   args.gpu_decode)
     loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
-    model = accelerator.prepare_model(runs.place_model(model, accelerator.device, args.channels_last),
-                                      evaluation_mode=True)
     predictions = predict(model, DeviceFeeder(loader, transform, accelerator.device, args.prefetch), accelerator,
                           not args.no_progress)
     # Dataset order whatever the number of processes, so tied scores rank (and files list) the same way.
-    predictions = select(predictions, predictions.indices.argsort())
-    if args.images:
-        result = label_images(args, dataset, predictions, class_names, accelerator)
-    else:
-        result = evaluate(args, dataset, predictions, metadata, accelerator)
+    return select(predictions, predictions.indices.argsort())
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, float]:
+    """The metrics dict (METRIC_NAMES), plus cp_tuned..of1_tuned when per-class thresholds were used."""
+    args = parse_args(argv)
+    accelerator = runs.make_accelerator(args.mixed_precision, args.torchcompile)
+    # Thresholds about to be tuned again are not read: they may belong to an earlier checkpoint of that name.
+    predictor = Predictor.from_checkpoint(args.checkpoint, stored_thresholds=args.objective is None)
+    dataset = load_dataset(args, predictor.metadata, accelerator, args.split)
+    tune_set = None
+    if args.objective is not None:
+        tune_set = load_dataset(args, predictor.metadata, accelerator, args.tune_split)
+        name = dataset_name(args, predictor.metadata)
+        test_split = f"{name}:{DATASETS[name].own_split(args.data_dir or '', 'test')}"
+        thresholds.check_held_out(tune_set, dataset, test_split)
+    # The model gets no distributed wrapper (evaluation_mode): only mixed precision and --torchcompile.
+    model = accelerator.prepare_model(runs.place_model(predictor.model, accelerator.device, args.channels_last),
+                                      evaluation_mode=True)
+    if tune_set is not None:
+        tune_predictions = run_predictions(args, model, tune_set, predictor, accelerator)
+        predictor.thresholds = choose_thresholds(args, tune_set, tune_predictions, accelerator)
+    result = evaluate(args, dataset, run_predictions(args, model, dataset, predictor, accelerator), predictor,
+                      accelerator)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

@@ -28,6 +28,17 @@ def tiny_digits(tmp_path_factory: pytest.TempPathFactory) -> str:
     return root
 
 
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """best.safetensors of a train.py run of a few seconds on the tiny digits set, shared by the test files that
+    only read it (copy it first to write beside it, e.g. a thresholds file)."""
+    import train
+
+    output = str(tmp_path_factory.mktemp("runs"))
+    train.main(tiny_train_args(tiny_digits, output, "--experiment", "tiny"))
+    return os.path.join(output, "tiny", "best.safetensors")
+
+
 def tiny_train_args(data_dir: str, output: str, *extra: str) -> list[str]:
     """train.py/distill.py flags for a run of a few seconds on the tiny digits set."""
     return [

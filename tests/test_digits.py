@@ -156,3 +156,31 @@ def test_another_seed_never_uses_a_test_glyph_of_the_default_set(monkeypatch, tm
     assert not pools[1] & default_test and len(pools[1]) == 1797 - len(default_test)
     assert test_pools[0] != test_pools[1]  # other scenes
     assert default_data_dir("digits", 3000, 500, seed=1).endswith("digits-3000-500-seed1")
+
+
+def test_val_split_is_added_on_demand_leaving_trainval_and_test_as_they_were(small, tmp_path, monkeypatch):
+    root = ensure_digits(str(tmp_path / "d"), **SMALL)
+    before = tree_hashes(root)
+    pools = []
+    compose = digits_module._compose
+
+    def recording(rng, glyphs, labels, pool, *rest):
+        pools.append(set(pool.tolist()))
+        return compose(rng, glyphs, labels, pool, *rest)
+
+    monkeypatch.setattr(digits_module, "_compose", recording)
+    val = build_dataset("digits", root, "val", **SMALL)
+    after = tree_hashes(root)
+    assert {path: digest for path, digest in after.items() if path in before} == before
+    assert len(val) == digits_module.num_val_images(SMALL["num_test"]) == 10 and val.name == "digits:val"
+    trainval_ids = {s.image_id for s in build_dataset("digits", root, "train", **SMALL).samples}
+    test_ids = {s.image_id for s in build_dataset("digits", root, "test", **SMALL).samples}
+    assert not {s.image_id for s in val.samples} & (trainval_ids | test_ids)
+    # Composed from the trainval samples only: never a handwritten sample of the test scenes.
+    order = np.random.default_rng(0).permutation(1797)
+    assert pools and all(pool == set(order[int(1797 * 0.3):].tolist()) for pool in pools)
+    # Deterministic, and written once: a dataset generated with its val split at once is the same tree.
+    assert tree_hashes(ensure_digits(str(tmp_path / "again"), **SMALL, with_val=True)) == after
+    calls = len(pools)
+    build_dataset("digits", root, "val", **SMALL)
+    assert len(pools) == calls

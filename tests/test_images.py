@@ -33,8 +33,28 @@ def test_missing_path_and_empty_folder_are_clear_errors(tmp_path) -> None:
     with pytest.raises(DatasetError, match="nowhere.jpg"):
         list_images([str(tmp_path / "nowhere.jpg")])
     (tmp_path / "empty").mkdir()
-    with pytest.raises(DatasetError, match="no .jpg/.jpeg/.png images found"):
-        list_images([str(tmp_path / "empty")])
+    with pytest.raises(DatasetError, match=f"no .jpg/.jpeg/.png images found in {tmp_path / 'empty'}"):
+        list_images([write_image(str(tmp_path / "a.png")), str(tmp_path / "empty")])
+    with pytest.raises(DatasetError, match="no images given"):
+        list_images([])
+
+
+def test_glob_patterns_are_expanded_and_must_match(tmp_path) -> None:
+    for name in ("a.jpg", "b.png", "sub/c.jpg"):
+        write_image(str(tmp_path / name))
+    assert list_images([str(tmp_path / "*.jpg")]) == [str(tmp_path / "a.jpg")]
+    assert list_images([str(tmp_path / "**" / "*.jpg")]) == [str(tmp_path / "a.jpg"), str(tmp_path / "sub/c.jpg")]
+    with pytest.raises(DatasetError, match=r"no file matches .*\*\.gif"):
+        list_images([str(tmp_path / "*.gif")])
+
+
+def test_files_that_are_not_images_are_refused_before_decoding(tmp_path) -> None:
+    good = write_image(str(tmp_path / "good.png"))
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "fake.jpg").write_bytes(b"GIF87a but named .jpg")  # a GIF is an image, whatever its name
+    assert list_images([good, str(tmp_path / "fake.jpg")]) == [good, str(tmp_path / "fake.jpg")]
+    with pytest.raises(CorruptImageError, match=r"notes.txt is not an image \(JPEG, PNG, GIF or WEBP\)"):
+        list_images([good, str(tmp_path / "notes.txt")])
 
 
 def test_items_have_the_shape_of_a_multilabel_dataset_with_zero_labels(tmp_path) -> None:

@@ -5,16 +5,19 @@ import math
 import pandas as pd
 import pytest
 import torch
+from sklearn.metrics import average_precision_score, precision_recall_fscore_support
+from torchmetrics.classification import BinaryCalibrationError
 
 from udtimm import metrics
 from udtimm.engine import Predictions
 from udtimm.predictions import (
+    PER_CLASS_COLUMNS,
     format_table,
+    frame_table,
     joined_names,
     metrics_table,
-    per_class_table,
+    per_class_metrics,
     select,
-    write_image_predictions,
     write_scores_csv,
 )
 
@@ -50,17 +53,6 @@ def test_scores_csv_round_trips_exactly(tmp_path) -> None:
     assert table["labels"].tolist() == ["cat", "dog;bird", "cat"]
 
 
-def test_image_predictions_csv(tmp_path) -> None:
-    predictions, path = make_predictions(), str(tmp_path / "out.csv")
-    predicted = metrics.predicted_labels(predictions.scores, 0.5)
-    write_image_predictions(path, ["a.jpg", "b, c.jpg", "d.png"], CLASSES, predictions.scores, predicted)
-    table = pd.read_csv(path, keep_default_na=False)
-    assert list(table.columns) == ["image", "labels", *CLASSES]
-    assert table["image"].tolist() == ["a.jpg", "b, c.jpg", "d.png"]
-    assert table["labels"].tolist() == ["cat", "dog;bird", "cat;dog"]
-    assert torch.equal(torch.tensor(table[CLASSES].to_numpy(), dtype=torch.float32), predictions.scores)
-
-
 def test_predicted_labels_top_k_keeps_at_most_k_above_threshold() -> None:
     scores = make_predictions().scores
     assert metrics.predicted_labels(scores, 0.5, topk=1).tolist() == [
@@ -78,14 +70,36 @@ def test_metrics_table_prints_percentages_and_counts() -> None:
     assert "12.35" in text and "40" in text and "40.00" not in text
 
 
-def test_per_class_table_leaves_difficult_out_and_marks_classes_without_positive() -> None:
-    predictions = make_predictions()
-    predictions.target[:, 2] = 0  # bird: its only positive gone, no AP
-    rows = [line.split() for line in per_class_table(predictions, CLASSES).splitlines()[2:]]
-    ap = metrics.per_class_average_precision(predictions.scores, predictions.target, predictions.difficult)
-    assert rows[0] == ["cat", f"{100 * ap[0].item():.2f}", "2"]
-    assert rows[1] == ["dog", f"{100 * ap[1].item():.2f}", "1"]
-    assert rows[2] == ["bird", "n/a", "0"] and math.isnan(ap[2].item())
+def per_class_data() -> Predictions:
+    g = torch.Generator().manual_seed(0)
+    target = (torch.rand(60, 4, generator=g) < 0.4).float()
+    scores = (0.3 * target + 0.7 * torch.rand(60, 4, generator=g)).clamp(0.0001, 0.9999)
+    difficult = torch.rand(60, 4, generator=g) < 0.1
+    target[:, 3] = 0  # a class without positive
+    return Predictions(scores, target, difficult, torch.arange(60))
+
+
+@pytest.mark.parametrize("as_negative", [False, True])
+def test_per_class_metrics_match_sklearn_and_torchmetrics(as_negative: bool) -> None:
+    predictions, names = per_class_data(), ["a", "b", "c", "d"]
+    table = per_class_metrics(predictions, names, 0.45, difficult_as_negative=as_negative)
+    assert list(table.columns) == list(PER_CLASS_COLUMNS) and table["class"].tolist() == names
+    for c in range(3):
+        keep = ~predictions.difficult[:, c]
+        y, s = predictions.target[keep, c].numpy() > 0.5, predictions.scores[keep, c].numpy()
+        assert table["ap"][c] == pytest.approx(100 * average_precision_score(y, s))
+        ece = BinaryCalibrationError(n_bins=15, norm="l1")(torch.from_numpy(s), torch.from_numpy(y).long())
+        assert table["ece"][c] == pytest.approx(100 * ece.item(), abs=1e-4)
+        if as_negative:  # difficult pairs count as negatives for P/R/F1
+            y, s = ((predictions.target[:, c] > 0.5) & keep).numpy(), predictions.scores[:, c].numpy()
+        p, r, f1, _ = precision_recall_fscore_support(y, s >= 0.45, average="binary", zero_division=0)
+        assert table[["precision", "recall", "f1"]].iloc[c].tolist() == pytest.approx([100 * p, 100 * r, 100 * f1])
+        assert table["positives"][c] == ((predictions.target[:, c] > 0.5) & keep).sum()
+        assert table["difficult"][c] == (~keep).sum()
+    assert math.isnan(table["ap"][3]) and math.isnan(table["recall"][3]) and table["positives"][3] == 0
+    rows = frame_table(table).splitlines()
+    assert rows[0].split() == list(PER_CLASS_COLUMNS) and rows[5].split()[1] == "n/a"
+    assert rows[2].split()[1] == f"{table['ap'][0]:.2f}"
 
 
 def test_empty_rows_table_has_header_only() -> None:

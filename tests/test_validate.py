@@ -1,39 +1,37 @@
-"""validate.py end to end on a tiny trained model: train.py's numbers, the difficult subset, output files,
---images, two processes, bad checkpoints."""
+"""validate.py end to end on a tiny trained model: train.py's numbers, the difficult subset, output files, the
+per-class table, tuned thresholds, two processes, bad checkpoints."""
 
 import csv
 import json
 import os
 import shutil
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_DIGITS, run_two_cpu_processes, tiny_train_args
+from conftest import TINY_DIGITS, run_two_cpu_processes
 from PIL import Image
 from safetensors.torch import save_file
+from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
-import train
 import validate
-from udtimm import checkpoint
+from udtimm import Predictor, checkpoint
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset
-from udtimm.data.base import CorruptImageError
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
-from udtimm.metrics import METRIC_NAMES, compute_metrics, predicted_labels
+from udtimm.metrics import METRIC_NAMES, compute_metrics, threshold_metrics
+from udtimm.predictions import PER_CLASS_COLUMNS
+from udtimm.thresholds import ThresholdObjective, thresholds_path, tune_thresholds
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.fixture(scope="module")
-def best(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> str:
-    output = str(tmp_path_factory.mktemp("runs"))
-    train.main(tiny_train_args(tiny_digits, output, "--experiment", "v"))
-    return os.path.join(output, "v", "best.safetensors")
+def best(tiny_checkpoint: str) -> str:
+    return tiny_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -54,10 +52,10 @@ def assert_same_metrics(found: dict[str, object], expected: dict[str, object]) -
         assert float(found[name]) == pytest.approx(float(expected[name]), rel=0, abs=1e-6, nan_ok=True), name
 
 
-def reference_predictions(best: str, data_dir: str):
-    """The test split and engine.predict's output on it, built without validate.py."""
+def reference_predictions(best: str, data_dir: str, split: str = "test"):
+    """The split and engine.predict's output on it, built without validate.py."""
     model, metadata = checkpoint.model_from_checkpoint(best)
-    dataset = build_dataset("digits", data_dir, "test", **TINY_DIGITS)
+    dataset = build_dataset("digits", data_dir, split, **TINY_DIGITS)
     dataset.transform = eval_transform(32, json.loads(metadata["mean"]), json.loads(metadata["std"]))
     return dataset, predict(model, make_loader(dataset, 64, False, 0), Accelerator(), show_progress=False)
 
@@ -105,69 +103,106 @@ def test_results_file_predictions_and_plots(best: str, tiny_digits: str, tmp_pat
     assert torch.equal(torch.tensor(table[dataset.classes].to_numpy(), dtype=torch.float32), predictions.scores)
     first_labels = [name for name, t in zip(dataset.classes, predictions.target[0].tolist(), strict=True) if t]
     assert table["labels"][0] == ";".join(first_labels)
+    # An image through Predictor (predict.py's path) gets the score validate.py gives it.
+    labelled = Predictor.from_checkpoint(best).predict([sample.path for sample in dataset.samples], batch_size=7)
+    torch.testing.assert_close(torch.tensor(labelled[dataset.classes].to_numpy()),
+                               torch.tensor(table[dataset.classes].to_numpy(), dtype=torch.float32), rtol=0, atol=1e-6)
 
     with Image.open(os.path.join(plots, "reliability.png")) as image:
         assert image.format == "PNG" and image.size == (500, 500)
 
 
-@pytest.fixture
-def image_folder(tiny_digits: str, tmp_path) -> str:
-    folder = tmp_path / "photos"
-    (folder / "more").mkdir(parents=True)
-    source = os.path.join(tiny_digits, "VOC2007", "JPEGImages")
-    for name, target in zip(sorted(os.listdir(source))[:3], ("a.jpg", "b.jpg", "more/c.jpg"), strict=True):
-        shutil.copy(os.path.join(source, name), folder / target)
-    return str(folder)
+def test_per_class_table_is_printed_and_written_beside_the_checkpoint(best: str, tiny_digits: str, tmp_path,
+                                                                       capsys) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--per-class"])
+    path = tmp_path / "best-per-class-test.csv"
+    table = pd.read_csv(path)
+    dataset, predictions = reference_predictions(best, tiny_digits)
+    assert table["class"].tolist() == dataset.classes and list(table.columns) == list(PER_CLASS_COLUMNS)
+    keep = ~dataset.difficult_masks()
+    for c in range(len(dataset.classes)):  # every class, not only those of the difficult subset
+        y, s = dataset.targets()[keep[:, c], c].numpy() > 0.5, predictions.scores[keep[:, c], c].numpy()
+        assert table["ap"][c] == pytest.approx(100 * average_precision_score(y, s), abs=1e-6)
+        p, r, f1, _ = precision_recall_fscore_support(y, s >= 0.5, average="binary", zero_division=0)
+        assert table[["precision", "recall", "f1"]].iloc[c].tolist() == pytest.approx([100 * p, 100 * r, 100 * f1])
+        assert table["positives"][c] == y.sum() and table["difficult"][c] == (~keep[:, c]).sum()
+    printed = capsys.readouterr().out
+    assert f"per-class table: {path}" in printed and all(name in printed for name in dataset.classes)
+    validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--subset", "difficult",
+                   "--per-class", str(tmp_path / "mine.csv")])
+    assert len(pd.read_csv(tmp_path / "mine.csv")) == len(dataset.classes)
 
 
-def read_image_predictions(path: str, classes: list[str]) -> tuple[pd.DataFrame, np.ndarray]:
-    table = pd.read_csv(path, keep_default_na=False)
-    assert list(table.columns) == ["image", "labels", *classes]
-    return table, table[classes].to_numpy(dtype=np.float32)
+def tuning_run(best: str, tiny_digits: str, tmp_path) -> tuple[str, dict[str, float]]:
+    """validate.py --tune-thresholds f1 on a copy of the checkpoint: (the copy, the returned metrics)."""
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    found = validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--tune-thresholds", "f1"])
+    return checkpoint_copy, found
 
 
-def test_images_folder_is_labelled_by_threshold_or_topk(best: str, image_folder: str, tmp_path) -> None:
-    classes = checkpoint.class_names(checkpoint.read_metadata(best))
-    out = str(tmp_path / "out.csv")
-    common = ["--checkpoint", best, "--images", image_folder, "--out-csv", out, "--workers", "0", "--no-progress"]
-    for selection, topk in ((["--threshold", "0.48"], None), (["--topk", "2", "--threshold", "0"], 2)):
-        assert validate.main([*common, *selection]) == {"num_images": 3}
-        table, probs = read_image_predictions(out, classes)
-        names = ("a.jpg", "b.jpg", "more/c.jpg")
-        assert table["image"].tolist() == [os.path.join(image_folder, name) for name in names]
-        assert ((probs >= 0) & (probs <= 1)).all()
-        expected = predicted_labels(torch.from_numpy(probs), float(selection[-1]), topk)
-        assert table["labels"].tolist() == [";".join(c for c, on in zip(classes, row, strict=True) if on)
-                                            for row in expected.tolist()]
-    assert all(len(labels.split(";")) == 2 for labels in table["labels"])
+def test_thresholds_are_tuned_on_val_stored_and_read_back(best: str, tiny_digits: str, tmp_path,
+                                                          single_process: dict[str, float], capsys) -> None:
+    checkpoint_copy, found = tuning_run(best, tiny_digits, tmp_path)
+    printed = capsys.readouterr().out
+    record = json.loads((tmp_path / "best.thresholds.json").read_text())
+    assert record["split"] == "digits:val" and record["objective"] == "f1"
+    val_set, val_predictions = reference_predictions(best, tiny_digits, "val")
+    assert record["num_images"] == len(val_set) == TINY_DIGITS["num_test"] // 2
+    on_val = tune_thresholds(val_predictions.scores, val_predictions.target, val_predictions.difficult,
+                             ThresholdObjective("f1"))
+    assert list(record["thresholds"].values()) == on_val.values.tolist()
+    test_set, test_predictions = reference_predictions(best, tiny_digits)
+    on_test = tune_thresholds(test_predictions.scores, test_predictions.target, test_predictions.difficult,
+                              ThresholdObjective("f1"))
+    assert not torch.equal(on_test.values, on_val.values)  # the split they were chosen on matters
+    # The metrics of the test split: unchanged, and CP..OF1 with the tuned thresholds beside them.
+    assert_same_metrics(found, single_process)
+    expected = threshold_metrics(test_predictions.scores, test_predictions.target, test_predictions.difficult,
+                                 on_val.values)
+    assert {name: found[f"{name}_tuned"] for name in expected} == pytest.approx(expected, abs=1e-6)
+    assert "thresholds for f1 on digits:val" in printed and "per-class thresholds (%)" in printed
+    assert Predictor.from_checkpoint(checkpoint_copy).thresholds.tolist() == on_val.values.tolist()
+    # Stored thresholds are read back by a later evaluation.
+    again = validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits)])
+    assert again["cf1_tuned"] == found["cf1_tuned"]
 
 
-def test_unreadable_image_is_named(best: str, image_folder: str, tmp_path) -> None:
-    with open(os.path.join(image_folder, "more", "broken.jpg"), "wb") as handle:
-        handle.write(b"\xff\xd8 not really a jpeg")
-    with pytest.raises(CorruptImageError, match="broken.jpg"):
-        validate.main(["--checkpoint", best, "--images", image_folder, "--out-csv", str(tmp_path / "o.csv"),
-                       "--workers", "0", "--no-progress"])
-
-
-def test_images_refuse_options_that_need_annotations(best: str, image_folder: str) -> None:
-    with pytest.raises(ConfigError, match="--subset, --results-file"):
-        validate.main(["--checkpoint", best, "--images", image_folder, "--subset", "difficult",
-                       "--results-file", "r.csv"])
+def test_thresholds_are_never_tuned_on_the_test_or_evaluated_split(best: str, tiny_digits: str, tmp_path) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--tune-thresholds", "precision@0.9"]
+    with pytest.raises(ConfigError, match="digits:test is the test split"):
+        validate.main([*flags, "--tune-split", "test"])
+    with pytest.raises(ConfigError, match="digits:val shares 20 image"):
+        validate.main([*flags, "--split", "val"])
+    with pytest.raises(ConfigError, match="--tune-thresholds 'f2'"):
+        validate.main([*flags[:-1], "f2"])
+    assert os.listdir(tmp_path) == ["best.safetensors"]
 
 
 def test_two_processes_give_the_single_process_metrics(best: str, tiny_digits: str, tmp_path,
                                                        single_process: dict[str, float]) -> None:
     # 40 images in batches of 16 over 2 processes: the second process's last batch is padded with repeats.
     assert TINY_DIGITS["num_test"] % (16 * 2) != 0
-    results = str(tmp_path / "r2.csv")
-    result = run_two_cpu_processes("validate.py", "--checkpoint", best, *data_flags(tiny_digits), "-b", "16",
-                                   "--results-file", results, timeout=120)
+    # 20 val images (thresholds tuned on them) over 2 processes, batches of 16: repeats there too.
+    results, one_process_dir = str(tmp_path / "r2.csv"), tmp_path / "one"
+    one_process_dir.mkdir()
+    one_process_copy, _ = tuning_run(best, tiny_digits, one_process_dir)
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    result = run_two_cpu_processes("validate.py", "--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "-b",
+                                   "16", "--results-file", results, "--tune-thresholds", "f1", timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 process(es)" in result.stdout
     with open(results, newline="") as handle:
         (row,) = csv.DictReader(handle)
     assert_same_metrics(row, single_process)
+    stored = [json.loads(open(thresholds_path(path)).read())["thresholds"] for path in (checkpoint_copy,
+                                                                                        one_process_copy)]
+    assert stored[0] == pytest.approx(stored[1], abs=1e-6)
 
 
 def test_checkpoint_of_other_classes_is_refused_naming_them(best: str, tiny_digits: str, tmp_path) -> None:

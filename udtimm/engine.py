@@ -168,7 +168,9 @@ def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_p
             if len(target) == 0:
                 continue
         with accelerator.autocast():
-            logits = model(images).logits
+            output = model(images)
+        # udtimm's CalibratedModel returns a ModelOutput; a plain timm classifier (Predictor.model) its logits.
+        logits = output if isinstance(output, Tensor) else output.logits
         # Results stay on the device until the end: a copy to the host per batch would make the host wait for
         # the GPU, which would then sit idle while the next batch is decoded.
         parts.append((torch.sigmoid(logits.float()), target.float(), difficult.float(), indices))

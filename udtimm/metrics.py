@@ -106,8 +106,9 @@ def _f1(precision: float, recall: float) -> float:
     return 2.0 * precision * recall / (precision + recall)
 
 
-def predicted_labels(scores: Tensor, threshold: float = 0.5, topk: int | None = None) -> Tensor:
-    """[N, C] bool: probability >= threshold and, with topk, among the image's topk highest (docs/method.md#top-3)."""
+def predicted_labels(scores: Tensor, threshold: float | Tensor = 0.5, topk: int | None = None) -> Tensor:
+    """[N, C] bool: probability >= threshold (one, or one per class [C]) and, with topk, among the image's topk
+    highest (docs/method.md#top-3)."""
     predicted = scores >= threshold
     if topk is not None:
         # The stable sort breaks ties by class index, so at most topk classes per image are predicted.
@@ -118,15 +119,9 @@ def predicted_labels(scores: Tensor, threshold: float = 0.5, topk: int | None = 
     return predicted
 
 
-def threshold_metrics(
-    scores: Tensor,
-    target: Tensor,
-    difficult: Tensor,
-    threshold: float = 0.5,
-    topk: int | None = None,
-    difficult_as_negative: bool = False,
-) -> dict[str, float]:
-    """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (docs/method.md#cp-cr-cf1-op-or-of1), optionally top-k."""
+def threshold_counts(scores: Tensor, target: Tensor, difficult: Tensor, threshold: float | Tensor = 0.5,
+                     topk: int | None = None, difficult_as_negative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+    """Per class [C] (float64): true positives, predicted and positive pairs at `threshold` (docs/method.md#metrics)."""
     s, positive, keep = _prepare(scores, target, difficult)
     # Ranked over all classes, difficult ones included: a classifier's top-k cannot know which labels are difficult.
     predicted = predicted_labels(s, threshold, topk)
@@ -135,10 +130,20 @@ def threshold_metrics(
         keep = torch.ones_like(keep)
     predicted &= keep
     positive = positive & keep
-    tp = (predicted & positive).sum(0).to(torch.float64)
-    n_predicted = predicted.sum(0).to(torch.float64)
-    n_positive = positive.sum(0).to(torch.float64)
+    return tuple(counts.sum(0).to(torch.float64) for counts in (predicted & positive, predicted, positive))
 
+
+def threshold_metrics(
+    scores: Tensor,
+    target: Tensor,
+    difficult: Tensor,
+    threshold: float | Tensor = 0.5,
+    topk: int | None = None,
+    difficult_as_negative: bool = False,
+) -> dict[str, float]:
+    """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (docs/method.md#cp-cr-cf1-op-or-of1), optionally top-k; one threshold
+    or one per class."""
+    tp, n_predicted, n_positive = threshold_counts(scores, target, difficult, threshold, topk, difficult_as_negative)
     class_precision = torch.where(n_predicted > 0, tp / n_predicted.clamp(min=1), 0.0)
     cp = class_precision.mean().item()
     # A class without positives has no recall: it is skipped, not counted as 0 (ML-GCN's
@@ -186,12 +191,21 @@ def expected_calibration_error(
     p, positive, keep = _prepare(probs, target, difficult)
     if not classwise:
         p, positive, keep = p.reshape(-1, 1), positive.reshape(-1, 1), keep.reshape(-1, 1)
+    return 100.0 * _column_calibration_errors(p, positive, keep, n_bins).nanmean().item()
+
+
+def per_class_calibration_error(probs: Tensor, target: Tensor, difficult: Tensor | None = None,
+                                n_bins: int = 15) -> Tensor:
+    """Eq. 2 ECE of each class, [C] float64 fractions (not percent); nan for a class without evaluated pair."""
+    return _column_calibration_errors(*_prepare(probs, target, difficult), n_bins)
+
+
+def _column_calibration_errors(p: Tensor, positive: Tensor, keep: Tensor, n_bins: int) -> Tensor:
     count, confidence_sum, positive_sum = _binned_sums(p, positive, keep, n_bins)
     # (n_b / n) * |acc_b - conf_b| = |positives_b - sum of probs_b| / n, and empty bins give 0.
     n = count.sum(1)
     gap = (positive_sum - confidence_sum).abs().sum(1)
-    evaluated = n > 0
-    return 100.0 * (gap[evaluated] / n[evaluated]).mean().item()
+    return torch.where(n > 0, gap / n.clamp(min=1), torch.full_like(gap, _NAN))
 
 
 def brier_score(probs: Tensor, target: Tensor, difficult: Tensor | None = None) -> float:

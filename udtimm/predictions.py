@@ -5,6 +5,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
+import numpy as np
+import pandas as pd
+import torch
 from torch import Tensor
 
 from udtimm import metrics
@@ -37,15 +40,6 @@ def write_scores_csv(path: str, image_ids: Sequence[str], class_names: Sequence[
     atomic_write_text(path, "".join(lines))
 
 
-def write_image_predictions(path: str, images: Sequence[str], class_names: Sequence[str], scores: Tensor,
-                            predicted: Tensor) -> None:
-    """--images: image, labels (the predicted names), one probability column per class; written atomically."""
-    lines = [csv_line(["image", "labels", *class_names])]
-    for image, labels, cells in zip(images, predicted, _probability_cells(scores), strict=True):
-        lines.append(csv_line([image, joined_names(labels, class_names), *cells]))
-    atomic_write_text(path, "".join(lines))
-
-
 def _is_number(text: str) -> bool:
     try:
         float(text)
@@ -74,10 +68,44 @@ def metrics_table(values: dict[str, float]) -> str:
     return format_table(("metric", "value (%)"), rows)
 
 
-def per_class_table(predictions: Predictions, class_names: Sequence[str]) -> str:
-    """Per-class AP (percent) and the number of positives it ranks (difficult ones left out, docs/method.md#metrics)."""
-    ap = metrics.per_class_average_precision(predictions.scores, predictions.target, predictions.difficult)
-    positives = ((predictions.target > 0.5) & ~predictions.difficult).sum(0).tolist()
-    rows = [(name, "n/a" if math.isnan(value) else f"{100 * value:.2f}", count)
-            for name, value, count in zip(class_names, ap.tolist(), positives, strict=True)]
-    return format_table(("class", "AP (%)", "positives"), rows)
+PER_CLASS_COLUMNS = ("class", "ap", "precision", "recall", "f1", "ece", "positives", "difficult")
+
+
+def per_class_metrics(predictions: Predictions, class_names: Sequence[str], threshold: float | Tensor = 0.5,
+                      difficult_as_negative: bool = False) -> pd.DataFrame:
+    """One row per class: AP, precision, recall and F1 at `threshold`, ECE (Eq. 2), all in percent (nan where a
+    class has no evaluated positive), the number of positives (difficult ones left out) and of difficult labels.
+
+    As in compute_metrics: AP and ECE leave difficult pairs out; precision, recall and F1 too, unless
+    `difficult_as_negative`."""
+    scores, target, difficult = predictions.scores, predictions.target, predictions.difficult
+    ap = metrics.per_class_average_precision(scores, target, difficult)
+    tp, n_predicted, n_positive = metrics.threshold_counts(scores, target, difficult, threshold,
+                                                           difficult_as_negative=difficult_as_negative)
+    precision = torch.where(n_predicted > 0, tp / n_predicted.clamp(min=1), 0.0)
+    recall = torch.where(n_positive > 0, tp / n_positive.clamp(min=1), math.nan)
+    f1 = torch.where(tp > 0, 2 * tp / (n_predicted + n_positive).clamp(min=1), 0.0)
+    f1 = torch.where(n_positive > 0, f1, math.nan)
+    positives = ((target > 0.5) & ~difficult.bool()).sum(0)
+    return pd.DataFrame({
+        "class": list(class_names),
+        **{name: 100 * values.numpy() for name, values in (("ap", ap), ("precision", precision), ("recall", recall),
+                                                              ("f1", f1))},
+        "ece": 100 * metrics.per_class_calibration_error(scores, target, difficult).numpy(),
+        "positives": positives.numpy(),
+        "difficult": difficult.bool().sum(0).numpy(),
+    }, columns=list(PER_CLASS_COLUMNS))
+
+
+def frame_table(frame: pd.DataFrame, decimals: dict[str, int] | None = None) -> str:
+    """A DataFrame as format_table prints it: floats with two decimals (or `decimals[column]`), nan as n/a."""
+    places = [(decimals or {}).get(column, 2) for column in frame.columns]
+
+    def cell(value: object, digits: int) -> object:
+        if isinstance(value, (float, np.floating)):
+            return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+        return value
+
+    rows = [[cell(value, digits) for value, digits in zip(row, places, strict=True)]
+            for row in frame.itertuples(index=False)]
+    return format_table(list(frame.columns), rows)

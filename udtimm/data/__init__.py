@@ -57,7 +57,7 @@ def load_digits(root: str, split: str, **options: Any) -> tuple[list[Sample], li
     """The embedded digits set in VOC layout, generated in `root` first (ensure_digits's options)."""
     from .digits import ensure_digits  # imported here so that `python -m udtimm.data.digits` runs cleanly
 
-    return load_voc(ensure_digits(root, **options), split)
+    return load_voc(ensure_digits(root, **options, with_val=split == "val"), split)
 
 
 # Adding a dataset: its loader in a module of this package, and one line here.

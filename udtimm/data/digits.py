@@ -5,6 +5,10 @@ image, onto cluttered backgrounds and written once, deterministically from a see
 the default dataset exercises the same loader as real VOC. A digit that is small, cut by the border or mostly
 covered by a later digit is marked difficult, as VOC does.
 
+Splits: `trainval` and `test` (test scenes use handwritten samples that trainval never shows), and a held-out `val`
+split (half as many scenes as test), written beside them the first time it is asked for: new scenes composed from
+the trainval samples, for choosing what training must not see (per-class thresholds, validate.py --tune-thresholds).
+
     python -m udtimm.data.digits --out DIR [--num-trainval N] [--num-test N] [--seed S]
 """
 
@@ -19,6 +23,8 @@ import shutil
 
 import numpy as np
 from PIL import Image
+
+from udtimm.io import atomic_write_text
 
 from .base import DatasetError
 
@@ -36,6 +42,7 @@ _MIN_INSIDE = 0.70  # less of the ink than this inside the image: difficult
 _MAX_OCCLUDED = 0.50  # more of the visible ink than this covered by later digits: difficult
 _INK = 0.4  # alpha above which a pixel counts as ink
 _TEST_GLYPHS = 0.3  # share of the 1,797 handwritten samples reserved for test images, so that test is unseen
+VAL_STREAM = 1  # the val split's scenes come from the generator seeded by (seed, VAL_STREAM)
 # Dark background with bright digits, or the reverse: luminance ranges keep every digit contrasting.
 _DARK, _BRIGHT = (15.0, 95.0), (160.0, 245.0)
 _LUMA = np.array([0.299, 0.587, 0.114])
@@ -48,12 +55,13 @@ def ensure_digits(
     min_size: int = 64,
     max_size: int = 96,
     seed: int = 0,
+    with_val: bool = False,
 ) -> str:
     """Generate the digits dataset under `root` unless it is already there; return `root` (absolute).
 
     Safe when several processes (distributed ranks) call it at once: one generates into a temporary sibling under
     an fcntl lock and renames it into place; the others wait and find it complete. A dataset made with other
-    parameters raises DatasetError.
+    parameters raises DatasetError. `with_val` also writes the held-out `val` split if it is not there yet.
     """
     if num_trainval < 1 or num_test < 1:
         raise ValueError(f"num_trainval and num_test must be >= 1, got {num_trainval} and {num_test}")
@@ -62,31 +70,38 @@ def ensure_digits(
     params = {"format": FORMAT_VERSION, "num_trainval": num_trainval, "num_test": num_test,
               "min_size": min_size, "max_size": max_size, "seed": seed}
     root = os.path.abspath(os.path.expanduser(root))
-    if _is_complete(root, params):
+    if _is_complete(root, params) and (not with_val or _has_val(root)):
         return root
     parent, base = os.path.split(root)
     os.makedirs(parent, exist_ok=True)
     with open(os.path.join(parent, f".{base}.lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
-        if _is_complete(root, params):  # another process finished it while we waited
-            return root
-        if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
-            raise DatasetError(
-                f"{root} exists but is not a complete digits dataset (no {MARKER}); delete it or use another --data-dir"
-            )
-        for stale in glob.glob(os.path.join(parent, f".{glob.escape(base)}.tmp.*")):
-            shutil.rmtree(stale)  # left by a killed generator; we hold the lock, so nobody is writing it
-        tmp = os.path.join(parent, f".{base}.tmp.{os.getpid()}")
-        try:
-            _generate(tmp, params)
-            with open(os.path.join(tmp, MARKER), "w") as f:
-                json.dump(params, f, sort_keys=True)
-            if os.path.isdir(root):
-                os.rmdir(root)  # an empty directory (checked above), e.g. made by the user for --data-dir
-            os.rename(tmp, root)
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
+        if not _is_complete(root, params):  # else another process finished it while we waited
+            _generate_in_place(root, params)
+        if with_val and not _has_val(root):
+            _generate_val(root, params)
     return root
+
+
+def _generate_in_place(root: str, params: dict) -> None:
+    """Generate into a temporary sibling of `root` and rename it into place (the caller holds the lock)."""
+    parent, base = os.path.split(root)
+    if os.path.exists(root) and (not os.path.isdir(root) or os.listdir(root)):
+        raise DatasetError(
+            f"{root} exists but is not a complete digits dataset (no {MARKER}); delete it or use another --data-dir"
+        )
+    for stale in glob.glob(os.path.join(parent, f".{glob.escape(base)}.tmp.*")):
+        shutil.rmtree(stale)  # left by a killed generator; we hold the lock, so nobody is writing it
+    tmp = os.path.join(parent, f".{base}.tmp.{os.getpid()}")
+    try:
+        _generate(tmp, params)
+        with open(os.path.join(tmp, MARKER), "w") as f:
+            json.dump(params, f, sort_keys=True)
+        if os.path.isdir(root):
+            os.rmdir(root)  # an empty directory (checked above), e.g. made by the user for --data-dir
+        os.rename(tmp, root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _is_complete(root: str, params: dict) -> bool:
@@ -106,17 +121,14 @@ def _is_complete(root: str, params: dict) -> bool:
 
 
 def _generate(out: str, params: dict) -> None:
-    """Write the whole dataset into the (new) directory `out`."""
-    from sklearn.datasets import load_digits  # imported here: only the first run needs it
-
+    """Write the trainval and test splits into the (new) directory `out`."""
     voc = os.path.join(out, "VOC2007")
     for sub in ("JPEGImages", "Annotations", os.path.join("ImageSets", "Main")):
         os.makedirs(os.path.join(voc, sub))
     with open(os.path.join(voc, "classes.txt"), "w") as f:
         f.write("\n".join(DIGIT_CLASSES) + "\n")
 
-    data = load_digits()
-    glyphs = (data.images / 16.0).astype(np.float32)
+    glyphs, labels = _glyphs()
     rng = np.random.default_rng(params["seed"])
     num_test_glyphs = int(len(glyphs) * _TEST_GLYPHS)
     if params["seed"] == DEFAULT_SEED:
@@ -125,22 +137,58 @@ def _generate(out: str, params: dict) -> None:
     else:
         # Another seed makes a pretraining set (the analogue of ImageNet weights): new scenes whose two splits use
         # only the glyphs of the default set's trainval split, so a model trained on it never saw a test glyph.
-        order = np.random.default_rng(DEFAULT_SEED).permutation(len(glyphs))
-        pools = {"test": order[num_test_glyphs:], "trainval": order[num_test_glyphs:]}
+        pools = {"test": _trainval_glyphs(len(glyphs)), "trainval": _trainval_glyphs(len(glyphs))}
 
-    next_id = 1
+    first_id = 1
     for split in ("trainval", "test"):
-        ids = []
-        for _ in range(params[f"num_{split}"]):
-            image_id = f"{next_id:06d}"
-            next_id += 1
-            image, objects = _compose(rng, glyphs, data.target, pools[split], params["min_size"], params["max_size"])
-            Image.fromarray(image).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"), quality=90)
-            with open(os.path.join(voc, "Annotations", f"{image_id}.xml"), "wb") as f:
-                f.write(_annotation_xml(image_id, image.shape[1], image.shape[0], objects))
-            ids.append(image_id)
-        with open(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "w") as f:
-            f.write("\n".join(ids) + "\n")
+        _write_split(voc, split, first_id, params[f"num_{split}"], rng, glyphs, labels, pools[split], params)
+        first_id += params[f"num_{split}"]
+
+
+def _glyphs() -> tuple[np.ndarray, np.ndarray]:
+    """The 1,797 handwritten samples as float [N, 8, 8] in [0, 1], and their digits."""
+    from sklearn.datasets import load_digits  # imported here: only generating needs it
+
+    data = load_digits()
+    return (data.images / 16.0).astype(np.float32), data.target
+
+
+def _trainval_glyphs(num_glyphs: int) -> np.ndarray:
+    """The samples of the default set's trainval scenes: all but its test share, drawn by the default seed."""
+    return np.random.default_rng(DEFAULT_SEED).permutation(num_glyphs)[int(num_glyphs * _TEST_GLYPHS):]
+
+
+def _write_split(voc: str, split: str, first_id: int, count: int, rng: np.random.Generator, glyphs: np.ndarray,
+                 labels: np.ndarray, pool: np.ndarray, params: dict) -> None:
+    """`count` scenes with ids from `first_id`: images, annotations, and the split file last."""
+    ids = []
+    for image_id in (f"{number:06d}" for number in range(first_id, first_id + count)):
+        image, objects = _compose(rng, glyphs, labels, pool, params["min_size"], params["max_size"])
+        Image.fromarray(image).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"), quality=90)
+        with open(os.path.join(voc, "Annotations", f"{image_id}.xml"), "wb") as f:
+            f.write(_annotation_xml(image_id, image.shape[1], image.shape[0], objects))
+        ids.append(image_id)
+    # The split file is written last and renamed into place: a split is listed only once all its files are there.
+    atomic_write_text(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "\n".join(ids) + "\n")
+
+
+def num_val_images(num_test: int) -> int:
+    return max(1, num_test // 2)
+
+
+def _has_val(root: str) -> bool:
+    return os.path.isfile(os.path.join(root, "VOC2007", "ImageSets", "Main", "val.txt"))
+
+
+def _generate_val(root: str, params: dict) -> None:
+    """Add the held-out `val` split to a complete dataset (the caller holds the lock): new scenes from the trainval
+    samples, numbered after the test images, drawn from a generator of their own so that trainval and test stay
+    as they were."""
+    glyphs, labels = _glyphs()
+    rng = np.random.default_rng([params["seed"], VAL_STREAM])
+    first_id = params["num_trainval"] + params["num_test"] + 1
+    _write_split(os.path.join(root, "VOC2007"), "val", first_id, num_val_images(params["num_test"]), rng, glyphs,
+                 labels, _trainval_glyphs(len(glyphs)), params)
 
 
 def _compose(

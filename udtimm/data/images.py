@@ -1,36 +1,63 @@
-"""The user's own images, without annotations: a folder or a list of files, for predictions (validate.py --images)."""
+"""The user's own images, without annotations: folders, files or glob patterns, for predictions (predict.py)."""
 
 from __future__ import annotations
 
+import glob
 import os
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
-from .base import DatasetError, EncodedImage, read_encoded, read_image
+from .base import CorruptImageError, DatasetError, EncodedImage, read_encoded, read_image
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
+# The first bytes of the formats torchvision decodes (JPEG, PNG, GIF, WEBP at offset 8).
+SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF8"), (8, b"WEBP"))
 
 
 def list_images(paths: Sequence[str]) -> list[str]:
-    """Files as given, folders expanded to their .jpg/.jpeg/.png files (recursive, sorted); DatasetError if none."""
+    """Files as given, folders expanded to their .jpg/.jpeg/.png files (recursive, sorted), glob patterns to what
+    they match; every file checked to be an image before any is decoded. DatasetError naming the input at fault."""
     found: list[str] = []
     for path in paths:
-        if os.path.isdir(path):
-            found.extend(sorted(
-                os.path.join(folder, name)
-                for folder, _, names in os.walk(path)
-                for name in names
-                if name.lower().endswith(IMAGE_EXTENSIONS)
-            ))
-        elif os.path.isfile(path):
-            found.append(path)
+        if not os.path.exists(path) and glob.has_magic(path):
+            matches = sorted(glob.glob(path, recursive=True))
+            if not matches:
+                raise DatasetError(f"no file matches {path}")
+            for match in matches:
+                found.extend(_expand(match))
         else:
-            raise DatasetError(f"{path} is neither an image file nor a folder")
+            found.extend(_expand(path))
     if not found:
-        raise DatasetError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found in {', '.join(paths)}")
+        raise DatasetError("no images given")
+    for path in found:
+        check_image_file(path)
     return found
+
+
+def _expand(path: str) -> list[str]:
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise DatasetError(f"{path} is neither an image file nor a folder")
+    inside = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
+                    if name.lower().endswith(IMAGE_EXTENSIONS))
+    if not inside:
+        raise DatasetError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found in {path}")
+    return inside
+
+
+def check_image_file(path: str) -> None:
+    """CorruptImageError naming `path` unless it starts like a JPEG, PNG, GIF or WEBP file (a cheap look at its
+    first bytes, so that a wrong file stops a run before the first batch rather than at it)."""
+    try:
+        with open(path, "rb") as handle:
+            head = handle.read(12)
+    except OSError as err:
+        raise CorruptImageError(f"cannot read image {path}: {err.strerror}") from err
+    if not any(head[offset:offset + len(magic)] == magic for offset, magic in SIGNATURES):
+        raise CorruptImageError(f"{path} is not an image (JPEG, PNG, GIF or WEBP)")
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

@@ -1,0 +1,95 @@
+#!/usr/bin/env python3
+"""Label your own images with a trained model: for each image, the predicted labels and every class's probability.
+
+    python predict.py --checkpoint output/<run>/best.safetensors photos/ --out predictions.csv
+    python predict.py --checkpoint best.safetensors 'photos/**/*.jpg' one.png --out predictions.json --topk 3
+    python predict.py --checkpoint export_dir/ photos/ --out predictions.csv     # an export in the timm format
+
+INPUT is an image file, a folder (its .jpg/.jpeg/.png files, recursively) or a glob pattern (quoted, ** recurses).
+A class is predicted when its probability reaches its threshold: --threshold for all classes when given, else the
+per-class thresholds stored beside the checkpoint by `validate.py --tune-thresholds`, else 0.5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from collections.abc import Sequence
+
+import pandas as pd
+import torch
+
+from udtimm import runs
+from udtimm.config import ConfigError
+from udtimm.io import atomic_write_text, check_writable
+from udtimm.predictions import format_table
+from udtimm.predictor import IMAGE_COLUMN, LABELS_COLUMN, Predictor
+
+PREVIEW_ROWS = 20
+OUTPUT_FORMATS = (".csv", ".json")
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, metavar="FILE_OR_DIR",
+                        help="a .safetensors file written by udtimm, or a folder of `udtimm.export --format timm`")
+    parser.add_argument("inputs", nargs="+", metavar="INPUT", help="image files, folders or glob patterns")
+    parser.add_argument("--out", default="predictions.csv", metavar="FILE",
+                        help="predictions.csv (image, labels, one probability column per class) or predictions.json "
+                             "(a list of {image, labels, scores}); default: predictions.csv")
+    parser.add_argument("--topk", type=int, default=None,
+                        help="at most the k most probable classes per image (default: every class over its threshold)")
+    parser.add_argument("--threshold", type=float, default=None,
+                        help="one threshold for all classes (default: the stored per-class thresholds, else 0.5)")
+    parser.add_argument("-b", "--batch-size", type=int, default=32, help="images per forward pass (default: 32)")
+    parser.add_argument("--workers", type=int, default=2, help="processes that decode the images (default: 2)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                        help="cpu, cuda, cuda:1, ... (default: cuda when there is a GPU, else cpu)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    if os.path.splitext(args.out)[1].lower() not in OUTPUT_FORMATS:
+        raise ConfigError(f"--out {args.out}: the file name must end in {' or '.join(OUTPUT_FORMATS)}")
+    if args.topk is not None and args.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    if args.threshold is not None and not 0 <= args.threshold <= 1:
+        raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    if args.batch_size < 1 or args.workers < 0:
+        raise ConfigError("--batch-size must be at least 1 and --workers at least 0")
+    return args
+
+
+def write_predictions(path: str, table: pd.DataFrame, class_names: Sequence[str]) -> None:
+    """CSV (the DataFrame as it is) or JSON (labels as a list, scores by class), by the extension; atomically."""
+    if path.lower().endswith(".json"):
+        # str() of a float32 is the shortest text that reads back as that float32, as in the CSV
+        records = [{"image": image, "labels": [name for name in labels.split(";") if name],
+                    "scores": {name: float(str(value)) for name, value in zip(class_names, scores, strict=True)}}
+                   for image, labels, scores in zip(table[IMAGE_COLUMN], table[LABELS_COLUMN],
+                                                    table[list(class_names)].to_numpy(), strict=True)]
+        atomic_write_text(path, json.dumps(records, indent=1) + "\n")
+    else:
+        # pandas writes each float32 probability with the digits that read back as that same float32
+        atomic_write_text(path, table.to_csv(index=False))
+
+
+def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
+    """The predictions, as written to --out."""
+    args = parse_args(argv)
+    check_writable(os.path.dirname(os.path.abspath(args.out)))
+    predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
+    table = predictor.predict(args.inputs, batch_size=args.batch_size, topk=args.topk, threshold=args.threshold,
+                              workers=args.workers, progress=not args.no_progress)
+    write_predictions(args.out, table, predictor.class_names)
+    rule = "per-class thresholds" if args.threshold is None and predictor.thresholds is not None else \
+        f"threshold {predictor.decision_thresholds(args.threshold)}"
+    print(format_table((IMAGE_COLUMN, LABELS_COLUMN), table[[IMAGE_COLUMN, LABELS_COLUMN]].head(PREVIEW_ROWS)
+                       .itertuples(index=False)))
+    more = f" ({len(table) - PREVIEW_ROWS} more rows there)" if len(table) > PREVIEW_ROWS else ""
+    print(f"{len(table)} image(s) labelled with {rule}{' and --topk ' + str(args.topk) if args.topk else ''}: "
+          f"{args.out}{more}")
+    return table
+
+
+if __name__ == "__main__":
+    runs.run_script(main)

@@ -1,0 +1,86 @@
+"""predict.py: folders, files and globs to CSV or JSON, --topk and --threshold, bad inputs as clear errors."""
+
+import json
+import os
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+
+import predict
+from udtimm import Predictor, runs
+from udtimm.config import ConfigError
+from udtimm.data.base import CorruptImageError, DatasetError
+
+
+@pytest.fixture(scope="module")
+def photos(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """a.jpg, b.jpg and more/c.jpg: three digits scenes."""
+    folder = tmp_path_factory.mktemp("photos")
+    (folder / "more").mkdir()
+    source = os.path.join(tiny_digits, "VOC2007", "JPEGImages")
+    for name, target in zip(sorted(os.listdir(source))[:3], ("a.jpg", "b.jpg", "more/c.jpg"), strict=True):
+        shutil.copy(os.path.join(source, name), folder / target)
+    return str(folder)
+
+
+def run(checkpoint: str, *flags: str) -> pd.DataFrame:
+    return predict.main(["--checkpoint", checkpoint, "--workers", "0", "--no-progress", *flags])
+
+
+def test_folder_to_csv_as_the_predictor_labels_it(tiny_checkpoint: str, photos: str, tmp_path, capsys) -> None:
+    out = str(tmp_path / "predictions.csv")
+    table = run(tiny_checkpoint, photos, "--out", out, "--threshold", "0.45")
+    names = [os.path.join(photos, name) for name in ("a.jpg", "b.jpg", "more/c.jpg")]
+    written = pd.read_csv(out, keep_default_na=False)
+    predictor = Predictor.from_checkpoint(tiny_checkpoint)
+    assert list(written.columns) == ["image", "labels", *predictor.class_names]
+    assert written["image"].tolist() == names
+    expected = predictor.predict(names, threshold=0.45)
+    assert written["labels"].tolist() == expected["labels"].tolist() == table["labels"].tolist()
+    # The CSV holds the float32 probabilities exactly.
+    assert torch.equal(torch.tensor(written[predictor.class_names].to_numpy(), dtype=torch.float32),
+                       torch.tensor(expected[predictor.class_names].to_numpy()))
+    printed = capsys.readouterr().out
+    assert f"3 image(s) labelled with threshold 0.45: {out}" in printed and "more/c.jpg" in printed
+
+
+def test_files_and_globs_to_json_with_topk(tiny_checkpoint: str, photos: str, tmp_path) -> None:
+    out = str(tmp_path / "predictions.json")
+    run(tiny_checkpoint, os.path.join(photos, "b.jpg"), os.path.join(photos, "**", "c.jpg"), "--out", out,
+        "--topk", "2", "--threshold", "0", "-b", "1")
+    records = json.loads(open(out).read())
+    assert [record["image"] for record in records] == [os.path.join(photos, "b.jpg"),
+                                                       os.path.join(photos, "more", "c.jpg")]
+    expected = Predictor.from_checkpoint(tiny_checkpoint).predict([record["image"] for record in records], batch_size=1)
+    for record, scores in zip(records, expected.iloc[:, 2:].to_numpy(), strict=True):
+        assert np.array_equal(np.array(list(record["scores"].values()), dtype=np.float32), scores)  # exact float32
+        ranked = sorted(record["scores"], key=record["scores"].get, reverse=True)  # the two most probable classes
+        assert len(record["scores"]) == 10 and set(record["labels"]) == set(ranked[:2])
+
+
+def test_progress_bar_and_error_messages(tiny_checkpoint: str, photos: str, tmp_path, capsys) -> None:
+    predict.main(["--checkpoint", tiny_checkpoint, "--workers", "0", photos, "--out", str(tmp_path / "p.csv")])
+    assert "predict: 100%" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match=r"^error: .*missing.jpg is neither an image file nor a folder"):
+        runs.run_script(lambda: run(tiny_checkpoint, str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "o.csv")))
+
+
+def test_bad_inputs_and_flags_are_clear_errors(tiny_checkpoint: str, photos: str, tmp_path) -> None:
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    out = ["--out", str(tmp_path / "o.csv")]
+    cases = [
+        ([photos, str(tmp_path / "missing.jpg"), *out], DatasetError, "missing.jpg"),
+        ([photos, str(tmp_path / "notes.txt"), *out], CorruptImageError, "notes.txt is not an image"),
+        ([str(tmp_path / "empty"), *out], DatasetError, "no .jpg/.jpeg/.png images found in .*empty"),
+        ([photos, "--out", str(tmp_path / "o.txt")], ConfigError, r"must end in \.csv or \.json"),
+        ([photos, *out, "--topk", "0"], ConfigError, "--topk must be at least 1"),
+        ([photos, *out, "--threshold", "1.5"], ConfigError, r"--threshold must lie in \[0, 1\]"),
+    ]
+    for flags, error, message in cases:
+        with pytest.raises(error, match=message):
+            run(tiny_checkpoint, *flags)
+    assert not (tmp_path / "o.csv").exists()

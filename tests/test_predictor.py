@@ -1,0 +1,121 @@
+"""udtimm.Predictor: the same scores from paths, PIL images and tensors (and validate.py's: test_validate.py),
+stored thresholds, bad inputs named before any work."""
+
+import shutil
+
+import pandas as pd
+import pytest
+import torch
+from conftest import TINY_DIGITS
+from PIL import Image
+
+import udtimm
+from udtimm import Predictor, checkpoint, thresholds
+from udtimm import predictor as predictor_module
+from udtimm.checkpoint import CheckpointError
+from udtimm.data import build_dataset
+from udtimm.data.base import CorruptImageError, DatasetError, read_image
+from udtimm.metrics import predicted_labels
+
+
+@pytest.fixture(scope="module")
+def predictor(tiny_checkpoint: str) -> Predictor:
+    return Predictor.from_checkpoint(tiny_checkpoint, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def png_images(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """Five test scenes cropped to 64 x 64 and saved losslessly: every decoder reads the same pixels."""
+    folder = tmp_path_factory.mktemp("pngs")
+    dataset = build_dataset("digits", tiny_digits, "test", **TINY_DIGITS)
+    paths = []
+    for i, sample in enumerate(dataset.samples[:5]):
+        path = str(folder / f"{i}.png")
+        Image.open(sample.path).convert("RGB").crop((0, 0, 64, 64)).save(path)
+        paths.append(path)
+    return paths
+
+
+def scores_of(table: pd.DataFrame, predictor: Predictor) -> torch.Tensor:
+    return torch.tensor(table[predictor.class_names].to_numpy())
+
+
+def test_paths_pil_images_and_tensors_give_the_same_scores(predictor: Predictor, png_images: list[str]) -> None:
+    from_paths = predictor.predict(png_images, batch_size=2)
+    assert list(from_paths.columns) == ["image", "labels", *predictor.class_names]
+    assert from_paths["image"].tolist() == png_images
+    scores = scores_of(from_paths, predictor)
+    assert scores.dtype == torch.float32 and ((scores > 0) & (scores < 1)).all()
+    expected_labels = [";".join(name for name, on in zip(predictor.class_names, row, strict=True) if on)
+                       for row in (scores >= 0.5).tolist()]
+    assert from_paths["labels"].tolist() == expected_labels
+
+    from_pil = predictor.predict([Image.open(path) for path in png_images], batch_size=3)
+    from_tensor = predictor.predict(torch.stack([read_image(path) for path in png_images]), batch_size=4)
+    assert from_pil["image"].tolist() == from_tensor["image"].tolist() == [f"#{i}" for i in range(5)]
+    for other in (from_pil, from_tensor):  # float32 noise of other batch compositions at most
+        torch.testing.assert_close(scores_of(other, predictor), scores, rtol=0, atol=1e-6)
+    one = predictor.predict(png_images[0])  # a single path, and a single PIL image
+    assert len(one) == 1 and len(predictor.predict(Image.open(png_images[0]))) == 1
+    torch.testing.assert_close(scores_of(one, predictor)[0], scores[0], rtol=0, atol=1e-6)
+
+
+def test_stored_thresholds_are_used_unless_a_threshold_is_given(tiny_checkpoint: str, png_images: list[str],
+                                                                tmp_path) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(tiny_checkpoint, checkpoint_copy)
+    names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
+    values = torch.linspace(0.05, 0.95, len(names), dtype=torch.float64)
+    tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
+                                       torch.ones(len(names), dtype=torch.bool))
+    record = thresholds.thresholds_record(checkpoint_copy, names, tuned, thresholds.parse_objective("f1"),
+                                          "digits:val", 20)
+    thresholds.save_thresholds(checkpoint_copy, record)
+
+    loaded = Predictor.from_checkpoint(checkpoint_copy)
+    assert torch.equal(loaded.thresholds, values)
+    table = loaded.predict(png_images)
+    scores = scores_of(table, loaded)
+    assert table["labels"].tolist() == labels_of(scores >= values, names)
+    assert loaded.predict(png_images, threshold=0.3)["labels"].tolist() == labels_of(scores >= 0.3, names)
+    top1 = loaded.predict(png_images, threshold=0.0, topk=1)["labels"].tolist()
+    assert top1 == [names[i] for i in scores.argmax(1).tolist()]
+    assert predicted_labels(scores, values, 2).sum(1).max() <= 2
+    assert Predictor.from_checkpoint(checkpoint_copy, stored_thresholds=False).thresholds is None
+
+
+def labels_of(mask: torch.Tensor, names: list[str]) -> list[str]:
+    return [";".join(name for name, on in zip(names, row, strict=True) if on) for row in mask.tolist()]
+
+
+def test_bad_inputs_are_named_before_any_image_is_labelled(predictor: Predictor, png_images: list[str], tmp_path,
+                                                           monkeypatch) -> None:
+    def no_work(*args: object) -> None:
+        raise AssertionError("an image was labelled before the bad input was found")
+
+    monkeypatch.setattr(predictor, "scores", no_work)
+    (tmp_path / "notes.txt").write_text("not an image")
+    (tmp_path / "empty").mkdir()
+    cases = [
+        ([png_images[0], str(tmp_path / "missing.jpg")], DatasetError, "missing.jpg is neither an image file"),
+        ([png_images[0], str(tmp_path / "notes.txt")], CorruptImageError, "notes.txt is not an image"),
+        ([png_images[0], str(tmp_path / "empty")], DatasetError, f"no .jpg/.jpeg/.png images found in {tmp_path}"),
+        (str(tmp_path / "*.jpg"), DatasetError, "no file matches"),
+        (torch.rand(2, 3, 32, 32), ValueError, "expected a uint8 tensor"),
+        (torch.zeros(3, 32, 32, dtype=torch.uint8), ValueError, r"got shape \[3, 32, 32\]: add the batch dimension"),
+        (torch.zeros(2, 1, 32, 32, dtype=torch.uint8), ValueError, r"\[N, 3, H, W\]"),
+        (torch.zeros(0, 3, 32, 32, dtype=torch.uint8), ValueError, "N >= 1"),
+        ([png_images[0], Image.open(png_images[0])], TypeError, r"a list of \['PngImageFile', 'str'\]"),
+        ([], ValueError, "none given"),
+    ]
+    for images, error, message in cases:
+        with pytest.raises(error, match=message):
+            predictor.predict(images)
+
+
+def test_api_and_class_names_that_clash_with_the_columns(predictor: Predictor) -> None:
+    assert udtimm.Predictor is predictor_module.Predictor and "Predictor" in udtimm.__all__
+    with pytest.raises(CheckpointError, match=r"class name\(s\) \['labels'\] clash"):
+        Predictor(predictor.model, ["labels", *predictor.class_names[1:]], 32, [0.5] * 3, [0.25] * 3)
+    with pytest.raises(ValueError, match="batch_size must be at least 1"):
+        predictor.predict(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), batch_size=0)

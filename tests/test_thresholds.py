@@ -1,0 +1,137 @@
+"""Per-class thresholds: the choice against a brute-force search with scikit-learn, the file beside the checkpoint."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import f1_score, precision_recall_fscore_support, precision_score, recall_score
+
+from udtimm import thresholds
+from udtimm.checkpoint import CheckpointError
+from udtimm.config import ConfigError
+from udtimm.engine import Predictions
+from udtimm.thresholds import ThresholdObjective, parse_objective, tune_thresholds
+
+CLASSES = ["a", "b", "c", "d", "e"]
+
+
+def make_data(n: int = 90, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Scores that carry some signal, rounded so that many images tie; a few difficult pairs."""
+    g = torch.Generator().manual_seed(seed)
+    target = (torch.rand(n, len(CLASSES), generator=g) < 0.35).float()
+    scores = (0.35 * target + 0.65 * torch.rand(n, len(CLASSES), generator=g)).mul(20).round().div(20)
+    difficult = torch.rand(n, len(CLASSES), generator=g) < 0.1
+    return scores.float(), target, difficult
+
+
+def candidates(scores: np.ndarray) -> list[float]:
+    """Every threshold that predicts a different set: each distinct score, and one above them all."""
+    return [*np.unique(scores).tolist(), float(scores.max()) + 1]
+
+
+def kept_class(scores, target, difficult, c) -> tuple[np.ndarray, np.ndarray]:
+    keep = ~difficult[:, c].numpy()
+    return scores[:, c].double().numpy()[keep], (target[:, c].numpy() > 0.5)[keep]
+
+
+def test_f1_thresholds_reach_the_brute_force_maximum() -> None:
+    scores, target, difficult = make_data()
+    result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
+    assert result.tuned.all() and result.reached.all()
+    for c in range(len(CLASSES)):
+        s, y = kept_class(scores, target, difficult, c)
+        best = max(f1_score(y, s >= t, zero_division=0) for t in candidates(s))
+        chosen = result.values[c].item()
+        assert f1_score(y, s >= chosen, zero_division=0) == pytest.approx(best, abs=1e-12), CLASSES[c]
+        # Strictly between two scores (or at the lowest one): new images at either score are decided as here.
+        assert chosen not in s.tolist() or chosen == s.min()
+
+
+def test_difficult_pairs_do_not_count_when_choosing() -> None:
+    scores, target, difficult = make_data(seed=1)
+    plain = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
+    # What is stored at a difficult pair must not matter.
+    flipped = target.clone()
+    flipped[difficult] = 1 - flipped[difficult]
+    assert torch.equal(tune_thresholds(scores, flipped, difficult, ThresholdObjective("f1")).values, plain.values)
+
+
+@pytest.mark.parametrize("wanted", [0.6, 0.8])
+def test_precision_thresholds_give_the_most_recall_at_that_precision(wanted: float) -> None:
+    scores, target, difficult = make_data(seed=2)
+    result = tune_thresholds(scores, target, difficult, ThresholdObjective("precision", wanted))
+    for c in range(len(CLASSES)):
+        s, y = kept_class(scores, target, difficult, c)
+        found = precision_recall_fscore_support(y, s >= result.values[c].item(), average="binary", zero_division=0)
+        searched = [precision_recall_fscore_support(y, s >= t, average="binary", zero_division=0)[:2]
+                    for t in candidates(s)]
+        reachable = [recall for precision, recall in searched if precision >= wanted]
+        assert bool(result.reached[c]) == bool(reachable)
+        if reachable:
+            assert found[0] >= wanted and found[1] == max(reachable)
+        else:  # the best precision there is, with the most recall
+            best = max(precision for precision, _ in searched)
+            assert found[:2] == pytest.approx((best, max(r for p, r in searched if p == best)))
+
+
+def test_unreachable_precision_and_classes_without_positive() -> None:
+    scores, target, difficult = make_data(seed=3)
+    target[:, 1] = 0  # no positive: the default stays
+    scores[:, 2] = 0.5  # all tied: the only threshold predicts every image, precision = the positive rate
+    result = tune_thresholds(scores, target, difficult, ThresholdObjective("precision", 1.0), default=0.7)
+    assert not result.tuned[1] and result.values[1] == 0.7
+    assert not result.reached[2] and result.values[2] == 0.5
+    table = thresholds.summary_table(Predictions(scores, target, difficult, torch.arange(len(scores))), CLASSES,
+                                     result, ThresholdObjective("precision", 1.0))
+    assert "no positive: default kept" in table and "precision@1 not reached" in table
+
+
+def test_summary_table_matches_sklearn() -> None:
+    scores, target, difficult = make_data(seed=4)
+    result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
+    predictions = Predictions(scores, target, difficult, torch.arange(len(scores)))
+    rows = [line.split() for line in
+            thresholds.summary_table(predictions, CLASSES, result, ThresholdObjective("f1")).splitlines()[2:]]
+    for c, row in enumerate(rows):
+        s, y = kept_class(scores, target, difficult, c)
+        predicted = s >= result.values[c].item()
+        assert row[0] == CLASSES[c] and float(row[1]) == pytest.approx(result.values[c].item(), abs=5e-5)
+        assert int(row[2]) == y.sum()
+        expected = [precision_score(y, predicted, zero_division=0), recall_score(y, predicted), f1_score(y, predicted)]
+        assert [float(v) for v in row[3:6]] == pytest.approx([100 * v for v in expected], abs=0.006)
+
+
+def test_objectives_are_parsed_or_refused() -> None:
+    assert parse_objective("f1") == ThresholdObjective("f1")
+    assert parse_objective("precision@0.9") == ThresholdObjective("precision", 0.9)
+    assert str(parse_objective("precision@0.9")) == "precision@0.9"
+    for bad in ("f2", "precision@", "precision@1.5", "precision@0", "recall@0.9", "precision@x"):
+        with pytest.raises(ConfigError, match="--tune-thresholds"):
+            parse_objective(bad)
+
+
+def test_file_round_trip_belongs_to_its_checkpoint(tmp_path) -> None:
+    checkpoint = tmp_path / "best.safetensors"
+    checkpoint.write_bytes(b"weights")
+    scores, target, difficult = make_data(seed=5)
+    result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
+    record = thresholds.thresholds_record(str(checkpoint), CLASSES, result, ThresholdObjective("f1"), "digits:val", 90)
+    path = thresholds.save_thresholds(str(checkpoint), record)
+    assert path == str(tmp_path / "best.thresholds.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "best.thresholds.json"]
+    loaded = thresholds.read_thresholds_file(str(checkpoint))
+    assert loaded["split"] == "digits:val" and loaded["objective"] == "f1"
+    assert torch.equal(thresholds.thresholds_tensor(loaded, CLASSES, path), result.values)
+    assert thresholds.read_thresholds_file(str(tmp_path / "other.safetensors")) is None
+
+    with pytest.raises(CheckpointError, match=r"best.thresholds.json: thresholds for classes .*'e'\]"):
+        thresholds.thresholds_tensor(loaded, [*CLASSES[:-1], "z"], path)
+    checkpoint.write_bytes(b"retrained weights")
+    with pytest.raises(CheckpointError, match="best.thresholds.json was tuned for another best.safetensors"):
+        thresholds.read_thresholds_file(str(checkpoint))
+    (tmp_path / "best.thresholds.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match="cannot be read as a thresholds file"):
+        thresholds.read_thresholds_file(str(checkpoint))
+    with pytest.raises(CheckpointError, match=r"must lie in \[0, 1\]"):
+        thresholds.thresholds_tensor(json.loads('{"thresholds": {"a": 1.5}}'), ["a"], "x.json")
