@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from udtimm import checkpoint, config, runs
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attention_support
 from udtimm.data.transforms import Renormalize
+from udtimm.ema import method_suffix
 from udtimm.engine import bare_model
 from udtimm.model import CalibratedModel
 from udtimm.objectives import DISTILL_METHODS, DistillationObjective, SupervisedObjective, check_teacher, ud_method
@@ -59,12 +60,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def method_name(args: argparse.Namespace) -> str:
     """The method column of results.csv: kd, ud, ud-noatt (beta = 0) or self-ud; an --att-variant other than
-    paper is appended (ud-const-weights, self-ud-gradcam)."""
+    paper is appended (ud-const-weights, self-ud-gradcam), and +ema with --model-ema."""
     if args.method == "kd" and not args.self_distill:
-        return "kd"
-    if args.att_weight == 0 and not args.self_distill:
-        return "ud-noatt"
-    return f"self-{ud_method(args.att_variant)}" if args.self_distill else ud_method(args.att_variant)
+        method = "kd"
+    elif args.att_weight == 0 and not args.self_distill:
+        method = "ud-noatt"
+    else:
+        method = f"self-{ud_method(args.att_variant)}" if args.self_distill else ud_method(args.att_variant)
+    return method + method_suffix(args.model_ema)
 
 
 def load_teacher(path: str, class_names: list[str], method: str, accelerator: Accelerator,
@@ -150,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
         eval_loader=eval_loader, objective=objective, loss_terms=loss_terms, metadata=metadata,
         train_transform=train_transform, eval_transform=eval_transform, prefetch=args.prefetch,
-        result_fields=runs.result_fields(args, method, teacher_name),
+        result_fields=runs.result_fields(args, method, teacher_name), ema=runs.make_ema(args, student, accelerator),
     )
     if args.self_distill:
         self_distill_switch(args, setup, train_set.classes, student_norm, accelerator)

@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from udtimm import config, runs
 from udtimm.checkpoint import model_metadata
+from udtimm.ema import method_suffix
 from udtimm.engine import bare_model
 from udtimm.objectives import LOSSES, SupervisedObjective
 from udtimm.trainer import RunSetup
@@ -27,13 +28,17 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of Eq. 12")
     group.add_argument("--loss", default="bce", choices=LOSSES, help="classification loss (Table 5 baselines)")
     group.add_argument("--temperature", type=float, default=3.0, help="T of --loss temperature")
+    group.add_argument("--asl-gamma-neg", type=float, default=4.0, help="--loss asl: focusing of the negatives")
+    group.add_argument("--asl-gamma-pos", type=float, default=0.0, help="--loss asl: focusing of the positives")
+    group.add_argument("--asl-clip", type=float, default=0.05, help="--loss asl: probability margin m of the negatives")
     return config.parse_with_config(parser, argv)
 
 
 def method_name(args: argparse.Namespace) -> str:
-    """The method column of results.csv: baseline, cal, or the Table 5 loss."""
+    """The method column of results.csv: baseline, cal, or the Table 5 loss (or asl), +ema with --model-ema."""
     name = "baseline" if args.loss == "bce" else args.loss
-    return "cal" if args.cal and args.loss == "bce" else f"{name}+cal" if args.cal else name
+    method = "cal" if args.cal and args.loss == "bce" else f"{name}+cal" if args.cal else name
+    return method + method_suffix(args.model_ema)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -56,12 +61,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
                               args.img_size, mean, std, dataset=args.dataset, method=method, teacher="",
                               model_kwargs=args.model_kwargs)
-    objective = SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature)
+    objective = SupervisedObjective(args.loss, args.cal_weight, args.difficult, args.temperature,
+                                    asl=(args.asl_gamma_neg, args.asl_gamma_pos, args.asl_clip))
     setup = RunSetup(
         run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
         eval_loader=eval_loader, objective=objective, loss_terms=objective.term_names(args.cal), metadata=metadata,
         train_transform=train_transform, eval_transform=eval_transform, prefetch=args.prefetch,
-        result_fields=runs.result_fields(args, method, ""),
+        result_fields=runs.result_fields(args, method, ""), ema=runs.make_ema(args, model, accelerator),
     )
     return runs.fit_and_report(args, setup, accelerator)
 

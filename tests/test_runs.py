@@ -13,7 +13,7 @@ def test_result_fields_name_the_experiment() -> None:
 
 def test_self_distillation_schedule_restarts_the_cosine() -> None:
     args = train.parse_args(["--epochs", "4", "--warmup-epochs", "0", "--lr", "0.1"])
-    optimizer, scheduler = runs.build_optimization(args, torch.nn.Linear(2, 2), updates_per_epoch=10, cycles=2)
+    optimizer, scheduler = runs.build_optimization(args, torch.nn.Linear(2, 2), batches_per_epoch=10, cycles=2)
     rates = []
     for update in range(40):
         rates.append(optimizer.param_groups[0]["lr"])

@@ -21,7 +21,9 @@ class ConfigError(ValueError):
 
 # A resumed run must be the same experiment: these may not change between the first start and --resume.
 RESUME_FIXED = ("model", "model_kwargs", "dataset", "cal", "loss", "global_pool", "img_size", "batch_size", "seed",
-                "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs", "difficult")
+                "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs", "difficult",
+                # the state holds the EMA weights (or none), and the scheduler counts optimizer steps
+                "model_ema", "model_ema_decay", "grad_accum_steps", "asl_gamma_neg", "asl_gamma_pos", "asl_clip")
 
 
 class ParseKwargs(argparse.Action):
@@ -106,10 +108,34 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--momentum", type=float, default=0.9)
     group.add_argument("--weight-decay", type=float, default=0.05)
     group.add_argument("--sched", default="cosine", help="timm scheduler name (cosine, step, ...)")
+    group.add_argument("--decay-epochs", type=float, default=90, help="--sched step: epochs between decays")
+    group.add_argument("--decay-rate", type=float, default=0.1, help="--sched step: factor of each decay")
     group.add_argument("--warmup-epochs", type=int, default=1)
     group.add_argument("--warmup-lr", type=float, default=1e-5)
     group.add_argument("--min-lr", type=float, default=1e-6)
     group.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-label recipe of ASL and timm (docs/recipe.md): EMA, RandAugment + Cutout, accumulation, SyncBN,
+    experiment trackers."""
+    group = parser.add_argument_group("recipe (docs/recipe.md)")
+    group.add_argument("--model-ema", action="store_true",
+                       help="also keep an exponential moving average of the weights (timm ModelEmaV3 with warm-up), "
+                            "evaluated every epoch; best.safetensors holds the better of the two")
+    group.add_argument("--model-ema-decay", type=float, default=0.9997, help="EMA decay (ASL's and Q2L's)")
+    group.add_argument("--aa", default=None, metavar="CONFIG",
+                       help="timm RandAugment config on each training image, e.g. rand-m9-mstd0.5 (off when unset)")
+    group.add_argument("--cutout", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
+                       help="ASL's Cutout on every training image: a box of FRACTION of the image side (0.5 when "
+                            "given alone) at a random centre, filled with a random colour; 0: off")
+    group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                       help="accumulate the gradients of N batches per optimizer step (the schedule counts steps)")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="with several processes, BatchNorm statistics over the global batch (SyncBatchNorm); "
+                            "one process: plain BatchNorm, nothing changes")
+    group.add_argument("--log-with", default=None, choices=("tensorboard", "wandb", "mlflow", "all"),
+                       help="also log every summary.csv row to this experiment tracker (in the run directory)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
@@ -133,6 +159,7 @@ def training_parser(description: str | None) -> argparse.ArgumentParser:
     add_data_args(parser)
     add_model_args(parser)
     add_optim_args(parser)
+    add_recipe_args(parser)
     add_runtime_args(parser)
     return parser
 

@@ -15,18 +15,22 @@ from udtimm.checkpoint import class_difference
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
 
-LOSSES = ("bce", "temperature", "label-smoothing", "one-over-k")
+LOSSES = ("bce", "temperature", "label-smoothing", "one-over-k", "asl")
 Objective = Callable[[CalibratedModel, Tensor, Tensor, Tensor], dict[str, Tensor]]
 
 
 class SupervisedObjective:
-    """Eq. 12 (L_b + lambda * L_ps) with --cal, else the chosen classification loss alone (Table 5 baselines)."""
+    """Eq. 12 (L_b + lambda * L_ps) with --cal, else the chosen classification loss alone (Table 5 baselines).
+
+    Another loss (ASL) takes L_b's place in Eq. 12: L_asl + lambda * L_ps.
+    """
 
     def __init__(self, loss: str = "bce", cal_weight: float = 0.1, difficult: str = "positive",
-                 temperature: float = 3.0) -> None:
+                 temperature: float = 3.0, asl: tuple[float, float, float] = (4.0, 0.0, 0.05)) -> None:
         if loss not in LOSSES:
             raise ValueError(f"--loss {loss!r} is not one of {LOSSES}")
         self.loss, self.cal_weight, self.difficult, self.temperature = loss, cal_weight, difficult, temperature
+        self.asl = asl  # --loss asl: (gamma_neg, gamma_pos, clip)
 
     def term_names(self, cal: bool) -> tuple[str, ...]:
         return (self.loss, "partial_softmax") if cal else (self.loss,)
@@ -38,6 +42,9 @@ class SupervisedObjective:
             return losses.label_smoothing_loss(logits, target, mask)
         if self.loss == "one-over-k":
             return losses.one_over_k_loss(logits, target, mask)
+        if self.loss == "asl":
+            gamma_neg, gamma_pos, clip = self.asl
+            return losses.asymmetric_loss(logits, target, mask, gamma_neg=gamma_neg, gamma_pos=gamma_pos, clip=clip)
         return losses.bce_loss(logits, target, mask)
 
     def terms(self, out: ModelOutput, target: Tensor, mask: Tensor) -> dict[str, Tensor]:

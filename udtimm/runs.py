@@ -13,6 +13,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -23,7 +24,8 @@ from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
 from udtimm.data.loader import load_split, make_loader
 from udtimm.data.transforms import NormalizeBatch, TrainPixels, eval_pixels
-from udtimm.engine import NonFiniteLossError
+from udtimm.ema import create_ema
+from udtimm.engine import NonFiniteLossError, bare_model, optimizer_steps
 from udtimm.io import check_writable
 from udtimm.model import CalibratedModel, ModelConfigError, create_model
 from udtimm.trainer import RunSetup, fit
@@ -39,8 +41,11 @@ def make_accelerator(args: argparse.Namespace) -> Accelerator:
     torch.backends.cudnn.benchmark = True
     # non_blocking: moving a (pinned) batch to the GPU does not make the host wait for the step before it, so the
     # host prepares the next batch while the GPU computes (DESIGN §5).
+    if args.grad_accum_steps < 1:
+        raise ConfigError(f"--grad-accum-steps must be at least 1, got {args.grad_accum_steps}")
     return Accelerator(mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.torchcompile else "no",
-                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
+                       gradient_accumulation_steps=args.grad_accum_steps)
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -137,11 +142,13 @@ def eval_pipeline(dataset: Dataset, img_size: int, mean: list[float], std: list[
     return NormalizeBatch(mean, std, device)
 
 
-def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_epoch: int, cycles: int = 1) -> tuple:
+def build_optimization(args: argparse.Namespace, model: nn.Module, batches_per_epoch: int, cycles: int = 1) -> tuple:
     """timm's optimizer and scheduler factories; the scheduler steps every update (cosine with warmup).
 
     `cycles` > 1 splits the epochs into that many cosine cycles (warm restarts, used by self-distillation).
+    The scheduler counts optimizer steps: --grad-accum-steps N makes an epoch of B batches ceil(B / N) of them.
     """
+    updates_per_epoch = optimizer_steps(batches_per_epoch, args.grad_accum_steps)
     optimizer = create_optimizer_v2(model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay,
                                     momentum=args.momentum)
     scheduler, _ = create_scheduler_v2(
@@ -150,6 +157,11 @@ def build_optimization(args: argparse.Namespace, model: nn.Module, updates_per_e
         cycle_limit=cycles, cycle_decay=1.0,
     )
     return optimizer, scheduler
+
+
+def make_ema(args: argparse.Namespace, model: nn.Module, accelerator: Accelerator) -> ModelEmaV3 | None:
+    """--model-ema: the EMA of the prepared model's weights (None without the flag)."""
+    return create_ema(bare_model(accelerator, model), args.model_ema_decay) if args.model_ema else None
 
 
 def result_fields(args: argparse.Namespace, method: str, teacher: str) -> dict[str, object]:
