@@ -115,8 +115,9 @@ def self_distill_switch(args: argparse.Namespace, setup: RunSetup, class_names: 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args)
     method = method_name(args)
+    run_dir = runs.run_dir_path(args, method)
+    accelerator = runs.make_training_accelerator(args, run_dir)
     train_set, eval_set = runs.load_datasets(args, accelerator)
     # Every check on the teacher happens before the run directory exists and before any step.
     teacher, teacher_metadata = (None, {}) if args.self_distill else load_teacher(
@@ -128,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         for model in (student, teacher):
             if model is not None:
                 check_attention_support(model)
-    run_dir = runs.prepare_run_dir(args, method, accelerator)
+    runs.prepare_run_dir(args, run_dir, accelerator)
     mean, std = student_norm = runs.normalisation(student.backbone)
     train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
         args, train_set, eval_set, mean, std, accelerator.device)

@@ -43,12 +43,13 @@ def method_name(args: argparse.Namespace) -> str:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args)
     method = method_name(args)
+    run_dir = runs.run_dir_path(args, method)
+    accelerator = runs.make_training_accelerator(args, run_dir)
     train_set, eval_set = runs.load_datasets(args, accelerator)
     set_seed(args.seed)
     model = runs.build_model(args, train_set.classes, args.cal, accelerator)
-    run_dir = runs.prepare_run_dir(args, method, accelerator)  # after every check on the data and the weights
+    runs.prepare_run_dir(args, run_dir, accelerator)  # after every check on the data and the weights
     mean, std = runs.normalisation(model.backbone)
     train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
         args, train_set, eval_set, mean, std, accelerator.device)

@@ -19,7 +19,7 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 
 from udtimm import checkpoint, config, metrics, runs
-from udtimm.config import DATASETS, ConfigError
+from udtimm.config import DATASETS, ConfigError, HelpFormatter
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
 from udtimm.data.images import ImageFolderDataset, list_images
@@ -45,7 +45,7 @@ ANNOTATED_ONLY = (("subset", "all"), ("results_file", None), ("save_preds", None
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="a .safetensors file written by udtimm")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=None, choices=DATASETS, help="default: the checkpoint's dataset")
@@ -54,7 +54,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
     data.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
     data.add_argument("--digits-seed", type=int, default=0, help="digits: scene seed (0: the default set)")
-    data.add_argument("-b", "--batch-size", type=int, default=64)
+    data.add_argument("-b", "--batch-size", type=int, default=64, help="images per process and step")
     data.add_argument("--workers", type=int, default=2, help="data loader worker processes per device")
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--subset", default="all", choices=("all", "difficult"),
@@ -72,8 +72,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folders (.jpg/.jpeg/.png, recursive) or image files to label")
     images.add_argument("--out-csv", default="predictions.csv", help="where --images writes its predictions")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    runtime.add_argument("--channels-last", action="store_true")
+    runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast dtype")
+    runtime.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster on tensor cores)")
     runtime.add_argument("--torchcompile", action="store_true", help="torch.compile the model (through accelerate)")
     runtime.add_argument("--gpu-decode", action="store_true",
                          help="the workers only read the files; the GPU decodes (nvJPEG) and resizes them")

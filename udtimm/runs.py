@@ -5,7 +5,9 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from collections.abc import Callable
+from functools import partial
 
 import timm
 import torch
@@ -28,6 +30,7 @@ from udtimm.ema import create_ema
 from udtimm.engine import NonFiniteLossError, bare_model, optimizer_steps
 from udtimm.io import check_writable
 from udtimm.model import CalibratedModel, ModelConfigError, create_model
+from udtimm.trackers import log_epoch, start_trackers, tracker_names
 from udtimm.trainer import RunSetup, fit
 from udtimm.weights import WeightsError, load_initial_checkpoint
 
@@ -36,16 +39,24 @@ USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, Wei
                OSError)
 
 
-def make_accelerator(args: argparse.Namespace) -> Accelerator:
+def make_accelerator(args: argparse.Namespace, **options: object) -> Accelerator:
+    """The accelerator of --mixed-precision and --torchcompile; `options` go to Accelerator as they are."""
     # Fixed input shapes: cuDNN times its convolution algorithms once and keeps the fastest.
     torch.backends.cudnn.benchmark = True
     # non_blocking: moving a (pinned) batch to the GPU does not make the host wait for the step before it, so the
     # host prepares the next batch while the GPU computes (DESIGN §5).
+    return Accelerator(mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.torchcompile else "no",
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True), **options)
+
+
+def make_training_accelerator(args: argparse.Namespace, run_dir: str) -> Accelerator:
+    """make_accelerator with what training adds: --grad-accum-steps, and --log-with's trackers writing into
+    `run_dir`. A tracker that is not installed is refused here, before any work."""
     if args.grad_accum_steps < 1:
         raise ConfigError(f"--grad-accum-steps must be at least 1, got {args.grad_accum_steps}")
-    return Accelerator(mixed_precision=args.mixed_precision, dynamo_backend="inductor" if args.torchcompile else "no",
-                       dataloader_config=DataLoaderConfiguration(non_blocking=True),
-                       gradient_accumulation_steps=args.grad_accum_steps)
+    trackers = tracker_names(args.log_with)
+    return make_accelerator(args, gradient_accumulation_steps=args.grad_accum_steps,
+                            log_with=trackers or None, project_dir=run_dir if trackers else None)
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -54,15 +65,18 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
-def prepare_run_dir(args: argparse.Namespace, method: str, accelerator: Accelerator) -> str:
-    """The run directory (new, or the one being resumed), checked writable, with args.yaml written."""
+def run_dir_path(args: argparse.Namespace, method: str) -> str:
+    """Where the run goes: the resumed run's directory, or --output/--experiment (default: date-time-model-method).
+    Named once, at the start, so the trackers and the run directory agree."""
+    return args.resume or os.path.join(args.output, args.experiment or experiment_name(args.model, method))
+
+
+def prepare_run_dir(args: argparse.Namespace, run_dir: str, accelerator: Accelerator) -> str:
+    """The run directory `run_dir` (new, or the one being resumed), checked writable, with args.yaml written."""
     if args.resume:
-        run_dir = args.resume
         if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
             raise ConfigError(f"--resume {run_dir}: no args.yaml there, it is not a udtimm run directory")
     else:
-        name = args.experiment or experiment_name(args.model, method)
-        run_dir = os.path.join(args.output, name)
         if os.path.exists(os.path.join(run_dir, "summary.csv")):
             raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir} or another --experiment")
     if accelerator.is_main_process:
@@ -91,7 +105,18 @@ def build_model(args: argparse.Namespace, class_names: list[str], cal: bool,
                          drop_rate=args.drop, model_kwargs=args.model_kwargs)
     if args.initial_checkpoint:
         accelerator.print(load_initial_checkpoint(model, args.initial_checkpoint, class_names))
-    return model
+    return sync_batchnorm(model, args.sync_bn, accelerator)
+
+
+def sync_batchnorm(model: nn.Module, sync_bn: bool, accelerator: Accelerator) -> nn.Module:
+    """--sync-bn: with several processes, every BatchNorm layer normalises with the statistics of the global batch
+    (SyncBatchNorm, which runs on GPUs only). One process already sees the whole batch: the model is unchanged."""
+    if not sync_bn or accelerator.num_processes == 1:
+        return model
+    if accelerator.device.type not in ("cuda", "xpu"):
+        raise ConfigError(f"--sync-bn synchronises BatchNorm statistics between GPUs (SyncBatchNorm), but this run "
+                          f"has {accelerator.num_processes} processes on {accelerator.device}: drop --sync-bn")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def normalisation(backbone: nn.Module) -> tuple[list[float], list[float]]:
@@ -122,7 +147,7 @@ def build_loaders(
             crop_scales=args.crop_scales, skip_corrupt=args.skip_corrupt)
     else:
         train_set.transform = TrainPixels(args.img_size, reprob=args.reprob, hflip=args.hflip,
-                                          crop_scales=args.crop_scales)
+                                          crop_scales=args.crop_scales, mean=mean, aa=args.aa, cutout=args.cutout)
         train_transform = NormalizeBatch(mean, std, device)
     eval_transform = eval_pipeline(eval_set, args.img_size, mean, std, device, args.gpu_decode, args.skip_corrupt)
     train_loader = make_loader(train_set, args.batch_size, True, args.workers, args.skip_corrupt)
@@ -154,9 +179,37 @@ def build_optimization(args: argparse.Namespace, model: nn.Module, batches_per_e
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=args.sched, num_epochs=args.epochs // cycles, warmup_epochs=args.warmup_epochs,
         warmup_lr=args.warmup_lr, min_lr=args.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-        cycle_limit=cycles, cycle_decay=1.0,
+        cycle_limit=cycles, cycle_decay=1.0, decay_epochs=args.decay_epochs, decay_rate=args.decay_rate,
     )
+    warning = constant_rate_warning(scheduler, optimizer, args, updates_per_epoch)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return optimizer, scheduler
+
+
+def constant_rate_warning(scheduler: object, optimizer: torch.optim.Optimizer, args: argparse.Namespace,
+                          updates_per_epoch: int) -> str | None:
+    """A warning when the schedule leaves the learning rate unchanged from the end of the warm-up to the last
+    optimizer step of --epochs (timm's step schedule decays first at epoch 90, after most short runs end).
+
+    Read from the scheduler at the start of every epoch after the warm-up and at the last step; the optimizer's
+    rates are put back as they were.
+    """
+    first, last = args.warmup_epochs * updates_per_epoch, args.epochs * updates_per_epoch - 1
+    if last <= first:
+        return None
+    start_rates = [group["lr"] for group in optimizer.param_groups]
+    rates = set()
+    for update in [*range(first, last, updates_per_epoch), last]:
+        scheduler.step_update(num_updates=update)
+        rates.add(optimizer.param_groups[0]["lr"])
+    for group, rate in zip(optimizer.param_groups, start_rates, strict=True):
+        group["lr"] = rate
+    if len(rates) > 1:
+        return None
+    hint = f" (--decay-epochs {args.decay_epochs:g} >= --epochs {args.epochs})" if args.sched == "step" else ""
+    return (f"--sched {args.sched} keeps the learning rate at {rates.pop():g} from epoch "
+            f"{args.warmup_epochs} to the end of the run{hint}: the schedule never changes it")
 
 
 def make_ema(args: argparse.Namespace, model: nn.Module, accelerator: Accelerator) -> ModelEmaV3 | None:
@@ -173,6 +226,8 @@ def result_fields(args: argparse.Namespace, method: str, teacher: str) -> dict[s
 
 def fit_and_report(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
     """Train the remaining epochs, print the metrics of best.safetensors, return its results.csv row."""
+    start_trackers(accelerator, args, setup.run_dir)
+    setup.on_epoch_end = partial(log_epoch, accelerator)
     row = fit(args, setup, accelerator)
     print_results(accelerator, row)
     accelerator.end_training()

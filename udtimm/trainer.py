@@ -46,6 +46,7 @@ class RunSetup:
     metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
     result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
     on_epoch_start: Callable[[int], None] | None = None
+    on_epoch_end: Callable[[dict[str, object]], None] | None = None  # gets the epoch's summary.csv row
     extra_state: dict = field(default_factory=dict)
     # What finishes the loaders' batches on the device (runs.build_loaders); None: they are model input already.
     train_transform: BatchTransform | None = None
@@ -169,6 +170,8 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         best = weights_scores[better][BEST_METRIC] if improved else best
         if accelerator.is_main_process:
             append_csv_row(summary_path, row)
+            if setup.on_epoch_end is not None:
+                setup.on_epoch_end(row)
             unwrapped = bare_model(accelerator, model)
             meta = {**setup.metadata, "epoch": str(epoch), "metric": BEST_METRIC,
                     "metric_value": str(scores[BEST_METRIC]), "weights": RAW}
