@@ -32,7 +32,7 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefau
     none, or says it already)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
-        if action.default is None or "default" in (action.help or ""):
+        if action.default is None or "(default" in (action.help or ""):
             return action.help or ""
         return super()._get_help_string(action)
 

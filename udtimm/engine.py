@@ -179,8 +179,9 @@ def accumulation_scale(step: int, batches: int, accumulation: int) -> float:
 
 
 def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
-    """Every process gets the main process's buffers of `module`: an EMA averages each process's BatchNorm
-    statistics, which differ between processes, and is saved from the main process."""
+    """Every process gets the main process's buffers of `module`: each process's BatchNorm statistics follow its own
+    batches (DDP copies the main process's only at the next training step, an EMA averages each process's own), and
+    the checkpoints are written from the main process."""
     if accelerator.num_processes > 1:
         for buffer in module.buffers():
             buffer.copy_(broadcast(buffer.clone(), from_process=0))

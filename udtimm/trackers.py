@@ -44,7 +44,7 @@ def tracker_names(log_with: str | None) -> list[str]:
 
 
 def is_installed(name: str) -> bool:
-    return TRACKERS[name][1]()
+    return bool(TRACKERS[name][1]())
 
 
 def start_trackers(accelerator: Accelerator, args: argparse.Namespace, run_dir: str) -> None:

@@ -155,6 +155,8 @@ def fit(args: argparse.Namespace, setup: RunSetup, accelerator: Accelerator) -> 
         row.update(skipped_steps=stats["skipped_steps"], skipped_images=stats["skipped_images"],
                    images_per_s=stats["images_per_s"])
         evaluated = (epoch + 1) % args.eval_interval == 0 or epoch + 1 == args.epochs
+        if evaluated:  # the weights the checkpoints get: the main process's BatchNorm statistics on every process
+            broadcast_buffers(bare_model(accelerator, model), accelerator)
         scores = evaluate_metrics(predict(model, setup.eval_batches(accelerator.device), accelerator,
                                           not args.no_progress), args) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
