@@ -114,7 +114,7 @@ def one_over_k_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) 
 
 def asymmetric_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, gamma_neg: float = 4.0,
                     gamma_pos: float = 0.0, clip: float = 0.05) -> Tensor:
-    """ASL (Ridnik et al., ICCV 2021): -y (1-p)^g+ log p - (1-y) p_m^g- log(1-p_m), p_m = max(p-m, 0); pair mean."""
+    """ASL (Ben-Baruch et al. 2021): -y (1-p)^g+ log p - (1-y) p_m^g- log(1-p_m), p_m = max(p-m, 0); mean."""
     z, positive, negative = _split(logits, target, mask)
     # 1 - p as sigmoid(-z) and log p as logsigmoid(z): exact where p rounds to 0 or 1 in float32.
     one_minus_p = torch.sigmoid(-z)
