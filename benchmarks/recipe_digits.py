@@ -22,7 +22,6 @@ import argparse
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Sequence
 
 import pandas as pd
@@ -30,7 +29,7 @@ import pandas as pd
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from distill_digits import Job, run_all  # noqa: E402
+from distill_digits import Job, run_in  # noqa: E402
 
 from udtimm.claims import Claim, claims_table, to_markdown  # noqa: E402
 from udtimm.report import load_results  # noqa: E402
@@ -95,12 +94,8 @@ def last_epoch_rows(run_dirs: Sequence[str]) -> pd.DataFrame:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    log_dir = os.path.join(out, "logs")
-    os.makedirs(log_dir, exist_ok=True)
     jobs = plan(args)
-    started = time.perf_counter()
-    run_all(jobs, args.jobs, log_dir)
-    minutes = (time.perf_counter() - started) / 60
+    minutes = run_in(out, jobs, args.jobs)
     run_dirs = [job.run_dir for job in jobs]
     report = subprocess.run([sys.executable, "-m", "udtimm.report", *run_dirs], cwd=ROOT, check=True,
                             capture_output=True, text=True).stdout
