@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 from udtimm import checkpoint, config, runs
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attention_support
 from udtimm.data.transforms import Renormalize
+from udtimm.ema import method_suffix
 from udtimm.engine import bare_model
 from udtimm.model import CalibratedModel
 from udtimm.objectives import (
@@ -68,12 +69,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def method_name(args: argparse.Namespace) -> str:
     """The method column of results.csv: kd, ud, ud-noatt (beta = 0) or self-ud; an --att-variant other than
-    paper is appended (ud-const-weights, self-ud-gradcam)."""
+    paper is appended (ud-const-weights, self-ud-gradcam), and +ema with --model-ema."""
     if args.method == "kd" and not args.self_distill:
-        return "kd"
-    if args.att_weight == 0 and not args.self_distill:
-        return "ud-noatt"
-    return f"self-{ud_method(args.att_variant)}" if args.self_distill else ud_method(args.att_variant)
+        method = "kd"
+    elif args.att_weight == 0 and not args.self_distill:
+        method = "ud-noatt"
+    else:
+        method = f"self-{ud_method(args.att_variant)}" if args.self_distill else ud_method(args.att_variant)
+    return method + method_suffix(args.model_ema)
 
 
 def load_teacher(path: str, class_names: list[str], method: str, accelerator: Accelerator,
@@ -123,8 +126,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     settings = config.training_settings(args)
     data, runtime = settings.data, settings.runtime
-    accelerator = runs.make_accelerator(runtime.mixed_precision, runtime.torchcompile)
     method = method_name(args)
+    run_dir = runs.run_dir_path(runtime, args.model, method)
+    accelerator = runs.make_training_accelerator(settings, run_dir)
     train_set, eval_set = runs.load_datasets(data, accelerator)
     # Every check on the teacher happens before the run directory exists and before any step.
     teacher, teacher_metadata = (None, {}) if args.self_distill else load_teacher(
@@ -136,7 +140,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         for model in (student, teacher):
             if model is not None:
                 check_attention_support(model)
-    with runs.run_directory(runtime, args.model, method, settings.saved_args, accelerator) as run_dir:
+    with runs.run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
         mean, std = student_norm = runs.normalisation(student.backbone)
         train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
@@ -160,6 +164,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
             eval_transform=eval_transform, prefetch=data.prefetch,
             result_fields=runs.result_fields(settings, method, teacher_name),
+            ema=runs.make_ema(settings.optim, student, accelerator),
         )
         return runs.fit_and_report(settings, setup, accelerator)
 

@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from udtimm import config, runs
 from udtimm.checkpoint import model_metadata
+from udtimm.ema import method_suffix
 from udtimm.engine import bare_model
 from udtimm.objectives import CLASSIFICATION_LOSSES, LossOptions, SupervisedObjective
 from udtimm.trainer import RunSetup
@@ -28,26 +29,31 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--loss", default="bce", choices=tuple(CLASSIFICATION_LOSSES),
                        help="classification loss (Table 5 baselines)")
     group.add_argument("--temperature", type=float, default=3.0, help="T of --loss temperature")
+    group.add_argument("--asl-gamma-neg", type=float, default=4.0, help="--loss asl: focusing of the negatives")
+    group.add_argument("--asl-gamma-pos", type=float, default=0.0, help="--loss asl: focusing of the positives")
+    group.add_argument("--asl-clip", type=float, default=0.05, help="--loss asl: probability margin m of the negatives")
     return config.parse_with_config(parser, argv)
 
 
-def method_name(loss: str, cal: bool) -> str:
-    """The method column of results.csv: baseline, cal, or the Table 5 loss."""
+def method_name(loss: str, cal: bool, model_ema: bool = False) -> str:
+    """The method column of results.csv: baseline, cal, or the Table 5 loss (or asl), +ema with --model-ema."""
     name = "baseline" if loss == "bce" else loss
-    return "cal" if cal and loss == "bce" else f"{name}+cal" if cal else name
+    method = "cal" if cal and loss == "bce" else f"{name}+cal" if cal else name
+    return method + method_suffix(model_ema)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     settings = config.training_settings(args)
     data, runtime = settings.data, settings.runtime
-    accelerator = runs.make_accelerator(runtime.mixed_precision, runtime.torchcompile)
-    method = method_name(args.loss, args.cal)
+    method = method_name(args.loss, args.cal, settings.optim.model_ema)
+    run_dir = runs.run_dir_path(runtime, args.model, method)
+    accelerator = runs.make_training_accelerator(settings, run_dir)
     train_set, eval_set = runs.load_datasets(data, accelerator)
     set_seed(runtime.seed)
     model = runs.build_model(settings.model, data.img_size, train_set.classes, args.cal, accelerator)
     # After every check on the data and the weights; removed again if the run fails before saving an epoch.
-    with runs.run_directory(runtime, args.model, method, settings.saved_args, accelerator) as run_dir:
+    with runs.run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
         mean, std = runs.normalisation(model.backbone)
         train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
@@ -61,12 +67,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                                   data.img_size, mean, std, dataset=data.source.name, method=method, teacher="",
                                   model_kwargs=args.model_kwargs)
         objective = SupervisedObjective(args.loss, args.cal, args.cal_weight, data.difficult,
-                                        LossOptions(temperature=args.temperature))
+                                        config.settings_from(LossOptions, args))
         setup = RunSetup(
             run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
             eval_transform=eval_transform, prefetch=data.prefetch,
             result_fields=runs.result_fields(settings, method, ""),
+            ema=runs.make_ema(settings.optim, model, accelerator),
         )
         return runs.fit_and_report(settings, setup, accelerator)
 

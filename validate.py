@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from torch import Tensor, nn
 
 from udtimm import checkpoint, config, metrics, runs, thresholds
-from udtimm.config import ConfigError
+from udtimm.config import ConfigError, HelpFormatter
 from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
@@ -36,7 +36,7 @@ TOPK = 3  # the paper's top-3 metrics
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="a .safetensors file written by udtimm")
     data = parser.add_argument_group("data")
     data.add_argument("--dataset", default=None, choices=tuple(DATASETS),
@@ -46,7 +46,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     data.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
     data.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
     data.add_argument("--digits-seed", type=int, default=0, help="digits: scene seed (0: the default set)")
-    data.add_argument("-b", "--batch-size", type=int, default=64)
+    data.add_argument("-b", "--batch-size", type=int, default=64, help="images per process and step")
     config.add_workers_arg(data)
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--subset", default="all", choices=("all", "difficult"),
@@ -71,10 +71,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "--threshold")
     tuning.add_argument("--tune-split", default="val",
                         help="held-out split to choose the thresholds on, never the test split nor --split "
-                             "(default: val; digits writes its val split on first use)")
+                             "(digits writes its val split on first use)")
     runtime = parser.add_argument_group("runtime")
-    runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    runtime.add_argument("--channels-last", action="store_true")
+    runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast dtype")
+    runtime.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster on tensor cores)")
     runtime.add_argument("--torchcompile", action="store_true", help="torch.compile the model (through accelerate)")
     runtime.add_argument("--gpu-decode", action="store_true",
                          help="the workers only read the files; the GPU decodes (nvJPEG) and resizes them")

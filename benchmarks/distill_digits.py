@@ -165,15 +165,20 @@ def run_all(jobs: list[Job], parallel: int, log_dir: str) -> None:
         time.sleep(1)
 
 
+def run_in(out: str, jobs: list[Job], parallel: int) -> float:
+    """run_all with the logs in `out`/logs; the minutes it took (finished runs skipped)."""
+    log_dir = os.path.join(out, "logs")
+    os.makedirs(log_dir, exist_ok=True)
+    started = time.perf_counter()
+    run_all(jobs, parallel, log_dir)
+    return (time.perf_counter() - started) / 60
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    log_dir = os.path.join(out, "logs")
-    os.makedirs(log_dir, exist_ok=True)
     jobs = plan(args)
-    started = time.perf_counter()
-    run_all(jobs, args.jobs, log_dir)
-    minutes = (time.perf_counter() - started) / 60
+    minutes = run_in(out, jobs, args.jobs)
     # Pretraining scores its own test split (digits seed 1): a table of its own, never grouped with the students.
     pretraining = [job.run_dir for job in jobs if job.name.startswith("pretrain-")]
     report = ""

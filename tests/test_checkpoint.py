@@ -127,3 +127,19 @@ def test_optimizer_state_with_a_pickle_payload_is_refused(tmp_path) -> None:
         pickle.dump({"optimizer": Payload()}, handle)
     with pytest.raises(pickle.UnpicklingError):
         checkpoint.load_training_state(str(tmp_path / "state"))
+
+
+def test_ema_weights_are_part_of_the_state_and_a_state_without_them_is_refused(tmp_path) -> None:
+    model, ema = create_model("test_resnet", num_classes=2), create_model("test_resnet", num_classes=2)
+    metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.25] * 3)
+    best = str(tmp_path / "best.safetensors")
+    checkpoint.save_training_state(str(tmp_path), model, metadata, {}, {"epoch": 0}, ema=(ema, metadata),
+                                   ema_also_at=[best])
+    state = os.path.join(str(tmp_path), "state")
+    assert os.path.samefile(best, os.path.join(state, "ema.safetensors"))
+    restored = create_model("test_resnet", num_classes=2)
+    checkpoint.load_ema_state(state, restored)
+    assert all(torch.equal(value, ema.state_dict()[key]) for key, value in restored.state_dict().items())
+    os.remove(os.path.join(state, "ema.safetensors"))
+    with pytest.raises(CheckpointError, match="--model-ema"):
+        checkpoint.load_ema_state(state, restored)

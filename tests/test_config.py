@@ -1,6 +1,11 @@
+import argparse
+import re
+
 import pytest
 
+import distill
 import train
+import validate
 from udtimm.config import ConfigError, fill_dataset_defaults
 
 
@@ -34,3 +39,50 @@ def test_config_and_resume_together_are_refused(tmp_path) -> None:
 def test_missing_config_file_is_named(tmp_path) -> None:
     with pytest.raises(ConfigError, match="nope.yaml"):
         train.parse_args(["-c", str(tmp_path / "nope.yaml")])
+
+
+def help_blocks(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """Each option's --help entry, whitespace-collapsed, by its longest flag."""
+    text = parser.format_help()
+    blocks = {}
+    for block in re.split(r"\n(?=  -)", text):
+        flags = re.findall(r"(?<![\w-])--?[\w-]+", block.split("  ", 2)[1] if block.startswith("  -") else "")
+        if flags:
+            blocks[max(flags, key=len)] = " ".join(block.split())
+    return blocks
+
+
+@pytest.mark.parametrize("script", [train, distill, validate], ids=lambda script: script.__name__)
+def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch: pytest.MonkeyPatch) -> None:
+    parsers = []
+    real = argparse.ArgumentParser.parse_args
+
+    def capture(parser, *args, **kwargs):
+        parsers.append(parser)
+        return real(parser, *args, **kwargs)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    argv = ["--teacher-ckpt", "t.safetensors"] if script is distill else ["--checkpoint", "c"] \
+        if script is validate else []
+    script.parse_args(argv)
+    parser = parsers[-1]
+    blocks = help_blocks(parser)
+    options = [action for action in parser._actions if action.option_strings and action.default != argparse.SUPPRESS]
+    assert len(options) > 15
+    for action in options:
+        block = blocks[max(action.option_strings, key=len)]
+        if action.default is None:
+            assert "(default: None)" not in block
+        else:
+            assert f"(default: {action.default})" in block, block
+
+
+def test_aa_and_cutout_are_checked_before_any_work() -> None:
+    assert train.parse_args(["--cutout"]).cutout == 0.5  # ASL's box: half the side
+    assert train.parse_args(["--aa", "rand-m9-mstd0.5", "--cutout", "0.3"]).aa == "rand-m9-mstd0.5"
+    with pytest.raises(ConfigError, match="--aa 'rand-x9'"):
+        train.parse_args(["--aa", "rand-x9"])
+    with pytest.raises(ConfigError, match="--cutout"):
+        train.parse_args(["--cutout", "1.5"])
+    with pytest.raises(ConfigError, match="--gpu-decode"):
+        train.parse_args(["--aa", "rand-m9", "--gpu-decode"])

@@ -45,6 +45,14 @@ def test_students_learn_from_a_calibrated_teacher(tiny_digits, teachers, tmp_pat
     assert read_metadata(str(tmp_path / "s" / "best.safetensors"))["cal"] == ("true" if method != "kd" else "false")
 
 
+def test_a_student_with_model_ema(tiny_digits, teachers, tmp_path) -> None:
+    row = distill.main(tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment",
+                                       "s", "--method", "kd", "--epochs", "1", "--model-ema"))
+    summary = read_rows(str(tmp_path / "s" / "summary.csv"))
+    assert row["method"] == "kd+ema" and row["best_weights"] in ("raw", "ema") and "map_ema" in summary[0]
+    assert os.path.isfile(tmp_path / "s" / "state" / "ema.safetensors")
+
+
 def test_ud_refuses_a_teacher_without_calibration_branch_before_any_work(tiny_digits, teachers, tmp_path) -> None:
     args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["plain"], "--experiment", "x")
     with pytest.raises(ConfigError, match="calibration branch"):

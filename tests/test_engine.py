@@ -6,8 +6,16 @@ from accelerate import Accelerator
 from timm.scheduler import create_scheduler_v2
 
 from udtimm import engine
-from udtimm.engine import LossReadout, NonFiniteLossError, bare_model, train_one_epoch
+from udtimm.engine import (
+    LossReadout,
+    NonFiniteLossError,
+    accumulation_scale,
+    bare_model,
+    optimizer_steps,
+    train_one_epoch,
+)
 from udtimm.model import create_model
+from udtimm.objectives import SupervisedObjective
 
 
 def test_bare_model_strips_torch_compile_so_checkpoint_keys_stay_plain() -> None:
@@ -75,3 +83,66 @@ def test_a_nan_step_stops_the_epoch_naming_that_step(nan_step: int) -> None:
 def test_skip_nonfinite_skips_the_nan_step_before_its_update() -> None:
     stats = run_epoch(CountingObjective({1, 4}), skip_nonfinite=True)
     assert stats["skipped_steps"] == 2 and math.isfinite(stats["loss"])
+
+
+def test_an_epoch_counts_its_optimizer_steps_with_a_shorter_last_group() -> None:
+    assert [optimizer_steps(batches, 4) for batches in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
+    assert [accumulation_scale(step, 5, 2) for step in range(5)] == [1.0, 1.0, 1.0, 1.0, 2.0]  # 2 + 2 + 1
+    assert [accumulation_scale(step, 6, 3) for step in range(6)] == [1.0] * 6
+
+
+def without_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
+    for name, module in list(model.named_modules()):
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+            parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+            setattr(parent, name.rsplit(".", 1)[-1], torch.nn.Identity())
+    return model
+
+
+def weights_after_an_epoch(batch_sizes: list[int], accumulation: int, cal: bool) -> dict[str, torch.Tensor]:
+    """The same 24 (or 16) images, cut into batches of `batch_sizes`, trained with --grad-accum-steps."""
+    torch.manual_seed(0)
+    model = without_batchnorm(create_model("test_resnet", num_classes=4, cal=cal))
+    generator = torch.Generator().manual_seed(1)
+    images = torch.randn(sum(batch_sizes), 3, 32, 32, generator=generator)
+    target = (torch.rand(len(images), 4, generator=generator) > 0.5).float()
+    target[:, 0] = 1.0  # every image has a positive: the partial-softmax mean over images has no empty sample
+    batches, start = [], 0
+    for size in batch_sizes:
+        part = slice(start, start + size)
+        batches.append((images[part], target[part], torch.zeros(size, 4, dtype=torch.bool), torch.arange(size)))
+        start += size
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+    updates = optimizer_steps(len(batches), accumulation)
+    scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=1, step_on_epochs=False,
+                                       updates_per_epoch=updates, warmup_epochs=0)
+    accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
+    model, optimizer = accelerator.prepare(model, optimizer)  # accelerate's optimizer steps at a group's end only
+    train_one_epoch(model, batches, optimizer, scheduler, accelerator, SupervisedObjective("bce"), epoch=0,
+                    num_updates=0, show_progress=False)
+    return {key: value.clone() for key, value in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("cal", [False, True], ids=["bce", "cal"])
+def test_two_accumulated_batches_of_8_equal_one_batch_of_16(cal: bool) -> None:
+    """Weights after one optimizer step: 2 x 8 accumulated against 1 x 16, BCE alone and Eq. 12 (BCE + lambda PAL-N).
+
+    BatchNorm would normalise each batch of 8 with its own statistics, and so change the forward pass itself: the
+    model here has none (its BatchNorm layers are identities), so what is compared is the gradient accumulation
+    alone, which must give the mean gradient over the 16 images.
+    """
+    one_batch = weights_after_an_epoch([16], 1, cal)
+    accumulated = weights_after_an_epoch([8, 8], 2, cal)
+    torch.manual_seed(0)
+    initial = without_batchnorm(create_model("test_resnet", num_classes=4, cal=cal)).state_dict()
+    assert any(not torch.equal(one_batch[key], initial[key]) for key in initial)  # a real step
+    for key in one_batch:
+        torch.testing.assert_close(accumulated[key], one_batch[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_an_epochs_shorter_last_group_averages_its_own_batches() -> None:
+    """3 batches of 8 with 2 accumulation steps: two updates, 16 images then 8, as batches of 16 and 8 give."""
+    expected = weights_after_an_epoch([16, 8], 1, cal=False)
+    got = weights_after_an_epoch([8, 8, 8], 2, cal=False)
+    for key in expected:
+        torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)

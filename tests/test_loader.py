@@ -18,7 +18,8 @@ SIZE = 32
 @pytest.fixture(scope="module")
 def augmented(tiny_digits: str) -> MultiLabelDataset:
     dataset = build_dataset("digits", tiny_digits, "trainval", **TINY_DIGITS)
-    dataset.transform = TrainPixels(SIZE, reprob=0.5, hflip=0.5)  # crops, flips and erasing boxes: all random
+    # Crops, flips, erasing boxes, Cutout and RandAugment (it draws from Python's and NumPy's generators): all random.
+    dataset.transform = TrainPixels(SIZE, reprob=0.5, hflip=0.5, aa="rand-m9-mstd0.5", cutout=0.5)
     return dataset
 
 

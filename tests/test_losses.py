@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from udtimm.losses import (
     DIFFICULT_POLICIES,
     apply_difficult_policy,
+    asymmetric_loss,
     attention_distillation_loss,
     bce_loss,
     binary_kd_loss,
@@ -124,12 +125,40 @@ def ref_attention(a_s, a_t):
     return total / a_s.shape[0]
 
 
+def ref_asl(z, y, m, gamma_neg=4.0, gamma_pos=0.0, clip=0.05):
+    """ASL: -(1-p)^g+ log p on positives, -p_m^g- log(1-p_m) on negatives, p_m = max(p - m, 0); mean of pairs."""
+    terms = []
+    for b in range(z.shape[0]):
+        for c in range(z.shape[1]):
+            if not m[b, c]:
+                continue
+            log_p, log_one_minus_p = _log_sigmoid(z[b, c]), _log_sigmoid(-z[b, c])
+            if y[b, c] > 0.5:
+                terms.append(-torch.exp(log_one_minus_p) ** gamma_pos * log_p)
+            else:
+                p_m = torch.clamp(torch.exp(log_p) - clip, min=0.0)
+                log_one_minus_p_m = torch.log(1 - p_m) if clip > 0 else log_one_minus_p
+                terms.append(-p_m**gamma_neg * log_one_minus_p_m)
+    return _mean(terms, z)
+
+
+def asl_focal(z, y, m=None):
+    """ASL with other parameters: focusing on both sides, no shifting."""
+    return asymmetric_loss(z, y, m, gamma_neg=2.0, gamma_pos=1.0, clip=0.0)
+
+
+def ref_asl_focal(z, y, m):
+    return ref_asl(z, y, m, gamma_neg=2.0, gamma_pos=1.0, clip=0.0)
+
+
 LABEL_LOSSES = {
     "bce": (bce_loss, ref_bce),
     "partial_softmax": (partial_softmax_loss, ref_partial_softmax),
     "temperature": (temperature_bce_loss, ref_temperature),
     "label_smoothing": (label_smoothing_loss, ref_label_smoothing),
     "one_over_k": (one_over_k_loss, ref_one_over_k),
+    "asl": (asymmetric_loss, ref_asl),
+    "asl_focal": (asl_focal, ref_asl_focal),
 }
 
 # --- inputs --------------------------------------------------------------------------------------------------------
@@ -198,6 +227,32 @@ def test_label_loss_bf16_input_computed_in_float32(name):
     assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-3)
+
+
+def test_asl_without_focusing_or_shifting_is_bce():
+    z, y, m = _edge_batch(seed=2)
+    torch.testing.assert_close(asymmetric_loss(z.float(), y.float(), m, gamma_neg=0, gamma_pos=0, clip=0),
+                               bce_loss(z.float(), y.float(), m))
+
+
+def test_asl_shifting_discards_negatives_below_the_margin():
+    """p <= m gives p_m = 0: such a negative adds nothing, not even a gradient (ASL's mislabeled-negative rejection)."""
+    z = torch.tensor([[math.log(0.04 / 0.96), math.log(0.3 / 0.7)]], requires_grad=True)
+    loss = asymmetric_loss(z, torch.zeros(1, 2), gamma_neg=4, clip=0.05)
+    (grad,) = torch.autograd.grad(loss, z)
+    assert grad[0, 0] == 0 and grad[0, 1] > 0
+    assert loss.item() == pytest.approx(-(0.25**4) * math.log(0.75) / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_asl_under_autocast_is_computed_in_float32(dtype):
+    """Logits from a fp16/bf16 autocast region: the loss and its terms are float32 (p^4 of small p underflows fp16)."""
+    z, y, m = _edge_batch(seed=4)
+    with torch.autocast("cpu", dtype=dtype):
+        logits = torch.nn.functional.linear(z.float(), torch.eye(5))
+        loss = asymmetric_loss(logits, y.float(), m)
+    assert logits.dtype == dtype and loss.dtype == torch.float32
+    torch.testing.assert_close(loss.double(), ref_asl(logits.double(), y, m), rtol=1e-5, atol=1e-6)
 
 
 def test_partial_softmax_hand_example():
@@ -277,7 +332,7 @@ def test_apply_difficult_policy():
 
 
 @pytest.mark.parametrize(
-    "name", ["bce", "partial_softmax", "calibrated", "temperature", "label_smoothing", "one_over_k"]
+    "name", ["bce", "partial_softmax", "calibrated", "temperature", "label_smoothing", "one_over_k", "asl"]
 )
 def test_ignored_pair_changes_nothing(name):
     g = torch.Generator().manual_seed(3)

@@ -39,6 +39,19 @@ def test_supervised_objective_is_eq12_with_the_difficult_policy() -> None:
     torch.testing.assert_close(terms["loss"], terms["bce"] + 0.1 * terms["partial_softmax"])
 
 
+def test_asl_with_cal_is_asl_plus_lambda_partial_softmax() -> None:
+    model = create_model("test_resnet", num_classes=4, cal=True).eval()
+    images, target, difficult = batch()
+    objective = SupervisedObjective("asl", cal=True, cal_weight=0.2, difficult="ignore",
+                                    options=LossOptions(asl_gamma_neg=3.0, asl_gamma_pos=1.0, asl_clip=0.1))
+    terms = objective(model, images, target, difficult)
+    out, mask = model(images), ~difficult
+    assert objective.term_names == ("asl", "partial_softmax")
+    torch.testing.assert_close(terms["asl"], losses.asymmetric_loss(out.logits, target, mask, gamma_neg=3.0,
+                                                                    gamma_pos=1.0, clip=0.1))
+    torch.testing.assert_close(terms["loss"], terms["asl"] + 0.2 * terms["partial_softmax"])
+
+
 @pytest.mark.parametrize("loss", list(CLASSIFICATION_LOSSES))
 def test_every_registered_loss_is_selected_by_name_and_is_a_flag(loss: str) -> None:
     model = create_model("test_resnet", num_classes=4).eval()

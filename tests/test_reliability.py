@@ -411,3 +411,27 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(tiny_digits: s
     blocker.write_text("not a directory")
     with pytest.raises(OSError, match=f"output directory {blocker}/x is not writable"):
         train.main(tiny_train_args(tiny_digits, str(blocker), "--experiment", "x"))
+
+
+def test_an_interrupted_ema_run_resumes_to_the_same_raw_and_ema_weights(tiny_digits: str, tmp_path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model-ema: the EMA weights come back from state/, so a run stopped after epoch 0 ends as an uninterrupted one
+    (both weights bit for bit, the *_ema columns, the choice of best.safetensors)."""
+    flags = ("--model-ema", "--loss", "asl")
+    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "whole", *flags))
+    real = trainer.train_one_epoch
+
+    def stop_at_epoch_1(*args, **kwargs):
+        if args[6] == 1:  # the epoch
+            sys.exit("killed")
+        return real(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(trainer, "train_one_epoch", stop_at_epoch_1)
+        with pytest.raises(SystemExit):
+            train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "stopped", *flags))
+    train.main(["--resume", str(tmp_path / "stopped"), "--no-progress"])
+    assert_same_run(str(tmp_path / "stopped"), str(tmp_path / "whole"))
+    got, want = (load_file(str(tmp_path / name / "state" / "ema.safetensors")) for name in ("stopped", "whole"))
+    assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
+    assert "map_ema" in read_rows(str(tmp_path / "whole" / "summary.csv"))[0]

@@ -7,9 +7,11 @@ import sys
 
 import pytest
 import yaml
-from conftest import read_rows, run_two_cpu_processes, tiny_train_args
+from conftest import TINY_DIGITS, read_rows, run_two_cpu_processes, tiny_train_args
 
 import train
+import validate
+from udtimm import trainer
 from udtimm.checkpoint import read_metadata
 from udtimm.config import ConfigError
 from udtimm.data.base import DatasetError
@@ -108,11 +110,66 @@ def test_unknown_model_is_a_clean_error_from_the_command_line(tiny_digits: str, 
 
 def test_two_cpu_processes_write_one_consistent_run(tiny_digits: str, tmp_path) -> None:
     result = run_two_cpu_processes("train.py", *tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "ddp",
-                                                                "--cal"))
+                                                                "--cal", "--model-ema"))
     assert result.returncode == 0, result.stderr[-3000:]
     run_dir = tmp_path / "ddp"
     assert "2 process(es)" in result.stdout
-    assert [row["epoch"] for row in read_rows(str(run_dir / "summary.csv"))] == ["0", "1"]
+    summary = read_rows(str(run_dir / "summary.csv"))
+    assert [row["epoch"] for row in summary] == ["0", "1"]
     (row,) = read_rows(str(run_dir / "results.csv"))
     assert float(row["num_images"]) == 40  # every test image once: no duplicates from the padded last batch
     assert read_metadata(str(run_dir / "best.safetensors"))["cal"] == "true"
+    # The raw and EMA weights of the last epoch, evaluated by one process, score what the two processes measured
+    # with them: both processes evaluated the main process's weights (and BatchNorm statistics), the ones saved.
+    for weights, suffix in (("weights", ""), ("ema", "_ema")):
+        alone = validate.main(["--checkpoint", str(run_dir / "state" / f"{weights}.safetensors"),
+                               *validate_flags(tiny_digits)])
+        for name in ("map", "map_difficult", "ece"):
+            assert float(summary[-1][name + suffix]) == pytest.approx(alone[name], abs=1e-6), name + suffix
+
+
+def validate_flags(data_dir: str) -> list[str]:
+    return ["--data-dir", data_dir, "--digits-trainval", str(TINY_DIGITS["num_trainval"]), "--digits-test",
+            str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress"]
+
+
+@pytest.fixture(scope="module")
+def ema_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+    output = str(tmp_path_factory.mktemp("runs"))
+    row = train.main(tiny_train_args(tiny_digits, output, "--model-ema", "--experiment", "ema"))
+    return os.path.join(output, "ema"), row
+
+
+def test_model_ema_evaluates_both_weights_and_keeps_the_better_as_best(ema_run: tuple[str, dict],
+                                                                         tiny_digits: str) -> None:
+    run_dir, returned = ema_run
+    summary = read_rows(os.path.join(run_dir, "summary.csv"))
+    # The first epoch that reached the highest mAP of either weights; the raw weights win a tie.
+    value, epoch, weights = max(((float(row[column]), -int(row["epoch"]), weights) for row in summary
+                                 for column, weights in (("map", "raw"), ("map_ema", "ema"))),
+                                key=lambda candidate: (candidate[0], candidate[1], candidate[2] == "raw"))
+    metadata = read_metadata(os.path.join(run_dir, "best.safetensors"))
+    assert (metadata["weights"], int(metadata["epoch"])) == (weights, -epoch)
+    assert float(metadata["metric_value"]) == pytest.approx(value, abs=1e-9)
+    (row,) = read_rows(os.path.join(run_dir, "results.csv"))
+    assert row["method"] == "baseline+ema" and row["best_weights"] == weights == returned["best_weights"]
+    assert float(row["map"]) == pytest.approx(value, abs=1e-6)  # results.csv evaluates best.safetensors again
+    # state/ holds the EMA weights of the last epoch, whose metrics are the last row's *_ema columns.
+    ema = os.path.join(run_dir, "state", "ema.safetensors")
+    assert read_metadata(ema)["weights"] == "ema"
+    ema_alone = validate.main(["--checkpoint", ema, *validate_flags(tiny_digits)])
+    for name in ("map", "map_difficult", "ece"):
+        assert float(summary[-1][f"{name}_ema"]) == pytest.approx(ema_alone[name], abs=1e-6), name
+    assert float(summary[-1]["map_ema"]) != float(summary[-1]["map"])  # other weights than the raw ones
+
+
+def test_best_checkpoint_holds_the_ema_weights_when_they_are_better(tiny_digits: str, tmp_path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    real = trainer.evaluate_ema
+    monkeypatch.setattr(trainer, "evaluate_ema", lambda *args: {**real(*args), "map": 101.0})
+    row = train.main(tiny_train_args(tiny_digits, str(tmp_path), "--model-ema", "--experiment", "e", "--epochs",
+                                     "1"))
+    run_dir = tmp_path / "e"
+    assert os.path.samefile(run_dir / "best.safetensors", run_dir / "state" / "ema.safetensors")
+    assert read_metadata(str(run_dir / "best.safetensors"))["weights"] == "ema" and row["best_weights"] == "ema"
+    assert row["map"] < 100  # the final metrics are measured on best.safetensors, not taken from the epoch

@@ -1,5 +1,6 @@
 import random
 
+import numpy as np
 import pytest
 import torch
 from torchvision.transforms.v2 import functional as F
@@ -8,9 +9,11 @@ from udtimm.data.transforms import (
     CROP_SCALES,
     ERASE,
     PIXELS,
+    Cutout,
     MultiScaleCrop,
     NormalizeBatch,
-    NormalizeImage,
+        NormalizeImage,
+    RandAugment,
     Renormalize,
     TrainPixels,
     crop_offsets,
@@ -79,18 +82,24 @@ def images_of_sizes(count: int) -> list[torch.Tensor]:
             for i in range(count)]
 
 
-@pytest.mark.parametrize(("reprob", "hflip", "seed"), [(1.0, 0.5, 0), (0.5, 0.5, 1), (0.0, 0.0, 2)])
+def seed_all(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+@pytest.mark.parametrize(("reprob", "hflip", "seed", "aa", "cutout"), [
+    (1.0, 0.5, 0, None, 0.0), (0.5, 0.5, 1, None, 0.0), (0.0, 0.0, 2, None, 0.0), (0.5, 0.5, 3, "rand-m9-mstd0.5", 0.5),
+])
 def test_worker_pixels_then_device_normalisation_equal_the_whole_train_transform(
-        reprob: float, hflip: float, seed: int) -> None:
+        reprob: float, hflip: float, seed: int, aa: str | None, cutout: float) -> None:
     """The loaders' split transform (uint8 in the workers, NormalizeBatch on the device) draws and gives the same."""
     images = images_of_sizes(8)
-    random.seed(seed)
-    torch.manual_seed(seed)
-    whole = train_transform(32, MEAN, STD, reprob=reprob, hflip=hflip)
+    seed_all(seed)
+    whole = train_transform(32, MEAN, STD, reprob=reprob, hflip=hflip, aa=aa, cutout=cutout)
     expected = torch.stack([whole(image) for image in images])
-    random.seed(seed)
-    torch.manual_seed(seed)
-    pixels = TrainPixels(32, reprob=reprob, hflip=hflip)
+    seed_all(seed)
+    pixels = TrainPixels(32, reprob=reprob, hflip=hflip, mean=MEAN, aa=aa, cutout=cutout)
     items = [pixels(image) for image in images]
     if reprob > 0:
         assert all(item[PIXELS].dtype == torch.uint8 for item in items)
@@ -100,6 +109,37 @@ def test_worker_pixels_then_device_normalisation_equal_the_whole_train_transform
         assert all(item.dtype == torch.uint8 for item in items)
         batch = torch.stack(items)
     assert torch.equal(NormalizeBatch(MEAN, STD, "cpu")(batch), expected)
+
+
+def test_cutout_fills_a_box_of_the_fraction_with_one_random_colour() -> None:
+    """ASL's Cutout: half the side around a uniform centre, clipped at the border; every box has one colour."""
+    image = torch.zeros(3, 40, 40, dtype=torch.uint8)
+    torch.manual_seed(0)
+    sides, colours = set(), set()
+    for _ in range(200):
+        out = Cutout(0.5)(image)
+        changed = (out != image).any(0)
+        rows, cols = changed.any(1).nonzero()[:, 0], changed.any(0).nonzero()[:, 0]
+        if len(rows) == 0:  # the colour drawn was black
+            continue
+        box = changed[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1]
+        assert box.all() and changed.sum() == box.numel()  # one rectangle
+        assert len(rows) <= 20 and len(cols) <= 20
+        sides.update((len(rows), len(cols)))
+        colours.add(tuple(out[:, rows[0], cols[0]].tolist()))
+    assert 20 in sides and min(sides) <= 12  # whole boxes, and boxes cut by the border
+    assert len(colours) > 100
+
+
+def test_rand_augment_follows_the_seeded_python_and_numpy_generators() -> None:
+    image = images_of_sizes(1)[0][:, :32, :32].contiguous()
+    augment = RandAugment("rand-m9-mstd0.5", 32, fill=(124, 116, 104))
+    outputs = []
+    for seed in (0, 0, 1):
+        seed_all(seed)
+        outputs.append(augment(image))
+    assert outputs[0].dtype == torch.uint8 and outputs[0].shape == image.shape
+    assert torch.equal(outputs[0], outputs[1]) and not torch.equal(outputs[0], outputs[2])
 
 
 def test_eval_pixels_then_normalisation_equal_the_eval_transform() -> None:

@@ -18,6 +18,7 @@ from udtimm.model import CalibratedModel, create_model
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
+EMA_FILE = "ema.safetensors"  # --model-ema: the EMA weights in state/
 
 
 class CheckpointError(ValueError):
@@ -145,22 +146,30 @@ def save_training_state(
     optimizer_state: dict,
     progress: Mapping[str, object],
     weights_also_at: Sequence[str] = (),
+    ema: tuple[nn.Module, Mapping[str, str]] | None = None,
+    ema_also_at: Sequence[str] = (),
 ) -> None:
     """state/: weights, optimizer/scheduler/scaler state and progress.json, replaced as a whole.
 
     The new state is written to state.tmp/ (progress.json last, marking it complete) and swapped in by
     renames, so a kill at any moment leaves at least one complete state directory. The paths in
     `weights_also_at` (last.safetensors, best.safetensors) get the same weights file before the state is complete:
-    a kill in between repeats the epoch, which writes them again.
+    a kill in between repeats the epoch, which writes them again. With --model-ema, `ema` (the EMA model and its
+    metadata) is written as ema.safetensors the same way, and linked at `ema_also_at` (best.safetensors when the
+    EMA weights are the better ones).
     """
     final = os.path.join(run_dir, STATE_DIR)
     tmp, old = final + ".tmp", final + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
-    weights = os.path.join(tmp, "weights.safetensors")
-    save_checkpoint(weights, model, metadata)
-    for path in weights_also_at:
-        atomic_write(path, lambda target: link_or_copy(weights, target))
+    files = [(model, metadata, "weights.safetensors", weights_also_at)]
+    if ema is not None:
+        files.append((*ema, EMA_FILE, ema_also_at))
+    for module, module_metadata, name, also_at in files:
+        weights = os.path.join(tmp, name)
+        save_checkpoint(weights, module, module_metadata)
+        for path in also_at:
+            atomic_write(path, lambda target, source=weights: link_or_copy(source, target))
     atomic_write(os.path.join(tmp, "optimizer.pt"), lambda path: torch.save(optimizer_state, path))
     atomic_write_text(os.path.join(tmp, PROGRESS_FILE), json.dumps(dict(progress), indent=2))
     if os.path.isdir(final):
@@ -217,3 +226,12 @@ def load_training_state(state_dir: str) -> tuple[dict[str, torch.Tensor], dict, 
     with open(os.path.join(state_dir, PROGRESS_FILE)) as handle:
         progress = json.load(handle)
     return tensors, optimizer_state, progress
+
+
+def load_ema_state(state_dir: str, ema_model: nn.Module) -> None:
+    """--model-ema: the EMA weights of the state into `ema_model`; a state without them is refused, naming it."""
+    path = os.path.join(state_dir, EMA_FILE)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{state_dir} has no {EMA_FILE}: the run was not trained with --model-ema")
+    tensors, _ = load_checkpoint(path)
+    load_weights(ema_model, tensors, path)

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from typing import TypeVar
 
 import yaml
+from timm.data.auto_augment import rand_augment_transform
 
 from udtimm.data import DATASETS, DataSource
 from udtimm.io import atomic_write_text
@@ -25,7 +26,19 @@ class ConfigError(ValueError):
 
 # A resumed run must be the same experiment: these may not change between the first start and --resume.
 RESUME_FIXED = ("model", "model_kwargs", "dataset", "cal", "loss", "global_pool", "img_size", "batch_size", "seed",
-                "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs", "difficult")
+                "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs", "difficult",
+                # the state holds the EMA weights (or none), and the scheduler counts optimizer steps
+                "model_ema", "model_ema_decay", "grad_accum_steps", "asl_gamma_neg", "asl_gamma_pos", "asl_clip")
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
+    """--help keeps the scripts' docstrings as written and ends each option's help with its default (unless it has
+    none, or says it already)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default is None or "(default" in (action.help or ""):
+            return action.help or ""
+        return super()._get_help_string(action)
 
 
 class ParseKwargs(argparse.Action):
@@ -44,14 +57,15 @@ class ParseKwargs(argparse.Action):
 
 def config_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(add_help=False)
-    parser.add_argument("-c", "--config", default="", metavar="YAML", help="YAML file of defaults; flags win")
+    parser.add_argument("-c", "--config", default=None, metavar="YAML", help="YAML file of defaults; flags win")
     parser.add_argument("--resume", default=None, metavar="RUN_DIR", help="continue the run in RUN_DIR")
     return parser
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="digits", choices=tuple(DATASETS))
+    group.add_argument("--dataset", default="digits", choices=tuple(DATASETS),
+                       help="dataset (digits: embedded, generated)")
     group.add_argument("--data-dir", default=None, help="dataset root (digits: generated there on first use)")
     group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
     group.add_argument("--val-split", default="test", help="eval split (test = VOC test, COCO val2014)")
@@ -112,25 +126,49 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=15)
+    group.add_argument("--epochs", type=int, default=15, help="training epochs")
     group.add_argument("--opt", default="adamw", help="timm optimizer name (sgd, momentum, adamw, ...)")
-    group.add_argument("--lr", type=float, default=2e-3)
-    group.add_argument("--momentum", type=float, default=0.9)
-    group.add_argument("--weight-decay", type=float, default=0.05)
+    group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (momentum, sgd)")
+    group.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
     group.add_argument("--sched", default="cosine", help="timm scheduler name (cosine, step, ...)")
-    group.add_argument("--warmup-epochs", type=int, default=1)
-    group.add_argument("--warmup-lr", type=float, default=1e-5)
-    group.add_argument("--min-lr", type=float, default=1e-6)
+    group.add_argument("--decay-epochs", type=float, default=90, help="--sched step: epochs between decays")
+    group.add_argument("--decay-rate", type=float, default=0.1, help="--sched step: factor of each decay")
+    group.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up epochs from --warmup-lr")
+    group.add_argument("--warmup-lr", type=float, default=1e-5, help="learning rate at the first step")
+    group.add_argument("--min-lr", type=float, default=1e-6, help="lowest learning rate of the schedule")
     group.add_argument("--clip-grad", type=float, default=None, help="clip the gradient norm to this value")
+
+
+def add_recipe_args(parser: argparse.ArgumentParser) -> None:
+    """The multi-label recipe of ASL and timm (docs/recipe.md): EMA, RandAugment + Cutout, accumulation, SyncBN,
+    experiment trackers."""
+    group = parser.add_argument_group("recipe (docs/recipe.md)")
+    group.add_argument("--model-ema", action="store_true",
+                       help="also keep an exponential moving average of the weights (timm ModelEmaV3 with warm-up), "
+                            "evaluated every epoch; best.safetensors holds the better of the two")
+    group.add_argument("--model-ema-decay", type=float, default=0.9997, help="EMA decay (ASL's and Q2L's)")
+    group.add_argument("--aa", default=None, metavar="CONFIG",
+                       help="timm RandAugment config on each training image, e.g. rand-m9-mstd0.5 (off when unset)")
+    group.add_argument("--cutout", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
+                       help="ASL's Cutout on every training image: a box of FRACTION of the image side (0.5 when "
+                            "given alone) at a random centre, filled with a random colour; 0: off")
+    group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
+                       help="accumulate the gradients of N batches per optimizer step (the schedule counts steps)")
+    group.add_argument("--sync-bn", action="store_true",
+                       help="with several processes, BatchNorm statistics over the global batch (SyncBatchNorm); "
+                            "one process: plain BatchNorm, nothing changes")
+    group.add_argument("--log-with", default=None, choices=("tensorboard", "wandb", "mlflow", "all"),
+                       help="also log every summary.csv row to this experiment tracker (in the run directory)")
 
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
-    group.add_argument("--seed", type=int, default=0)
+    group.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     group.add_argument("--output", default="output", help="parent folder of the run directories")
     group.add_argument("--experiment", default=None, help="run directory name (default: date-time-model-method)")
-    group.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"))
-    group.add_argument("--channels-last", action="store_true")
+    group.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast dtype")
+    group.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster on tensor cores)")
     group.add_argument("--torchcompile", action="store_true", help="torch.compile the model")
     group.add_argument("--skip-nonfinite", action="store_true",
                        help="skip a step whose loss is NaN/inf (counted in summary.csv) instead of stopping")
@@ -141,11 +179,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
 
 def training_parser(description: str | None) -> argparse.ArgumentParser:
     """The flags train.py and distill.py share (data, model, optimisation, runtime), -c and --resume included."""
-    parser = argparse.ArgumentParser(description=description, parents=[config_parser()],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=description, parents=[config_parser()], formatter_class=HelpFormatter)
     add_data_args(parser)
     add_model_args(parser)
     add_optim_args(parser)
+    add_recipe_args(parser)
     add_runtime_args(parser)
     return parser
 
@@ -171,6 +209,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if args.pretrained_path:
         args.pretrained = True
     fill_dataset_defaults(args)
+    check_augmentation(args)
     if args.resume:
         differences = [
             f"--{key.replace('_', '-')}: the run has {saved[key]!r}, now {getattr(args, key)!r}"
@@ -180,6 +219,21 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         if differences:
             raise ConfigError(f"cannot --resume {args.resume} with other settings: " + "; ".join(differences))
     return args
+
+
+def check_augmentation(args: argparse.Namespace) -> None:
+    """--aa and --cutout: a RandAugment config timm reads, a box smaller than the image, and CPU decoding."""
+    if not 0 <= args.cutout < 1:
+        raise ConfigError(f"--cutout is the box side as a fraction of the image side, in [0, 1): got {args.cutout}")
+    if args.aa:
+        try:
+            rand_augment_transform(args.aa, {})
+        except (AssertionError, ValueError) as err:
+            raise ConfigError(f"--aa {args.aa!r} is not a timm RandAugment config (e.g. rand-m9-mstd0.5): "
+                              f"{err or 'unknown form'}") from err
+    if args.gpu_decode and (args.aa or args.cutout):
+        raise ConfigError("--aa and --cutout run in the loader workers (PIL), and --gpu-decode augments on the GPU "
+                          "without them: drop --gpu-decode, or the two flags")
 
 
 def load_yaml(path: str) -> dict:

@@ -5,10 +5,13 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Iterable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import broadcast
+from timm.utils import ModelEmaV3
 from torch import Tensor, nn
 from tqdm import tqdm
 
@@ -88,11 +91,14 @@ def train_one_epoch(
     clip_grad: float | None = None,
     skip_nonfinite: bool = False,
     show_progress: bool = True,
+    ema: ModelEmaV3 | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns the mean of each loss term, the skipped-step and -image counts and images/s.
 
     `loader` yields batches ready for the model (udtimm.data.feed.DeviceFeeder). A NaN/inf loss term stops the
-    epoch with NonFiniteLossError naming its step; with `skip_nonfinite` that step is skipped instead.
+    epoch with NonFiniteLossError naming its step; with `skip_nonfinite` that step is skipped instead (its batch
+    adds nothing; when it ends a --grad-accum-steps group, the group makes no update). With `ema`, the EMA
+    weights follow every optimizer step.
     """
     model.train()
     sums: dict[str, Tensor] = {}
@@ -100,6 +106,7 @@ def train_one_epoch(
     previous: LossReadout | None = None
     start = time.perf_counter()
     bar = progress(loader, accelerator, f"train {epoch}", show_progress)
+    accumulation, batches = accelerator.gradient_accumulation_steps, len(loader)
     for step, batch in enumerate(bar):
         images, target, difficult = batch[:3]
         if len(batch) > 4:  # --skip-corrupt: the fifth field lists the images the loader left out
@@ -107,19 +114,24 @@ def train_one_epoch(
             # BatchNorm cannot train on one sample; such a rare leftover batch is passed over.
             if smallest_batch(len(target), accelerator) < 2:
                 continue
-        terms = objective(model, images, target, difficult)
-        readout = LossReadout(step, terms, accelerator)
-        if skip_nonfinite and readout.first_nonfinite() is not None:  # known before the update: waits for the step
-            skipped += 1
+        group_end = (step + 1) % accumulation == 0 or step + 1 == batches
+        with accumulation_step(accelerator, model, group_end):
+            terms = objective(model, images, target, difficult)
+            readout = LossReadout(step, terms, accelerator)
+            if skip_nonfinite and readout.first_nonfinite() is not None:  # known before the update: waits for it
+                skipped += 1
+                optimizer.zero_grad(set_to_none=True)  # inside a group a no-op: the group's other batches stay
+                continue
+            accelerator.backward(terms["loss"] * accumulation_scale(step, batches, accumulation))
+            if clip_grad is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            optimizer.step()  # accelerate's optimizer steps and zeroes only at a group's end
             optimizer.zero_grad(set_to_none=True)
-            continue
-        accelerator.backward(terms["loss"])
-        if clip_grad is not None and accelerator.sync_gradients:
-            accelerator.clip_grad_norm_(model.parameters(), clip_grad)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        num_updates += 1
-        scheduler.step_update(num_updates=num_updates)
+        if group_end:
+            num_updates += 1
+            scheduler.step_update(num_updates=num_updates)
+            if ema is not None:
+                ema.update(bare_model(accelerator, model), step=num_updates)
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value.detach().float()
         steps += 1
@@ -140,6 +152,39 @@ def train_one_epoch(
         images_per_s=images_seen * accelerator.num_processes / elapsed if elapsed > 0 else math.nan,
     )
     return means
+
+
+def optimizer_steps(batches: int, accumulation: int) -> int:
+    """Optimizer steps of an epoch of `batches` with --grad-accum-steps `accumulation` (a shorter last group too)."""
+    return math.ceil(batches / accumulation)
+
+
+def accumulation_step(accelerator: Accelerator, model: nn.Module, group_end: bool) -> AbstractContextManager:
+    """One batch of a --grad-accum-steps group: what `accelerator.accumulate(model)` does, the group's end given.
+
+    accumulate() finds an epoch's last batch through the loader, which DeviceFeeder's thread runs ahead of the
+    steps on a GPU: it would close the epoch's last group too early, or carry it into the next epoch. Here every
+    epoch starts a group and ends one, as in timm's train.py. Gradients are all-reduced at a group's end only,
+    and accelerate's optimizer steps (and zeroes) only there.
+    """
+    accelerator.sync_gradients = group_end
+    return nullcontext() if group_end else accelerator.no_sync(model)
+
+
+def accumulation_scale(step: int, batches: int, accumulation: int) -> float:
+    """The factor that makes a group's gradient the mean over its batches: accelerator.backward divides every loss
+    by --grad-accum-steps, but an epoch's last group may be shorter."""
+    last_group_start = batches - batches % accumulation
+    return 1.0 if step < last_group_start else accumulation / (batches - last_group_start)
+
+
+def broadcast_buffers(module: nn.Module, accelerator: Accelerator) -> None:
+    """Every process gets the main process's buffers of `module`: each process's BatchNorm statistics follow its own
+    batches (DDP copies the main process's only at the next training step, an EMA averages each process's own), and
+    the checkpoints are written from the main process."""
+    if accelerator.num_processes > 1:
+        for buffer in module.buffers():
+            buffer.copy_(broadcast(buffer.clone(), from_process=0))
 
 
 def check_finite(readout: LossReadout, epoch: int) -> None:

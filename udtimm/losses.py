@@ -1,4 +1,4 @@
-"""Training losses: Eq. 3, 10-14, 17 and the Table 5 baselines (docs/method.md).
+"""Training losses: Eq. 3, 10-14, 17, the Table 5 baselines (docs/method.md) and the asymmetric loss (ASL).
 
 Every function takes logits [B, C] (any float dtype; computed in float32 so that bf16 autocast outputs do not
 lose the small differences the losses are made of) and, where labels enter, a float multi-hot `target` [B, C]
@@ -110,6 +110,21 @@ def one_over_k_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) 
     num_pos = positive.sum(dim=1)
     per_sample = -(log_p * positive).sum(dim=1) / num_pos.clamp_min(1)
     return _masked_mean(per_sample, num_pos > 0)
+
+
+def asymmetric_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, gamma_neg: float = 4.0,
+                    gamma_pos: float = 0.0, clip: float = 0.05) -> Tensor:
+    """ASL (Ben-Baruch et al. 2021): -y (1-p)^g+ log p - (1-y) p_m^g- log(1-p_m), p_m = max(p-m, 0); mean."""
+    z, positive, negative = _split(logits, target, mask)
+    # 1 - p as sigmoid(-z) and log p as logsigmoid(z): exact where p rounds to 0 or 1 in float32.
+    one_minus_p = torch.sigmoid(-z)
+    positive_term = one_minus_p.pow(gamma_pos) * F.logsigmoid(z)
+    # Probability shifting: 1 - p_m = min(1 - p + m, 1), at least m, so its log stays finite.
+    one_minus_shifted = (one_minus_p + clip).clamp(max=1.0) if clip > 0 else one_minus_p
+    log_one_minus_shifted = torch.log(one_minus_shifted) if clip > 0 else F.logsigmoid(-z)
+    negative_term = (1 - one_minus_shifted).pow(gamma_neg) * log_one_minus_shifted
+    values = -torch.where(positive, positive_term, negative_term)
+    return _masked_mean(values, positive | negative if mask is not None else None)
 
 
 def binary_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:

@@ -26,6 +26,9 @@ class LossOptions:
     """The classification losses' own settings (train.py's flags)."""
 
     temperature: float = 3.0  # --temperature
+    asl_gamma_neg: float = 4.0  # --asl-gamma-neg
+    asl_gamma_pos: float = 0.0  # --asl-gamma-pos
+    asl_clip: float = 0.05  # --asl-clip
 
 
 # Adding a classification loss: its function in losses.py, and one line here (name -> the loss, given the options).
@@ -34,6 +37,8 @@ CLASSIFICATION_LOSSES: dict[str, Callable[[LossOptions], LossFunction]] = {
     "temperature": lambda options: partial(losses.temperature_bce_loss, temperature=options.temperature),
     "label-smoothing": lambda options: losses.label_smoothing_loss,
     "one-over-k": lambda options: losses.one_over_k_loss,
+    "asl": lambda options: partial(losses.asymmetric_loss, gamma_neg=options.asl_gamma_neg,
+                                   gamma_pos=options.asl_gamma_pos, clip=options.asl_clip),
 }
 
 
@@ -50,7 +55,10 @@ class Objective(Protocol):
 
 
 class SupervisedObjective:
-    """Eq. 12 (L_b + lambda * L_ps) with `cal`, else the chosen classification loss alone (Table 5 baselines)."""
+    """Eq. 12 (L_b + lambda * L_ps) with `cal`, else the chosen classification loss alone (Table 5 baselines).
+
+    Another loss (ASL) takes L_b's place in Eq. 12: L_asl + lambda * L_ps.
+    """
 
     def __init__(self, loss: str = "bce", cal: bool = False, cal_weight: float = 0.1, difficult: str = "positive",
                  options: LossOptions = LossOptions()) -> None:

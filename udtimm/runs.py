@@ -6,6 +6,7 @@ import os
 import shutil
 import sys
 import traceback
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -15,6 +16,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -25,11 +27,13 @@ from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import NormalizeBatch, TrainPixels, eval_pixels
-from udtimm.engine import NonFiniteLossError
+from udtimm.ema import create_ema
+from udtimm.engine import NonFiniteLossError, bare_model, optimizer_steps
 from udtimm.io import check_writable
 from udtimm.metrics import METRIC_COLUMNS
 from udtimm.model import CalibratedModel, ModelConfigError, create_model
 from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
+from udtimm.trackers import start_trackers, tracker_names
 from udtimm.trainer import RunSetup, fit
 from udtimm.weights import WeightsError, load_initial_checkpoint
 
@@ -38,13 +42,25 @@ USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, Wei
                OSError)
 
 
-def make_accelerator(mixed_precision: str = "no", torchcompile: bool = False) -> Accelerator:
+def make_accelerator(mixed_precision: str = "no", torchcompile: bool = False, **options: object) -> Accelerator:
+    """The accelerator of --mixed-precision and --torchcompile; `options` go to Accelerator as they are."""
     # Fixed input shapes: cuDNN times its convolution algorithms once and keeps the fastest.
     torch.backends.cudnn.benchmark = True
     # non_blocking: moving a (pinned) batch to the GPU does not make the host wait for the step before it, so the
     # host prepares the next batch while the GPU computes (docs/throughput.md).
     return Accelerator(mixed_precision=mixed_precision, dynamo_backend="inductor" if torchcompile else "no",
-                       dataloader_config=DataLoaderConfiguration(non_blocking=True))
+                       dataloader_config=DataLoaderConfiguration(non_blocking=True), **options)
+
+
+def make_training_accelerator(settings: TrainingSettings, run_dir: str) -> Accelerator:
+    """make_accelerator with what training adds: --grad-accum-steps, and --log-with's trackers writing into
+    `run_dir`. A tracker that is not installed is refused here, before any work."""
+    runtime, steps = settings.runtime, settings.optim.grad_accum_steps
+    if steps < 1:
+        raise ConfigError(f"--grad-accum-steps must be at least 1, got {steps}")
+    trackers = tracker_names(runtime.log_with)
+    return make_accelerator(runtime.mixed_precision, runtime.torchcompile, gradient_accumulation_steps=steps,
+                            log_with=trackers or None, project_dir=run_dir if trackers else None)
 
 
 def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
@@ -53,30 +69,33 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
     return model.to(memory_format=torch.channels_last) if channels_last else model
 
 
+def run_dir_path(runtime: RuntimeSettings, model: str, method: str) -> str:
+    """Where the run goes: the resumed run's directory, or --output/--experiment (default: date-time-model-method).
+    Named once, at the start, so the trackers and the run directory agree."""
+    return runtime.resume or os.path.join(runtime.output, runtime.experiment or experiment_name(model, method))
+
+
 @contextmanager
-def run_directory(runtime: RuntimeSettings, model: str, method: str, saved_args: dict,
-                  accelerator: Accelerator) -> Iterator[str]:
+def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerator: Accelerator) -> Iterator[None]:
     """The run directory (new, or the one being resumed), checked writable, with args.yaml written.
 
     A directory made here that an error leaves without any saved epoch (the run was refused before its first
     epoch ended) is removed again, so a refused run leaves nothing behind.
     """
-    if runtime.resume:
-        run_dir = runtime.resume
+    if resume:
         if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
             raise ConfigError(f"--resume {run_dir}: no args.yaml there, it is not a udtimm run directory")
     else:
-        run_dir = os.path.join(runtime.output, runtime.experiment or experiment_name(model, method))
         if os.path.exists(os.path.join(run_dir, "summary.csv")):
             raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir} or another --experiment")
     made_here = not os.path.exists(run_dir)
     if accelerator.is_main_process:
         check_writable(run_dir)
-        if not runtime.resume:
+        if not resume:
             save_args(saved_args, os.path.join(run_dir, "args.yaml"))
     accelerator.wait_for_everyone()
     try:
-        yield run_dir
+        yield
     except Exception:
         if made_here and accelerator.is_main_process and find_training_state(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)
@@ -101,7 +120,18 @@ def build_model(settings: ModelSettings, img_size: int, class_names: list[str], 
                          drop_rate=settings.drop, model_kwargs=settings.model_kwargs)
     if settings.initial_checkpoint:
         accelerator.print(load_initial_checkpoint(model, settings.initial_checkpoint, class_names))
-    return model
+    return sync_batchnorm(model, settings.sync_bn, accelerator)
+
+
+def sync_batchnorm(model: nn.Module, sync_bn: bool, accelerator: Accelerator) -> nn.Module:
+    """--sync-bn: with several processes, every BatchNorm layer normalises with the statistics of the global batch
+    (SyncBatchNorm, which runs on GPUs only). One process already sees the whole batch: the model is unchanged."""
+    if not sync_bn or accelerator.num_processes == 1:
+        return model
+    if accelerator.device.type not in ("cuda", "xpu"):
+        raise ConfigError(f"--sync-bn synchronises BatchNorm statistics between GPUs (SyncBatchNorm), but this run "
+                          f"has {accelerator.num_processes} processes on {accelerator.device}: drop --sync-bn")
+    return nn.SyncBatchNorm.convert_sync_batchnorm(model)
 
 
 def normalisation(backbone: nn.Module) -> tuple[list[float], list[float]]:
@@ -132,7 +162,7 @@ def build_loaders(
             crop_scales=data.crop_scales, skip_corrupt=data.skip_corrupt)
     else:
         train_set.transform = TrainPixels(data.img_size, reprob=data.reprob, hflip=data.hflip,
-                                          crop_scales=data.crop_scales)
+                                          crop_scales=data.crop_scales, mean=mean, aa=data.aa, cutout=data.cutout)
         train_transform = NormalizeBatch(mean, std, device)
     eval_transform = eval_pipeline(eval_set, data.img_size, mean, std, device, data.gpu_decode, data.skip_corrupt)
     train_loader = make_loader(train_set, data.batch_size, True, data.workers, data.skip_corrupt)
@@ -152,19 +182,54 @@ def eval_pipeline(dataset: Dataset, img_size: int, mean: list[float], std: list[
     return NormalizeBatch(mean, std, device)
 
 
-def build_optimization(optim: OptimSettings, model: nn.Module, updates_per_epoch: int, cycles: int = 1) -> tuple:
+def build_optimization(optim: OptimSettings, model: nn.Module, batches_per_epoch: int, cycles: int = 1) -> tuple:
     """timm's optimizer and scheduler factories; the scheduler steps every update (cosine with warmup).
 
     `cycles` > 1 splits the epochs into that many cosine cycles (warm restarts, used by self-distillation).
+    The scheduler counts optimizer steps: --grad-accum-steps N makes an epoch of B batches ceil(B / N) of them.
     """
+    updates_per_epoch = optimizer_steps(batches_per_epoch, optim.grad_accum_steps)
     optimizer = create_optimizer_v2(model, opt=optim.opt, lr=optim.lr, weight_decay=optim.weight_decay,
                                     momentum=optim.momentum)
     scheduler, _ = create_scheduler_v2(
         optimizer, sched=optim.sched, num_epochs=optim.epochs // cycles, warmup_epochs=optim.warmup_epochs,
         warmup_lr=optim.warmup_lr, min_lr=optim.min_lr, step_on_epochs=False, updates_per_epoch=updates_per_epoch,
-        cycle_limit=cycles, cycle_decay=1.0,
+        cycle_limit=cycles, cycle_decay=1.0, decay_epochs=optim.decay_epochs, decay_rate=optim.decay_rate,
     )
+    warning = constant_rate_warning(scheduler, optimizer, optim, updates_per_epoch)
+    if warning:
+        warnings.warn(warning, stacklevel=2)
     return optimizer, scheduler
+
+
+def constant_rate_warning(scheduler: object, optimizer: torch.optim.Optimizer, optim: OptimSettings,
+                          updates_per_epoch: int) -> str | None:
+    """A warning when the schedule leaves the learning rate unchanged from the end of the warm-up to the last
+    optimizer step of --epochs (timm's step schedule decays first at epoch 90, after most short runs end).
+
+    Read from the scheduler at the start of every epoch after the warm-up and at the last step; the optimizer's
+    rates are put back as they were.
+    """
+    first, last = optim.warmup_epochs * updates_per_epoch, optim.epochs * updates_per_epoch - 1
+    if last <= first:
+        return None
+    start_rates = [group["lr"] for group in optimizer.param_groups]
+    rates = set()
+    for update in [*range(first, last, updates_per_epoch), last]:
+        scheduler.step_update(num_updates=update)
+        rates.add(optimizer.param_groups[0]["lr"])
+    for group, rate in zip(optimizer.param_groups, start_rates, strict=True):
+        group["lr"] = rate
+    if len(rates) > 1:
+        return None
+    hint = f" (--decay-epochs {optim.decay_epochs:g} >= --epochs {optim.epochs})" if optim.sched == "step" else ""
+    return (f"--sched {optim.sched} keeps the learning rate at {rates.pop():g} from epoch "
+            f"{optim.warmup_epochs} to the end of the run{hint}: the schedule never changes it")
+
+
+def make_ema(optim: OptimSettings, model: nn.Module, accelerator: Accelerator) -> ModelEmaV3 | None:
+    """--model-ema: the EMA of the prepared model's weights (None without the flag)."""
+    return create_ema(bare_model(accelerator, model), optim.model_ema_decay) if optim.model_ema else None
 
 
 def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict[str, object]:
@@ -178,6 +243,7 @@ def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict
 
 def fit_and_report(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
     """Train the remaining epochs, print the metrics of best.safetensors, return its results.csv row."""
+    start_trackers(accelerator, settings.saved_args, setup.run_dir)
     row = fit(settings, setup, accelerator)
     print_results(accelerator, row)
     accelerator.end_training()

@@ -20,6 +20,8 @@ class DataSettings:
     reprob: float
     hflip: float
     crop_scales: tuple[float, ...]
+    aa: str | None  # timm RandAugment config
+    cutout: float  # Cutout box side as a fraction of the image side (0: off)
     difficult: str  # how the training losses treat difficult labels
     eval_difficult_negative: bool
     skip_corrupt: bool
@@ -38,6 +40,7 @@ class ModelSettings:
     model_kwargs: dict
     global_pool: str | None
     drop: float
+    sync_bn: bool
 
 
 @dataclass(frozen=True)
@@ -54,6 +57,11 @@ class OptimSettings:
     warmup_lr: float
     min_lr: float
     clip_grad: float | None
+    decay_epochs: float  # --sched step
+    decay_rate: float
+    grad_accum_steps: int
+    model_ema: bool
+    model_ema_decay: float
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,7 @@ class RuntimeSettings:
     skip_nonfinite: bool
     eval_interval: int
     no_progress: bool
+    log_with: str | None
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,20 @@ from dataclasses import dataclass
 import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from timm.utils import ModelEmaV3
 from torch import nn
 from torch.utils.data import DataLoader
 
 from udtimm import checkpoint, metrics
 from udtimm.data.feed import BatchTransform, DeviceFeeder
 from udtimm.data.loader import seed_loader
-from udtimm.engine import Predictions, bare_model, predict, train_one_epoch
+from udtimm.ema import EMA, EMA_COLUMNS, RAW
+from udtimm.engine import Predictions, bare_model, broadcast_buffers, optimizer_steps, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
 from udtimm.plots import reliability_diagram
 from udtimm.settings import TrainingSettings
+from udtimm.trackers import log_epoch
 
 BEST_METRIC = "map"
 RESULT_KEYS = ("dataset", "split", "model", "method", "teacher", "seed", "epochs", "img_size", "difficult",
@@ -45,6 +48,7 @@ class RunSetup:
     train_transform: BatchTransform | None = None
     eval_transform: BatchTransform | None = None
     prefetch: int | None = None  # --prefetch: batches prepared ahead (None: DeviceFeeder's default for the device)
+    ema: ModelEmaV3 | None = None  # --model-ema
 
     def train_batches(self, device: torch.device) -> DeviceFeeder:
         return DeviceFeeder(self.train_loader, self.train_transform, device, self.prefetch)
@@ -88,6 +92,8 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
         return 0, 0, -math.inf
     tensors, optimizer_state, progress = checkpoint.load_training_state(state_dir)
     checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, state_dir)
+    if setup.ema is not None:
+        checkpoint.load_ema_state(state_dir, setup.ema.module)
     setup.optimizer.load_state_dict(optimizer_state["optimizer"])
     setup.scheduler.load_state_dict(optimizer_state["scheduler"])
     if accelerator.scaler is not None and optimizer_state.get("scaler"):
@@ -132,9 +138,9 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
         stats = train_one_epoch(
             model, setup.train_batches(accelerator.device), setup.optimizer, setup.scheduler, accelerator,
             objective, epoch, num_updates, clip_grad=settings.optim.clip_grad,
-            skip_nonfinite=runtime.skip_nonfinite, show_progress=show_progress,
+            skip_nonfinite=runtime.skip_nonfinite, show_progress=show_progress, ema=setup.ema,
         )
-        num_updates += len(setup.train_loader)
+        num_updates += optimizer_steps(len(setup.train_loader), accelerator.gradient_accumulation_steps)
         row: dict[str, object] = {"epoch": epoch, "lr": lr,
                                   "train_loss": stats.pop("loss", math.nan)}
         # Fixed columns, whatever terms this epoch's objective produced (self-distillation changes objective).
@@ -142,18 +148,28 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
         row.update(skipped_steps=stats["skipped_steps"], skipped_images=stats["skipped_images"],
                    images_per_s=stats["images_per_s"])
         evaluated = (epoch + 1) % runtime.eval_interval == 0 or epoch + 1 == epochs
+        if evaluated:  # the weights the checkpoints get: the main process's BatchNorm statistics on every process
+            broadcast_buffers(bare_model(accelerator, model), accelerator)
         scores = evaluate_metrics(predict(model, setup.eval_batches(accelerator.device), accelerator, show_progress),
                                   difficult_as_negative) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
         row.update(scores)
+        weights_scores = {RAW: scores}
+        if setup.ema is not None:
+            weights_scores[EMA] = evaluate_ema(setup, accelerator, difficult_as_negative, show_progress) \
+                if evaluated else scores
+            row.update({f"{name}_ema": weights_scores[EMA][name] for name in EMA_COLUMNS})
         row["epoch_time"] = time.perf_counter() - epoch_start
-        improved = evaluated and scores[BEST_METRIC] > best
-        best = scores[BEST_METRIC] if improved else best
+        # The better of the raw and the EMA weights (the raw ones on a tie) competes for best.safetensors.
+        better = max(weights_scores, key=lambda name: weights_scores[name][BEST_METRIC])
+        improved = evaluated and weights_scores[better][BEST_METRIC] > best
+        best = weights_scores[better][BEST_METRIC] if improved else best
         if accelerator.is_main_process:
             append_csv_row(summary_path, row)
+            log_epoch(accelerator, row)
             unwrapped = bare_model(accelerator, model)
             meta = {**setup.metadata, "epoch": str(epoch), "metric": BEST_METRIC,
-                    "metric_value": str(scores[BEST_METRIC])}
+                    "metric_value": str(scores[BEST_METRIC]), "weights": RAW}
             optimizer_state = {
                 "optimizer": setup.optimizer.state_dict(),
                 "scheduler": setup.scheduler.state_dict(),
@@ -162,12 +178,23 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
             progress = {"epoch": epoch, "num_updates": num_updates, "best": best}
             # The weights leave the device and reach the disk once; last and best are links to state's file.
             also_at = [os.path.join(run_dir, "last.safetensors")]
-            if improved:
-                also_at.append(os.path.join(run_dir, "best.safetensors"))
-            checkpoint.save_training_state(run_dir, unwrapped, meta, optimizer_state, progress, also_at)
+            best_at = [os.path.join(run_dir, "best.safetensors")] if improved else []
+            ema = None if setup.ema is None else (setup.ema.module, {
+                **meta, "metric_value": str(weights_scores[EMA][BEST_METRIC]), "weights": EMA})
+            checkpoint.save_training_state(run_dir, unwrapped, meta, optimizer_state, progress,
+                                           also_at + (best_at if better == RAW else []), ema=ema,
+                                           ema_also_at=best_at if better == EMA else [])
         accelerator.wait_for_everyone()
         print_row(accelerator, row, header=epoch == start_epoch)
     return final_results(setup, accelerator, difficult_as_negative, show_progress)
+
+
+def evaluate_ema(setup: RunSetup, accelerator: Accelerator, difficult_as_negative: bool,
+                 show_progress: bool) -> dict[str, float]:
+    """The metrics of the EMA weights, the main process's on every process (those best.safetensors would hold)."""
+    broadcast_buffers(setup.ema.module, accelerator)
+    return evaluate_metrics(predict(setup.ema.module, setup.eval_batches(accelerator.device), accelerator,
+                                    show_progress), difficult_as_negative)
 
 
 def final_results(setup: RunSetup, accelerator: Accelerator, difficult_as_negative: bool,
@@ -178,7 +205,8 @@ def final_results(setup: RunSetup, accelerator: Accelerator, difficult_as_negati
     checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
     predictions = predict(setup.model, setup.eval_batches(accelerator.device), accelerator, show_progress)
     scores = evaluate_metrics(predictions, difficult_as_negative)
-    row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]), "checkpoint": best_path}
+    row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]),
+           "best_weights": metadata.get("weights", RAW), "checkpoint": best_path}
     if accelerator.is_main_process:
         reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
                             os.path.join(setup.run_dir, "reliability.png"), title=metadata["model"])

@@ -71,20 +71,23 @@ class EpochSeeded(Dataset):
 
 @contextmanager
 def seeded_cpu_rng(seed: int) -> Iterator[None]:
-    """Python's and torch's CPU generators (those the transforms draw from) seeded with `seed`.
+    """Python's, NumPy's and torch's CPU generators (those the transforms draw from; timm's RandAugment draws from
+    the first two) seeded with `seed`.
 
     Outside a worker (--workers 0) the main process's states are restored after, so its own draws go on unchanged.
     """
     restore = get_worker_info() is None
     if restore:
-        python_state, torch_state = random.getstate(), torch.get_rng_state()
+        python_state, numpy_state, torch_state = random.getstate(), np.random.get_state(), torch.get_rng_state()
     random.seed(seed)
+    np.random.seed(seed % 2**32)
     torch.default_generator.manual_seed(seed)
     try:
         yield
     finally:
         if restore:
             random.setstate(python_state)
+            np.random.set_state(numpy_state)
             torch.set_rng_state(torch_state)
 
 

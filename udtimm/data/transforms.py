@@ -12,6 +12,7 @@ import random
 from collections.abc import Sequence
 
 import torch
+from timm.data.auto_augment import rand_augment_transform
 from torch import Tensor, nn
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
@@ -89,6 +90,48 @@ class Renormalize(nn.Module):
         return torch.addcmul(self.shift.to(images.dtype), images, self.scale.to(images.dtype))
 
 
+class Cutout(nn.Module):
+    """ASL's Cutout (its train.py, every image): a box of `fraction` of each side around a uniformly drawn centre,
+    clipped at the border, filled with one uniformly drawn colour; uint8 [C, H, W] in and out."""
+
+    def __init__(self, fraction: float) -> None:
+        super().__init__()
+        self.fraction = fraction
+
+    def forward(self, image: Tensor) -> Tensor:
+        height, width = image.shape[-2:]
+        half_h, half_w = int(self.fraction * height + 0.5) // 2, int(self.fraction * width + 0.5) // 2
+        centre_y, centre_x = (int(torch.randint(side, ())) for side in (height, width))
+        colour = torch.randint(0, 256, (image.shape[0], 1, 1), dtype=image.dtype)
+        out = image.clone()
+        out[:, max(centre_y - half_h, 0):centre_y + half_h, max(centre_x - half_w, 0):centre_x + half_w] = colour
+        return out
+
+
+class RandAugment(nn.Module):
+    """timm's RandAugment (a config such as rand-m9-mstd0.5) on a uint8 image tensor, through PIL as timm applies
+    it; geometric operations fill with `fill` (the mean colour, as timm's transform factory sets it).
+
+    Its draws come from Python's `random` and NumPy's global generator, which the training loader seeds per image
+    (udtimm.data.loader.EpochSeeded), so the augmentation does not depend on the loader worker that draws it.
+    """
+
+    def __init__(self, config: str, img_size: int, fill: Sequence[int]) -> None:
+        super().__init__()
+        self.config = config
+        self.augment = rand_augment_transform(config, {"translate_const": int(img_size * 0.45),
+                                                       "img_mean": tuple(fill)})
+
+    def forward(self, image: Tensor) -> Tensor:
+        return F.pil_to_tensor(self.augment(F.to_pil_image(image)))
+
+
+def recipe_steps(img_size: int, mean: Sequence[float], aa: str | None = None, cutout: float = 0.0) -> list[nn.Module]:
+    """--cutout then --aa, after the crop and flip (ASL's order: Cutout, then RandAugment), before random erasing."""
+    fill = [min(255, round(255 * value)) for value in mean]
+    return [*([Cutout(cutout)] if cutout > 0 else []), *([RandAugment(aa, img_size, fill)] if aa else [])]
+
+
 ERASE = "erase"  # the key of random erasing's box in a train_pixels item
 PIXELS = "pixels"
 
@@ -109,9 +152,13 @@ def train_transform(
     reprob: float = 0.5,
     hflip: float = 0.5,
     crop_scales: Sequence[float] = CROP_SCALES,
+    aa: str | None = None,
+    cutout: float = 0.0,
 ) -> nn.Module:
-    """Resize to 8/7 of the input size, multi-scale crop, flip, normalise, random erasing (Sec. 5.1)."""
-    steps = [*train_geometry(img_size, hflip, crop_scales), NormalizeImage(mean, std)]
+    """Resize to 8/7 of the input size, multi-scale crop, flip, normalise, random erasing (Sec. 5.1); --cutout and
+    --aa (recipe_steps) before the normalisation."""
+    steps = [*train_geometry(img_size, hflip, crop_scales), *recipe_steps(img_size, mean, aa, cutout),
+             NormalizeImage(mean, std)]
     if reprob > 0:
         steps.append(v2.RandomErasing(p=reprob, value=0))
     return v2.Compose(steps)
@@ -141,10 +188,12 @@ class TrainPixels(nn.Module):
     (PIXELS) and the box to erase (ERASE, int64 [4]), drawn here so the draws stay in train_transform's order."""
 
     def __init__(self, img_size: int, reprob: float = 0.5, hflip: float = 0.5,
-                 crop_scales: Sequence[float] = CROP_SCALES) -> None:
+                 crop_scales: Sequence[float] = CROP_SCALES, mean: Sequence[float] = (0.485, 0.456, 0.406),
+                 aa: str | None = None, cutout: float = 0.0) -> None:
         super().__init__()
         self.img_size = img_size
-        self.geometry = v2.Compose(train_geometry(img_size, hflip, crop_scales))
+        self.geometry = v2.Compose([*train_geometry(img_size, hflip, crop_scales),
+                                    *recipe_steps(img_size, mean, aa, cutout)])
         self.erasing = v2.RandomErasing(p=reprob, value=0) if reprob > 0 else None
 
     def forward(self, image: Tensor) -> Tensor | dict[str, Tensor]:
