@@ -41,6 +41,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     # What runs.build_loaders reads, at the paper's augmentation.
     args.reprob, args.hflip, args.crop_scales, args.skip_corrupt = 0.5, 0.5, (1.0, 0.875, 0.75, 0.66, 0.5), False
+    args.aa, args.cutout = None, 0.0  # --gpu-decode has neither, so the two paths compare without them
     args.train_split, args.val_split, args.digits_trainval, args.digits_test, args.digits_seed = \
         "train", "test", 96, 40, 0
     return args

@@ -105,7 +105,7 @@ def test_repeated_kills_inside_checkpoint_writes_resume_to_the_same_run(
 
     # 1. After epoch 0's summary row, before its first state: epoch 0 is redone and listed once.
     with monkeypatch.context() as patch:
-        patch.setattr(checkpoint, "save_training_state", lambda *args: sys.exit("killed"))
+        patch.setattr(checkpoint, "save_training_state", lambda *args, **kwargs: sys.exit("killed"))
         with pytest.raises(SystemExit):
             train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "k"))
     assert [row["epoch"] for row in read_rows(os.path.join(run_dir, "summary.csv"))] == ["0"]

@@ -113,7 +113,8 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
 
 
 def print_row(accelerator: Accelerator, row: dict[str, object], header: bool) -> None:
-    columns = ("epoch", "lr", "train_loss", "map", "map_difficult", "ece", "of1", "cf1", "epoch_time")
+    columns = ("epoch", "lr", "train_loss", "map", *(("map_ema",) if "map_ema" in row else ()), "map_difficult", "ece",
+               "of1", "cf1", "epoch_time")
     if header:
         accelerator.print(" ".join(f"{name:>13}" for name in columns))
     cells = []
