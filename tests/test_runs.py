@@ -100,6 +100,9 @@ def test_a_schedule_that_never_changes_the_rate_is_warned_about() -> None:
                                          r"--epochs 15"):
         rates = rates_per_epoch(["--sched", "step"])
     assert rates[1:] == [0.002] * 14  # after the warm-up epoch: timm's first decay would come at epoch 90
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert set(rates_per_epoch(["--sched", "constant", "--warmup-epochs", "0"])) == {0.002}  # as asked: no warning
 
 
 def test_the_schedule_counts_optimizer_steps_with_gradient_accumulation() -> None:

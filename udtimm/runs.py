@@ -211,7 +211,7 @@ def constant_rate_warning(scheduler: object, optimizer: torch.optim.Optimizer, o
     rates are put back as they were.
     """
     first, last = optim.warmup_epochs * updates_per_epoch, optim.epochs * updates_per_epoch - 1
-    if last <= first:
+    if last <= first or optim.sched == "constant":  # a constant rate asked for is no surprise
         return None
     start_rates = [group["lr"] for group in optimizer.param_groups]
     rates = set()
@@ -277,4 +277,5 @@ def print_results(accelerator: Accelerator, row: dict[str, object]) -> None:
         value = row.get(name)
         if isinstance(value, float):
             accelerator.print(f"  {name:<14} {value:8.2f}")
-    accelerator.print(f"  best epoch     {row.get('best_epoch')}\n  checkpoint     {row.get('checkpoint')}")
+    accelerator.print(f"  best epoch     {row.get('best_epoch')} ({row.get('best_weights')} weights)\n"
+                      f"  checkpoint     {row.get('checkpoint')}")

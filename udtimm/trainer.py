@@ -106,8 +106,13 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
 
 
 def print_row(accelerator: Accelerator, row: dict[str, object], header: bool) -> None:
-    columns = ("epoch", "lr", "train_loss",
-               *(column.name for column in metrics.METRIC_COLUMNS if column.epoch_table), "epoch_time")
+    columns = ["epoch", "lr", "train_loss"]
+    for column in metrics.METRIC_COLUMNS:
+        if column.epoch_table:
+            columns.append(column.name)
+            if column.name == "map" and "map_ema" in row:  # --model-ema: the EMA weights' mAP beside the raw one
+                columns.append("map_ema")
+    columns.append("epoch_time")
     if header:
         accelerator.print(" ".join(f"{name:>13}" for name in columns))
     cells = []
