@@ -85,9 +85,8 @@ def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerato
     if resume:
         if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
             raise ConfigError(f"--resume {run_dir}: no args.yaml there, it is not a udtimm run directory")
-    else:
-        if os.path.exists(os.path.join(run_dir, "summary.csv")):
-            raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir} or another --experiment")
+    elif os.path.exists(os.path.join(run_dir, "summary.csv")):
+        raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir} or another --experiment")
     made_here = not os.path.exists(run_dir)
     if accelerator.is_main_process:
         check_writable(run_dir)
