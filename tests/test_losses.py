@@ -369,7 +369,8 @@ def test_binary_kd_matches_reference_and_is_zero_at_teacher():
     assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
     loss16, _ = _value_and_grad(binary_kd_loss, s.bfloat16(), t.bfloat16())
     assert loss16.dtype == torch.float32
-    torch.testing.assert_close(loss16.double(), ref_binary_kd(s.bfloat16().double(), t.bfloat16().double()))
+    # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
+    torch.testing.assert_close(loss16, ref_binary_kd(s.bfloat16().double(), t.bfloat16().double()).float())
 
 
 def test_softmax_kd_matches_reference_and_is_zero_at_teacher():
@@ -385,7 +386,8 @@ def test_softmax_kd_matches_reference_and_is_zero_at_teacher():
     assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
     loss16, _ = _value_and_grad(softmax_kd_loss, s.bfloat16(), t.bfloat16())
     assert loss16.dtype == torch.float32
-    torch.testing.assert_close(loss16.double(), ref_softmax_kd(s.bfloat16().double(), t.bfloat16().double()))
+    # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
+    torch.testing.assert_close(loss16, ref_softmax_kd(s.bfloat16().double(), t.bfloat16().double()).float())
 
 
 @pytest.mark.parametrize("fn", [binary_kd_loss, softmax_kd_loss])
@@ -406,7 +408,8 @@ def test_attention_loss_matches_reference():
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
     loss16, _ = _value_and_grad(attention_distillation_loss, a_s.bfloat16(), a_t.bfloat16())
     assert loss16.dtype == torch.float32
-    torch.testing.assert_close(loss16.double(), ref_attention(a_s.bfloat16().double(), a_t.bfloat16().double()))
+    # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
+    torch.testing.assert_close(loss16, ref_attention(a_s.bfloat16().double(), a_t.bfloat16().double()).float())
 
 
 def test_attention_loss_zero_for_identical_maps_and_scale_invariant():
