@@ -86,3 +86,12 @@ def test_aa_and_cutout_are_checked_before_any_work() -> None:
         train.parse_args(["--cutout", "1.5"])
     with pytest.raises(ConfigError, match="--gpu-decode"):
         train.parse_args(["--aa", "rand-m9", "--gpu-decode"])
+
+
+def test_epochs_may_change_on_resume_except_with_self_distillation(tmp_path) -> None:
+    (tmp_path / "args.yaml").write_text("teacher_ckpt: t.safetensors\nepochs: 4\nlr: 0.002\n")
+    args = distill.parse_args(["--resume", str(tmp_path), "--epochs", "6", "--lr", "0.001"])
+    assert (args.epochs, args.lr, args.teacher_ckpt) == (6, 0.001, "t.safetensors")
+    (tmp_path / "args.yaml").write_text("self_distill: true\nepochs: 4\n")
+    with pytest.raises(ConfigError, match=r"--epochs: the run has 4, now 6 \(fixed with --self-distill\)"):
+        distill.parse_args(["--resume", str(tmp_path), "--epochs", "6"])
