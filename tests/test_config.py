@@ -1,12 +1,15 @@
 import argparse
 import re
+from pathlib import Path
 
 import pytest
 
 import distill
 import train
 import validate
-from udtimm.config import ConfigError, fill_dataset_defaults
+from udtimm.config import RESUME_FIXED, RESUME_FIXED_WITH, ConfigError, fill_dataset_defaults
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 def test_digits_gets_mild_augmentation_and_other_datasets_the_papers() -> None:
@@ -86,3 +89,19 @@ def test_aa_and_cutout_are_checked_before_any_work() -> None:
         train.parse_args(["--cutout", "1.5"])
     with pytest.raises(ConfigError, match="--gpu-decode"):
         train.parse_args(["--aa", "rand-m9", "--gpu-decode"])
+
+
+def test_resuming_md_lists_exactly_the_settings_a_resume_may_not_change() -> None:
+    text = (ROOT / "docs" / "resuming.md").read_text(encoding="utf-8")
+    section = text.split("### What may not change", 1)[1].split("\n#", 1)[0]
+    listed = {flag[2:].replace("-", "_") for flag in re.findall(r"`(--[a-z][\w-]*)`", section)}
+    assert listed == set(RESUME_FIXED) | set(RESUME_FIXED_WITH) | set(RESUME_FIXED_WITH.values())
+
+
+def test_epochs_may_change_on_resume_except_with_self_distillation(tmp_path) -> None:
+    (tmp_path / "args.yaml").write_text("teacher_ckpt: t.safetensors\nepochs: 4\nlr: 0.002\n")
+    args = distill.parse_args(["--resume", str(tmp_path), "--epochs", "6", "--lr", "0.001"])
+    assert (args.epochs, args.lr, args.teacher_ckpt) == (6, 0.001, "t.safetensors")
+    (tmp_path / "args.yaml").write_text("self_distill: true\nepochs: 4\n")
+    with pytest.raises(ConfigError, match=r"--epochs: the run has 4, now 6 \(fixed with --self-distill\)"):
+        distill.parse_args(["--resume", str(tmp_path), "--epochs", "6"])

@@ -80,14 +80,29 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path) -> None:
         train.parse_args(["-c", str(path)])
 
 
-def test_resume_continues_to_more_epochs_and_refuses_another_model(tiny_digits: str, tmp_path) -> None:
+def test_resume_with_more_epochs_and_new_rates_trains_at_the_long_schedules_rates(tiny_digits: str, tmp_path) -> None:
+    """A 1-epoch run resumed with --epochs 3 and new rates and warm-up: its epochs 1 and 2 start at the rates of a
+    run that had the 3-epoch schedule from the start (summary.csv's lr column), epoch 0 keeps its own rate, and
+    args.yaml keeps the new flags for a later --resume. A fixed setting is refused, naming its flag."""
+    long_schedule = ("--epochs", "3", "--lr", "4e-3", "--min-lr", "1e-4", "--warmup-epochs", "2", "--warmup-lr", "1e-4")
+    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "long", *long_schedule))
     train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "r", "--epochs", "1"))
     run_dir = str(tmp_path / "r")
-    train.main(["--resume", run_dir, "--epochs", "2", "--no-progress"])
-    assert [row["epoch"] for row in read_rows(os.path.join(run_dir, "summary.csv"))] == ["0", "1"]
-    assert len(read_rows(os.path.join(run_dir, "results.csv"))) == 2
-    with pytest.raises(ConfigError, match="--model"):
-        train.main(["--resume", run_dir, "--model", "resnet18"])
+    train.main(["--resume", run_dir, "--no-progress", *long_schedule])
+    resumed = read_rows(os.path.join(run_dir, "summary.csv"))
+    long = read_rows(str(tmp_path / "long" / "summary.csv"))
+    assert [row["epoch"] for row in resumed] == ["0", "1", "2"]
+    # Both runs compute each rate with the same float64 arithmetic from the same step count: a few ulps at most.
+    assert [float(row["lr"]) for row in resumed[1:]] == pytest.approx([float(row["lr"]) for row in long[1:]],
+                                                                      rel=1e-15, abs=0)
+    assert float(resumed[0]["lr"]) == pytest.approx(2e-3, rel=1e-15, abs=0)  # no warm-up: --lr's default
+    assert len({float(row["lr"]) for row in resumed}) == 3
+    saved = yaml.safe_load(open(os.path.join(run_dir, "args.yaml")))
+    assert (saved["epochs"], saved["lr"], saved["warmup_epochs"]) == (3, 4e-3, 2)
+    assert [row["epochs"] for row in read_rows(os.path.join(run_dir, "results.csv"))] == ["1", "3"]
+    for flag, value in (("--model", "resnet18"), ("--sched", "step"), ("--opt", "sgd")):
+        with pytest.raises(ConfigError, match=f"{flag}: the run has"):
+            train.main(["--resume", run_dir, flag, value])
 
 
 def test_existing_run_directory_is_not_overwritten(cal_run: tuple[str, dict]) -> None:

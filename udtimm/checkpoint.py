@@ -149,7 +149,8 @@ def save_training_state(
     ema: tuple[nn.Module, Mapping[str, str]] | None = None,
     ema_also_at: Sequence[str] = (),
 ) -> None:
-    """state/: weights, optimizer/scheduler/scaler state and progress.json, replaced as a whole.
+    """state/: weights, optimizer/scaler state and progress.json (the epoch, and the optimizer steps: the
+    schedule's position), replaced as a whole.
 
     The new state is written to state.tmp/ (progress.json last, marking it complete) and swapped in by
     renames, so a kill at any moment leaves at least one complete state directory. The paths in
@@ -220,7 +221,7 @@ def recover_training_state(run_dir: str) -> None:
 
 
 def load_training_state(state_dir: str) -> tuple[dict[str, torch.Tensor], dict, dict]:
-    """(weights, optimizer/scheduler/scaler state, progress); torch.load with weights_only=True refuses pickled code."""
+    """(weights, optimizer/scaler state, progress); torch.load with weights_only=True refuses pickled code."""
     tensors, _ = load_checkpoint(os.path.join(state_dir, "weights.safetensors"))
     optimizer_state = torch.load(os.path.join(state_dir, "optimizer.pt"), map_location="cpu", weights_only=True)
     with open(os.path.join(state_dir, PROGRESS_FILE)) as handle:

@@ -24,11 +24,18 @@ class ConfigError(ValueError):
     """A configuration file or flag combination that cannot be used."""
 
 
-# A resumed run must be the same experiment: these may not change between the first start and --resume.
+# A resumed run must be the same experiment: these may not change between the first start and --resume
+# (docs/resuming.md#what-may-not-change lists them; tests/test_config.py checks that it does).
 RESUME_FIXED = ("model", "model_kwargs", "dataset", "cal", "loss", "global_pool", "img_size", "batch_size", "seed",
                 "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs", "difficult",
-                # the state holds the EMA weights (or none), and the scheduler counts optimizer steps
-                "model_ema", "model_ema_decay", "grad_accum_steps", "asl_gamma_neg", "asl_gamma_pos", "asl_clip")
+                "asl_gamma_neg", "asl_gamma_pos", "asl_clip",
+                # the state holds the EMA weights (or none), and the optimizer's state and parameter groups
+                "model_ema", "model_ema_decay", "opt", "momentum", "weight_decay",
+                # the schedule's position is a count of optimizer steps; its length and rates may change, its kind not
+                "grad_accum_steps", "sched")
+# Fixed only while the other setting is on: self-distillation takes its teacher, and restarts its cosine cycle,
+# at half the epochs.
+RESUME_FIXED_WITH = {"epochs": "self_distill"}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -211,14 +218,22 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     fill_dataset_defaults(args)
     check_augmentation(args)
     if args.resume:
+        fixed = {key: "" for key in RESUME_FIXED}
+        fixed.update({key: f" (fixed with {flag_name(condition)})" for key, condition in RESUME_FIXED_WITH.items()
+                      if getattr(args, condition, False)})
         differences = [
-            f"--{key.replace('_', '-')}: the run has {saved[key]!r}, now {getattr(args, key)!r}"
-            for key in RESUME_FIXED
+            f"{flag_name(key)}: the run has {saved[key]!r}, now {getattr(args, key)!r}{reason}"
+            for key, reason in fixed.items()
             if key in saved and getattr(args, key, saved[key]) != saved[key]
         ]
         if differences:
             raise ConfigError(f"cannot --resume {args.resume} with other settings: " + "; ".join(differences))
     return args
+
+
+def flag_name(key: str) -> str:
+    """The command-line flag of an argument's dest: img_size -> --img-size."""
+    return "--" + key.replace("_", "-")
 
 
 def check_augmentation(args: argparse.Namespace) -> None:

@@ -77,7 +77,8 @@ def run_dir_path(runtime: RuntimeSettings, model: str, method: str) -> str:
 
 @contextmanager
 def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerator: Accelerator) -> Iterator[None]:
-    """The run directory (new, or the one being resumed), checked writable, with args.yaml written.
+    """The run directory (new, or the one being resumed), checked writable, with args.yaml written: a resumed
+    run's flags (--epochs to train longer, a new --lr, ...) become the run's, so a later --resume keeps them.
 
     A directory made here that an error leaves without any saved epoch (the run was refused before its first
     epoch ended) is removed again, so a refused run leaves nothing behind.
@@ -90,8 +91,7 @@ def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerato
     made_here = not os.path.exists(run_dir)
     if accelerator.is_main_process:
         check_writable(run_dir)
-        if not resume:
-            save_args(saved_args, os.path.join(run_dir, "args.yaml"))
+        save_args(saved_args, os.path.join(run_dir, "args.yaml"))
     accelerator.wait_for_everyone()
     try:
         yield

@@ -95,14 +95,18 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
     if setup.ema is not None:
         checkpoint.load_ema_state(state_dir, setup.ema.module)
     setup.optimizer.load_state_dict(optimizer_state["optimizer"])
-    setup.scheduler.load_state_dict(optimizer_state["scheduler"])
     if accelerator.scaler is not None and optimizer_state.get("scaler"):
         accelerator.scaler.load_state_dict(optimizer_state["scaler"])
-    epoch = int(progress["epoch"])
+    epoch, num_updates = int(progress["epoch"]), int(progress["num_updates"])
+    # The schedule is the one the flags describe now (--epochs to train longer, a new --lr, --min-lr, --warmup-*):
+    # only its position comes from the state. The optimizer's rates are set from it as the saved epoch's last
+    # step_update and step left them, replacing the saved rates of the old schedule.
+    setup.scheduler.step_update(num_updates=num_updates)
+    setup.scheduler.step(epoch + 1)
     if accelerator.is_main_process:
         truncate_summary(summary_path, epoch)
     accelerator.print(f"resumed {setup.run_dir} after epoch {epoch} (state: {state_dir})")
-    return epoch + 1, int(progress["num_updates"]), float(progress["best"])
+    return epoch + 1, num_updates, float(progress["best"])
 
 
 def print_row(accelerator: Accelerator, row: dict[str, object], header: bool) -> None:
@@ -177,7 +181,6 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
                     "metric_value": str(scores[BEST_METRIC]), "weights": RAW}
             optimizer_state = {
                 "optimizer": setup.optimizer.state_dict(),
-                "scheduler": setup.scheduler.state_dict(),
                 "scaler": accelerator.scaler.state_dict() if accelerator.scaler is not None else {},
             }
             progress = {"epoch": epoch, "num_updates": num_updates, "best": best}
