@@ -99,10 +99,7 @@ def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator
     """A split of the checkpoint's dataset (or --dataset), refused when its classes differ."""
     with accelerator.main_process_first():  # the main process generates digits before the others read it
         dataset = config.data_source(args, dataset_name(args, metadata)).load(split)
-    difference = checkpoint.class_difference(checkpoint.class_names(metadata), dataset.classes)
-    if difference:
-        raise checkpoint.CheckpointError(
-            f"{args.checkpoint} was trained on other classes than {dataset.name} ({difference})")
+    checkpoint.check_classes(args.checkpoint, checkpoint.class_names(metadata), dataset.classes, dataset.name)
     return dataset
 
 

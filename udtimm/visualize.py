@@ -14,7 +14,6 @@ without the calibration branch has no uncertainty: it shows the Grad-CAM of its 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -80,10 +79,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_model(path: str, device: torch.device) -> LoadedModel:
     """The model rebuilt from its checkpoint, with the eval transform its metadata describes."""
-    model, metadata = checkpoint.model_from_checkpoint(path)
-    transform = eval_transform(int(metadata["img_size"]), json.loads(metadata["mean"]), json.loads(metadata["std"]))
-    method = metadata.get("method") or os.path.splitext(os.path.basename(path))[0]
-    return LoadedModel(model.to(device).eval(), checkpoint.class_names(metadata), transform, method)
+    loaded = checkpoint.load_for_inference(path, device)
+    method = loaded.metadata.get("method") or os.path.splitext(os.path.basename(path))[0]
+    return LoadedModel(loaded.model, loaded.class_names, eval_transform(loaded.img_size, loaded.mean, loaded.std),
+                       method)
 
 
 def check_map_support(model: CalibratedModel, path: str) -> None:
@@ -180,9 +179,7 @@ def compare_reliability(paths: Sequence[str], source: DataSource, split: str, ou
     curves = []
     for number, path in enumerate(paths):
         loaded = load_model(path, accelerator.device)
-        difference = checkpoint.class_difference(loaded.class_names, dataset.classes)
-        if difference:
-            raise checkpoint.CheckpointError(f"{path} was trained on other classes than {dataset.name} ({difference})")
+        checkpoint.check_classes(path, loaded.class_names, dataset.classes, dataset.name)
         dataset.transform = loaded.transform  # each model at its own input size and normalisation
         loader = accelerator.prepare(make_loader(dataset, batch_size, False, workers))
         predictions = predict(loaded.model, loader, accelerator, show_progress=False)
