@@ -83,8 +83,8 @@ def load_teacher(path: str, class_names: list[str], method: str, accelerator: Ac
                  channels_last: bool) -> tuple[CalibratedModel, dict[str, str]]:
     metadata = checkpoint.read_metadata(path)
     check_teacher(metadata, path, class_names, method)
-    teacher, _ = checkpoint.model_from_checkpoint(path)
-    return runs.place_model(teacher, accelerator.device, channels_last), metadata
+    teacher = checkpoint.load_for_inference(path, accelerator.device)
+    return runs.place_model(teacher.model, accelerator.device, channels_last), teacher.metadata
 
 
 def make_objective(args: argparse.Namespace, teacher: CalibratedModel, teacher_metadata: dict[str, str],

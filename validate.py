@@ -39,13 +39,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="a .safetensors file written by udtimm")
     data = parser.add_argument_group("data")
-    data.add_argument("--dataset", default=None, choices=tuple(DATASETS),
-                      help="default: the checkpoint's dataset")
-    data.add_argument("--data-dir", default=None, help="dataset root (digits: the default cache folder)")
-    data.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
-    data.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
-    data.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
-    data.add_argument("--digits-seed", type=int, default=0, help="digits: scene seed (0: the default set)")
+    config.add_dataset_args(data, None, "default: the checkpoint's dataset")
     data.add_argument("-b", "--batch-size", type=int, default=64, help="images per process and step")
     config.add_workers_arg(data)
     evaluation = parser.add_argument_group("evaluation")
@@ -99,10 +93,7 @@ def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator
     """A split of the checkpoint's dataset (or --dataset), refused when its classes differ."""
     with accelerator.main_process_first():  # the main process generates digits before the others read it
         dataset = config.data_source(args, dataset_name(args, metadata)).load(split)
-    difference = checkpoint.class_difference(checkpoint.class_names(metadata), dataset.classes)
-    if difference:
-        raise checkpoint.CheckpointError(
-            f"{args.checkpoint} was trained on other classes than {dataset.name} ({difference})")
+    checkpoint.check_classes(args.checkpoint, checkpoint.class_names(metadata), dataset.classes, dataset.name)
     return dataset
 
 

@@ -6,7 +6,7 @@
 # the GPU path's pixels are from the CPU path's (nvJPEG vs libjpeg). Uses the machine's own torch, torchvision,
 # timm and accelerate; writes gpu_check.log and throughput.csv under $OUT (default: a temp dir).
 #
-#   bash benchmarks/gpu_check.sh        # about 5-8 minutes (each part has its own time limit)
+#   bash benchmarks/gpu_check.sh        # about 3 minutes on an H200 (each part has its own time limit)
 set -uo pipefail
 OUT=${OUT:-$(mktemp -d)}
 VOC=/tmp/synthetic-voc

@@ -30,6 +30,36 @@ def test_roundtrip_rebuilds_the_model_from_metadata_alone(tmp_path) -> None:
     assert json.loads(metadata["std"]) == [0.25] * 3 and metadata["cal_width"] == "512"
 
 
+def test_load_for_inference_gives_the_model_in_eval_mode_with_its_input(tmp_path) -> None:
+    path = str(tmp_path / "m.safetensors")
+    model = save_tiny(path, ["a", "b", "c"]).eval()
+    loaded = checkpoint.load_for_inference(path, "cpu")
+    assert not loaded.model.training and next(loaded.model.parameters()).device == torch.device("cpu")
+    assert (loaded.class_names, loaded.img_size, loaded.mean, loaded.std) == (["a", "b", "c"], 32, [0.5] * 3,
+                                                                               [0.25] * 3)
+    assert loaded.metadata["dataset"] == "digits" and loaded.metadata["epoch"] == "3"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(loaded.model(x).logits, model(x).logits)
+
+
+def test_load_for_inference_refuses_a_checkpoint_without_its_preprocessing(tmp_path) -> None:
+    model = create_model("test_resnet", num_classes=2)
+    metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.25] * 3)
+    path = str(tmp_path / "old.safetensors")
+    checkpoint.save_checkpoint(path, model, {key: value for key, value in metadata.items() if key != "mean"})
+    with pytest.raises(CheckpointError, match=r"old\.safetensors lacks the metadata \['mean'\]"):
+        checkpoint.load_for_inference(path)
+
+
+def test_check_classes_names_the_file_the_dataset_and_what_differs() -> None:
+    checkpoint.check_classes("m.safetensors", ["a", "b"], ["a", "b"], "digits")
+    with pytest.raises(CheckpointError, match=r"^m\.safetensors was trained on other classes than digits \(only in "
+                                              r"the checkpoint: \['c'\]; only in the dataset: \['d'\]\)$"):
+        checkpoint.check_classes("m.safetensors", ["a", "c"], ["a", "d"], "digits")
+    with pytest.raises(CheckpointError, match="same names in another order"):
+        checkpoint.check_classes("m.safetensors", ["b", "a"], ["a", "b"], "digits")
+
+
 def test_no_temporary_files_are_left_behind(tmp_path) -> None:
     save_tiny(str(tmp_path / "m.safetensors"), ["a", "b"])
     assert os.listdir(tmp_path) == ["m.safetensors"]

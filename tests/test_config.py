@@ -7,7 +7,9 @@ import pytest
 import distill
 import train
 import validate
-from udtimm.config import RESUME_FIXED, RESUME_FIXED_WITH, ConfigError, fill_dataset_defaults
+from udtimm import visualize
+from udtimm.config import RESUME_FIXED, RESUME_FIXED_WITH, ConfigError, data_source, fill_dataset_defaults
+from udtimm.data import default_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,8 +57,12 @@ def help_blocks(parser: argparse.ArgumentParser) -> dict[str, str]:
     return blocks
 
 
-@pytest.mark.parametrize("script", [train, distill, validate], ids=lambda script: script.__name__)
-def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch: pytest.MonkeyPatch) -> None:
+ENTRY_POINTS = {train: [], distill: ["--teacher-ckpt", "t.safetensors"], validate: ["--checkpoint", "c"],
+                visualize: ["--compare", "a.safetensors", "b.safetensors", "--out", "o.png"]}
+
+
+def parse_capturing(script, monkeypatch: pytest.MonkeyPatch) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
+    """The parser that `script.parse_args` builds, and what it parses from the script's minimal command line."""
     parsers = []
     real = argparse.ArgumentParser.parse_args
 
@@ -65,19 +71,36 @@ def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch
         return real(parser, *args, **kwargs)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    argv = ["--teacher-ckpt", "t.safetensors"] if script is distill else ["--checkpoint", "c"] \
-        if script is validate else []
-    script.parse_args(argv)
-    parser = parsers[-1]
+    args = script.parse_args(ENTRY_POINTS[script])
+    return parsers[-1], args
+
+
+@pytest.mark.parametrize("script", list(ENTRY_POINTS), ids=lambda script: script.__name__)
+def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser, _ = parse_capturing(script, monkeypatch)
     blocks = help_blocks(parser)
     options = [action for action in parser._actions if action.option_strings and action.default != argparse.SUPPRESS]
-    assert len(options) > 15
+    assert len(options) >= 15
     for action in options:
         block = blocks[max(action.option_strings, key=len)]
         if action.default is None:
             assert "(default: None)" not in block
         else:
             assert f"(default: {action.default})" in block, block
+
+
+def test_every_entry_point_has_the_same_dataset_flags_and_the_default_digits_set(monkeypatch) -> None:
+    flags = ("--data-dir", "--digits-trainval", "--digits-test", "--digits-seed")  # --dataset's help says its default
+    helps = []
+    for script in (train, validate, visualize):
+        parser, args = parse_capturing(script, monkeypatch)
+        blocks = help_blocks(parser)
+        helps.append({flag: blocks[flag] for flag in flags})
+        assert {"--train-split", "--val-split"} <= set(blocks) if script is train else "--split" in blocks
+        source = data_source(args, "digits")
+        assert source.options == {"num_trainval": 3000, "num_test": 1000, "seed": 0}
+        assert default_data_dir("digits", *source.options.values()) == default_data_dir("digits")
+    assert helps[0] == helps[1] == helps[2]
 
 
 def test_aa_and_cutout_are_checked_before_any_work() -> None:

@@ -10,7 +10,7 @@ from conftest import read_rows, tiny_train_args
 
 import distill
 import train
-from udtimm.checkpoint import model_metadata, read_metadata, save_checkpoint
+from udtimm.checkpoint import CheckpointError, model_metadata, read_metadata, save_checkpoint
 from udtimm.config import ConfigError
 from udtimm.data.digits import DIGIT_CLASSES as DIGITS
 from udtimm.data.transforms import Renormalize
@@ -66,7 +66,8 @@ def test_a_teacher_with_another_class_list_is_refused_naming_the_classes(tiny_di
     path = str(tmp_path / "other.safetensors")
     save_checkpoint(path, model, model_metadata("test_resnet", model, classes, None, 32, [0.5] * 3, [0.5] * 3))
     args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", path, "--experiment", "x")
-    with pytest.raises(ConfigError, match="cat.*nine|nine.*cat"):
+    message = r"teacher .*other\.safetensors was trained on other classes .*\['cat'\].*\['nine'\]"
+    with pytest.raises(CheckpointError, match=message):
         distill.main(args)
     assert not (tmp_path / "x").exists()
 

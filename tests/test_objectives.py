@@ -6,6 +6,7 @@ import torch
 import distill
 import train
 from udtimm import losses
+from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.transforms import NormalizeImage, Renormalize
 from udtimm.model import create_model
@@ -106,7 +107,7 @@ def test_distillation_terms_follow_eq18_weights() -> None:
 
 def test_check_teacher_names_the_difference() -> None:
     metadata = {"class_names": json.dumps(["a", "b", "c"]), "cal": "false"}
-    with pytest.raises(ConfigError, match="only in the checkpoint: \\['c'\\]"):
+    with pytest.raises(CheckpointError, match=r"teacher t\.safetensors .*only in the checkpoint: \['c'\]"):
         check_teacher(metadata, "t.safetensors", ["a", "b", "d"], "kd")
     with pytest.raises(ConfigError, match="calibration branch"):
         check_teacher(metadata, "t.safetensors", ["a", "b", "c"], "ud")

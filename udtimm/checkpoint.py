@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -19,6 +20,8 @@ from udtimm.model import CalibratedModel, create_model
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"  # --model-ema: the EMA weights in state/
+REBUILD_METADATA = ("model", "num_classes", "class_names", "cal")
+INPUT_METADATA = ("img_size", "mean", "std")  # what inference needs besides the model: the eval preprocessing
 
 
 class CheckpointError(ValueError):
@@ -100,12 +103,25 @@ def class_difference(checkpoint_classes: list[str], dataset_classes: list[str]) 
     return f"only in the checkpoint: {only_checkpoint}; only in the dataset: {only_dataset}"
 
 
+def check_classes(source: str, checkpoint_classes: Sequence[str], dataset_classes: Sequence[str],
+                  dataset: str) -> None:
+    """CheckpointError naming `source` (the file, as the message should call it), `dataset` and the classes that
+    differ, unless the checkpoint was trained on `dataset_classes` in this order."""
+    difference = class_difference(list(checkpoint_classes), list(dataset_classes))
+    if difference:
+        raise CheckpointError(f"{source} was trained on other classes than {dataset} ({difference})")
+
+
+def require_metadata(path: str, metadata: Mapping[str, str], keys: Sequence[str]) -> None:
+    missing = [key for key in keys if not metadata.get(key)]
+    if missing:
+        raise CheckpointError(f"{path} lacks the metadata {missing}: it was not written by udtimm")
+
+
 def model_from_checkpoint(path: str, **overrides: object) -> tuple[CalibratedModel, dict[str, str]]:
     """Rebuild the model from the checkpoint's metadata alone and load its weights."""
     tensors, metadata = load_checkpoint(path)
-    missing = [key for key in ("model", "num_classes", "class_names", "cal") if key not in metadata]
-    if missing:
-        raise CheckpointError(f"{path} lacks the metadata {missing}: it was not written by udtimm")
+    require_metadata(path, metadata, REBUILD_METADATA)
     options = {
         "cal": metadata["cal"] == "true",
         "cal_width": int(metadata.get("cal_width") or 512),
@@ -117,6 +133,27 @@ def model_from_checkpoint(path: str, **overrides: object) -> tuple[CalibratedMod
     model = create_model(metadata["model"], int(metadata["num_classes"]), **options)
     load_weights(model, tensors, path)
     return model, metadata
+
+
+@dataclass
+class InferenceModel:
+    """A checkpoint's model, in eval mode on its device, with its classes and the input it expects."""
+
+    model: CalibratedModel
+    metadata: dict[str, str]
+    class_names: list[str]
+    img_size: int  # the eval preprocessing: resize to img_size, normalise with mean and std
+    mean: list[float]
+    std: list[float]
+
+
+def load_for_inference(path: str, device: str | torch.device = "cpu") -> InferenceModel:
+    """The model of `path` rebuilt from its metadata, in eval mode on `device`, with what its metadata says about
+    its classes and input; every script and module that runs a checkpoint loads it here."""
+    model, metadata = model_from_checkpoint(path)
+    require_metadata(path, metadata, INPUT_METADATA)
+    return InferenceModel(model.eval().to(device), metadata, class_names(metadata), int(metadata["img_size"]),
+                          json.loads(metadata["mean"]), json.loads(metadata["std"]))
 
 
 def load_weights(model: nn.Module, tensors: Mapping[str, torch.Tensor], source: str) -> None:

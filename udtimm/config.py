@@ -12,7 +12,7 @@ from typing import TypeVar
 import yaml
 from timm.data.auto_augment import rand_augment_transform
 
-from udtimm.data import DATASETS, DataSource
+from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, DataSource
 from udtimm.io import atomic_write_text
 from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
 
@@ -69,13 +69,28 @@ def config_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, dataset_help: str,
+                     training: bool = False) -> None:
+    """The flags that say which images (read by data_source): --dataset, --data-dir, the split(s) and the digits
+    set. `training`: --train-split and --val-split; else the one --split to evaluate."""
+    group.add_argument("--dataset", default=default, choices=tuple(DATASETS), help=dataset_help)
+    group.add_argument("--data-dir", default=None,
+                       help="dataset root (digits: generated there on first use; without it, in the cache folder)")
+    if training:
+        group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
+        group.add_argument("--val-split", default="test", help="eval split (test = VOC test, COCO val2014)")
+    else:
+        group.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
+    group.add_argument("--digits-trainval", type=int, default=DIGITS_TRAINVAL, help="digits: number of trainval images")
+    group.add_argument("--digits-test", type=int, default=DIGITS_TEST, help="digits: number of test images")
+    group.add_argument("--digits-seed", type=int, default=DIGITS_SEED,
+                       help="digits: scene seed; any seed but 0 makes a pretraining set whose glyphs are all "
+                            "trainval glyphs of the default (seed 0) set, never its test glyphs")
+
+
 def add_data_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
-    group.add_argument("--dataset", default="digits", choices=tuple(DATASETS),
-                       help="dataset (digits: embedded, generated)")
-    group.add_argument("--data-dir", default=None, help="dataset root (digits: generated there on first use)")
-    group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
-    group.add_argument("--val-split", default="test", help="eval split (test = VOC test, COCO val2014)")
+    add_dataset_args(group, "digits", "dataset (digits: embedded, generated)", training=True)
     group.add_argument("--img-size", type=int, default=None, help="square input size (default: per dataset)")
     group.add_argument("-b", "--batch-size", type=int, default=32, help="images per process and step")
     add_workers_arg(group)
@@ -90,11 +105,6 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                        help="how the training losses treat VOC difficult labels")
     group.add_argument("--eval-difficult-negative", action="store_true",
                        help="CP..OF1 count difficult pairs as negatives (ML-GCN's code) instead of leaving them out")
-    group.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
-    group.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
-    group.add_argument("--digits-seed", type=int, default=0,
-                       help="digits: scene seed; any seed but 0 makes a pretraining set whose glyphs are all "
-                            "trainval glyphs of the default (seed 0) set, never its test glyphs")
     group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")
     group.add_argument("--gpu-decode", action="store_true", help="decode and augment JPEGs on the GPU")
     add_prefetch_arg(group)

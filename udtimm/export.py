@@ -84,19 +84,16 @@ def require(fmt: str) -> None:
 
 def load_exportable(path: str) -> Exportable:
     """The checkpoint's model, with the thresholds stored beside it (validate.py --tune-thresholds) if any."""
-    reference, metadata = checkpoint.model_from_checkpoint(path)
-    reference.eval()
-    backbone = reference.classifier_only()
-    img_size = int(metadata["img_size"])
-    class_names = checkpoint.class_names(metadata)
+    loaded = checkpoint.load_for_inference(path)
+    backbone, metadata, img_size = loaded.model.classifier_only(), loaded.metadata, loaded.img_size
     # timm writes config.json's pretrained_cfg from the model's own. Of the architecture's defaults only what
     # describes the network stays: the tag, license and pool size of timm's ImageNet weights do not apply, and
     # udtimm's eval preprocessing (resize straight to img_size, the checkpoint's normalisation) replaces theirs.
     backbone.pretrained_cfg = {
         **{key: backbone.pretrained_cfg[key] for key in ARCHITECTURE_CFG if key in backbone.pretrained_cfg},
-        "input_size": (3, img_size, img_size), "mean": tuple(json.loads(metadata["mean"])),
-        "std": tuple(json.loads(metadata["std"])), "crop_pct": 1.0, "crop_mode": "squash",
-        "interpolation": "bilinear", "num_classes": len(class_names), "label_names": class_names,
+        "input_size": (3, img_size, img_size), "mean": tuple(loaded.mean), "std": tuple(loaded.std),
+        "crop_pct": 1.0, "crop_mode": "squash", "interpolation": "bilinear", "num_classes": len(loaded.class_names),
+        "label_names": loaded.class_names,
     }
     model_args = json.loads(metadata.get("model_kwargs") or "{}")
     if metadata.get("global_pool"):
@@ -109,7 +106,7 @@ def load_exportable(path: str) -> Exportable:
     record = read_thresholds_file(path)
     if record:
         udtimm_entries["thresholds"] = record
-    return Exportable(backbone, reference, img_size, {"label_names": class_names, "udtimm": udtimm_entries},
+    return Exportable(backbone, loaded.model, img_size, {"label_names": loaded.class_names, "udtimm": udtimm_entries},
                       model_args)
 
 

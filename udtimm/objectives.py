@@ -14,7 +14,7 @@ from torch import Tensor
 
 from udtimm import losses
 from udtimm.attention import ATTENTION_VARIANTS, AttentionForm, uncertainty_attention
-from udtimm.checkpoint import class_difference
+from udtimm.checkpoint import check_classes
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
 
@@ -92,9 +92,8 @@ def ud_method(variant: str) -> str:
 
 def check_teacher(teacher_metadata: dict[str, str], teacher_path: str, class_names: list[str], method: str) -> None:
     """Refuse, before any training step, a teacher that cannot teach this student (names what differs)."""
-    difference = class_difference(json.loads(teacher_metadata["class_names"]), class_names)
-    if difference:
-        raise ConfigError(f"teacher {teacher_path} was trained on other classes than this dataset ({difference})")
+    check_classes(f"teacher {teacher_path}", json.loads(teacher_metadata["class_names"]), class_names,
+                  "this dataset")
     if DISTILL_METHODS[method].uses_calibration and teacher_metadata.get("cal") != "true":
         raise ConfigError(
             f"--method {method} needs a teacher with the calibration branch, but {teacher_path} has none: "

@@ -68,12 +68,11 @@ class Predictor:
         """
         if os.path.isdir(path):
             return cls.from_export(path, device, stored_thresholds)
-        model, metadata = checkpoint.model_from_checkpoint(path)
-        class_names = checkpoint.class_names(metadata)
+        loaded = checkpoint.load_for_inference(path, device)
         record = read_thresholds_file(path) if stored_thresholds else None
-        thresholds = thresholds_tensor(record, class_names, thresholds_path(path)) if record else None
-        return cls(model.classifier_only(), class_names, int(metadata["img_size"]), json.loads(metadata["mean"]),
-                   json.loads(metadata["std"]), thresholds, device, metadata)
+        thresholds = thresholds_tensor(record, loaded.class_names, thresholds_path(path)) if record else None
+        return cls(loaded.model.classifier_only(), loaded.class_names, loaded.img_size, loaded.mean, loaded.std,
+                   thresholds, device, loaded.metadata)
 
     @classmethod
     def from_export(cls, directory: str, device: str | torch.device = "cpu",

@@ -14,7 +14,6 @@ without the calibration branch has no uncertainty: it shows the Grad-CAM of its 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -27,8 +26,8 @@ from torch import Tensor, nn
 
 from udtimm import checkpoint, plots, runs
 from udtimm.attention import check_attention_support, uncertainty_per_class
-from udtimm.config import ConfigError, add_workers_arg, data_source
-from udtimm.data import DATASETS, DataSource
+from udtimm.config import ConfigError, HelpFormatter, add_dataset_args, add_workers_arg, data_source
+from udtimm.data import DataSource
 from udtimm.data.base import read_image
 from udtimm.data.images import list_images
 from udtimm.data.loader import make_loader
@@ -46,7 +45,7 @@ class LoadedModel:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument("--checkpoint", metavar="FILE", help="draw this model's attention maps over --images")
     mode.add_argument("--compare", nargs="+", metavar="FILE", help="draw these checkpoints' reliability diagrams")
@@ -57,14 +56,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     maps.add_argument("--topk", type=int, default=5, help="how many of the most probable labels to list")
     compare = parser.add_argument_group("reliability comparison (--compare)")
     compare.add_argument("--labels", nargs="+", default=None, help="legend names (default: each run's method)")
-    compare.add_argument("--dataset", default=None, choices=tuple(DATASETS),
-                         help="default: the first checkpoint's dataset")
-    compare.add_argument("--data-dir", default=None, help="dataset root (digits: the default cache folder)")
-    compare.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
-    compare.add_argument("--digits-trainval", type=int, default=3000, help="digits: number of trainval images")
-    compare.add_argument("--digits-test", type=int, default=1000, help="digits: number of test images")
-    compare.add_argument("--digits-seed", type=int, default=0, help="digits: scene seed (0: the default set)")
-    compare.add_argument("-b", "--batch-size", type=int, default=64)
+    add_dataset_args(compare, None, "default: the first checkpoint's dataset")
+    compare.add_argument("-b", "--batch-size", type=int, default=64, help="images per process and step")
     add_workers_arg(compare)
     args = parser.parse_args(argv)
     if args.checkpoint and not args.images:
@@ -80,10 +73,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def load_model(path: str, device: torch.device) -> LoadedModel:
     """The model rebuilt from its checkpoint, with the eval transform its metadata describes."""
-    model, metadata = checkpoint.model_from_checkpoint(path)
-    transform = eval_transform(int(metadata["img_size"]), json.loads(metadata["mean"]), json.loads(metadata["std"]))
-    method = metadata.get("method") or os.path.splitext(os.path.basename(path))[0]
-    return LoadedModel(model.to(device).eval(), checkpoint.class_names(metadata), transform, method)
+    loaded = checkpoint.load_for_inference(path, device)
+    method = loaded.metadata.get("method") or os.path.splitext(os.path.basename(path))[0]
+    return LoadedModel(loaded.model, loaded.class_names, eval_transform(loaded.img_size, loaded.mean, loaded.std),
+                       method)
 
 
 def check_map_support(model: CalibratedModel, path: str) -> None:
@@ -180,9 +173,7 @@ def compare_reliability(paths: Sequence[str], source: DataSource, split: str, ou
     curves = []
     for number, path in enumerate(paths):
         loaded = load_model(path, accelerator.device)
-        difference = checkpoint.class_difference(loaded.class_names, dataset.classes)
-        if difference:
-            raise checkpoint.CheckpointError(f"{path} was trained on other classes than {dataset.name} ({difference})")
+        checkpoint.check_classes(path, loaded.class_names, dataset.classes, dataset.name)
         dataset.transform = loaded.transform  # each model at its own input size and normalisation
         loader = accelerator.prepare(make_loader(dataset, batch_size, False, workers))
         predictions = predict(loaded.model, loader, accelerator, show_progress=False)

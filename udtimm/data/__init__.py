@@ -21,6 +21,9 @@ __all__ = [
 ]  # fmt: skip
 
 SplitLoader = Callable[..., tuple[list[Sample], list[str]]]
+# The default digits set, named once: ensure_digits, its cache folder and the --digits-* flags default to it. Any
+# other seed makes a pretraining set whose glyphs are all trainval glyphs of this one.
+DIGITS_TRAINVAL, DIGITS_TEST, DIGITS_SEED = 3000, 1000, 0
 
 
 @dataclass(frozen=True)
@@ -45,10 +48,11 @@ class CsvSpec(DatasetSpec):
         return super().own_split(root, split)
 
 
-def digits_cache_dir(num_trainval: int = 3000, num_test: int = 1000, seed: int = 0, **_: Any) -> str:
+def digits_cache_dir(num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST, seed: int = DIGITS_SEED,
+                     **_: Any) -> str:
     """The digits folder under $UDTIMM_CACHE; a set of another size or seed gets its own, never clashing."""
     cache = os.environ.get("UDTIMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "udtimm")
-    if (num_trainval, num_test, seed) == (3000, 1000, 0):
+    if (num_trainval, num_test, seed) == (DIGITS_TRAINVAL, DIGITS_TEST, DIGITS_SEED):
         return os.path.join(cache, "digits")
     return os.path.join(cache, f"digits-{num_trainval}-{num_test}" + (f"-seed{seed}" if seed else ""))
 
@@ -69,7 +73,8 @@ DATASETS: dict[str, DatasetSpec] = {
 }
 
 
-def default_data_dir(name: str, num_trainval: int = 3000, num_test: int = 1000, seed: int = 0) -> str | None:
+def default_data_dir(name: str, num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST,
+                     seed: int = DIGITS_SEED) -> str | None:
     """Where `name` lives when no --data-dir is given, or None when it has no default (only digits has one)."""
     spec = DATASETS[name]
     return spec.default_root(num_trainval, num_test, seed) if spec.default_root else None

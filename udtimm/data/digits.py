@@ -26,6 +26,7 @@ from PIL import Image
 
 from udtimm.io import atomic_write_text
 
+from . import DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL
 from .base import DatasetError
 
 DIGIT_CLASSES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
@@ -33,7 +34,6 @@ DIGIT_CLASSES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five",
 # Bump when the generator's output changes, so that an old cache is reported instead of silently reused.
 FORMAT_VERSION = 1
 MARKER = ".complete"
-DEFAULT_SEED = 0  # the default dataset; any other seed draws its glyphs from this one's trainval glyphs only
 
 # Digit height as a fraction of the image's shorter side, and the difficulty thresholds (docs/datasets.md#digits).
 _MIN_HEIGHT, _MAX_HEIGHT = 0.18, 0.55
@@ -50,11 +50,11 @@ _LUMA = np.array([0.299, 0.587, 0.114])
 
 def ensure_digits(
     root: str,
-    num_trainval: int = 3000,
-    num_test: int = 1000,
+    num_trainval: int = DIGITS_TRAINVAL,
+    num_test: int = DIGITS_TEST,
     min_size: int = 64,
     max_size: int = 96,
-    seed: int = 0,
+    seed: int = DIGITS_SEED,
     with_val: bool = False,
 ) -> str:
     """Generate the digits dataset under `root` unless it is already there; return `root` (absolute).
@@ -131,7 +131,7 @@ def _generate(out: str, params: dict) -> None:
     glyphs, labels = _glyphs()
     rng = np.random.default_rng(params["seed"])
     num_test_glyphs = int(len(glyphs) * _TEST_GLYPHS)
-    if params["seed"] == DEFAULT_SEED:
+    if params["seed"] == DIGITS_SEED:
         order = rng.permutation(len(glyphs))
         pools = {"test": order[:num_test_glyphs], "trainval": order[num_test_glyphs:]}
     else:
@@ -155,7 +155,7 @@ def _glyphs() -> tuple[np.ndarray, np.ndarray]:
 
 def _trainval_glyphs(num_glyphs: int) -> np.ndarray:
     """The samples of the default set's trainval scenes: all but its test share, drawn by the default seed."""
-    return np.random.default_rng(DEFAULT_SEED).permutation(num_glyphs)[int(num_glyphs * _TEST_GLYPHS):]
+    return np.random.default_rng(DIGITS_SEED).permutation(num_glyphs)[int(num_glyphs * _TEST_GLYPHS):]
 
 
 def _write_split(voc: str, split: str, first_id: int, count: int, rng: np.random.Generator, glyphs: np.ndarray,
@@ -336,11 +336,11 @@ def _annotation_xml(image_id: str, width: int, height: int, objects: list[dict])
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="dataset root (VOC2007/ is written inside)")
-    parser.add_argument("--num-trainval", type=int, default=3000)
-    parser.add_argument("--num-test", type=int, default=1000)
+    parser.add_argument("--num-trainval", type=int, default=DIGITS_TRAINVAL)
+    parser.add_argument("--num-test", type=int, default=DIGITS_TEST)
     parser.add_argument("--min-size", type=int, default=64)
     parser.add_argument("--max-size", type=int, default=96)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=DIGITS_SEED)
     args = parser.parse_args()
     try:
         root = ensure_digits(args.out, args.num_trainval, args.num_test, args.min_size, args.max_size, args.seed)
