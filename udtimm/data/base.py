@@ -15,7 +15,7 @@ from torchvision.transforms.v2 import functional as F
 
 # The first bytes of the formats torchvision decodes (JPEG, PNG, GIF, WEBP at offset 8); PIL reads the others.
 SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF8"), (8, b"WEBP"))
-SIXTEEN_BIT_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")
+INTEGER_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # read as 16-bit values (pil_pixels)
 
 
 class DatasetError(ValueError):
@@ -100,7 +100,7 @@ def pil_pixels(image: Image.Image) -> Tensor:
     16-bit and 32-bit integer grayscale (I;16*, I) keep the high byte of their 0-65535 range, float grayscale (F)
     maps 0-1 to 0-255, both clipped; every other mode is PIL's own conversion to RGB (alpha dropped).
     """
-    if image.mode in SIXTEEN_BIT_MODES:
+    if image.mode in INTEGER_GRAY_MODES:
         gray = torch.from_numpy(np.asarray(image).astype(np.int32)).clamp(0, 65535) >> 8
     elif image.mode == "F":
         gray = torch.from_numpy(np.array(image, dtype=np.float32)).clamp(0, 1).mul(255).round()
