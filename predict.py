@@ -5,7 +5,8 @@
     python predict.py --checkpoint best.safetensors 'photos/**/*.jpg' one.png --out predictions.json --topk 3
     python predict.py --checkpoint export_dir/ photos/ --out predictions.csv     # an export in the timm format
 
-INPUT is an image file, a folder (its .jpg/.jpeg/.png files, recursively) or a glob pattern (quoted, ** recurses).
+INPUT is an image file, a folder (its files of every image format PIL reads, recursively: .jpg, .png, .webp, .bmp,
+.tif, ...; the others are left out with a warning naming them) or a glob pattern (quoted, ** recurses).
 A class is predicted when its probability reaches its threshold: --threshold for all classes when given, else the
 per-class thresholds stored beside the checkpoint by `validate.py --tune-thresholds`, else 0.5.
 """

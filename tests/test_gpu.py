@@ -2,6 +2,7 @@
 
 import random
 
+import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
@@ -77,12 +78,18 @@ def truncated_copy(path: str, folder) -> str:
     return str(broken)
 
 
-def test_non_jpeg_files_are_decoded_on_the_cpu(tmp_path, digits: MultiLabelDataset) -> None:
-    png = tmp_path / "image.png"
-    Image.new("RGB", (30, 20), (10, 200, 30)).save(png)
-    jpeg = digits.samples[0].path
-    images, unreadable = decode_images(encoded_files(str(png), jpeg), torch.device("cpu"))
-    assert torch.equal(images[0], read_image(str(png))) and torch.equal(images[1], read_image(jpeg)) and not unreadable
+def test_non_jpeg_files_are_decoded_on_the_cpu_as_read_image_decodes_them(tmp_path, digits: MultiLabelDataset) -> None:
+    Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / "image.png")
+    Image.fromarray(np.arange(600, dtype=np.uint16).reshape(20, 30) * 100).save(tmp_path / "gray16.png")
+    for name in ("image.bmp", "image.tif"):
+        Image.new("RGB", (30, 20), (10, 200, 30)).save(tmp_path / name)
+    paths = [str(tmp_path / name) for name in ("image.png", "gray16.png", "image.bmp", "image.tif")]
+    paths.append(digits.samples[0].path)
+    images, unreadable = decode_images(encoded_files(*paths), torch.device("cpu"))
+    assert not unreadable and all(torch.equal(image, read_image(p)) for image, p in zip(images, paths, strict=True))
+    assert all(image.dtype == torch.uint8 for image in images)
+    pixels = DeviceTransform(SIZE, MEAN, STD, "cpu", train=True)(encoded_files(*paths))  # 16-bit: no uint16 to stack
+    assert pixels.shape == (len(paths), 3, SIZE, SIZE)
 
 
 def test_jpegs_the_batched_decoder_refuses_are_decoded_one_by_one_then_on_the_cpu(

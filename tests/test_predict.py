@@ -1,6 +1,7 @@
 """predict.py: folders, files and globs to CSV or JSON, --topk and --threshold, bad inputs as clear errors."""
 
 import json
+import logging
 import os
 import shutil
 
@@ -8,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 
 import predict
 from udtimm import Predictor, runs
@@ -61,6 +63,25 @@ def test_files_and_globs_to_json_with_topk(tiny_checkpoint: str, photos: str, tm
         assert len(record["scores"]) == 10 and set(record["labels"]) == set(ranked[:2])
 
 
+def test_a_folder_of_mixed_formats_gives_a_row_per_image_and_names_what_it_left_out(
+        tiny_checkpoint: str, photos: str, tmp_path, caplog) -> None:
+    folder = tmp_path / "mixed"
+    folder.mkdir()
+    shutil.copy(os.path.join(photos, "a.jpg"), folder / "a.jpg")
+    scene = Image.open(os.path.join(photos, "b.jpg"))
+    Image.fromarray(np.asarray(scene.convert("L")).astype(np.uint16) * 257).save(folder / "gray16.png")
+    for name in ("scan.bmp", "scan.tif", "anim.gif", "photo.webp", "photo.ppm"):
+        scene.save(folder / name)
+    (folder / "notes.txt").write_text("taken on Tuesday")
+    (folder / "model.h5").write_bytes(b"\x89HDF\r\n\x1a\n")  # PIL identifies HDF5 but cannot decode it
+    with caplog.at_level(logging.WARNING):
+        table = run(tiny_checkpoint, str(folder), "--out", str(tmp_path / "mixed.csv"))
+    images = ["a.jpg", "anim.gif", "gray16.png", "photo.ppm", "photo.webp", "scan.bmp", "scan.tif"]
+    assert table["image"].tolist() == [str(folder / name) for name in images]
+    assert caplog.messages == [f"left out 2 file(s) of {folder}, whose extensions are not those of an image format: "
+                               "model.h5, notes.txt"]
+
+
 def test_progress_bar_and_error_messages(tiny_checkpoint: str, photos: str, tmp_path, capsys) -> None:
     predict.main(["--checkpoint", tiny_checkpoint, "--workers", "0", photos, "--out", str(tmp_path / "p.csv")])
     assert "predict: 100%" in capsys.readouterr().err
@@ -75,7 +96,7 @@ def test_bad_inputs_and_flags_are_clear_errors(tiny_checkpoint: str, photos: str
     cases = [
         ([photos, str(tmp_path / "missing.jpg"), *out], DatasetError, "missing.jpg"),
         ([photos, str(tmp_path / "notes.txt"), *out], CorruptImageError, "notes.txt is not an image"),
-        ([str(tmp_path / "empty"), *out], DatasetError, "no .jpg/.jpeg/.png images found in .*empty"),
+        ([str(tmp_path / "empty"), *out], DatasetError, "no image files in .*empty"),
         ([photos, "--out", str(tmp_path / "o.txt")], ConfigError, r"must end in \.csv or \.json"),
         ([photos, *out, "--topk", "0"], ConfigError, "--topk must be at least 1"),
         ([photos, *out, "--threshold", "1.5"], ConfigError, r"--threshold must lie in \[0, 1\]"),

@@ -3,6 +3,7 @@ stored thresholds, bad inputs named before any work."""
 
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -60,6 +61,13 @@ def test_paths_pil_images_and_tensors_give_the_same_scores(predictor: Predictor,
     torch.testing.assert_close(scores_of(one, predictor)[0], scores[0], rtol=0, atol=1e-6)
 
 
+def test_a_sixteen_bit_pil_image_scores_as_its_file(predictor: Predictor, tmp_path) -> None:
+    image = Image.fromarray(np.arange(48 * 40, dtype=np.uint16).reshape(48, 40) * 34)  # mode I;16, up to 65246
+    image.save(tmp_path / "gray16.png")
+    from_file = scores_of(predictor.predict(str(tmp_path / "gray16.png")), predictor)
+    torch.testing.assert_close(scores_of(predictor.predict(image), predictor), from_file)  # float32's tolerance
+
+
 def test_stored_thresholds_are_used_unless_a_threshold_is_given(tiny_checkpoint: str, png_images: list[str],
                                                                 tmp_path) -> None:
     checkpoint_copy = str(tmp_path / "best.safetensors")
@@ -99,7 +107,7 @@ def test_bad_inputs_are_named_before_any_image_is_labelled(predictor: Predictor,
     cases = [
         ([png_images[0], str(tmp_path / "missing.jpg")], DatasetError, "missing.jpg is neither an image file"),
         ([png_images[0], str(tmp_path / "notes.txt")], CorruptImageError, "notes.txt is not an image"),
-        ([png_images[0], str(tmp_path / "empty")], DatasetError, f"no .jpg/.jpeg/.png images found in {tmp_path}"),
+        ([png_images[0], str(tmp_path / "empty")], DatasetError, f"no image files in {tmp_path}"),
         (str(tmp_path / "*.jpg"), DatasetError, "no file matches"),
         (torch.rand(2, 3, 32, 32), ValueError, "expected a uint8 tensor"),
         (torch.zeros(3, 32, 32, dtype=torch.uint8), ValueError, r"got shape \[3, 32, 32\]: add the batch dimension"),

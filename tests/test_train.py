@@ -5,13 +5,16 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
+import torch
 import yaml
 from conftest import TINY_DIGITS, read_rows, run_two_cpu_processes, tiny_train_args
+from PIL import Image
 
 import train
 import validate
-from udtimm import trainer
+from udtimm import Predictor, trainer
 from udtimm.checkpoint import read_metadata
 from udtimm.config import ConfigError
 from udtimm.data.base import DatasetError
@@ -121,6 +124,38 @@ def test_unknown_model_is_a_clean_error_from_the_command_line(tiny_digits: str, 
     result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
                             timeout=120)
     assert result.returncode != 0 and "resnet18" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_sixteen_bit_png_bmp_and_tiff_train_and_predict(tmp_path) -> None:
+    """A CSV set of the formats users' scans come in (docs/datasets.md#image-files): one epoch, then predictions."""
+    rng = np.random.default_rng(0)
+    names, expected = [], []
+    for i in range(9):
+        name = f"scan{i}" + (".png", ".bmp", ".tif")[i % 3]
+        if name.endswith(".png"):  # 16-bit grayscale, read as its high bytes on three channels
+            pixels = rng.integers(0, 65536, (40, 36), dtype=np.uint16)
+            expected.append(torch.from_numpy((pixels >> 8).astype(np.uint8)).expand(3, -1, -1))
+        else:
+            pixels = rng.integers(0, 256, (40, 36, 3), dtype=np.uint8)
+            expected.append(torch.from_numpy(pixels).permute(2, 0, 1))
+        Image.fromarray(pixels).save(tmp_path / name)
+        names.append(name)
+    listing = "image,labels\n" + "".join(f"{name},{('cat', 'dog', 'cat;dog')[i % 3]}\n" for i, name in enumerate(names))
+    for split in ("train", "test"):
+        (tmp_path / f"{split}.csv").write_text(listing)
+    output = tmp_path / "runs"
+    train.main(["--dataset", "csv", "--data-dir", str(tmp_path), "--model", "test_resnet", "--img-size", "32", "-b",
+                "4", "--epochs", "1", "--workers", "0", "--warmup-epochs", "0", "--output", str(output),
+                "--no-progress", "--experiment", "formats"])
+    (row,) = read_rows(str(output / "formats" / "results.csv"))
+    assert float(row["num_images"]) == 9
+    predictor = Predictor.from_checkpoint(str(output / "formats" / "best.safetensors"))
+    paths = [str(tmp_path / name) for name in names]
+    table = predictor.predict(paths, batch_size=9)
+    assert table["image"].tolist() == paths
+    by_hand = predictor.predict(torch.stack(expected), batch_size=9)
+    torch.testing.assert_close(torch.tensor(table[predictor.class_names].to_numpy()),
+                               torch.tensor(by_hand[predictor.class_names].to_numpy()))  # float32's tolerance
 
 
 def test_two_cpu_processes_write_one_consistent_run(tiny_digits: str, tmp_path) -> None:

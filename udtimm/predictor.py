@@ -21,11 +21,11 @@ import timm
 import torch
 from PIL import Image
 from torch import Tensor, nn
-from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
 from udtimm import checkpoint
 from udtimm.checkpoint import CheckpointError
+from udtimm.data.base import pil_pixels
 from udtimm.data.images import ImageFolderDataset, list_images
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import NormalizeImage, eval_pixels
@@ -155,7 +155,7 @@ class Predictor:
         raise TypeError(f"images: expected paths, PIL images or a uint8 tensor [N, 3, H, W], got a list of {kinds}")
 
     def _pil_batch(self, images: Sequence[Image.Image]) -> Tensor:
-        return torch.stack([self.pixels(F.pil_to_tensor(image.convert("RGB"))) for image in images])
+        return torch.stack([self.pixels(pil_pixels(image)) for image in images])
 
 
 def check_image_batch(images: Tensor) -> None:

@@ -51,7 +51,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     mode.add_argument("--compare", nargs="+", metavar="FILE", help="draw these checkpoints' reliability diagrams")
     parser.add_argument("--out", required=True, help="--checkpoint: folder of PNGs; --compare: the PNG file")
     maps = parser.add_argument_group("attention maps (--checkpoint)")
-    maps.add_argument("--images", nargs="+", metavar="DIR_OR_FILE", help="folders (.jpg/.jpeg/.png) or image files")
+    maps.add_argument("--images", nargs="+", metavar="DIR_OR_FILE", help="folders (their image files) or image files")
     maps.add_argument("--teacher-ckpt", metavar="FILE", help="also draw this model's map (the teacher's)")
     maps.add_argument("--topk", type=int, default=5, help="how many of the most probable labels to list")
     compare = parser.add_argument_group("reliability comparison (--compare)")

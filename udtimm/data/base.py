@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
+import io
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
 import torch
+from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
+from torchvision.transforms.v2 import functional as F
+
+# The first bytes of the formats torchvision decodes (JPEG, PNG, GIF, WEBP at offset 8); PIL reads the others.
+SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF8"), (8, b"WEBP"))
+INTEGER_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # read as 16-bit values (pil_pixels)
 
 
 class DatasetError(ValueError):
@@ -44,11 +51,62 @@ class Sample:
 
 
 def read_image(path: str) -> Tensor:
-    """Decode an image file to a uint8 RGB tensor [3, H, W]; any failure raises CorruptImageError."""
+    """Decode an image file to a uint8 RGB tensor [3, H, W] (decode_file); any failure raises CorruptImageError."""
     try:
-        return decode_image(read_file(path), mode=ImageReadMode.RGB)
-    except Exception as e:  # torchvision raises bare RuntimeErrors for missing, empty, truncated or unknown files
+        data = read_file(path)
+    except Exception as e:  # torchvision raises bare RuntimeErrors for missing, empty or unreadable files
         raise CorruptImageError(f"cannot read image {path}: {e}") from e
+    return decode_file(data, path)
+
+
+def decode_file(data: Tensor, path: str) -> Tensor:
+    """A file's bytes (1-D uint8) as a uint8 RGB image [3, H, W] (docs/datasets.md#image-files); CorruptImageError
+    naming `path` when it cannot be decoded.
+
+    JPEG, PNG, GIF and WEBP go to torchvision's decoders (the fast path), every other format and what those decoders
+    refuse (an animated WEBP) to PIL. An animation gives its first frame, 16-bit pixels their high byte.
+    """
+    try:
+        image = decode_image(data, mode=ImageReadMode.RGB)
+    except RuntimeError as err:
+        return decode_with_pil(data, path, err)
+    if image.ndim == 4:  # an animated GIF: [frames, 3, H, W]
+        image = image[0]
+    # A 16-bit PNG decodes to uint16; to_dtype keeps the high byte (v >> 8), as PIL does for 16-bit RGB.
+    return image if image.dtype == torch.uint8 else F.to_dtype(image, torch.uint8, scale=True)
+
+
+def decode_with_pil(data: Tensor, path: str, torchvision_error: RuntimeError) -> Tensor:
+    """decode_file's PIL path; the error names the file, with torchvision's reason for the formats it decodes."""
+    try:
+        with Image.open(io.BytesIO(data.numpy().tobytes())) as image:
+            return pil_pixels(image)
+    except UnidentifiedImageError as e:
+        reason = torchvision_error if has_torchvision_signature(data[:12].numpy().tobytes()) else \
+            "not an image format that PIL or torchvision reads"
+        raise CorruptImageError(f"cannot read image {path}: {reason}") from e
+    except Exception as e:  # PIL's errors for damaged files are of many types (OSError, SyntaxError, struct.error...)
+        raise CorruptImageError(f"cannot read image {path}: {e}") from e
+
+
+def has_torchvision_signature(head: bytes) -> bool:
+    """Whether a file's first 12 bytes are those of a format torchvision decodes (SIGNATURES)."""
+    return any(head[offset:offset + len(magic)] == magic for offset, magic in SIGNATURES)
+
+
+def pil_pixels(image: Image.Image) -> Tensor:
+    """A PIL image of any mode as uint8 RGB [3, H, W] (docs/datasets.md#image-files).
+
+    16-bit and 32-bit integer grayscale (I;16*, I) keep the high byte of their 0-65535 range, float grayscale (F)
+    maps 0-1 to 0-255, both clipped; every other mode is PIL's own conversion to RGB (alpha dropped).
+    """
+    if image.mode in INTEGER_GRAY_MODES:
+        gray = torch.from_numpy(np.asarray(image).astype(np.int32)).clamp(0, 65535) >> 8
+    elif image.mode == "F":
+        gray = torch.from_numpy(np.array(image, dtype=np.float32)).clamp(0, 1).mul(255).round()
+    else:
+        return F.pil_to_tensor(image.convert("RGB"))
+    return gray.to(torch.uint8).expand(3, -1, -1).contiguous()
 
 
 @dataclass(frozen=True)

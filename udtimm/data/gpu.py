@@ -14,11 +14,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 from torch.utils.data import default_collate
-from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+from torchvision.io import ImageReadMode, decode_jpeg
 from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
-from .base import CorruptImageError, EncodedImage
+from .base import CorruptImageError, EncodedImage, decode_file
 from .feed import PartialBatch
 from .transforms import CROP_SCALES, ERASE, PIXELS, NormalizeBatch, draw_erase_box, multi_scale_crop_box, resize_size
 
@@ -55,7 +55,8 @@ def is_jpeg(file: Tensor) -> bool:
 
 
 def decode_images(batch: EncodedBatch, device: torch.device) -> tuple[list[Tensor], dict[int, str]]:
-    """uint8 RGB [3, H, W] images on `device`: JPEGs in one batched call (nvJPEG on CUDA), other formats on the CPU.
+    """uint8 RGB [3, H, W] images on `device`: JPEGs in one batched call (nvJPEG on CUDA), other formats on the CPU
+    (udtimm.data.base.decode_file: 16-bit PNGs, BMPs, TIFFs... as the CPU path decodes them).
 
     If the batched call fails, each file is decoded alone; the second value then gives, by position in the batch,
     the error of each file that could not be decoded (its image is left out of the first).
@@ -65,26 +66,26 @@ def decode_images(batch: EncodedBatch, device: torch.device) -> tuple[list[Tenso
     try:
         decoded = iter(decode_jpeg([f for f, j in zip(files, jpeg, strict=True) if j], mode=ImageReadMode.RGB,
                                    device=device) if any(jpeg) else [])
-        return [next(decoded) if j else decode_image(f, mode=ImageReadMode.RGB).to(device)
-                for f, j in zip(files, jpeg, strict=True)], {}
-    except RuntimeError:
+        return [next(decoded) if j else decode_file(f, path).to(device)
+                for f, j, path in zip(files, jpeg, batch.paths, strict=True)], {}
+    except (RuntimeError, CorruptImageError):
         pass  # one bad file fails the whole call: decoding one at a time finds it, and keeps the others
     images, unreadable = [], {}
     for position, (file, path) in enumerate(zip(files, batch.paths, strict=True)):
         try:
-            images.append(decode_one(file, device))
-        except RuntimeError as e:
-            unreadable[position] = f"cannot decode image {path}: {e}"
+            images.append(decode_one(file, path, device))
+        except CorruptImageError as e:
+            unreadable[position] = str(e)
     return images, unreadable
 
 
-def decode_one(file: Tensor, device: torch.device) -> Tensor:
+def decode_one(file: Tensor, path: str, device: torch.device) -> Tensor:
     if is_jpeg(file):
         try:
             return decode_jpeg(file, mode=ImageReadMode.RGB, device=device)
         except RuntimeError:
             pass  # nvJPEG does not read every JPEG that libjpeg reads: the CPU has the last word
-    return decode_image(file, mode=ImageReadMode.RGB).to(device)
+    return decode_file(file, path).to(device)
 
 
 def resize_all(images: list[Tensor], size: int) -> list[Tensor]:

@@ -3,22 +3,36 @@
 from __future__ import annotations
 
 import glob
+import logging
 import os
 from collections.abc import Callable, Sequence
 
 import torch
+from PIL import Image, ImageFile, UnidentifiedImageError
 from torch import Tensor
 
-from .base import CorruptImageError, DatasetError, EncodedImage, read_encoded, read_image
+from .base import CorruptImageError, DatasetError, EncodedImage, has_torchvision_signature, read_encoded, read_image
 
-IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
-# The first bytes of the formats torchvision decodes (JPEG, PNG, GIF, WEBP at offset 8).
-SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF8"), (8, b"WEBP"))
+LOGGER = logging.getLogger(__name__)
+NAMED_SKIPPED = 10  # file names a note about a folder's left-out files lists before it counts the rest
+
+
+def image_extensions() -> frozenset[str]:
+    """The file extensions of the formats PIL decodes (torchvision's JPEG, PNG, GIF and WEBP among them), lower case.
+
+    PIL's stub formats (HDF5, GRIB, BUFR, WMF: identified, never decoded without a plugin of one's own) and MPEG
+    (video, identified only) are left out: a folder's .h5 or .mpg files are not pictures to label.
+    """
+    Image.init()
+    decoded = {name for name, (factory, _) in Image.OPEN.items()
+               if name != "MPEG" and not (isinstance(factory, type) and issubclass(factory, ImageFile.StubImageFile))}
+    return frozenset(ext for ext, name in Image.registered_extensions().items() if name in decoded)
 
 
 def list_images(paths: Sequence[str]) -> list[str]:
-    """Files as given, folders expanded to their .jpg/.jpeg/.png files (recursive, sorted), glob patterns to what
-    they match; every file checked to be an image before any is decoded. DatasetError naming the input at fault."""
+    """Files as given, folders expanded to their image files (recursive, sorted; image_extensions), glob patterns to
+    what they match; every file checked to be an image before any is decoded. DatasetError naming the input at
+    fault. A folder's other files are left out with a warning naming them (logging), never silently."""
     found: list[str] = []
     for path in paths:
         if not os.path.exists(path) and glob.has_magic(path):
@@ -41,23 +55,44 @@ def _expand(path: str) -> list[str]:
         return [path]
     if not os.path.isdir(path):
         raise DatasetError(f"{path} is neither an image file nor a folder")
-    inside = sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names
-                    if name.lower().endswith(IMAGE_EXTENSIONS))
+    extensions = image_extensions()
+    inside, other = [], []
+    for name in sorted(os.path.join(folder, name) for folder, _, names in os.walk(path) for name in names):
+        (inside if os.path.splitext(name)[1].lower() in extensions else other).append(name)
     if not inside:
-        raise DatasetError(f"no {'/'.join(IMAGE_EXTENSIONS)} images found in {path}")
+        raise DatasetError(f"no image files in {path}{_listed(path, other)}")
+    if other:
+        LOGGER.warning("left out %d file(s) of %s, whose extensions are not those of an image format%s",
+                       len(other), path, _listed(path, other))
     return inside
 
 
+def _listed(folder: str, files: Sequence[str]) -> str:
+    """': a.txt, b.csv' (names relative to `folder`, the first NAMED_SKIPPED) or '' when there are none."""
+    if not files:
+        return ""
+    names = [os.path.relpath(file, folder) for file in files[:NAMED_SKIPPED]]
+    more = f" and {len(files) - NAMED_SKIPPED} more" if len(files) > NAMED_SKIPPED else ""
+    return f": {', '.join(names)}{more}"
+
+
 def check_image_file(path: str) -> None:
-    """CorruptImageError naming `path` unless it starts like a JPEG, PNG, GIF or WEBP file (a cheap look at its
-    first bytes, so that a wrong file stops a run before the first batch rather than at it)."""
+    """CorruptImageError naming `path` unless it starts like a JPEG, PNG, GIF or WEBP file or PIL identifies its
+    format (a look at its first bytes, so that a wrong file stops a run before the first batch rather than at it)."""
     try:
         with open(path, "rb") as handle:
             head = handle.read(12)
     except OSError as err:
         raise CorruptImageError(f"cannot read image {path}: {err.strerror}") from err
-    if not any(head[offset:offset + len(magic)] == magic for offset, magic in SIGNATURES):
-        raise CorruptImageError(f"{path} is not an image (JPEG, PNG, GIF or WEBP)")
+    if has_torchvision_signature(head):
+        return
+    try:
+        with Image.open(path):
+            return
+    except UnidentifiedImageError as err:
+        raise CorruptImageError(f"{path} is not an image (no format that PIL or torchvision reads)") from err
+    except OSError as err:
+        raise CorruptImageError(f"cannot read image {path}: {err}") from err
 
 
 class ImageFolderDataset(torch.utils.data.Dataset):

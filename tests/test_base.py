@@ -1,0 +1,73 @@
+"""Image decoding (udtimm.data.base): every format PIL reads to 8-bit RGB, 16-bit and other modes converted as
+docs/datasets.md#image-files says, unreadable files named in one line."""
+
+import re
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from udtimm.data.base import CorruptImageError, pil_pixels, read_image
+
+# 16-bit values and their high bytes (v >> 8), worked out by hand: 256 is 0x0100, 32767 is 0x7FFF, 4095 is 0x0FFF.
+SIXTEEN_BIT = [0, 255, 256, 1000, 4095, 32767, 32768, 65280, 65535]
+HIGH_BYTES = [0, 0, 1, 3, 15, 127, 128, 255, 255]
+
+
+def gray_channels(image: torch.Tensor) -> list[int]:
+    """The one row of a [3, 1, W] image, checked to be gray (three equal channels)."""
+    assert image.dtype == torch.uint8 and image.shape[:2] == (3, 1)
+    assert torch.equal(image[0], image[1]) and torch.equal(image[0], image[2])
+    return image[0, 0].tolist()
+
+
+@pytest.mark.parametrize("name", ["gray16.png", "gray16.tif", "gray16.pgm"])
+def test_sixteen_bit_grayscale_keeps_the_high_byte(tmp_path, name: str) -> None:
+    path = tmp_path / name
+    Image.fromarray(np.array([SIXTEEN_BIT], dtype=np.uint16)).save(path)  # PNG: torchvision; TIFF, PGM: PIL
+    assert gray_channels(read_image(str(path))) == HIGH_BYTES
+
+
+def test_bmp_and_tiff_decode_to_their_exact_pixels(tmp_path) -> None:
+    pixels = np.random.default_rng(0).integers(0, 256, (9, 11, 3), dtype=np.uint8)
+    for name in ("rgb.bmp", "rgb.tif", "rgb.ppm", "rgb.tga"):
+        Image.fromarray(pixels).save(tmp_path / name)  # lossless formats: the pixels come back exactly
+        assert torch.equal(read_image(str(tmp_path / name)), torch.from_numpy(pixels).permute(2, 0, 1)), name
+
+
+def test_modes_without_a_pil_rgb_conversion_of_their_range() -> None:
+    ints = Image.fromarray(np.array([[-5, 0, 4095, 65535, 70000]], dtype=np.int32))  # mode I: clipped to 0-65535
+    assert ints.mode == "I" and gray_channels(pil_pixels(ints)) == [0, 0, 15, 255, 255]
+    floats = Image.fromarray(np.array([[-0.5, 0.0, 0.5, 0.2, 1.0, 3.0]], dtype=np.float32))  # mode F: 0-1
+    assert floats.mode == "F" and gray_channels(pil_pixels(floats)) == [0, 0, 128, 51, 255, 255]  # 127.5, 51.0
+
+
+def test_alpha_palette_and_cmyk_as_pil_converts_them(tmp_path) -> None:
+    rgba = Image.new("RGBA", (4, 3), (10, 200, 30, 0))  # fully transparent: the alpha is dropped, not blended
+    palette = Image.new("RGB", (4, 3), (250, 5, 60)).convert("P")
+    cmyk = Image.new("CMYK", (4, 3), (10, 20, 30, 40))
+    for name, image in (("rgba.png", rgba), ("la.png", rgba.convert("LA")), ("palette.png", palette),
+                        ("palette.bmp", palette), ("cmyk.tif", cmyk), ("rgba.tif", rgba)):
+        image.save(tmp_path / name)
+        expected = torch.from_numpy(np.array(image.convert("RGB"))).permute(2, 0, 1)
+        assert torch.equal(read_image(str(tmp_path / name)), expected), name
+
+
+@pytest.mark.parametrize("name", ["anim.gif", "anim.webp"])
+def test_an_animation_gives_its_first_frame(tmp_path, name: str) -> None:
+    frames = [Image.new("RGB", (6, 4), colour) for colour in ((0, 0, 255), (255, 0, 0), (0, 255, 0))]
+    frames[0].save(tmp_path / name, save_all=True, append_images=frames[1:], lossless=True)
+    image = read_image(str(tmp_path / name))  # GIF: torchvision (all frames); WEBP: PIL (torchvision refuses it)
+    assert image.shape == (3, 4, 6) and image[:, 0, 0].tolist() == [0, 0, 255]
+
+
+def test_unreadable_files_stop_with_one_line_naming_them(tmp_path) -> None:
+    Image.new("RGB", (40, 30), (1, 2, 3)).save(tmp_path / "ok.bmp")
+    data = (tmp_path / "ok.bmp").read_bytes()
+    (tmp_path / "truncated.bmp").write_bytes(data[:len(data) // 2])
+    (tmp_path / "text.tif").write_text("not an image at all")
+    for name, reason in (("truncated.bmp", "truncated"), ("text.tif", "not an image format that PIL or torchvision")):
+        with pytest.raises(CorruptImageError, match=re.escape(str(tmp_path / name)) + ".*" + reason) as caught:
+            read_image(str(tmp_path / name))
+        assert "\n" not in str(caught.value)
