@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The digits distillation benchmark: the paper's setting in miniature, and a table of its claims.
 
-    python benchmarks/distill_digits.py                      # about 45 minutes on a 2-core CPU
+    python benchmarks/distill_digits.py                      # about 35 minutes on a 2-core CPU
     python benchmarks/distill_digits.py --seeds 0 1 2 3 4 --out output/distill-digits-5
 
 As in the paper, the teacher is much stronger than the student and both start from pretrained weights:
