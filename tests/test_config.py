@@ -4,6 +4,7 @@ import re
 import pytest
 
 import distill
+import predict
 import train
 import validate
 from udtimm.config import ConfigError, fill_dataset_defaults
@@ -52,8 +53,8 @@ def help_blocks(parser: argparse.ArgumentParser) -> dict[str, str]:
     return blocks
 
 
-@pytest.mark.parametrize("script", [train, distill, validate], ids=lambda script: script.__name__)
-def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch: pytest.MonkeyPatch) -> None:
+def script_parser(script, monkeypatch: pytest.MonkeyPatch) -> argparse.ArgumentParser:
+    """The parser a script's parse_args builds (caught as it parses a minimal command line)."""
     parsers = []
     real = argparse.ArgumentParser.parse_args
 
@@ -62,10 +63,15 @@ def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch
         return real(parser, *args, **kwargs)
 
     monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
-    argv = ["--teacher-ckpt", "t.safetensors"] if script is distill else ["--checkpoint", "c"] \
-        if script is validate else []
+    argv = {distill: ["--teacher-ckpt", "t.safetensors"], validate: ["--checkpoint", "c"],
+            predict: ["--checkpoint", "c", "image.jpg"]}.get(script, [])
     script.parse_args(argv)
-    parser = parsers[-1]
+    return parsers[-1]
+
+
+@pytest.mark.parametrize("script", [train, distill, validate], ids=lambda script: script.__name__)
+def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = script_parser(script, monkeypatch)
     blocks = help_blocks(parser)
     options = [action for action in parser._actions if action.option_strings and action.default != argparse.SUPPRESS]
     assert len(options) > 15
@@ -75,6 +81,18 @@ def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch
             assert "(default: None)" not in block
         else:
             assert f"(default: {action.default})" in block, block
+
+
+@pytest.mark.parametrize("script", [train, distill, validate, predict], ids=lambda script: script.__name__)
+def test_help_says_each_default_once(script, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser = script_parser(script, monkeypatch)
+    blocks = help_blocks(parser)
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            block = blocks[max(action.option_strings, key=len)]
+            # "default 0.5", "default: 0.5" or "(default: 0.5)": written in the help, or added by HelpFormatter.
+            said = re.findall(rf"\bdefault:? {re.escape(str(action.default))}(?![\w.])", block)
+            assert len(said) <= 1, block
 
 
 def test_aa_and_cutout_are_checked_before_any_work() -> None:
