@@ -52,10 +52,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--gt-weight", type=float, default=0.0, help="weight of a ground-truth L_b + lambda L_ps")
     group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of the ground-truth term")
     group.add_argument("--self-distill", action="store_true",
-                       help="first half: hard labels; second half: the best model so far teaches itself (ud)")
+                       help="first half: hard labels; second half: the best model so far teaches itself by "
+                            "--method ud (the paper's self-UD; --method kd is refused)")
     args = config.parse_with_config(parser, argv)
     if args.self_distill and args.teacher_ckpt:
         raise config.ConfigError("--self-distill makes its own teacher: drop --teacher-ckpt")
+    if args.self_distill and args.method != "ud":
+        raise config.ConfigError(f"--self-distill distils by --method ud (the paper's self-UD), not --method "
+                                 f"{args.method}: drop one of the two flags")
     if not args.self_distill and not args.teacher_ckpt:
         raise config.ConfigError("distill.py needs --teacher-ckpt FILE (or --self-distill)")
     if args.torchcompile and (args.self_distill or (args.method == "ud" and args.att_weight > 0)):
@@ -170,4 +174,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    runs.run_script(main)
+    runs.run_script(main, lambda: parse_args().debug)

@@ -79,4 +79,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
 
 
 if __name__ == "__main__":
-    runs.run_script(main)
+    runs.run_script(main, lambda: parse_args().debug)

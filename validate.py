@@ -32,8 +32,6 @@ from udtimm.plots import reliability_diagram
 from udtimm.predictions import frame_table, metrics_table, select, write_scores_csv
 from udtimm.predictor import Predictor
 
-TOPK = 3  # the paper's top-3 metrics
-
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
@@ -46,8 +44,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     evaluation.add_argument("--subset", default="all", choices=("all", "difficult"),
                             help="difficult: only images with a difficult class (Table 2), with per-class AP")
     evaluation.add_argument("--threshold", type=float, default=0.5,
-                            help="a class is predicted from this probability (the metrics' CP..OF1; default 0.5)")
-    evaluation.add_argument("--topk", type=int, default=None, help=f"top-k metrics (default {TOPK})")
+                            help="a class is predicted from this probability (the metrics' CP..OF1)")
+    evaluation.add_argument("--topk", type=int, default=metrics.TOPK, metavar="K",
+                            help="the top-k metrics take each image's K most probable classes: columns cp_topK .. "
+                                 "of1_topK (train.py and distill.py: the paper's 3)")
     evaluation.add_argument("--eval-difficult-negative", action="store_true",
                             help="CP..OF1 count difficult pairs as negatives (ML-GCN's code), not left out")
     evaluation.add_argument("--results-file", default=None, metavar="CSV", help="append one row of metrics")
@@ -76,6 +76,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
     config.add_debug_arg(runtime)
     args = parser.parse_args(argv)
+    if args.topk < 1:
+        raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     args.objective = thresholds.parse_objective(args.tune_thresholds) if args.tune_thresholds else None
     return args
 
@@ -107,8 +109,7 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
         if len(predictions.indices) == 0:
             raise ConfigError(f"--subset difficult: no image of {dataset.name} has a difficult label")
     values = metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult, args.threshold,
-                                     TOPK if args.topk is None else args.topk,
-                                     difficult_as_negative=args.eval_difficult_negative)
+                                     args.topk, difficult_as_negative=args.eval_difficult_negative)
     tuned = {}
     if predictor.thresholds is not None:
         comparison, tuned = thresholds.compare(predictions, args.threshold, predictor.thresholds,
@@ -181,7 +182,8 @@ def run_predictions(args: argparse.Namespace, model: nn.Module, dataset: MultiLa
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
-    """The metrics dict (METRIC_NAMES), plus cp_tuned..of1_tuned when per-class thresholds were used."""
+    """The metrics dict (metrics.metric_names(--topk)), plus cp_tuned..of1_tuned when per-class thresholds were
+    used."""
     args = parse_args(argv)
     accelerator = runs.make_accelerator(args.mixed_precision, args.torchcompile)
     # Thresholds about to be tuned again are not read: they may belong to an earlier checkpoint of that name.
@@ -207,4 +209,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    runs.run_script(main)
+    runs.run_script(main, lambda: parse_args().debug)

@@ -15,6 +15,7 @@ from udtimm.losses import attention_distillation_loss
 from udtimm.model import create_model
 
 NUM_CLASSES = 4
+PAPER = ATTENTION_VARIANTS["paper"]  # Eq. 16 as written, which the hand computations follow
 
 
 def _model(name, **kwargs):
@@ -61,7 +62,7 @@ def test_head_only_gradients_equal_whole_network_gradcam(arch, train):
         z_module = model.backbone.norm
     model.train(train)
     expected, features = _naive_gradcam(model, z_module, _images())
-    maps = uncertainty_attention(model, features, create_graph=False)
+    maps = uncertainty_attention(model, features, create_graph=False, form=PAPER)
     assert maps.shape == expected.shape == ((3, 4, 4) if arch == "vit" else (3, 2, 2))
     assert expected.abs().max() > 0
     torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
@@ -70,7 +71,8 @@ def test_head_only_gradients_equal_whole_network_gradcam(arch, train):
 def test_student_path_trains_the_backbone_through_w_and_z():
     model = _model("test_resnet").train()
     out = model(_images())
-    maps = uncertainty_attention(model, out.features, create_graph=True, head_outputs=(out.logits, out.cal_logits))
+    maps = uncertainty_attention(model, out.features, create_graph=True, head_outputs=(out.logits, out.cal_logits),
+                                 form=PAPER)
     assert maps.requires_grad
     loss = attention_distillation_loss(maps, torch.randn(3, 2, 2))
     stem, cal_head = next(model.backbone.parameters()), model.cal_head[0].weight
@@ -82,9 +84,10 @@ def test_student_path_trains_the_backbone_through_w_and_z():
 def test_reusing_head_outputs_equals_a_second_head_forward():
     model = _model("test_resnet").eval()
     out = model(_images())
-    reused = uncertainty_attention(model, out.features, create_graph=True, head_outputs=(out.logits, out.cal_logits))
-    recomputed = uncertainty_attention(model, out.features, create_graph=True)
-    teacher = uncertainty_attention(model, out.features, create_graph=False)
+    reused = uncertainty_attention(model, out.features, create_graph=True, head_outputs=(out.logits, out.cal_logits),
+                                   form=PAPER)
+    recomputed = uncertainty_attention(model, out.features, create_graph=True, form=PAPER)
+    teacher = uncertainty_attention(model, out.features, create_graph=False, form=PAPER)
     torch.testing.assert_close(reused, recomputed)
     torch.testing.assert_close(teacher, recomputed.detach())
 
@@ -93,12 +96,12 @@ def test_teacher_path_builds_no_graph():
     model = _model("test_resnet").eval().requires_grad_(False)
     with torch.no_grad():
         out = model(_images())
-        maps = uncertainty_attention(model, out.features, create_graph=False)
+        maps = uncertainty_attention(model, out.features, create_graph=False, form=PAPER)
     assert not maps.requires_grad and maps.grad_fn is None and maps.abs().sum() > 0
     # Features that do carry a graph (a teacher run with grad enabled) still give a detached map.
     trainable = _model("test_resnet").eval()
     out = trainable(_images())
-    assert not uncertainty_attention(trainable, out.features, create_graph=False).requires_grad
+    assert not uncertainty_attention(trainable, out.features, create_graph=False, form=PAPER).requires_grad
     assert all(p.grad is None for p in trainable.parameters())
 
 
@@ -111,14 +114,14 @@ def test_check_attention_support():
     with torch.no_grad():
         features = token_vit.eval().forward_features(_images(32))
     # Why it is refused: the head never sees the patch tokens.
-    assert uncertainty_attention(token_vit, features, create_graph=False).abs().max() == 0
+    assert uncertainty_attention(token_vit, features, create_graph=False, form=PAPER).abs().max() == 0
     with pytest.raises(ValueError, match="NHWC"):
         check_attention_support(_model("test_mambaout"))
     for pool in ("avg", "map"):
         vit = _model("test_vit", img_size=32, global_pool=pool).eval()
         check_attention_support(vit)
         with torch.no_grad():
-            maps = uncertainty_attention(vit, vit.forward_features(_images(32)), create_graph=False)
+            maps = uncertainty_attention(vit, vit.forward_features(_images(32)), create_graph=False, form=PAPER)
         assert maps.shape == (3, 2, 2) and maps.abs().min() > 0
     check_attention_support(_model("test_resnet"))
 
@@ -142,7 +145,7 @@ def test_eq16_by_hand():
     z = torch.tensor([[[[1.0, 2.0], [0.0, -1.0]], [[0.5, 0.0], [3.0, 1.0]]]], dtype=torch.float64)  # [1, 2, 2, 2]
     w_cls = torch.tensor([[1.0, -1.0], [0.5, 2.0], [0.0, 1.0]], dtype=torch.float64)  # 3 classes, 2 channels
     w_cal = torch.tensor([[2.0, 0.0], [-1.0, 1.0], [0.5, 0.5]], dtype=torch.float64)
-    maps = uncertainty_attention(_FakeModel(w_cls, w_cal), z, create_graph=False)
+    maps = uncertainty_attention(_FakeModel(w_cls, w_cal), z, create_graph=False, form=PAPER)
 
     pooled = z.mean(dim=(2, 3))[0]
     q = torch.softmax(w_cal @ pooled, 0)  # calibration branch
@@ -172,7 +175,7 @@ def test_constant_weight_variants_train_through_z_only(variant):
     form = ATTENTION_VARIANTS[variant]
     model = _model("test_resnet").train()
     x = _images()
-    paper = model(x, with_attention=True)
+    paper = model(x, with_attention=True, attention_form=PAPER)
     out = model(x, with_attention=True, attention_form=form)
     expected = paper.attention.relu() if form.relu else paper.attention
     torch.testing.assert_close(out.attention, expected.detach())

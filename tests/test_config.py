@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import distill
+import predict
 import train
 import validate
 from udtimm import visualize
@@ -58,7 +59,8 @@ def help_blocks(parser: argparse.ArgumentParser) -> dict[str, str]:
 
 
 ENTRY_POINTS = {train: [], distill: ["--teacher-ckpt", "t.safetensors"], validate: ["--checkpoint", "c"],
-                visualize: ["--compare", "a.safetensors", "b.safetensors", "--out", "o.png"]}
+                visualize: ["--compare", "a.safetensors", "b.safetensors", "--out", "o.png"],
+                predict: ["--checkpoint", "c", "image.jpg"]}
 
 
 def parse_capturing(script, monkeypatch: pytest.MonkeyPatch) -> tuple[argparse.ArgumentParser, argparse.Namespace]:
@@ -75,7 +77,7 @@ def parse_capturing(script, monkeypatch: pytest.MonkeyPatch) -> tuple[argparse.A
     return parsers[-1], args
 
 
-@pytest.mark.parametrize("script", list(ENTRY_POINTS), ids=lambda script: script.__name__)
+@pytest.mark.parametrize("script", [train, distill, validate, visualize], ids=lambda script: script.__name__)
 def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch: pytest.MonkeyPatch) -> None:
     parser, _ = parse_capturing(script, monkeypatch)
     blocks = help_blocks(parser)
@@ -101,6 +103,18 @@ def test_every_entry_point_has_the_same_dataset_flags_and_the_default_digits_set
         assert source.options == {"num_trainval": 3000, "num_test": 1000, "seed": 0}
         assert default_data_dir("digits", *source.options.values()) == default_data_dir("digits")
     assert helps[0] == helps[1] == helps[2]
+
+
+@pytest.mark.parametrize("script", [train, distill, validate, predict], ids=lambda script: script.__name__)
+def test_help_says_each_default_once(script, monkeypatch: pytest.MonkeyPatch) -> None:
+    parser, _ = parse_capturing(script, monkeypatch)
+    blocks = help_blocks(parser)
+    for action in parser._actions:
+        if action.option_strings and action.default not in (None, argparse.SUPPRESS):
+            block = blocks[max(action.option_strings, key=len)]
+            # "default 0.5", "default: 0.5" or "(default: 0.5)": written in the help, or added by HelpFormatter.
+            said = re.findall(rf"\bdefault:? {re.escape(str(action.default))}(?![\w.])", block)
+            assert len(said) <= 1, block
 
 
 def test_aa_and_cutout_are_checked_before_any_work() -> None:

@@ -1,5 +1,6 @@
 """distill.py end to end on tiny digits: ud / kd / ud-noatt students, self-distillation, refusals."""
 
+import inspect
 import json
 import os
 
@@ -10,11 +11,13 @@ from conftest import read_rows, tiny_train_args
 
 import distill
 import train
+from udtimm.attention import ATTENTION_VARIANTS, uncertainty_attention
 from udtimm.checkpoint import CheckpointError, model_metadata, read_metadata, save_checkpoint
 from udtimm.config import ConfigError
 from udtimm.data.digits import DIGIT_CLASSES as DIGITS
 from udtimm.data.transforms import Renormalize
-from udtimm.model import create_model
+from udtimm.model import CalibratedModel, create_model
+from udtimm.objectives import DistillationObjective
 from udtimm.weights import WeightsError
 
 
@@ -98,6 +101,22 @@ def test_torchcompile_with_uncertainty_attention_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match="--torchcompile"):
         distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile"])
     assert distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile", "--method", "kd"]).torchcompile
+
+
+def test_self_distill_refuses_another_method_naming_both_flags() -> None:
+    with pytest.raises(ConfigError, match="--self-distill.*--method kd"):
+        distill.parse_args(["--self-distill", "--method", "kd"])
+    assert distill.parse_args(["--self-distill", "--method", "ud"]).self_distill
+
+
+def test_the_python_api_builds_attention_maps_as_distill_py_does_by_default() -> None:
+    form = ATTENTION_VARIANTS[distill.parse_args(["--teacher-ckpt", "t.safetensors"]).att_variant]
+    defaults = {
+        "uncertainty_attention": inspect.signature(uncertainty_attention).parameters["form"].default,
+        "CalibratedModel.forward": inspect.signature(CalibratedModel.forward).parameters["attention_form"].default,
+        "DistillationObjective": inspect.signature(DistillationObjective).parameters["attention_form"].default,
+    }
+    assert defaults == dict.fromkeys(defaults, form)
 
 
 def test_distill_needs_a_teacher_or_self_distill() -> None:

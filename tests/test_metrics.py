@@ -13,6 +13,7 @@ from udtimm.metrics import (
     difficult_subset,
     expected_calibration_error,
     mean_average_precision,
+    metric_names,
     per_class_average_precision,
     reliability_bins,
     threshold_metrics,
@@ -315,6 +316,17 @@ def test_reliability_bins_match_loop():
 
 
 # ---------------------------------------------------------------- compute_metrics
+
+
+def test_top_k_columns_are_named_after_k():
+    scores, target, difficult = make_data(n=100, c=6, seed=12)
+    top5 = compute_metrics(scores, target, difficult, topk=5)
+    assert tuple(top5) == metric_names(5) and metric_names() == METRIC_NAMES
+    renamed = {name: name.replace("_top3", "_top5") for name in METRIC_NAMES}
+    assert metric_names(5) == tuple(renamed.values()) != METRIC_NAMES
+    expected = threshold_metrics(scores, target, difficult, topk=5)
+    assert {name: top5[f"{name}_top5"] for name in expected} == pytest.approx(expected)
+    assert top5["cr_top5"] > compute_metrics(scores, target, difficult)["cr_top3"]  # more labels: more recall
 
 
 def test_difficult_subset():

@@ -16,7 +16,7 @@ from safetensors.torch import save_file
 import train
 from udtimm import report
 from udtimm.io import append_csv_row
-from udtimm.metrics import METRIC_NAMES
+from udtimm.metrics import METRIC_NAMES, metric_names
 from udtimm.trainer import RESULT_KEYS
 
 PAPER_HEADINGS = [heading for _, heading in report.PAPER_COLUMNS]
@@ -168,6 +168,18 @@ def test_validate_rows_without_seed_group_by_subset(tmp_path) -> None:
     summary = report.summarise(report.load_results([str(path)]))
     assert list(zip(summary["split"], summary["n"], strict=True)) == [("test", 2), ("test:difficult", 1)]
     assert report.group_warnings(summary) == []
+
+
+def test_a_row_at_another_topk_leaves_the_top3_columns_empty(tmp_path) -> None:
+    row = results_row(0, np.random.default_rng(7))
+    row = dict(zip(metric_names(5), (row.pop(name) for name in METRIC_NAMES), strict=True)) | row
+    path = str(tmp_path / "validated.csv")
+    append_csv_row(path, row)  # as validate.py --topk 5 --results-file writes it
+    line = report.to_markdown(report.summarise(report.load_results([path]))).splitlines()[2]
+    cells = dict(zip(["Dataset", "Split", "Model", "Method", "Teacher", "n", "Epochs", *PAPER_HEADINGS],
+                     (cell.strip() for cell in line.strip("|").split("|")), strict=True))
+    assert cells["mAP"] == f"{row['map']:.2f} ± -"
+    assert all(cells[heading] == "-" for heading in PAPER_HEADINGS if heading.endswith("@3"))
 
 
 def test_bad_input_names_the_path(tmp_path) -> None:

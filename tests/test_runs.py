@@ -1,11 +1,12 @@
 import os
+import runpy
 import shutil
 import sys
 import warnings
 
 import pytest
 import torch
-from conftest import TINY_DIGITS, tiny_train_args
+from conftest import ROOT, TINY_DIGITS, tiny_train_args
 
 import train
 from udtimm import config, runs
@@ -44,22 +45,26 @@ def corrupt_digits(tmp_path) -> tuple[str, str]:
     return data_dir, bad
 
 
-def run_main(main, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
-    """What runs.run_script prints on exit (the `error:` line), with `argv` as the command line."""
-    monkeypatch.setattr(sys, "argv", ["train.py", *argv])
+def run_script(script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> str:
+    """What `python <script> <argv>` prints on exit (the `error:` line): the script's own run_script line runs."""
+    monkeypatch.setattr(sys, "argv", [script, *argv])
     with pytest.raises(SystemExit) as exit_info:
-        runs.run_script(lambda: main(argv))
+        runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
     return str(exit_info.value.code)
 
 
 def test_a_corrupt_image_read_by_a_worker_is_one_error_line_and_leaves_no_run(tmp_path, monkeypatch, capsys) -> None:
     data_dir, bad = corrupt_digits(tmp_path)
     argv = tiny_train_args(data_dir, str(tmp_path / "out"), "--experiment", "run", "--workers", "1")
-    message = run_main(train.main, argv, monkeypatch)
+    message = run_script("train.py", argv, monkeypatch)
     assert message.startswith("error: ") and "\n" not in message and bad in message
     assert "Traceback" not in capsys.readouterr().err
     assert not (tmp_path / "out" / "run").exists()  # refused before an epoch was saved: nothing left behind
-    run_main(train.main, [*argv, "--debug"], monkeypatch)
+    run_script("train.py", [*argv, "--debug"], monkeypatch)
+    assert "Traceback" in capsys.readouterr().err
+    # --debug from a -c YAML, as from the command line.
+    (tmp_path / "debug.yaml").write_text("debug: true\n")
+    assert run_script("train.py", ["-c", str(tmp_path / "debug.yaml"), *argv], monkeypatch) == message
     assert "Traceback" in capsys.readouterr().err
 
 

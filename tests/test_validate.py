@@ -22,7 +22,7 @@ from udtimm.data import build_dataset
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
-from udtimm.metrics import METRIC_NAMES, compute_metrics, threshold_metrics
+from udtimm.metrics import METRIC_NAMES, compute_metrics, metric_names, threshold_metrics
 from udtimm.predictions import PER_CLASS_COLUMNS
 from udtimm.thresholds import ThresholdObjective, thresholds_path, tune_thresholds
 
@@ -45,10 +45,11 @@ def data_flags(data_dir: str) -> list[str]:
             "--digits-test", str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress"]
 
 
-def assert_same_metrics(found: dict[str, object], expected: dict[str, object]) -> None:
+def assert_same_metrics(found: dict[str, object], expected: dict[str, object],
+                        names: tuple[str, ...] = METRIC_NAMES) -> None:
     # CPU convolutions may round differently for another batch size (float32 noise, ~1e-8 of a percent);
     # any real difference (a lost or repeated image) moves a metric by far more than 1e-6 percent.
-    for name in METRIC_NAMES:
+    for name in names:
         assert float(found[name]) == pytest.approx(float(expected[name]), rel=0, abs=1e-6, nan_ok=True), name
 
 
@@ -110,6 +111,20 @@ def test_results_file_predictions_and_plots(best: str, tiny_digits: str, tmp_pat
 
     with Image.open(os.path.join(plots, "reliability.png")) as image:
         assert image.format == "PNG" and image.size == (500, 500)
+
+
+def test_topk_names_the_columns_after_k(best: str, tiny_digits: str, tmp_path, capsys) -> None:
+    results = str(tmp_path / "r.csv")
+    found = validate.main(["--checkpoint", best, *data_flags(tiny_digits), "--topk", "5", "--results-file", results])
+    with open(results, newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert list(row)[8:] == list(found) == list(metric_names(5))
+    dataset, predictions = reference_predictions(best, tiny_digits)
+    expected = compute_metrics(predictions.scores, dataset.targets(), dataset.difficult_masks(), topk=5)
+    assert_same_metrics(row, expected, metric_names(5))
+    assert "of1_top5" in capsys.readouterr().out
+    with pytest.raises(ConfigError, match="--topk must be at least 1, got 0"):
+        validate.parse_args(["--checkpoint", best, "--topk", "0"])
 
 
 def test_per_class_table_is_printed_and_written_beside_the_checkpoint(best: str, tiny_digits: str, tmp_path,

@@ -35,8 +35,10 @@ ATTENTION_VARIANTS = {
     "const-weights": AttentionForm(weights_in_graph=False),
     "gradcam": AttentionForm(weights_in_graph=False, relu=True),
 }
-# Chosen by the digits benchmark (docs/distillation.md); hparams/ keeps "paper" for the paper's tables.
+# Chosen by the digits benchmark (docs/distillation.md); hparams/ keeps "paper" for the paper's tables. The one
+# default: distill.py's --att-variant and the Python API (uncertainty_attention, CalibratedModel, the objectives).
 DEFAULT_VARIANT = "gradcam"
+DEFAULT_FORM = ATTENTION_VARIANTS[DEFAULT_VARIANT]
 
 # Token-model pools that give no usable map, and why. timm's 'map' attention pooling does attend over the patch
 # tokens and gives a usable map, as do 'avg', 'max' and 'avgmax'.
@@ -64,7 +66,7 @@ def uncertainty_attention(
     features: Tensor,
     create_graph: bool,
     head_outputs: tuple[Tensor, Tensor] | None = None,
-    form: AttentionForm = ATTENTION_VARIANTS["paper"],
+    form: AttentionForm = DEFAULT_FORM,
 ) -> Tensor:
     """Eq. 15-16: A_hw = sum_c w_c Z_chw with w_c = sum_hw dD/dZ_chw, D summed over the batch; [B, H, W] float32.
 

@@ -23,6 +23,19 @@ class MetricColumn:
     report: bool = True  # a column of the report's table (the paper's Tables 2-3)
     percent: bool = True  # a percentage (printed with the final results), else a count
     lower_is_better: bool = False
+    top_of: str | None = None  # a top-k column: the metric it restricts to each image's k best labels
+
+    def name_at(self, topk: int) -> str:
+        """The column's name when the top-k metrics take `topk` labels (`name` is the one at TOPK)."""
+        return self.name if self.top_of is None else f"{self.top_of}_top{topk}"
+
+
+# The paper's top-3 metrics: train.py and distill.py evaluate with k = 3, validate.py --topk takes any k.
+TOPK = 3
+
+
+def _top(metric: str, heading: str) -> MetricColumn:
+    return MetricColumn(f"{metric}_top{TOPK}", f"{heading}@{TOPK}", top_of=metric)
 
 
 # Adding a metric: compute it in compute_metrics and declare its column here; the epoch table, the final
@@ -35,12 +48,12 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
     MetricColumn("op", "OP"),
     MetricColumn("or", "OR"),
     MetricColumn("of1", "OF1", epoch_table=True),
-    MetricColumn("cp_top3", "CP@3"),
-    MetricColumn("cr_top3", "CR@3"),
-    MetricColumn("cf1_top3", "CF1@3"),
-    MetricColumn("op_top3", "OP@3"),
-    MetricColumn("or_top3", "OR@3"),
-    MetricColumn("of1_top3", "OF1@3"),
+    _top("cp", "CP"),
+    _top("cr", "CR"),
+    _top("cf1", "CF1"),
+    _top("op", "OP"),
+    _top("or", "OR"),
+    _top("of1", "OF1"),
     MetricColumn("map_difficult", "Difficult mAP", epoch_table=True),
     MetricColumn("ece", "ECE", epoch_table=True, lower_is_better=True),
     MetricColumn("ece_pooled", "pooled ECE", report=False, lower_is_better=True),
@@ -49,6 +62,11 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
     MetricColumn("num_classes_evaluated", "classes evaluated", report=False, percent=False),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(column.name for column in METRIC_COLUMNS)
+
+
+def metric_names(topk: int = TOPK) -> tuple[str, ...]:
+    """The keys of compute_metrics(topk=...): METRIC_NAMES with the top-k columns named after k."""
+    return tuple(column.name_at(topk) for column in METRIC_COLUMNS)
 
 _NAN = float("nan")
 
@@ -244,17 +262,17 @@ def compute_metrics(
     target: Tensor,
     difficult: Tensor,
     threshold: float = 0.5,
-    topk: int = 3,
+    topk: int = TOPK,
     n_bins: int = 15,
     difficult_as_negative: bool = False,
 ) -> dict[str, float]:
-    """All evaluation metrics (docs/method.md#metrics, Eq. 2, Table 2) as one flat dict keyed by METRIC_NAMES."""
+    """All evaluation metrics (docs/method.md#metrics, Eq. 2, Table 2) as one flat dict keyed by
+    metric_names(topk)."""
     ap = per_class_average_precision(scores, target, difficult)
     metrics = {"map": 100.0 * ap.nanmean().item()}
     metrics.update(threshold_metrics(scores, target, difficult, threshold, difficult_as_negative=difficult_as_negative))
-    # The column names keep the paper's "top3" whatever topk is, so CSV headers never change.
     top = threshold_metrics(scores, target, difficult, threshold, topk, difficult_as_negative)
-    metrics.update({f"{name}_top3": value for name, value in top.items()})
+    metrics.update({f"{name}_top{topk}": value for name, value in top.items()})
     metrics["ece"] = expected_calibration_error(scores, target, difficult, n_bins, True)
     metrics["ece_pooled"] = expected_calibration_error(scores, target, difficult, n_bins, False)
     metrics["brier"] = brier_score(scores, target, difficult)
@@ -263,4 +281,4 @@ def compute_metrics(
     metrics["map_difficult"] = mean_average_precision(scores[subset], target[subset], difficult[subset])
     metrics["num_images"] = float(scores.shape[0])
     metrics["num_classes_evaluated"] = float(ap.isfinite().sum().item())
-    return {name: metrics[name] for name in METRIC_NAMES}
+    return {name: metrics[name] for name in metric_names(topk)}

@@ -11,7 +11,7 @@ import timm
 import torch
 from torch import Tensor, nn
 
-from udtimm.attention import ATTENTION_VARIANTS, AttentionForm, uncertainty_attention
+from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
 from udtimm.weights import backbone_weights, check_pretrained_loaded, read_weights
 
 CAL_WIDTH = 512
@@ -69,9 +69,9 @@ class CalibratedModel(nn.Module):
         return logits, cal_logits
 
     def forward(self, x: Tensor, with_attention: bool = False,
-                attention_form: AttentionForm | None = None) -> ModelOutput:
+                attention_form: AttentionForm = DEFAULT_FORM) -> ModelOutput:
         """Feature map and both branches; `with_attention` adds the uncertainty attention map (Eq. 15-16), built
-        as `attention_form` says (None: Eq. 16 as written).
+        as `attention_form` says (default: distill.py's, `attention.DEFAULT_VARIANT`).
 
         The map is computed inside forward so that a distributed (DDP) wrapper sees one forward per step; with
         gradients enabled it keeps its graph, so a loss on it trains the network through the map.
@@ -82,7 +82,7 @@ class CalibratedModel(nn.Module):
         if with_attention:
             create_graph = torch.is_grad_enabled() and features.requires_grad
             attention = uncertainty_attention(self, features, create_graph, head_outputs=(logits, cal_logits),
-                                              form=attention_form or ATTENTION_VARIANTS["paper"])
+                                              form=attention_form)
         return ModelOutput(features, logits, cal_logits, attention)
 
     def feature_grid(self, features: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from udtimm import losses
-from udtimm.attention import ATTENTION_VARIANTS, AttentionForm, uncertainty_attention
+from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
 from udtimm.checkpoint import check_classes
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
@@ -116,7 +116,7 @@ class DistillationObjective:
                  cal_weight: float = 0.1, difficult: str = "positive",
                  autocast: Callable[[], AbstractContextManager] = nullcontext,
                  teacher_input: Callable[[Tensor], Tensor] | None = None,
-                 attention_form: AttentionForm = ATTENTION_VARIANTS["paper"], warmup_epochs: int = 0,
+                 attention_form: AttentionForm = DEFAULT_FORM, warmup_epochs: int = 0,
                  first_epoch: int = 0) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = temperature

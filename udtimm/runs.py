@@ -249,14 +249,24 @@ def fit_and_report(settings: TrainingSettings, setup: RunSetup, accelerator: Acc
     return row
 
 
-def run_script(main: Callable[[], object]) -> None:
-    """Run a script's main; errors caused by the user's input end it with one `error:` line (--debug: traceback)."""
+def run_script(main: Callable[[], object], debug: Callable[[], bool] | None = None) -> None:
+    """Run a script's main; errors caused by the user's input end it with one `error:` line. `debug`, for the
+    scripts with --debug: reads it from the parsed flags (command line or -c YAML); true adds the traceback."""
     try:
         main()
     except USER_ERRORS as err:
-        if "--debug" in sys.argv[1:]:
-            traceback.print_exc()
+        if debug is not None and debug_requested(debug):
+            traceback.print_exception(err)
         sys.exit(f"error: {user_message(err)}")
+
+
+def debug_requested(debug: Callable[[], bool]) -> bool:
+    """--debug as parsed, a -c YAML's `debug: true` included. The flags are parsed again only on this error path,
+    so that main(argv) stays each script's one entry point; flags that do not parse show no traceback."""
+    try:
+        return debug()
+    except USER_ERRORS:
+        return False
 
 
 def user_message(err: BaseException) -> str:

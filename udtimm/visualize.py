@@ -25,7 +25,7 @@ from matplotlib.figure import Figure
 from torch import Tensor, nn
 
 from udtimm import checkpoint, plots, runs
-from udtimm.attention import check_attention_support, uncertainty_per_class
+from udtimm.attention import ATTENTION_VARIANTS, check_attention_support, uncertainty_per_class
 from udtimm.config import ConfigError, HelpFormatter, add_dataset_args, add_workers_arg, data_source
 from udtimm.data import DataSource
 from udtimm.data.base import read_image
@@ -105,7 +105,9 @@ def look(loaded: LoadedModel, image: Tensor, role: str) -> tuple[ModelOutput, Te
     model = loaded.model
     batch = loaded.transform(image)[None].to(next(model.parameters()).device)
     with torch.no_grad():  # uncertainty_attention then takes create_graph=False: a detached map
-        output = model(batch, with_attention=model.has_cal)
+        # Eq. 16 as written keeps the sign (the ReLU of --att-variant gradcam would hide where the features lower the
+        # divergence), and a forward map does not depend on whether the weights are held as constants.
+        output = model(batch, with_attention=model.has_cal, attention_form=ATTENTION_VARIANTS["paper"])
     if output.attention is not None:
         attention, title = output.attention, f"{role}: uncertainty attention"
     else:
