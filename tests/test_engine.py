@@ -8,14 +8,13 @@ from timm.scheduler import create_scheduler_v2
 from udtimm import engine
 from udtimm.engine import (
     LossReadout,
-    NonFiniteLossError,
     accumulation_scale,
     bare_model,
     optimizer_steps,
     train_one_epoch,
 )
 from udtimm.model import create_model
-from udtimm.objectives import SupervisedObjective
+from udtimm.objectives import NonFiniteLossError, SupervisedObjective
 
 
 def test_bare_model_strips_torch_compile_so_checkpoint_keys_stay_plain() -> None:

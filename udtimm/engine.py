@@ -6,7 +6,6 @@ import math
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -16,19 +15,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from udtimm.data.loader import report_unreadable
-from udtimm.objectives import Objective
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A NaN/inf loss term; the message names the epoch, step and term."""
-
-
-@dataclass
-class Predictions:
-    scores: Tensor  # [N, C] sigmoid probabilities of the classification branch
-    target: Tensor  # [N, C] float multi-hot
-    difficult: Tensor  # [N, C] bool
-    indices: Tensor  # [N] dataset indices, to name the images
+from udtimm.objectives import NonFiniteLossError, Objective
+from udtimm.predictions import Predictions
 
 
 def bare_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:

@@ -18,6 +18,11 @@ from udtimm.checkpoint import class_difference
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
 
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss term; the message names the epoch, step and term."""
+
+
 LossFunction = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, target, mask) -> scalar
 
 

@@ -25,7 +25,7 @@ from accelerate import Accelerator
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from udtimm import checkpoint, plots, runs
+from udtimm import checkpoint, cli, plots
 from udtimm.attention import check_attention_support, uncertainty_per_class
 from udtimm.config import ConfigError, add_workers_arg, data_source
 from udtimm.data import DATASETS, DataSource
@@ -209,4 +209,4 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    runs.run_script(main)
+    cli.run_script(main)
