@@ -25,6 +25,7 @@ from udtimm.model import CalibratedModel
 from udtimm.objectives import (
     DISTILL_METHODS,
     DistillationObjective,
+    DistillOptions,
     Objective,
     SelfDistillationObjective,
     SupervisedObjective,
@@ -95,8 +96,8 @@ def make_objective(args: argparse.Namespace, teacher: CalibratedModel, teacher_m
     teacher_input = None if teacher_norm == student_norm else \
         Renormalize(*student_norm, *teacher_norm).to(accelerator.device)
     return DISTILL_METHODS[method](
-        teacher, args.temperature, args.dist_weight, args.att_weight, args.gt_weight, args.cal_weight,
-        args.difficult, autocast=accelerator.autocast, teacher_input=teacher_input,
+        teacher, config.settings_from(DistillOptions, args), args.difficult, autocast=accelerator.autocast,
+        teacher_input=teacher_input,
         attention_form=ATTENTION_VARIANTS[args.att_variant], warmup_epochs=args.distill_warmup_epochs,
         first_epoch=first_epoch)
 
@@ -145,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
         optimizer, scheduler = optimization.build_optimization(settings.optim, student, len(train_loader),
-                                                       cycles=2 if args.self_distill else 1)
+                                                               cycles=2 if args.self_distill else 1)
         student, optimizer, train_loader, eval_loader = accelerator.prepare(
             devices.place_model(student, accelerator.device, runtime.channels_last), optimizer, train_loader,
             eval_loader)

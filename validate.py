@@ -181,12 +181,10 @@ def run_predictions(args: argparse.Namespace, model: nn.Module, dataset: MultiLa
                     accelerator: Accelerator) -> Predictions:
     """The model's probabilities for every image of `dataset`, in dataset order, over all processes."""
     transform = loaders.eval_pipeline(dataset, predictor.img_size, predictor.mean, predictor.std, accelerator.device,
-                                   args.gpu_decode)
+                                      args.gpu_decode)
     loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
-    predictions = predict(model, DeviceFeeder(loader, transform, accelerator.device, args.prefetch), accelerator,
-                          not args.no_progress)
-    # Dataset order whatever the number of processes, so tied scores rank (and files list) the same way.
-    return select(predictions, predictions.indices.argsort())
+    return predict(model, DeviceFeeder(loader, transform, accelerator.device, args.prefetch), accelerator,
+                   not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:

@@ -58,7 +58,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     student = devices.build_model(settings.model, args.img_size, train_set.classes, True, accelerator).train()
     student_norm = loaders.normalisation(student.backbone)
     train_loader, _, train_transform, _ = loaders.build_loaders(settings.data, train_set, eval_set, *student_norm,
-                                                             accelerator.device)
+                                                                accelerator.device)
     batches = []
     for batch in DeviceFeeder(train_loader, train_transform, accelerator.device, 0):
         batches.append(tuple(batch[:3]))

@@ -29,4 +29,4 @@ def test_sync_bn_converts_batchnorm_only_with_several_gpu_processes() -> None:
 def test_gradient_accumulation_needs_a_positive_count() -> None:
     with pytest.raises(ConfigError, match="--grad-accum-steps"):
         devices.make_training_accelerator(config.training_settings(train.parse_args(["--grad-accum-steps", "0"])),
-                                       "unused")
+                                          "unused")

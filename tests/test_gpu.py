@@ -177,4 +177,4 @@ def test_gpu_decode_without_cuda_is_a_clear_error(digits: MultiLabelDataset) -> 
     args = train.parse_args(["--gpu-decode", "--img-size", str(SIZE), "-b", "4", "--workers", "0"])
     with pytest.raises(ConfigError, match="--gpu-decode .* CUDA"):
         loaders.build_loaders(config.training_settings(args).data, digits, digits, list(MEAN), list(STD),
-                           torch.device("cpu"))
+                              torch.device("cpu"))

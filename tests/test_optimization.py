@@ -12,8 +12,8 @@ from udtimm.engine import optimizer_steps
 
 def test_self_distillation_schedule_restarts_the_cosine() -> None:
     args = train.parse_args(["--epochs", "4", "--warmup-epochs", "0", "--lr", "0.1"])
-    optimizer, scheduler = optimization.build_optimization(config.training_settings(args).optim, torch.nn.Linear(2, 2),
-                                                   batches_per_epoch=10, cycles=2)
+    optimizer, scheduler = optimization.build_optimization(config.training_settings(args).optim,
+                                                           torch.nn.Linear(2, 2), batches_per_epoch=10, cycles=2)
     rates = []
     for update in range(40):
         rates.append(optimizer.param_groups[0]["lr"])
@@ -23,8 +23,8 @@ def test_self_distillation_schedule_restarts_the_cosine() -> None:
 
 def rates_per_epoch(argv: list[str], batches_per_epoch: int = 10) -> list[float]:
     args = train.parse_args(argv)
-    optimizer, scheduler = optimization.build_optimization(config.training_settings(args).optim, torch.nn.Linear(2, 2),
-                                                   batches_per_epoch=batches_per_epoch)
+    optimizer, scheduler = optimization.build_optimization(config.training_settings(args).optim,
+                                                           torch.nn.Linear(2, 2), batches_per_epoch=batches_per_epoch)
     rates = []
     for update in range(args.epochs * optimizer_steps(batches_per_epoch, args.grad_accum_steps)):
         if update % optimizer_steps(batches_per_epoch, args.grad_accum_steps) == 0:
@@ -54,7 +54,7 @@ def test_a_schedule_that_never_changes_the_rate_is_warned_about() -> None:
 def test_the_schedule_counts_optimizer_steps_with_gradient_accumulation() -> None:
     """10 batches in groups of 4: 3 optimizer steps per epoch, so the cosine reaches its end after 3 x epochs."""
     args = train.parse_args(["--epochs", "2", "--warmup-epochs", "0", "--grad-accum-steps", "4", "--min-lr", "0"])
-    optimizer, scheduler = optimization.build_optimization(config.training_settings(args).optim, torch.nn.Linear(2, 2),
-                                                   batches_per_epoch=10)
+    optimizer, scheduler = optimization.build_optimization(config.training_settings(args).optim,
+                                                           torch.nn.Linear(2, 2), batches_per_epoch=10)
     scheduler.step_update(3)
     assert optimizer.param_groups[0]["lr"] == pytest.approx(args.lr / 2)  # half-way after 3 of 6 steps

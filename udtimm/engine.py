@@ -188,7 +188,8 @@ def check_finite(readout: LossReadout, epoch: int) -> None:
 def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True) -> Predictions:
     """Classification-branch probabilities for every image of the loader, gathered across processes.
 
-    Each image is kept once, in dataset order: the samples a distributed sampler repeats to even out the last
+    Each image is kept once, in dataset order (so tied scores rank, and files list, the same way whatever the
+    number of processes or the loader's order): the samples a distributed sampler repeats to even out the last
     batch are recognised by their index, so N processes return exactly the images (and numbers) of one. A single
     padded gather at the end lets processes hold different numbers of images (--skip-corrupt leaves some out).
     """

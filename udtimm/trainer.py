@@ -28,8 +28,6 @@ from udtimm.settings import TrainingSettings
 from udtimm.trackers import log_epoch
 
 BEST_METRIC = "map"
-RESULT_KEYS = ("dataset", "split", "model", "method", "teacher", "seed", "epochs", "img_size", "difficult",
-               "eval_difficult")
 
 
 @dataclass
@@ -44,7 +42,7 @@ class RunSetup:
     eval_loader: object
     objective: Objective  # its term_names are the train_* columns of summary.csv
     metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
-    result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
+    result_fields: dict[str, object]  # the columns of results.csv that name the experiment (runs.result_fields)
     # What finishes the loaders' batches on the device (loaders.build_loaders); None: they are model input already.
     train_transform: BatchTransform | None = None
     eval_transform: BatchTransform | None = None
