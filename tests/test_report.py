@@ -30,7 +30,7 @@ def results_row(seed: int, rng: np.random.Generator, **keys: object) -> dict[str
     row.update(keys)
     row.update({name: float(rng.uniform(10, 95)) for name in METRIC_NAMES})
     row.update(best_epoch=3, checkpoint=f"/runs/{seed}/{keys.get('method', 'baseline')}/best.safetensors")
-    assert list(row)[: len(RESULT_KEYS)] == list(RESULT_KEYS)  # the trainer's column order
+    assert list(row)[: len(RESULT_KEYS)] == list(RESULT_KEYS)  # the order runs.result_fields writes
     return row
 
 
