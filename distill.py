@@ -16,15 +16,16 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from udtimm import checkpoint, config, runs
+from udtimm import checkpoint, cli, config, devices, loaders, optimization, runs
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attention_support
 from udtimm.data.transforms import Renormalize
-from udtimm.ema import method_suffix
+from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
 from udtimm.model import CalibratedModel
 from udtimm.objectives import (
     DISTILL_METHODS,
     DistillationObjective,
+    DistillOptions,
     Objective,
     SelfDistillationObjective,
     SupervisedObjective,
@@ -88,7 +89,7 @@ def load_teacher(path: str, class_names: list[str], method: str, accelerator: Ac
     metadata = checkpoint.read_metadata(path)
     check_teacher(metadata, path, class_names, method)
     teacher = checkpoint.load_for_inference(path, accelerator.device)
-    return runs.place_model(teacher.model, accelerator.device, channels_last), teacher.metadata
+    return devices.place_model(teacher.model, accelerator.device, channels_last), teacher.metadata
 
 
 def make_objective(args: argparse.Namespace, teacher: CalibratedModel, teacher_metadata: dict[str, str],
@@ -99,8 +100,8 @@ def make_objective(args: argparse.Namespace, teacher: CalibratedModel, teacher_m
     teacher_input = None if teacher_norm == student_norm else \
         Renormalize(*student_norm, *teacher_norm).to(accelerator.device)
     return DISTILL_METHODS[method](
-        teacher, args.temperature, args.dist_weight, args.att_weight, args.gt_weight, args.cal_weight,
-        args.difficult, autocast=accelerator.autocast, teacher_input=teacher_input,
+        teacher, config.settings_from(DistillOptions, args), args.difficult, autocast=accelerator.autocast,
+        teacher_input=teacher_input,
         attention_form=ATTENTION_VARIANTS[args.att_variant], warmup_epochs=args.distill_warmup_epochs,
         first_epoch=first_epoch)
 
@@ -132,26 +133,26 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     data, runtime = settings.data, settings.runtime
     method = method_name(args)
     run_dir = runs.run_dir_path(runtime, args.model, method)
-    accelerator = runs.make_training_accelerator(settings, run_dir)
-    train_set, eval_set = runs.load_datasets(data, accelerator)
+    accelerator = devices.make_training_accelerator(settings, run_dir)
+    train_set, eval_set = loaders.load_datasets(data, accelerator)
     # Every check on the teacher happens before the run directory exists and before any step.
     teacher, teacher_metadata = (None, {}) if args.self_distill else load_teacher(
         args.teacher_ckpt, train_set.classes, args.method, accelerator, runtime.channels_last)
     student_cal = args.self_distill or DISTILL_METHODS[args.method].uses_calibration
     set_seed(runtime.seed)
-    student = runs.build_model(settings.model, data.img_size, train_set.classes, student_cal, accelerator)
+    student = devices.build_model(settings.model, data.img_size, train_set.classes, student_cal, accelerator)
     if args.self_distill or (student_cal and args.att_weight > 0):
         for model in (student, teacher):
             if model is not None:
                 check_attention_support(model)
     with runs.run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
-        mean, std = student_norm = runs.normalisation(student.backbone)
-        train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+        mean, std = student_norm = loaders.normalisation(student.backbone)
+        train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
-        optimizer, scheduler = runs.build_optimization(settings.optim, student, len(train_loader),
-                                                       cycles=2 if args.self_distill else 1)
+        optimizer, scheduler = optimization.build_optimization(settings.optim, student, len(train_loader),
+                                                               cycles=2 if args.self_distill else 1)
         student, optimizer, train_loader, eval_loader = accelerator.prepare(
-            runs.place_model(student, accelerator.device, runtime.channels_last), optimizer, train_loader,
+            devices.place_model(student, accelerator.device, runtime.channels_last), optimizer, train_loader,
             eval_loader)
         teacher_name = "self" if args.self_distill else args.teacher_ckpt
         accelerator.print(f"{run_dir}: {args.model} ({method}) from {teacher_name} on {data.source.name}, "
@@ -168,10 +169,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
             eval_transform=eval_transform, prefetch=data.prefetch,
             result_fields=runs.result_fields(settings, method, teacher_name),
-            ema=runs.make_ema(settings.optim, student, accelerator),
+            ema=make_ema(settings.optim, bare_model(accelerator, student)),
         )
         return runs.fit_and_report(settings, setup, accelerator)
 
 
 if __name__ == "__main__":
-    runs.run_script(main, lambda: parse_args().debug)
+    cli.run_script(main, lambda: parse_args().debug)

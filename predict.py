@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
-from udtimm import runs
+from udtimm import cli
 from udtimm.config import ConfigError
 from udtimm.io import atomic_write_text, check_writable
 from udtimm.predictions import format_table
@@ -93,4 +93,4 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
 
 
 if __name__ == "__main__":
-    runs.run_script(main)
+    cli.run_script(main)

@@ -13,9 +13,9 @@ from collections.abc import Sequence
 
 from accelerate.utils import set_seed
 
-from udtimm import config, runs
+from udtimm import cli, config, devices, loaders, optimization, runs
 from udtimm.checkpoint import model_metadata
-from udtimm.ema import method_suffix
+from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
 from udtimm.objectives import CLASSIFICATION_LOSSES, LossOptions, SupervisedObjective
 from udtimm.trainer import RunSetup
@@ -48,18 +48,18 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     data, runtime = settings.data, settings.runtime
     method = method_name(args.loss, args.cal, settings.optim.model_ema)
     run_dir = runs.run_dir_path(runtime, args.model, method)
-    accelerator = runs.make_training_accelerator(settings, run_dir)
-    train_set, eval_set = runs.load_datasets(data, accelerator)
+    accelerator = devices.make_training_accelerator(settings, run_dir)
+    train_set, eval_set = loaders.load_datasets(data, accelerator)
     set_seed(runtime.seed)
-    model = runs.build_model(settings.model, data.img_size, train_set.classes, args.cal, accelerator)
+    model = devices.build_model(settings.model, data.img_size, train_set.classes, args.cal, accelerator)
     # After every check on the data and the weights; removed again if the run fails before saving an epoch.
     with runs.run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
-        mean, std = runs.normalisation(model.backbone)
-        train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+        mean, std = loaders.normalisation(model.backbone)
+        train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
-        optimizer, scheduler = runs.build_optimization(settings.optim, model, len(train_loader))
+        optimizer, scheduler = optimization.build_optimization(settings.optim, model, len(train_loader))
         model, optimizer, train_loader, eval_loader = accelerator.prepare(
-            runs.place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader)
+            devices.place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader)
         accelerator.print(f"{run_dir}: {args.model} ({method}) on {data.source.name}, {len(train_set)} train / "
                           f"{len(eval_set)} eval images, {len(train_set.classes)} classes, "
                           f"{accelerator.num_processes} process(es) on {accelerator.device}")
@@ -73,10 +73,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
             eval_transform=eval_transform, prefetch=data.prefetch,
             result_fields=runs.result_fields(settings, method, ""),
-            ema=runs.make_ema(settings.optim, model, accelerator),
+            ema=make_ema(settings.optim, bare_model(accelerator, model)),
         )
         return runs.fit_and_report(settings, setup, accelerator)
 
 
 if __name__ == "__main__":
-    runs.run_script(main, lambda: parse_args().debug)
+    cli.run_script(main, lambda: parse_args().debug)

@@ -20,16 +20,16 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from udtimm import checkpoint, config, metrics, runs, thresholds
+from udtimm import checkpoint, cli, config, devices, loaders, metrics, thresholds
 from udtimm.config import ConfigError, HelpFormatter
 from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
 from udtimm.data.loader import make_loader
-from udtimm.engine import Predictions, predict
+from udtimm.engine import predict
 from udtimm.io import append_csv_row, atomic_write_text
 from udtimm.plots import reliability_diagram
-from udtimm.predictions import frame_table, metrics_table, select, write_scores_csv
+from udtimm.predictions import Predictions, frame_table, metrics_table, select, write_scores_csv
 from udtimm.predictor import Predictor
 
 
@@ -172,20 +172,18 @@ def choose_thresholds(args: argparse.Namespace, tune_set: MultiLabelDataset, pre
 def run_predictions(args: argparse.Namespace, model: nn.Module, dataset: MultiLabelDataset, predictor: Predictor,
                     accelerator: Accelerator) -> Predictions:
     """The model's probabilities for every image of `dataset`, in dataset order, over all processes."""
-    transform = runs.eval_pipeline(dataset, predictor.img_size, predictor.mean, predictor.std, accelerator.device,
-                                   args.gpu_decode)
+    transform = loaders.eval_pipeline(dataset, predictor.img_size, predictor.mean, predictor.std, accelerator.device,
+                                      args.gpu_decode)
     loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
-    predictions = predict(model, DeviceFeeder(loader, transform, accelerator.device, args.prefetch), accelerator,
-                          not args.no_progress)
-    # Dataset order whatever the number of processes, so tied scores rank (and files list) the same way.
-    return select(predictions, predictions.indices.argsort())
+    return predict(model, DeviceFeeder(loader, transform, accelerator.device, args.prefetch), accelerator,
+                   not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     """The metrics dict (metrics.metric_names(--topk)), plus cp_tuned..of1_tuned when per-class thresholds were
     used."""
     args = parse_args(argv)
-    accelerator = runs.make_accelerator(args.mixed_precision, args.torchcompile)
+    accelerator = devices.make_accelerator(args.mixed_precision, args.torchcompile)
     # Thresholds about to be tuned again are not read: they may belong to an earlier checkpoint of that name.
     predictor = Predictor.from_checkpoint(args.checkpoint, stored_thresholds=args.objective is None)
     dataset = load_dataset(args, predictor.metadata, accelerator, args.split)
@@ -196,7 +194,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         test_split = f"{name}:{DATASETS[name].own_split(args.data_dir or '', 'test')}"
         thresholds.check_held_out(tune_set, dataset, test_split)
     # The model gets no distributed wrapper (evaluation_mode): only mixed precision and --torchcompile.
-    model = accelerator.prepare_model(runs.place_model(predictor.model, accelerator.device, args.channels_last),
+    model = accelerator.prepare_model(devices.place_model(predictor.model, accelerator.device, args.channels_last),
                                       evaluation_mode=True)
     if tune_set is not None:
         tune_predictions = run_predictions(args, model, tune_set, predictor, accelerator)
@@ -209,4 +207,4 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
 
 
 if __name__ == "__main__":
-    runs.run_script(main, lambda: parse_args().debug)
+    cli.run_script(main, lambda: parse_args().debug)

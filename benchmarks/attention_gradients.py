@@ -23,7 +23,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import distill  # noqa: E402
-from udtimm import config, runs  # noqa: E402
+from udtimm import config, devices, loaders  # noqa: E402
 from udtimm.attention import ATTENTION_VARIANTS  # noqa: E402
 from udtimm.data.feed import DeviceFeeder  # noqa: E402
 
@@ -51,14 +51,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     own, rest = parser.parse_known_args(argv)
     args = distill.parse_args([*rest, "--method", "ud", "--workers", "0", "--no-progress"])
     settings = config.training_settings(args)
-    accelerator = runs.make_accelerator()
-    train_set, eval_set = runs.load_datasets(settings.data, accelerator)
+    accelerator = devices.make_accelerator()
+    train_set, eval_set = loaders.load_datasets(settings.data, accelerator)
     teacher, teacher_metadata = distill.load_teacher(args.teacher_ckpt, train_set.classes, "ud", accelerator, False)
     torch.manual_seed(args.seed)
-    student = runs.build_model(settings.model, args.img_size, train_set.classes, True, accelerator).train()
-    student_norm = runs.normalisation(student.backbone)
-    train_loader, _, train_transform, _ = runs.build_loaders(settings.data, train_set, eval_set, *student_norm,
-                                                             accelerator.device)
+    student = devices.build_model(settings.model, args.img_size, train_set.classes, True, accelerator).train()
+    student_norm = loaders.normalisation(student.backbone)
+    train_loader, _, train_transform, _ = loaders.build_loaders(settings.data, train_set, eval_set, *student_norm,
+                                                                accelerator.device)
     batches = []
     for batch in DeviceFeeder(train_loader, train_transform, accelerator.device, 0):
         batches.append(tuple(batch[:3]))

@@ -22,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 
 from accelerate import Accelerator  # noqa: E402
 
-from udtimm import runs  # noqa: E402
+from udtimm import loaders  # noqa: E402
 from udtimm.data import DataSource  # noqa: E402
 from udtimm.data.feed import DeviceFeeder  # noqa: E402
 from udtimm.engine import predict  # noqa: E402
@@ -43,7 +43,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def data_settings(args: argparse.Namespace, gpu_decode: bool) -> DataSettings:
-    """What runs.build_loaders reads, at the paper's augmentation."""
+    """What loaders.build_loaders reads, at the paper's augmentation."""
     options = {"num_trainval": 96, "num_test": 40} if args.dataset == "digits" else {}
     return DataSettings(
         source=DataSource(args.dataset, args.data_dir, options), train_split="train", val_split="test",
@@ -58,7 +58,7 @@ def fed(args: argparse.Namespace, gpu_decode: bool, train: bool, ahead: int, dev
     data = data_settings(args, gpu_decode)
     dataset = data.source.load("test")
     dataset.samples = dataset.samples[:args.batches * args.batch_size]
-    train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+    train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
         data, dataset, dataset, mean, std, device)
     random.seed(0)
     torch.manual_seed(0)
@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     device = Accelerator().device
     torch.manual_seed(0)
     model = create_model(args.model, len(data_settings(args, False).source.load("test").classes))
-    mean, std = runs.normalisation(model.backbone)
+    mean, std = loaders.normalisation(model.backbone)
     model = model.to(device).eval()
     failures = 0
     for gpu_decode in (False, True) if device.type == "cuda" else (False,):

@@ -6,8 +6,8 @@
 
 For each seed, four train.py runs with its defaults (resnet10t from scratch, 48 px, 15 epochs on the embedded
 digits set): the BCE baseline, `--model-ema`, `--loss asl` and `--loss asl --cal`. Runs go two at a time with
-one thread each (`--jobs`); a finished run is skipped and an interrupted one resumed (benchmarks/distill_digits.py
-runs them), so the command can be stopped and started again. At the end it writes `report.md` (python -m
+one thread each (`--jobs`); a finished run is skipped and an interrupted one resumed (benchmarks/common.py runs
+them), so the command can be stopped and started again. At the end it writes `report.md` (python -m
 udtimm.report over every run) and `claims.md` (paired differences over seeds, udtimm.claims) into `--out`.
 
 The claims compare results.csv (the metrics of best.safetensors), plus one comparison inside the EMA runs: the EMA
@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from collections.abc import Sequence
 
 import pandas as pd
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
-from distill_digits import Job, run_in  # noqa: E402
-
+from benchmarks.common import ROOT, Job, report_table, run_in  # noqa: E402
 from udtimm.claims import Claim, claims_table, to_markdown  # noqa: E402
+from udtimm.io import atomic_write_text  # noqa: E402
 from udtimm.report import load_results  # noqa: E402
 
 COMMON = ("--dataset", "digits", "--workers", "0", "--no-progress")
@@ -97,15 +95,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     jobs = plan(args)
     minutes = run_in(out, jobs, args.jobs)
     run_dirs = [job.run_dir for job in jobs]
-    report = subprocess.run([sys.executable, "-m", "udtimm.report", *run_dirs], cwd=ROOT, check=True,
-                            capture_output=True, text=True).stdout
-    with open(os.path.join(out, "report.md"), "w") as handle:
-        handle.write(report)
+    report = report_table(run_dirs)
+    atomic_write_text(os.path.join(out, "report.md"), report)
     ema_runs = [job.run_dir for job in jobs if job.name.startswith("baseline+ema-")]
     results = pd.concat([load_results(run_dirs), last_epoch_rows(ema_runs)], ignore_index=True)
     claims = to_markdown(claims_table(results, CLAIMS))
-    with open(os.path.join(out, "claims.md"), "w") as handle:
-        handle.write(claims)
+    atomic_write_text(os.path.join(out, "claims.md"), claims)
     print(f"\n{report}\n{claims}\nbenchmark: {minutes:.1f} min of runs (finished runs skipped); tables in {out}")
 
 

@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # runnable as a pl
 
 import distill  # noqa: E402
 import train  # noqa: E402
-from udtimm import config, runs  # noqa: E402
+from udtimm import config, devices, loaders, optimization  # noqa: E402
 from udtimm.data import VOC_CLASSES  # noqa: E402
 from udtimm.data.feed import DeviceFeeder  # noqa: E402
 from udtimm.engine import predict, train_one_epoch  # noqa: E402
@@ -217,24 +217,24 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
     if pipeline == "ceiling":
         batches, skip, tail = [device_batch(args, device)] * (args.warmup + args.steps), args.warmup, 0
     else:
-        train_set, eval_set = runs.load_datasets(settings.data, accelerator)
-        mean, std = runs.normalisation(model.backbone)
-        train_loader, eval_loader, train_transform, eval_transform = runs.build_loaders(
+        train_set, eval_set = loaders.load_datasets(settings.data, accelerator)
+        mean, std = loaders.normalisation(model.backbone)
+        train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             settings.data, train_set, eval_set, mean, std, device)
         loader, transform = (eval_loader, eval_transform) if workload == "predict" else (train_loader, train_transform)
         batches = DeviceFeeder(accelerator.prepare(loader), transform, device, run.prefetch)
         skip, tail = min(args.warmup, len(loader) // 2), min(batches.ahead, len(loader) // 4)
-    model = runs.place_model(model, device, run.channels_last)
+    model = devices.place_model(model, device, run.channels_last)
     if workload == "predict":  # as validate.py: only mixed precision and --torchcompile, no distributed wrapper
         model = accelerator.prepare_model(model, evaluation_mode=True)
         return Loop(batches, skip, tail, lambda timed: predict(model, timed, accelerator, show_progress=False))
-    optimizer, scheduler = runs.build_optimization(settings.optim, model, len(batches))
-    student_norm = runs.normalisation(model.backbone)
+    optimizer, scheduler = optimization.build_optimization(settings.optim, model, len(batches))
+    student_norm = loaders.normalisation(model.backbone)
     model, optimizer = accelerator.prepare(model, optimizer)
     if workload == "distill":
         teacher = create_model(args.teacher, len(VOC_CLASSES), cal=True, img_size=run.img_size)
-        teacher_mean, teacher_std = runs.normalisation(teacher.backbone)
-        objective = distill.make_objective(run, runs.place_model(teacher, device, run.channels_last),
+        teacher_mean, teacher_std = loaders.normalisation(teacher.backbone)
+        objective = distill.make_objective(run, devices.place_model(teacher, device, run.channels_last),
                                            {"mean": json.dumps(teacher_mean), "std": json.dumps(teacher_std)},
                                            student_norm, accelerator, "ud")
     else:
@@ -298,7 +298,7 @@ def main(argv: list[str] | None = None) -> list[Row]:
     with tempfile.TemporaryDirectory() as scratch:
         root = write_synthetic_voc(args.synthetic_voc or scratch, args.num_images)
         train_args = script_args(train, args, root)
-        accelerator = runs.make_accelerator(train_args.mixed_precision, train_args.torchcompile)
+        accelerator = devices.make_accelerator(train_args.mixed_precision, train_args.torchcompile)
         cuda = accelerator.device.type == "cuda"
         card = torch.cuda.get_device_name(accelerator.device) if cuda else "cpu"
         pipelines = ("cpu-decode", "gpu-decode") if cuda else ("cpu-decode",)

@@ -1,11 +1,9 @@
 """udtimm.claims: paired differences over seeds, the t-interval verdict against scipy, the Markdown table."""
 
 import os
-import sys
 
 import numpy as np
 import pandas as pd
-import pytest
 from scipy import stats
 from test_report import results_row, write_run
 
@@ -66,43 +64,3 @@ def test_cli_reads_run_directories(tmp_path, capsys) -> None:
     assert text == (tmp_path / "claims.md").read_text() and text.startswith("| claim | metric |")
     kd_line = next(line for line in text.splitlines() if line.startswith("| KD beats the baseline"))
     assert kd_line.endswith("| 3 | holds |")
-
-
-def test_benchmark_plan_orders_runs_after_what_they_need() -> None:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import distill_digits
-
-    args = distill_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"])
-    jobs = distill_digits.plan(args)
-    names = [job.name for job in jobs]
-    assert names[:3] == ["pretrain-resnet10t", "pretrain-test_resnet", "teacher"]
-    assert len(names) == len(set(names)) == 3 + 2 * (4 + len(args.att_variants) + 1)
-    for job in jobs:
-        assert all(names.index(need) < names.index(job.name) for need in job.needs)
-        if "--teacher-ckpt" in job.command:
-            assert "teacher" in job.needs
-        if job.name.endswith("-seed1"):
-            assert job.command[job.command.index("--seed") + 1] == "1"
-            assert "--initial-checkpoint" in job.command
-
-
-@pytest.mark.parametrize("fail", [False, True])
-def test_benchmark_scheduler_runs_each_job_once_and_stops_at_a_failure(tmp_path, fail) -> None:
-    sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-    import distill_digits
-
-    def job(name, needs=(), code=0):
-        run_dir = tmp_path / name
-        write = f"import os; os.makedirs({str(run_dir)!r}); open(os.path.join({str(run_dir)!r}, 'results.csv'), 'w')"
-        command = [sys.executable, "-c", f"{write}; raise SystemExit({code})"]
-        return distill_digits.Job(name, command, str(run_dir), needs)
-
-    jobs = [job("a"), job("b", ("a",), code=int(fail)), job("c", ("b",))]
-    if fail:
-        with pytest.raises(SystemExit, match="b failed"):
-            distill_digits.run_all(jobs, 2, str(tmp_path))
-        assert not (tmp_path / "c").exists()
-    else:
-        distill_digits.run_all(jobs, 2, str(tmp_path))
-        assert all(j.done for j in jobs)
-        distill_digits.run_all(jobs, 2, str(tmp_path))  # all done: nothing runs again (a second makedirs would fail)

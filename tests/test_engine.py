@@ -8,14 +8,13 @@ from timm.scheduler import create_scheduler_v2
 from udtimm import engine
 from udtimm.engine import (
     LossReadout,
-    NonFiniteLossError,
     accumulation_scale,
     bare_model,
     optimizer_steps,
     train_one_epoch,
 )
 from udtimm.model import create_model
-from udtimm.objectives import SupervisedObjective
+from udtimm.objectives import NonFiniteLossError, SupervisedObjective
 
 
 def test_bare_model_strips_torch_compile_so_checkpoint_keys_stay_plain() -> None:
@@ -146,3 +145,17 @@ def test_an_epochs_shorter_last_group_averages_its_own_batches() -> None:
     got = weights_after_an_epoch([8, 8, 8], 2, cal=False)
     for key in expected:
         torch.testing.assert_close(got[key], expected[key], rtol=1e-5, atol=1e-6, msg=key)
+
+
+def test_predict_returns_each_image_once_in_dataset_order() -> None:
+    """A loader in another order, repeating an image (as a distributed sampler evens out its last batch)."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_classes=3).eval()
+    images, target = torch.randn(6, 3, 32, 32), (torch.rand(6, 3) > 0.5).float()
+    order = [[4, 1, 5], [0, 3, 2], [4]]
+    loader = [(images[i], target[i], torch.zeros(len(i), 3, dtype=torch.bool), torch.tensor(i)) for i in order]
+    predictions = engine.predict(model, loader, Accelerator(cpu=True), show_progress=False)
+    assert predictions.indices.tolist() == list(range(6)) and torch.equal(predictions.target, target)
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images).logits)
+    torch.testing.assert_close(predictions.scores, expected)  # float32, batches of other sizes: its tolerance

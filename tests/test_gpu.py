@@ -11,7 +11,7 @@ from conftest import TINY_DIGITS
 from PIL import Image
 
 import train
-from udtimm import config, runs
+from udtimm import config, loaders
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, gpu, read_image
 from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample, read_encoded
@@ -183,5 +183,5 @@ def test_predict_with_the_device_transform_matches_the_cpu_path(digits: MultiLab
 def test_gpu_decode_without_cuda_is_a_clear_error(digits: MultiLabelDataset) -> None:
     args = train.parse_args(["--gpu-decode", "--img-size", str(SIZE), "-b", "4", "--workers", "0"])
     with pytest.raises(ConfigError, match="--gpu-decode .* CUDA"):
-        runs.build_loaders(config.training_settings(args).data, digits, digits, list(MEAN), list(STD),
-                           torch.device("cpu"))
+        loaders.build_loaders(config.training_settings(args).data, digits, digits, list(MEAN), list(STD),
+                              torch.device("cpu"))

@@ -14,7 +14,6 @@ from udtimm.losses import (
     attention_distillation_loss,
     bce_loss,
     binary_kd_loss,
-    calibrated_loss,
     label_smoothing_loss,
     one_over_k_loss,
     partial_softmax_loss,
@@ -300,21 +299,6 @@ def test_partial_softmax_scales_to_10k_classes():
     assert torch.isfinite(loss) and torch.isfinite(z.grad).all()
 
 
-def test_calibrated_loss_combines_eq3_and_eq11():
-    z, y, m = _edge_batch(seed=2)
-    c = torch.randn_like(z)
-    zs, cs = z.float().requires_grad_(True), c.float().requires_grad_(True)
-    out = calibrated_loss(zs, cs, y.float(), m, cal_weight=0.25)
-    assert set(out) == {"bce", "partial_softmax", "loss"}
-    torch.testing.assert_close(out["bce"].double(), ref_bce(z, y, m), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["partial_softmax"].double(), ref_partial_softmax(c, y, m), rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(out["loss"], out["bce"] + 0.25 * out["partial_softmax"])
-    zr, cr = z.clone().requires_grad_(True), c.clone().requires_grad_(True)
-    ref_grads = torch.autograd.grad(ref_bce(zr, y, m) + 0.25 * ref_partial_softmax(cr, y, m), (zr, cr))
-    for grad, ref_grad in zip(torch.autograd.grad(out["loss"], (zs, cs)), ref_grads, strict=True):
-        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-
-
 def test_apply_difficult_policy():
     target = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
     difficult = torch.tensor([[False, False, True, False]])
@@ -332,7 +316,7 @@ def test_apply_difficult_policy():
 
 
 @pytest.mark.parametrize(
-    "name", ["bce", "partial_softmax", "calibrated", "temperature", "label_smoothing", "one_over_k", "asl"]
+    "name", ["bce", "partial_softmax", "temperature", "label_smoothing", "one_over_k", "asl"]
 )
 def test_ignored_pair_changes_nothing(name):
     g = torch.Generator().manual_seed(3)
@@ -343,8 +327,6 @@ def test_ignored_pair_changes_nothing(name):
     target, mask = apply_difficult_policy(target, difficult, "ignore")
 
     def loss_of(logits):
-        if name == "calibrated":
-            return calibrated_loss(logits, logits * 2, target, mask)["loss"]
         return LABEL_LOSSES[name][0](logits, target, mask)
 
     base, grad = _value_and_grad(loss_of, z)

@@ -2,18 +2,20 @@ import json
 
 import pytest
 import torch
+from test_losses import _edge_batch, ref_bce, ref_partial_softmax
 
 import distill
 import train
-from udtimm import losses
+from udtimm import config, losses
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.transforms import NormalizeImage, Renormalize
-from udtimm.model import create_model
+from udtimm.model import ModelOutput, create_model
 from udtimm.objectives import (
     CLASSIFICATION_LOSSES,
     DISTILL_METHODS,
     DistillationObjective,
+    DistillOptions,
     KnowledgeDistillationObjective,
     LossOptions,
     SelfDistillationObjective,
@@ -38,6 +40,43 @@ def test_supervised_objective_is_eq12_with_the_difficult_policy() -> None:
     torch.testing.assert_close(terms["bce"], losses.bce_loss(out.logits, target, mask))
     torch.testing.assert_close(terms["partial_softmax"], losses.partial_softmax_loss(out.cal_logits, target, mask))
     torch.testing.assert_close(terms["loss"], terms["bce"] + 0.1 * terms["partial_softmax"])
+
+
+def test_supervised_terms_match_the_float64_references_of_eq3_eq11_and_eq12() -> None:
+    """Eq. 12 = L_b (Eq. 3) + lambda L_ps (Eq. 11), values and gradients, on the edge rows of test_losses.py
+    (a sample without positives, one with every pair masked), computed in float32."""
+    z, y, m = _edge_batch(seed=2)
+    c = torch.randn_like(z)
+    zs, cs = z.float().requires_grad_(True), c.float().requires_grad_(True)
+    out = ModelOutput(features=torch.zeros(0), logits=zs, cal_logits=cs)
+    terms = SupervisedObjective("bce", cal=True, cal_weight=0.25).terms(out, y.float(), m)
+    assert set(terms) == {"bce", "partial_softmax", "loss"}
+    torch.testing.assert_close(terms["bce"].double(), ref_bce(z, y, m), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(terms["partial_softmax"].double(), ref_partial_softmax(c, y, m), rtol=1e-5, atol=1e-6)
+    zr, cr = z.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    ref_grads = torch.autograd.grad(ref_bce(zr, y, m) + 0.25 * ref_partial_softmax(cr, y, m), (zr, cr))
+    for grad, ref_grad in zip(torch.autograd.grad(terms["loss"], (zs, cs)), ref_grads, strict=True):
+        torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_an_ignored_pair_changes_neither_term_of_eq12() -> None:
+    target = torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1]])
+    difficult = torch.zeros(3, 6, dtype=torch.bool)
+    difficult[0, 2] = difficult[1, 3] = True  # one difficult positive, one difficult (stored) negative
+    target, mask = losses.apply_difficult_policy(target, difficult, "ignore")
+    objective = SupervisedObjective("bce", cal=True)
+
+    def loss_of(logits: torch.Tensor) -> torch.Tensor:
+        return objective.terms(ModelOutput(torch.zeros(0), logits, logits * 2), target, mask)["loss"]
+
+    z = torch.randn(3, 6, generator=torch.Generator().manual_seed(3)).requires_grad_(True)
+    base = loss_of(z)
+    (grad,) = torch.autograd.grad(base, z)
+    moved = z.detach().clone()
+    moved[0, 2] += 7.0
+    moved[1, 3] -= 5.0
+    assert loss_of(moved).item() == pytest.approx(base.item(), rel=1e-6)
+    assert grad[0, 2] == 0 and grad[1, 3] == 0
 
 
 def test_asl_with_cal_is_asl_plus_lambda_partial_softmax() -> None:
@@ -97,13 +136,23 @@ def test_distillation_terms_follow_eq18_weights() -> None:
     teacher = create_model("test_resnet", num_classes=4, cal=True)
     student = create_model("test_resnet", num_classes=4, cal=True).eval()
     images, target, difficult = batch()
-    objective = DistillationObjective(teacher, dist_weight=0.5, att_weight=0.25)
+    objective = DistillationObjective(teacher, DistillOptions(dist_weight=0.5, att_weight=0.25))
     terms = objective(student, images, target, difficult)
     assert objective.term_names == ("kd", "kd_cal", "attention")
     torch.testing.assert_close(terms["loss"], terms["kd"] + 0.5 * terms["kd_cal"] + 0.25 * terms["attention"])
-    kd = KnowledgeDistillationObjective(teacher, gt_weight=1.0)
+    kd = KnowledgeDistillationObjective(teacher, DistillOptions(gt_weight=1.0))
     assert kd.term_names == ("kd", "gt") and set(kd(student, images, target, difficult)) == {"kd", "gt", "loss"}
 
+
+def test_distill_options_default_to_the_flags_and_reach_the_objective() -> None:
+    options = config.settings_from(DistillOptions, distill.parse_args(["--teacher-ckpt", "unused"]))
+    assert options == DistillOptions()  # one set of defaults: the flags' and the Python API's agree
+    args = distill.parse_args(["--teacher-ckpt", "unused", "--temperature", "2", "--dist-weight", "0.3",
+                               "--att-weight", "0", "--gt-weight", "1", "--cal-weight", "0.2"])
+    objective = DistillationObjective(create_model("test_resnet", num_classes=4, cal=True),
+                                      config.settings_from(DistillOptions, args))
+    assert (objective.temperature, objective.dist_weight, objective.att_weight, objective.gt_weight) == (2, 0.3, 0, 1)
+    assert objective.supervised.cal_weight == 0.2 and objective.term_names == ("kd", "kd_cal", "gt")
 
 def test_check_teacher_names_the_difference() -> None:
     metadata = {"class_names": json.dumps(["a", "b", "c"]), "cal": "false"}
@@ -135,7 +184,8 @@ def test_warmup_ramps_alpha_and_beta_from_zero_over_the_distilled_epochs() -> No
     teacher = create_model("test_resnet", num_classes=4, cal=True)
     student = create_model("test_resnet", num_classes=4, cal=True).eval()
     images, target, difficult = batch()
-    objective = DistillationObjective(teacher, dist_weight=0.5, att_weight=0.25, warmup_epochs=4, first_epoch=2)
+    objective = DistillationObjective(teacher, DistillOptions(dist_weight=0.5, att_weight=0.25), warmup_epochs=4,
+                                      first_epoch=2)
     ramps = []
     for epoch in range(2, 8):
         objective.start_epoch(epoch)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 import predict
-from udtimm import Predictor, runs
+from udtimm import Predictor, cli
 from udtimm.config import ConfigError
 from udtimm.data.base import CorruptImageError, DatasetError
 
@@ -86,7 +86,7 @@ def test_progress_bar_and_error_messages(tiny_checkpoint: str, photos: str, tmp_
     predict.main(["--checkpoint", tiny_checkpoint, "--workers", "0", photos, "--out", str(tmp_path / "p.csv")])
     assert "predict: 100%" in capsys.readouterr().err
     with pytest.raises(SystemExit, match=r"^error: .*missing.jpg is neither an image file nor a folder"):
-        runs.run_script(lambda: run(tiny_checkpoint, str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "o.csv")))
+        cli.run_script(lambda: run(tiny_checkpoint, str(tmp_path / "missing.jpg"), "--out", str(tmp_path / "o.csv")))
 
 
 def test_bad_inputs_and_flags_are_clear_errors(tiny_checkpoint: str, photos: str, tmp_path) -> None:

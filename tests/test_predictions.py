@@ -9,9 +9,9 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 from torchmetrics.classification import BinaryCalibrationError
 
 from udtimm import metrics
-from udtimm.engine import Predictions
 from udtimm.predictions import (
     PER_CLASS_COLUMNS,
+    Predictions,
     format_table,
     frame_table,
     joined_names,

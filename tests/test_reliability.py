@@ -25,9 +25,9 @@ from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.base import CorruptImageError, DatasetError
 from udtimm.data.loader import make_loader
-from udtimm.engine import NonFiniteLossError
 from udtimm.metrics import METRIC_NAMES
 from udtimm.model import ModelConfigError, create_model
+from udtimm.objectives import NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 6  # 96 tiny digits in batches of 16

@@ -14,12 +14,13 @@ from PIL import Image
 from safetensors.torch import save_file
 
 import train
-from udtimm import report
+from udtimm import config, report, runs
 from udtimm.io import append_csv_row
 from udtimm.metrics import METRIC_NAMES, metric_names
-from udtimm.trainer import RESULT_KEYS
 
 PAPER_HEADINGS = [heading for _, heading in report.PAPER_COLUMNS]
+# The columns that name the experiment, in the order the scripts write them.
+RESULT_KEYS = tuple(runs.result_fields(config.training_settings(train.parse_args([])), "baseline", ""))
 
 
 def results_row(seed: int, rng: np.random.Generator, **keys: object) -> dict[str, object]:
@@ -29,7 +30,7 @@ def results_row(seed: int, rng: np.random.Generator, **keys: object) -> dict[str
     row.update(keys)
     row.update({name: float(rng.uniform(10, 95)) for name in METRIC_NAMES})
     row.update(best_epoch=3, checkpoint=f"/runs/{seed}/{keys.get('method', 'baseline')}/best.safetensors")
-    assert list(row)[: len(RESULT_KEYS)] == list(RESULT_KEYS)  # the trainer's column order
+    assert list(row)[: len(RESULT_KEYS)] == list(RESULT_KEYS)  # the order runs.result_fields writes
     return row
 
 

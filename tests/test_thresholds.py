@@ -10,7 +10,7 @@ from sklearn.metrics import f1_score, precision_recall_fscore_support, precision
 from udtimm import thresholds
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
-from udtimm.engine import Predictions
+from udtimm.predictions import Predictions
 from udtimm.thresholds import ThresholdObjective, parse_objective, tune_thresholds
 
 CLASSES = ["a", "b", "c", "d", "e"]

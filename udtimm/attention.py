@@ -2,7 +2,7 @@
 
 The gradient dD/dZ is taken through the head only (pooling + the two branches), never the backbone: Z is the
 head's input, so the head-only gradient is exactly the one a full backward would deliver at Z, for a fraction
-of the cost (benchmarks/distill_step.py measures it). Eq. 16 as written (`--att-variant paper`) has no ReLU, and
+of the cost (docs/method.md, Cost). Eq. 16 as written (`--att-variant paper`) has no ReLU, and
 the sign tells where the features raise the divergence and where they lower it; the default `gradcam` variant holds
 the student's channel weights as constants and keeps the positive part, which the digits benchmark chose
 (docs/distillation.md).

@@ -14,9 +14,9 @@ from timm.data.auto_augment import rand_augment_transform
 
 from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, DataSource
 from udtimm.io import atomic_write_text
+from udtimm.losses import DIFFICULT_POLICIES
 from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
 
-DIFFICULT_POLICIES = ("positive", "ignore", "negative")
 Settings = TypeVar("Settings")
 
 

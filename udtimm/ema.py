@@ -12,16 +12,22 @@ from __future__ import annotations
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from udtimm.config import ConfigError
+from udtimm.settings import OptimSettings
+
 RAW, EMA = "raw", "ema"  # the metadata "weights" of a checkpoint: which of the two it holds
 # The metrics summary.csv lists for the EMA weights too, as <name>_ema.
 EMA_COLUMNS = ("map", "map_difficult", "ece")
 
 
-def create_ema(model: nn.Module, decay: float) -> ModelEmaV3:
-    """The EMA of `model` (the bare model, without DDP or compile wrappers), starting from its current weights."""
-    if not 0 < decay < 1:
-        raise ValueError(f"--model-ema-decay must lie in (0, 1), got {decay}")
-    return ModelEmaV3(model, decay=decay, use_warmup=True)
+def make_ema(optim: OptimSettings, model: nn.Module) -> ModelEmaV3 | None:
+    """--model-ema: the EMA of `model` (the bare model, without DDP or compile wrappers), starting from its current
+    weights; None without the flag."""
+    if not optim.model_ema:
+        return None
+    if not 0 < optim.model_ema_decay < 1:
+        raise ConfigError(f"--model-ema-decay must lie in (0, 1), got {optim.model_ema_decay}")
+    return ModelEmaV3(model, decay=optim.model_ema_decay, use_warmup=True)
 
 
 def method_suffix(model_ema: bool) -> str:

@@ -6,7 +6,6 @@ import math
 import time
 from collections.abc import Iterable
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
 
 import torch
 from accelerate import Accelerator
@@ -16,19 +15,8 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from udtimm.data.loader import report_unreadable
-from udtimm.objectives import Objective
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A NaN/inf loss term; the message names the epoch, step and term."""
-
-
-@dataclass
-class Predictions:
-    scores: Tensor  # [N, C] sigmoid probabilities of the classification branch
-    target: Tensor  # [N, C] float multi-hot
-    difficult: Tensor  # [N, C] bool
-    indices: Tensor  # [N] dataset indices, to name the images
+from udtimm.objectives import NonFiniteLossError, Objective
+from udtimm.predictions import Predictions
 
 
 def bare_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
@@ -200,7 +188,8 @@ def check_finite(readout: LossReadout, epoch: int) -> None:
 def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True) -> Predictions:
     """Classification-branch probabilities for every image of the loader, gathered across processes.
 
-    Each image is kept once, in dataset order: the samples a distributed sampler repeats to even out the last
+    Each image is kept once, in dataset order (so tied scores rank, and files list, the same way whatever the
+    number of processes or the loader's order): the samples a distributed sampler repeats to even out the last
     batch are recognised by their index, so N processes return exactly the images (and numbers) of one. A single
     padded gather at the end lets processes hold different numbers of images (--skip-corrupt leaves some out).
     """

@@ -35,7 +35,7 @@ from timm.models._hub import push_to_hf_hub, save_config_for_hf, save_for_hf
 from torch import Tensor, nn
 
 import udtimm
-from udtimm import checkpoint, runs
+from udtimm import checkpoint, cli
 from udtimm.config import ConfigError
 from udtimm.io import current_umask
 from udtimm.predictor import CONFIG_FILE, WEIGHTS_FILE
@@ -272,4 +272,4 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    runs.run_script(main)
+    cli.run_script(main)

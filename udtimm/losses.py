@@ -80,15 +80,6 @@ def partial_softmax_loss(logits: Tensor, target: Tensor, mask: Tensor | None = N
     return _masked_mean(per_sample, num_pos > 0)
 
 
-def calibrated_loss(
-    logits: Tensor, cal_logits: Tensor, target: Tensor, mask: Tensor | None = None, cal_weight: float = 0.1
-) -> dict[str, Tensor]:
-    """Eq. 12: L = L_b (classification branch) + lambda * L_ps (calibration branch), each term returned too."""
-    bce = bce_loss(logits, target, mask)
-    partial_softmax = partial_softmax_loss(cal_logits, target, mask)
-    return {"bce": bce, "partial_softmax": partial_softmax, "loss": bce + cal_weight * partial_softmax}
-
-
 def temperature_bce_loss(
     logits: Tensor, target: Tensor, mask: Tensor | None = None, temperature: float = 3.0
 ) -> Tensor:

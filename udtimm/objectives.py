@@ -18,6 +18,11 @@ from udtimm.checkpoint import check_classes
 from udtimm.config import ConfigError
 from udtimm.model import CalibratedModel, ModelOutput
 
+
+class NonFiniteLossError(FloatingPointError):
+    """A NaN/inf loss term; the message names the epoch, step and term."""
+
+
 LossFunction = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, target, mask) -> scalar
 
 
@@ -29,6 +34,17 @@ class LossOptions:
     asl_gamma_neg: float = 4.0  # --asl-gamma-neg
     asl_gamma_pos: float = 0.0  # --asl-gamma-pos
     asl_clip: float = 0.05  # --asl-clip
+
+
+@dataclass(frozen=True)
+class DistillOptions:
+    """The weights of Eq. 18 and its optional ground-truth term (distill.py's flags)."""
+
+    temperature: float = 3.0  # --temperature: T of Eq. 13-14
+    dist_weight: float = 0.5  # --dist-weight: alpha, the weight of Eq. 14
+    att_weight: float = 0.5  # --att-weight: beta, the weight of Eq. 17
+    gt_weight: float = 0.0  # --gt-weight: the weight of a ground-truth L_b + lambda L_ps
+    cal_weight: float = 0.1  # --cal-weight: lambda of that ground-truth term
 
 
 # Adding a classification loss: its function in losses.py, and one line here (name -> the loss, given the options).
@@ -111,27 +127,25 @@ class DistillationObjective:
 
     uses_calibration = True  # teacher and student need the calibration branch (Eq. 14, 17)
 
-    def __init__(self, teacher: CalibratedModel, temperature: float = 3.0,
-                 dist_weight: float = 0.5, att_weight: float = 0.5, gt_weight: float = 0.0,
-                 cal_weight: float = 0.1, difficult: str = "positive",
-                 autocast: Callable[[], AbstractContextManager] = nullcontext,
+    def __init__(self, teacher: CalibratedModel, options: DistillOptions = DistillOptions(),
+                 difficult: str = "positive", autocast: Callable[[], AbstractContextManager] = nullcontext,
                  teacher_input: Callable[[Tensor], Tensor] | None = None,
                  attention_form: AttentionForm = DEFAULT_FORM, warmup_epochs: int = 0,
                  first_epoch: int = 0) -> None:
         self.teacher = teacher.eval().requires_grad_(False)
-        self.temperature = temperature
-        self.dist_weight, self.att_weight, self.gt_weight = dist_weight, att_weight, gt_weight
-        self.supervised = SupervisedObjective("bce", cal=self.uses_calibration, cal_weight=cal_weight,
+        self.temperature = options.temperature
+        self.dist_weight, self.att_weight, self.gt_weight = options.dist_weight, options.att_weight, options.gt_weight
+        self.supervised = SupervisedObjective("bce", cal=self.uses_calibration, cal_weight=options.cal_weight,
                                               difficult=difficult)
         self.autocast = autocast
         self.teacher_input = teacher_input
         self.attention_form = attention_form
         self.warmup_epochs, self.first_epoch = warmup_epochs, first_epoch
         self.ramp = 1.0 if warmup_epochs == 0 else 0.0
-        self.uses_attention = self.uses_calibration and att_weight > 0
+        self.uses_attention = self.uses_calibration and self.att_weight > 0
         names = ("kd", "kd_cal", "attention") if self.uses_attention else ("kd", "kd_cal") \
             if self.uses_calibration else ("kd",)
-        self.term_names = (*names, "gt") if gt_weight > 0 else names
+        self.term_names = (*names, "gt") if self.gt_weight > 0 else names
 
     def start_epoch(self, epoch: int) -> None:
         """--distill-warmup-epochs: alpha and beta grow linearly from 0 (at `first_epoch`) to their full value."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import pandas as pd
@@ -11,8 +12,15 @@ import torch
 from torch import Tensor
 
 from udtimm import metrics
-from udtimm.engine import Predictions
 from udtimm.io import atomic_write_text, csv_line
+
+
+@dataclass
+class Predictions:
+    scores: Tensor  # [N, C] sigmoid probabilities of the classification branch
+    target: Tensor  # [N, C] float multi-hot
+    difficult: Tensor  # [N, C] bool
+    indices: Tensor  # [N] dataset indices, to name the images
 
 
 def select(predictions: Predictions, keep: Tensor) -> Predictions:

@@ -23,10 +23,9 @@ from torch import Tensor
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.base import MultiLabelDataset
-from udtimm.engine import Predictions
 from udtimm.io import atomic_write_text
 from udtimm.metrics import threshold_metrics
-from udtimm.predictions import format_table, frame_table, per_class_metrics
+from udtimm.predictions import Predictions, format_table, frame_table, per_class_metrics
 
 DEFAULT_THRESHOLD = 0.5
 OBJECTIVES = "f1 | precision@R (0 < R <= 1, e.g. precision@0.9)"

@@ -19,16 +19,15 @@ from udtimm import checkpoint, metrics
 from udtimm.data.feed import BatchTransform, DeviceFeeder
 from udtimm.data.loader import seed_loader
 from udtimm.ema import EMA, EMA_COLUMNS, RAW
-from udtimm.engine import Predictions, bare_model, broadcast_buffers, optimizer_steps, predict, train_one_epoch
+from udtimm.engine import bare_model, broadcast_buffers, optimizer_steps, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.objectives import Objective
 from udtimm.plots import reliability_diagram
+from udtimm.predictions import Predictions
 from udtimm.settings import TrainingSettings
 from udtimm.trackers import log_epoch
 
 BEST_METRIC = "map"
-RESULT_KEYS = ("dataset", "split", "model", "method", "teacher", "seed", "epochs", "img_size", "difficult",
-               "eval_difficult")
 
 
 @dataclass
@@ -43,8 +42,8 @@ class RunSetup:
     eval_loader: object
     objective: Objective  # its term_names are the train_* columns of summary.csv
     metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
-    result_fields: dict[str, object]  # RESULT_KEYS values for results.csv
-    # What finishes the loaders' batches on the device (runs.build_loaders); None: they are model input already.
+    result_fields: dict[str, object]  # the columns of results.csv that name the experiment (runs.result_fields)
+    # What finishes the loaders' batches on the device (loaders.build_loaders); None: they are model input already.
     train_transform: BatchTransform | None = None
     eval_transform: BatchTransform | None = None
     prefetch: int | None = None  # --prefetch: batches prepared ahead (None: DeviceFeeder's default for the device)

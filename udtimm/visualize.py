@@ -24,7 +24,7 @@ from accelerate import Accelerator
 from matplotlib.figure import Figure
 from torch import Tensor, nn
 
-from udtimm import checkpoint, plots, runs
+from udtimm import checkpoint, cli, plots
 from udtimm.attention import ATTENTION_VARIANTS, check_attention_support, uncertainty_per_class
 from udtimm.config import ConfigError, HelpFormatter, add_dataset_args, add_workers_arg, data_source
 from udtimm.data import DataSource
@@ -202,4 +202,4 @@ def main(argv: Sequence[str] | None = None) -> list[str]:
 
 
 if __name__ == "__main__":
-    runs.run_script(main)
+    cli.run_script(main)

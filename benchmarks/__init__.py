@@ -1,0 +1,1 @@
+"""Scripts that measure; what several of them share is in common.py."""

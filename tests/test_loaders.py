@@ -1,0 +1,42 @@
+"""loaders.py: a run's datasets and loaders, their batches finished on the device."""
+
+import pytest
+import torch
+from conftest import tiny_train_args
+from torchvision.transforms.v2.functional import resize
+
+import train
+from udtimm import config, devices, loaders
+from udtimm.config import ConfigError
+from udtimm.data.base import read_image
+from udtimm.model import create_model
+
+
+def tiny_settings(data_dir: str, *extra: str) -> config.DataSettings:
+    return config.training_settings(train.parse_args(tiny_train_args(data_dir, "unused", *extra))).data
+
+
+def test_eval_batches_are_the_resized_images_normalised_with_the_backbones_statistics(tiny_digits: str) -> None:
+    data = tiny_settings(tiny_digits)
+    train_set, eval_set = loaders.load_datasets(data, devices.make_accelerator())
+    backbone = create_model("test_resnet", num_classes=3).backbone
+    mean, std = loaders.normalisation(backbone)
+    assert (mean, std) == (list(backbone.pretrained_cfg["mean"]), list(backbone.pretrained_cfg["std"]))
+    train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
+        data, train_set, eval_set, mean, std, torch.device("cpu"))
+    images, target, _, indices = next(iter(eval_loader))
+    assert images.dtype == torch.uint8 and images.shape == (data.batch_size, 3, data.img_size, data.img_size)
+    sample = eval_set.samples[int(indices[0])]
+    first = resize(read_image(sample.path), [data.img_size] * 2, antialias=True)
+    assert torch.equal(images[0], first) and torch.equal(target[0], torch.from_numpy(sample.target))
+    expected = (first.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
+    torch.testing.assert_close(eval_transform(images)[0], expected)  # float32 arithmetic: its default tolerance
+    train_images = next(iter(train_loader))[0]
+    assert train_transform(train_images).dtype == torch.float32 and len(train_loader) == len(train_set) // 16
+
+
+def test_gpu_decode_is_refused_off_cuda(tiny_digits: str) -> None:
+    data = tiny_settings(tiny_digits, "--gpu-decode")
+    train_set, eval_set = loaders.load_datasets(data, devices.make_accelerator())
+    with pytest.raises(ConfigError, match="--gpu-decode decodes on a CUDA GPU .* on cpu"):
+        loaders.build_loaders(data, train_set, eval_set, [0.5] * 3, [0.5] * 3, torch.device("cpu"))
