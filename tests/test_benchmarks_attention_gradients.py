@@ -3,6 +3,7 @@
 import os
 import sys
 
+import pytest
 from conftest import ROOT, tiny_train_args
 
 import train
@@ -12,6 +13,7 @@ sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 import attention_gradients  # noqa: E402
 
 
+@pytest.mark.slow
 def test_prints_the_gradient_norm_of_each_term_per_variant(tiny_digits, tmp_path, capsys) -> None:
     train.main(tiny_train_args(tiny_digits, str(tmp_path), "--cal", "--experiment", "teacher", "--epochs", "1"))
     teacher = str(tmp_path / "teacher" / "best.safetensors")

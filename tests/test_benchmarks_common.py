@@ -7,6 +7,7 @@ import pytest
 from benchmarks import common
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fail", [False, True])
 def test_benchmark_scheduler_runs_each_job_once_and_stops_at_a_failure(tmp_path, fail) -> None:
     def job(name, needs=(), code=0):

@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import read_rows
 
 import distill
@@ -13,6 +14,7 @@ from udtimm.attention import DEFAULT_VARIANT
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "distill_step.py"
 
 
+@pytest.mark.slow
 def test_distill_step_benchmark_times_what_distill_py_builds(tmp_path):
     csv_path = tmp_path / "distill_step.csv"
     args = ["--teacher", "test_resnet", "--student", "test_efficientnet", "--img-size", "64", "--batch-size", "4"]

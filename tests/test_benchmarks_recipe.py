@@ -4,11 +4,13 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import read_rows
 
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "recipe_digits.py"
 
 
+@pytest.mark.slow
 def test_recipe_benchmark_runs_each_method_and_writes_its_tables(tiny_digits: str, tmp_path) -> None:
     out = tmp_path / "bench"
     tiny = ["--data-dir", tiny_digits, "--digits-trainval", "96", "--digits-test", "40", "--model", "test_resnet",

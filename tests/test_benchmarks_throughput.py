@@ -6,9 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "throughput.py"
 
 
+@pytest.mark.slow
 def test_throughput_benchmark_runs(tmp_path):
     csv_path = tmp_path / "throughput.csv"
     args = ["--model", "test_resnet", "--teacher", "test_resnet", "--img-size", "32", "--batch-size", "4"]

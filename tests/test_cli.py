@@ -32,6 +32,7 @@ def run_script(script: str, argv: list[str], monkeypatch: pytest.MonkeyPatch) ->
     return str(exit_info.value.code)
 
 
+@pytest.mark.slow
 def test_a_corrupt_image_read_by_a_worker_is_one_error_line_and_leaves_no_run(tmp_path, monkeypatch, capsys) -> None:
     data_dir, bad = corrupt_digits(tmp_path)
     argv = tiny_train_args(data_dir, str(tmp_path / "out"), "--experiment", "run", "--workers", "1")
@@ -59,6 +60,7 @@ def loaded_modules(statement: str) -> set[str]:
     return set(result.stdout.split())
 
 
+@pytest.mark.slow
 def test_the_command_line_module_loads_no_training_stack() -> None:
     loaded = loaded_modules("import udtimm.cli")
     assert "udtimm.cli" in loaded and "accelerate" not in loaded

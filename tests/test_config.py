@@ -91,6 +91,7 @@ def test_help_shows_the_default_of_every_option_that_has_one(script, monkeypatch
             assert f"(default: {action.default})" in block, block
 
 
+@pytest.mark.slow
 def test_every_entry_point_has_the_same_dataset_flags_and_the_default_digits_set(monkeypatch) -> None:
     flags = ("--data-dir", "--digits-trainval", "--digits-test", "--digits-seed")  # --dataset's help says its default
     helps = []

@@ -68,6 +68,7 @@ def test_voc_layout_agrees_with_torchvision(small):
                 assert o["pose"] == "Unspecified" and o["truncated"] in ("0", "1")
 
 
+@pytest.mark.slow
 def test_difficult_fraction(tmp_path):
     root = ensure_digits(str(tmp_path / "d"), num_trainval=300, num_test=1, seed=1)
     samples, _ = load_voc(root, "trainval")
@@ -85,6 +86,7 @@ def generate_together(barrier, root):
     ensure_digits(root, **SMALL)
 
 
+@pytest.mark.slow
 def test_concurrent_generation(small, tmp_path):
     root = str(tmp_path / "shared" / "digits")
     ctx = multiprocessing.get_context("spawn")  # like two distributed ranks: separate interpreters

@@ -35,6 +35,7 @@ def teachers(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     (["--method", "ud", "--att-weight", "0"], "ud-noatt", ("train_kd", "train_kd_cal")),
     (["--method", "kd"], "kd", ("train_kd",)),
 ])
+@pytest.mark.slow
 def test_students_learn_from_a_calibrated_teacher(tiny_digits, teachers, tmp_path, flags, method, terms) -> None:
     args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment", "s",
                            "--model", "test_efficientnet", "--epochs", "3", "--lr", "3e-3", *flags)
@@ -82,6 +83,7 @@ def test_token_pooled_vit_student_is_refused_for_attention(tiny_digits, teachers
         distill.main(args)
 
 
+@pytest.mark.slow
 def test_self_distillation_switches_teacher_at_the_half(tiny_digits, tmp_path) -> None:
     args = tiny_train_args(tiny_digits, str(tmp_path), "--self-distill", "--epochs", "4", "--experiment", "self")
     distill.main(args)
@@ -124,6 +126,7 @@ def test_distill_needs_a_teacher_or_self_distill() -> None:
         distill.parse_args(["--model", "test_resnet"])
 
 
+@pytest.mark.slow
 def test_initial_checkpoint_starts_train_and_distill_and_a_misfit_is_refused_first(tiny_digits, teachers, tmp_path,
                                                                                      capsys) -> None:
     row = train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "warm", "--epochs", "1",

@@ -17,6 +17,7 @@ from udtimm.model import create_model
 from udtimm.objectives import NonFiniteLossError, SupervisedObjective
 
 
+@pytest.mark.slow
 def test_bare_model_strips_torch_compile_so_checkpoint_keys_stay_plain() -> None:
     model = create_model("test_resnet", num_classes=3, cal=True)
     compiled = torch.compile(model)  # lazy: nothing is compiled until it is called

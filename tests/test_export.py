@@ -38,6 +38,7 @@ def export_to(tiny_checkpoint: str, directory: str, fmt: str) -> list[str]:
     return export.main(["--checkpoint", tiny_checkpoint, "--out", directory, "--format", fmt])
 
 
+@pytest.mark.slow
 def test_timm_format_loads_in_plain_timm_with_udtimm_scores(tiny_checkpoint: str, tmp_path,
                                                              digit_batch: torch.Tensor,
                                                              udtimm_scores: torch.Tensor) -> None:
@@ -71,6 +72,7 @@ def test_timm_format_loads_in_plain_timm_with_udtimm_scores(tiny_checkpoint: str
         checkpoint.class_names(metadata), 32, json.loads(metadata["mean"]))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", ["onnx", "torchscript"])
 def test_onnx_and_torchscript_give_udtimm_scores_at_any_batch_size(fmt: str, tiny_checkpoint: str, tmp_path,
                                                                    digit_batch: torch.Tensor,

@@ -78,6 +78,7 @@ def test_prepare_moves_tensors_inside_dicts_and_leaves_the_rest() -> None:
     assert messages == ["a.jpg"]
 
 
+@pytest.mark.slow
 def test_a_training_run_fed_by_the_thread_equals_one_fed_inline(tiny_digits: str, tmp_path) -> None:
     """train.py --prefetch 2 (the thread, as on a GPU) against --prefetch 0: the same losses and metrics."""
     import train

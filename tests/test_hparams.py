@@ -107,6 +107,7 @@ def tiny_teacher(smoke_digits: str, tmp_path_factory: pytest.TempPathFactory) ->
     return os.path.join(output, "teacher", "best.safetensors")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", CONFIGS, ids=os.path.basename)
 def test_config_trains_one_tiny_epoch(path: str, smoke_digits: str, tiny_teacher: str, tmp_path) -> None:
     config = load(path)

@@ -39,6 +39,7 @@ def assert_same_batches(got: list[list[tuple]], want: list[list[tuple]]) -> None
             assert all(torch.equal(g, w) for g, w in zip(got_batch, want_batch, strict=True))
 
 
+@pytest.mark.slow
 def test_batches_depend_on_the_seed_alone_not_on_the_workers_or_their_persistence(
         augmented: MultiLabelDataset) -> None:
     seeds = [5, 6, 7]  # three epochs: the persistent workers of the second loader serve all three
@@ -80,6 +81,7 @@ def test_workers_start_once_per_run(augmented: MultiLabelDataset) -> None:
     assert pids[0] == pids[1]
 
 
+@pytest.mark.slow
 def test_spawned_workers_draw_what_forked_ones_draw(augmented: MultiLabelDataset) -> None:
     # spawn is the default start method on macOS and Windows: there the dataset is pickled to the workers.
     forked = make_loader(augmented, 16, True, 2)

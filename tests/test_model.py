@@ -15,6 +15,7 @@ FAMILIES = [
 ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("name", "options"), FAMILIES)
 def test_families_give_feature_map_and_both_branches(name: str, options: dict) -> None:
     model = create_model(name, num_classes=7, cal=True, img_size=32, **options).eval()

@@ -74,6 +74,7 @@ def assert_no_leftovers(run_dir: str) -> None:
 # ---------------------------------------------------------------- 1. kill and resume
 
 
+@pytest.mark.slow
 def test_a_run_killed_with_sigkill_mid_epoch_resumes_to_the_same_weights_and_metrics(
         tiny_digits: str, reference: str, tmp_path) -> None:
     run_dir = tmp_path / "killed"
@@ -97,6 +98,7 @@ def test_a_run_killed_with_sigkill_mid_epoch_resumes_to_the_same_weights_and_met
     assert_same_run(str(run_dir), reference)
 
 
+@pytest.mark.slow
 def test_repeated_kills_inside_checkpoint_writes_resume_to_the_same_run(
         tiny_digits: str, reference: str, tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Three kills (SystemExit stands in for SIGKILL, the files are left as a kill leaves them), then a clean resume."""
@@ -138,6 +140,7 @@ def test_repeated_kills_inside_checkpoint_writes_resume_to_the_same_run(
     assert_no_leftovers(run_dir)
 
 
+@pytest.mark.slow
 def test_the_number_of_workers_does_not_change_a_run(tiny_digits: str, reference: str, tmp_path) -> None:
     """The reference ran with --workers 0; two persistent workers draw the same augmentations in both epochs."""
     train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "w2", "--workers", "2"))
@@ -214,6 +217,7 @@ def nan_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> Itera
     yield result
 
 
+@pytest.mark.slow
 def test_a_nan_loss_stops_the_run_naming_epoch_step_and_term(nan_run: dict) -> None:
     assert "epoch 1, step 2" in nan_run["error"] and "'bce'" in nan_run["error"]
     assert "--skip-nonfinite" in nan_run["error"]
@@ -286,6 +290,7 @@ def test_skip_corrupt_leaves_truncated_jpegs_out_logs_each_once_and_counts_them(
         assert sum(path in record.getMessage() for record in caplog.records) == 1
 
 
+@pytest.mark.slow
 def test_skip_corrupt_in_two_processes_counts_each_left_out_image_once(
         corrupt_digits: tuple[str, list[str]], tmp_path) -> None:
     """Batches shrink unevenly across processes; steps stay in lockstep and the counts are of the whole run."""
@@ -413,6 +418,7 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(tiny_digits: s
         train.main(tiny_train_args(tiny_digits, str(blocker), "--experiment", "x"))
 
 
+@pytest.mark.slow
 def test_an_interrupted_ema_run_resumes_to_the_same_raw_and_ema_weights(tiny_digits: str, tmp_path,
                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     """--model-ema: the EMA weights come back from state/, so a run stopped after epoch 0 ends as an uninterrupted one

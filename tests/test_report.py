@@ -214,6 +214,7 @@ def test_plot_writes_a_png_of_three_panels(fake_runs, tmp_path) -> None:
     assert not [name for name in os.listdir(tmp_path / "plots") if name != "curves.png"]  # no temporary left
 
 
+@pytest.mark.slow
 def test_report_over_two_real_runs(tiny_digits: str, tmp_path, capsys) -> None:
     previous = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny model: a second thread only spin-waits on shared cores (see test_hparams.py)

@@ -30,6 +30,7 @@ def cal_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return os.path.join(output, "cal"), row
 
 
+@pytest.mark.slow
 def test_run_directory_has_every_file_of_the_design(cal_run: tuple[str, dict]) -> None:
     run_dir, _ = cal_run
     for name in ("args.yaml", "summary.csv", "results.csv", "best.safetensors", "last.safetensors",
@@ -83,6 +84,7 @@ def test_config_file_sets_defaults_and_flags_win(tmp_path) -> None:
         train.parse_args(["-c", str(path)])
 
 
+@pytest.mark.slow
 def test_resume_with_more_epochs_and_new_rates_trains_at_the_long_schedules_rates(tiny_digits: str, tmp_path) -> None:
     """A 1-epoch run resumed with --epochs 3 and new rates and warm-up: its epochs 1 and 2 start at the rates of a
     run that had the 3-epoch schedule from the start (summary.csv's lr column), epoch 0 keeps its own rate, and
@@ -108,6 +110,7 @@ def test_resume_with_more_epochs_and_new_rates_trains_at_the_long_schedules_rate
             train.main(["--resume", run_dir, flag, value])
 
 
+@pytest.mark.slow
 def test_existing_run_directory_is_not_overwritten(cal_run: tuple[str, dict]) -> None:
     run_dir, _ = cal_run
     with pytest.raises(ConfigError, match="--resume"):
@@ -119,6 +122,7 @@ def test_missing_voc_directory_shows_the_expected_layout(tmp_path) -> None:
         train.main(["--dataset", "voc2007", "--data-dir", str(tmp_path / "nowhere"), "--output", str(tmp_path)])
 
 
+@pytest.mark.slow
 def test_unknown_model_is_a_clean_error_from_the_command_line(tiny_digits: str, tmp_path) -> None:
     args = tiny_train_args(tiny_digits, str(tmp_path), "--model", "resnet181")
     result = subprocess.run([sys.executable, "train.py", *args], cwd=ROOT, capture_output=True, text=True,
@@ -158,6 +162,7 @@ def test_sixteen_bit_png_bmp_and_tiff_train_and_predict(tmp_path) -> None:
                                torch.tensor(by_hand[predictor.class_names].to_numpy()))  # float32's tolerance
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_write_one_consistent_run(tiny_digits: str, tmp_path) -> None:
     result = run_two_cpu_processes("train.py", *tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "ddp",
                                                                 "--cal", "--model-ema"))
@@ -190,6 +195,7 @@ def ema_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> tuple
     return os.path.join(output, "ema"), row
 
 
+@pytest.mark.slow
 def test_model_ema_evaluates_both_weights_and_keeps_the_better_as_best(ema_run: tuple[str, dict],
                                                                          tiny_digits: str) -> None:
     run_dir, returned = ema_run

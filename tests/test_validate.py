@@ -198,6 +198,7 @@ def test_thresholds_are_never_tuned_on_the_test_or_evaluated_split(best: str, ti
     assert os.listdir(tmp_path) == ["best.safetensors"]
 
 
+@pytest.mark.slow
 def test_two_processes_give_the_single_process_metrics(best: str, tiny_digits: str, tmp_path,
                                                        single_process: dict[str, float]) -> None:
     # 40 images in batches of 16 over 2 processes: the second process's last batch is padded with repeats.

@@ -42,6 +42,7 @@ def digit_images(tiny_digits: str) -> list[str]:
     return sorted(glob.glob(os.path.join(tiny_digits, "**", "*.jpg"), recursive=True))[:2]
 
 
+@pytest.mark.slow
 def test_attention_with_teacher_has_both_maps_and_the_uncertainty_chart(tmp_path, digit_images) -> None:
     student = save_random(str(tmp_path / "student.safetensors"))
     teacher = save_random(str(tmp_path / "teacher.safetensors"))
