@@ -15,8 +15,8 @@ from udtimm import config, loaders
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, gpu, read_image
 from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample, read_encoded
-from udtimm.data.feed import DeviceFeeder, PartialBatch
-from udtimm.data.gpu import DeviceTransform, EncodedBatch, collate_encoded, decode_images
+from udtimm.data.feed import DeviceFeeder
+from udtimm.data.gpu import DeviceTransform, EncodedBatch, PartialBatch, collate_encoded, decode_images
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform, train_transform
 from udtimm.engine import predict

@@ -12,22 +12,12 @@ import queue
 import threading
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import nullcontext
-from dataclasses import dataclass
 
 import torch
 from accelerate.utils import send_to_device
 from torch import Tensor
 
-
-@dataclass
-class PartialBatch:
-    """What a BatchTransform returns when it had to leave images out (--gpu-decode with --skip-corrupt: files that
-    the workers read but the device could not decode)."""
-
-    images: Tensor
-    kept: list[int]  # the positions in the batch of the images that remain
-    messages: list[str]  # why each left-out image was left out, naming its file
-
+from .gpu import PartialBatch
 
 # Turns a loader's image field (uint8 batches, or --gpu-decode's encoded files) into the model's input on the device.
 BatchTransform = Callable[[object], Tensor | PartialBatch]

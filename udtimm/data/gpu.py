@@ -19,8 +19,18 @@ from torchvision.transforms import v2
 from torchvision.transforms.v2 import functional as F
 
 from .base import CorruptImageError, EncodedImage, decode_file
-from .feed import PartialBatch
 from .transforms import CROP_SCALES, ERASE, PIXELS, NormalizeBatch, draw_erase_box, multi_scale_crop_box, resize_size
+
+
+@dataclass
+class PartialBatch:
+    """What a BatchTransform returns when it had to leave images out (--gpu-decode with --skip-corrupt: files that
+    the workers read but the device could not decode)."""
+
+    images: Tensor
+    kept: list[int]  # the positions in the batch of the images that remain
+    messages: list[str]  # why each left-out image was left out, naming its file
+
 
 JPEG_MAGIC = [0xFF, 0xD8]
 
