@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -18,6 +19,7 @@ from udtimm import Predictor, trainer
 from udtimm.checkpoint import read_metadata
 from udtimm.config import ConfigError
 from udtimm.data.base import DatasetError
+from udtimm.ema import EMA_COLUMNS
 from udtimm.metrics import METRIC_NAMES
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,6 +39,28 @@ def test_run_directory_has_every_file_of_the_design(cal_run: tuple[str, dict]) -
                  "reliability.png", "state/progress.json", "state/optimizer.pt", "state/weights.safetensors"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
     assert not [name for name in os.listdir(run_dir) if name.endswith(".tmp") or name.startswith(".")]
+
+
+def design_names(start: str, end: str) -> set[str]:
+    """The backticked names in docs/design.md between the first `start` and the next `end` that follows it."""
+    with open(os.path.join(ROOT, "docs", "design.md")) as handle:
+        text = handle.read()
+    first = text.index(start)
+    return set(re.findall(r"`([\w<>]+)`", text[first:text.index(end, first + len(start))]))
+
+
+def test_design_md_names_every_column_and_checkpoint_key_a_run_writes(cal_run: tuple[str, dict]) -> None:
+    run_dir, _ = cal_run
+    ema_columns = {f"{name}_ema" for name in EMA_COLUMNS}  # --model-ema only; this run has none
+    summary = read_rows(os.path.join(run_dir, "summary.csv"))[0]
+    loss_terms = {column for column in summary if column.startswith("train_") and column != "train_loss"}
+    documented = design_names("- `summary.csv`:", "\n- `results.csv`:")
+    assert documented - {"train_<term>"} - {"raw", "ema"} == set(summary) - loss_terms | ema_columns
+    (results,) = read_rows(os.path.join(run_dir, "results.csv"))
+    documented = design_names("- `results.csv`:", "\n- ") | design_names("The metrics: ", "\n- `results.csv`")
+    assert documented - {"raw", "ema"} == set(results)
+    documented = design_names("A checkpoint is a safetensors file", "udtimm_version`") | {"udtimm_version"}
+    assert documented - {"raw", "ema"} == set(read_metadata(os.path.join(run_dir, "best.safetensors")))
 
 
 def test_summary_has_one_row_per_epoch_with_loss_terms_and_metrics(cal_run: tuple[str, dict]) -> None:
