@@ -61,6 +61,7 @@ def test_summary_has_one_row_per_epoch_with_loss_terms_and_metrics(cal_run: tupl
     assert all(0 <= float(row["map"]) <= 100 for row in rows)
 
 
+@pytest.mark.slow
 def test_results_row_names_the_splits_and_gives_the_test_metrics_of_best_and_last(
         cal_run: tuple[str, dict, list[str]], tiny_digits: str) -> None:
     """best.safetensors is the epoch of the best val mAP (summary.csv); results.csv reports it, and the last epoch,
