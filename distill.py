@@ -134,7 +134,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     method = method_name(args)
     run_dir = runs.run_dir_path(runtime, args.model, method)
     accelerator = devices.make_training_accelerator(settings, run_dir)
-    train_set, eval_set = loaders.load_datasets(data, accelerator)
+    train_set, eval_set, test_set = loaders.load_datasets(data, accelerator)
     # Every check on the teacher happens before the run directory exists and before any step.
     teacher, teacher_metadata = (None, {}) if args.self_distill else load_teacher(
         args.teacher_ckpt, train_set.classes, args.method, accelerator, runtime.channels_last)
@@ -149,15 +149,16 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         mean, std = student_norm = loaders.normalisation(student.backbone)
         train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
+        test_loader, test_transform = loaders.build_eval_loader(data, test_set, mean, std, accelerator.device)
         optimizer, scheduler = optimization.build_optimization(settings.optim, student, len(train_loader),
                                                                cycles=2 if args.self_distill else 1)
-        student, optimizer, train_loader, eval_loader = accelerator.prepare(
+        student, optimizer, train_loader, eval_loader, test_loader = accelerator.prepare(
             devices.place_model(student, accelerator.device, runtime.channels_last), optimizer, train_loader,
-            eval_loader)
+            eval_loader, test_loader)
         teacher_name = "self" if args.self_distill else args.teacher_ckpt
         accelerator.print(f"{run_dir}: {args.model} ({method}) from {teacher_name} on {data.source.name}, "
-                          f"{len(train_set)} train / {len(eval_set)} eval images, {accelerator.num_processes} "
-                          f"process(es) on {accelerator.device}")
+                          f"{loaders.describe_splits(data, train_set, eval_set, test_set)}, "
+                          f"{accelerator.num_processes} process(es) on {accelerator.device}")
         metadata = checkpoint.model_metadata(args.model, bare_model(accelerator, student), train_set.classes,
                                              args.global_pool, data.img_size, mean, std, dataset=data.source.name,
                                              method=method, teacher=teacher_name, model_kwargs=args.model_kwargs)
@@ -168,6 +169,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
             eval_transform=eval_transform, prefetch=data.prefetch,
+            test_loader=test_loader, test_transform=test_transform,
             result_fields=runs.result_fields(settings, method, teacher_name),
             ema=make_ema(settings.optim, bare_model(accelerator, student)),
         )

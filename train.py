@@ -49,7 +49,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     method = method_name(args.loss, args.cal, settings.optim.model_ema)
     run_dir = runs.run_dir_path(runtime, args.model, method)
     accelerator = devices.make_training_accelerator(settings, run_dir)
-    train_set, eval_set = loaders.load_datasets(data, accelerator)
+    train_set, eval_set, test_set = loaders.load_datasets(data, accelerator)
     set_seed(runtime.seed)
     model = devices.build_model(settings.model, data.img_size, train_set.classes, args.cal, accelerator)
     # After every check on the data and the weights; removed again if the run fails before saving an epoch.
@@ -57,12 +57,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         mean, std = loaders.normalisation(model.backbone)
         train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
+        test_loader, test_transform = loaders.build_eval_loader(data, test_set, mean, std, accelerator.device)
         optimizer, scheduler = optimization.build_optimization(settings.optim, model, len(train_loader))
-        model, optimizer, train_loader, eval_loader = accelerator.prepare(
-            devices.place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader)
-        accelerator.print(f"{run_dir}: {args.model} ({method}) on {data.source.name}, {len(train_set)} train / "
-                          f"{len(eval_set)} eval images, {len(train_set.classes)} classes, "
-                          f"{accelerator.num_processes} process(es) on {accelerator.device}")
+        model, optimizer, train_loader, eval_loader, test_loader = accelerator.prepare(
+            devices.place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader,
+            test_loader)
+        accelerator.print(f"{run_dir}: {args.model} ({method}) on {data.source.name}, "
+                          f"{loaders.describe_splits(data, train_set, eval_set, test_set)}, "
+                          f"{len(train_set.classes)} classes, {accelerator.num_processes} process(es) on "
+                          f"{accelerator.device}")
         metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
                                   data.img_size, mean, std, dataset=data.source.name, method=method, teacher="",
                                   model_kwargs=args.model_kwargs)
@@ -72,6 +75,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
             run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
             eval_transform=eval_transform, prefetch=data.prefetch,
+            test_loader=test_loader, test_transform=test_transform,
             result_fields=runs.result_fields(settings, method, ""),
             ema=make_ema(settings.optim, bare_model(accelerator, model)),
         )

@@ -52,7 +52,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = distill.parse_args([*rest, "--method", "ud", "--workers", "0", "--no-progress"])
     settings = config.training_settings(args)
     accelerator = devices.make_accelerator()
-    train_set, eval_set = loaders.load_datasets(settings.data, accelerator)
+    train_set, eval_set, _ = loaders.load_datasets(settings.data, accelerator)
     teacher, teacher_metadata = distill.load_teacher(args.teacher_ckpt, train_set.classes, "ud", accelerator, False)
     torch.manual_seed(args.seed)
     student = devices.build_model(settings.model, args.img_size, train_set.classes, True, accelerator).train()

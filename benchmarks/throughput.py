@@ -217,7 +217,7 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
     if pipeline == "ceiling":
         batches, skip, tail = [device_batch(args, device)] * (args.warmup + args.steps), args.warmup, 0
     else:
-        train_set, eval_set = loaders.load_datasets(settings.data, accelerator)
+        train_set, eval_set, _ = loaders.load_datasets(settings.data, accelerator)
         mean, std = loaders.normalisation(model.backbone)
         train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             settings.data, train_set, eval_set, mean, std, device)

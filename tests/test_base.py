@@ -1,5 +1,5 @@
-"""Image decoding (udtimm.data.base): every format PIL reads to 8-bit RGB, 16-bit and other modes converted as
-docs/datasets.md#image-files says, unreadable files named in one line."""
+"""udtimm.data.base: image decoding (every format PIL reads to 8-bit RGB, 16-bit and other modes converted as
+docs/datasets.md#image-files says, unreadable files named in one line) and the held-out part of a split."""
 
 import re
 
@@ -8,7 +8,15 @@ import pytest
 import torch
 from PIL import Image
 
-from udtimm.data.base import CorruptImageError, pil_pixels, read_image
+from udtimm.data.base import (
+    CorruptImageError,
+    DatasetError,
+    MultiLabelDataset,
+    Sample,
+    hold_out,
+    pil_pixels,
+    read_image,
+)
 
 # 16-bit values and their high bytes (v >> 8), worked out by hand: 256 is 0x0100, 32767 is 0x7FFF, 4095 is 0x0FFF.
 SIXTEEN_BIT = [0, 255, 256, 1000, 4095, 32767, 32768, 65280, 65535]
@@ -71,3 +79,30 @@ def test_unreadable_files_stop_with_one_line_naming_them(tmp_path) -> None:
         with pytest.raises(CorruptImageError, match=re.escape(str(tmp_path / name)) + ".*" + reason) as caught:
             read_image(str(tmp_path / name))
         assert "\n" not in str(caught.value)
+
+
+def listed(ids: list[str]) -> MultiLabelDataset:
+    samples = [Sample(i, f"/images/{i}.jpg", np.ones(2, np.float32), np.zeros(2, np.bool_)) for i in ids]
+    return MultiLabelDataset(samples, ["a", "b"], name="voc2007:trainval")
+
+
+def test_hold_out_splits_the_images_by_seed_alone_and_never_shares_one() -> None:
+    ids = [f"{i:06d}" for i in range(50)]
+    kept, held = hold_out(listed(ids), 0.1, seed=0)
+    assert len(held) == 5 and len(kept) == 45
+    kept_ids, held_ids = [s.image_id for s in kept.samples], [s.image_id for s in held.samples]
+    assert not set(kept_ids) & set(held_ids) and sorted(kept_ids + held_ids) == ids
+    assert kept_ids == sorted(kept_ids) and held.classes == ["a", "b"]  # the split's own order is kept
+    _, reversed_held = hold_out(listed(ids[::-1]), 0.1, seed=0)
+    assert {s.image_id for s in reversed_held.samples} == set(held_ids)  # whatever the order the split lists
+    _, other = hold_out(listed(ids), 0.1, seed=1)
+    assert {s.image_id for s in other.samples} != set(held_ids)
+
+
+def test_hold_out_refuses_a_fraction_that_leaves_nothing_to_train_on() -> None:
+    for fraction in (0.0, 1.0, -0.1):
+        with pytest.raises(DatasetError, match="--holdout-fraction"):
+            hold_out(listed(["a", "b", "c"]), fraction, seed=0)
+    assert len(hold_out(listed(["a", "b", "c"]), 0.01, seed=0)[1]) == 1  # at least one image chooses
+    with pytest.raises(DatasetError, match="voc2007:trainval: 1 image"):
+        hold_out(listed(["a"]), 0.5, seed=0)

@@ -23,6 +23,24 @@ def test_digits_gets_mild_augmentation_and_other_datasets_the_papers() -> None:
     assert voc.crop_scales == [1.0, 0.875, 0.75, 0.66, 0.5]
 
 
+def test_the_selection_split_is_held_out_and_the_test_split_chooses_only_with_select_on_test(tmp_path) -> None:
+    """docs/design.md#selection: digits val, voc2007 and coco2014 a holdout of the train split, csv val.csv only
+    beside a test.csv (else val.csv is the test split)."""
+    defaults = {name: train.parse_args(["--dataset", name, "--data-dir", str(tmp_path)]).val_split
+                for name in ("digits", "voc2007", "coco2014", "csv")}
+    assert defaults == {"digits": "val", "voc2007": "holdout", "coco2014": "holdout", "csv": "holdout"}
+    (tmp_path / "val.csv").write_text("")
+    assert train.parse_args(["--dataset", "csv", "--data-dir", str(tmp_path)]).val_split == "holdout"
+    (tmp_path / "test.csv").write_text("")
+    assert train.parse_args(["--dataset", "csv", "--data-dir", str(tmp_path)]).val_split == "val"
+    paper = distill.parse_args(["--self-distill", "--select-on-test", "--test-split", "val2014"])
+    assert (paper.val_split, paper.test_split) == ("val2014", "val2014")
+    with pytest.raises(ConfigError, match="--val-split test is the split that reports.*--select-on-test"):
+        train.parse_args(["--val-split", "test"])
+    with pytest.raises(ConfigError, match="--select-on-test chooses on --test-split test: drop --val-split val"):
+        train.parse_args(["--select-on-test", "--val-split", "val"])
+
+
 def test_explicit_flags_beat_dataset_defaults() -> None:
     args = train.parse_args(["--img-size", "64", "--reprob", "0.25", "--crop-scales", "1", "0.5"])
     assert (args.img_size, args.reprob, args.crop_scales) == (64, 0.25, [1.0, 0.5])

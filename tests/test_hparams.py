@@ -72,7 +72,10 @@ def test_config_parses_as_written_and_documents_its_row(path: str) -> None:
     assert f"-c hparams/{os.path.basename(path)}" in header
     if "asl_recipe" in path:  # a recipe from another paper: its source is cited instead of a row of this one
         assert header.startswith("# ASL recipe") and "Alibaba-MIIL/ASL" in header and args.epochs == RECIPE_EPOCHS
+        assert not args.select_on_test and args.val_split == "holdout"
         return
+    # The paper reports its best test epoch: its rows choose on the test split, and their header says why.
+    assert args.select_on_test and args.val_split == args.test_split and "select_on_test" in header
     assert args.epochs == (80 if config.get("self_distill") else EPOCHS[config["dataset"]])
     assert header.startswith("# Table") and "Paper: mAP" in header
     if "tricks" not in path:  # Table 1 rows share the method "baseline" with Table 2: no entry of their own

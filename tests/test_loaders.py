@@ -18,7 +18,7 @@ def tiny_settings(data_dir: str, *extra: str) -> config.DataSettings:
 
 def test_eval_batches_are_the_resized_images_normalised_with_the_backbones_statistics(tiny_digits: str) -> None:
     data = tiny_settings(tiny_digits)
-    train_set, eval_set = loaders.load_datasets(data, devices.make_accelerator())
+    train_set, eval_set, _ = loaders.load_datasets(data, devices.make_accelerator())
     backbone = create_model("test_resnet", num_classes=3).backbone
     mean, std = loaders.normalisation(backbone)
     assert (mean, std) == (list(backbone.pretrained_cfg["mean"]), list(backbone.pretrained_cfg["std"]))
@@ -37,6 +37,26 @@ def test_eval_batches_are_the_resized_images_normalised_with_the_backbones_stati
 
 def test_gpu_decode_is_refused_off_cuda(tiny_digits: str) -> None:
     data = tiny_settings(tiny_digits, "--gpu-decode")
-    train_set, eval_set = loaders.load_datasets(data, devices.make_accelerator())
+    train_set, eval_set, _ = loaders.load_datasets(data, devices.make_accelerator())
     with pytest.raises(ConfigError, match="--gpu-decode decodes on a CUDA GPU .* on cpu"):
         loaders.build_loaders(data, train_set, eval_set, [0.5] * 3, [0.5] * 3, torch.device("cpu"))
+
+
+def image_paths(dataset) -> set[str]:
+    return {sample.path for sample in dataset.samples}
+
+
+def test_the_selection_split_shares_no_image_with_training_or_the_test_split(tiny_digits: str) -> None:
+    accelerator = devices.make_accelerator()
+    train_set, eval_set, test_set = loaders.load_datasets(tiny_settings(tiny_digits), accelerator)
+    assert (eval_set.name, test_set.name) == ("digits:val", "digits:test") and len(eval_set) > 0
+    assert not image_paths(eval_set) & (image_paths(train_set) | image_paths(test_set))
+    paper = loaders.load_datasets(tiny_settings(tiny_digits, "--select-on-test"), accelerator)
+    assert paper[1] is paper[2] and paper[1].name == "digits:test"
+    trainval = image_paths(paper[0])
+    kept, held, test = loaders.load_datasets(tiny_settings(tiny_digits, "--val-split", "holdout",
+                                                           "--holdout-fraction", "0.25"), accelerator)
+    assert len(held) == len(trainval) // 4 and image_paths(kept) | image_paths(held) == trainval
+    assert not image_paths(kept) & image_paths(held) and test.name == "digits:test"
+    with pytest.raises(ConfigError, match="--val-split trainval and --train-split train share 96 image"):
+        loaders.load_datasets(tiny_settings(tiny_digits, "--val-split", "trainval"), accelerator)

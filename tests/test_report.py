@@ -24,9 +24,9 @@ RESULT_KEYS = tuple(runs.result_fields(config.training_settings(train.parse_args
 
 
 def results_row(seed: int, rng: np.random.Generator, **keys: object) -> dict[str, object]:
-    row: dict[str, object] = {"dataset": "voc2007", "split": "test", "model": "resnet18", "method": "baseline",
-                              "teacher": "", "seed": seed, "epochs": 20, "img_size": 448, "difficult": "positive",
-                              "eval_difficult": "ignore"}
+    row: dict[str, object] = {"dataset": "voc2007", "split": "test", "selection_split": "holdout",
+                              "model": "resnet18", "method": "baseline", "teacher": "", "seed": seed, "epochs": 20,
+                              "img_size": 448, "difficult": "positive", "eval_difficult": "ignore"}
     row.update(keys)
     row.update({name: float(rng.uniform(10, 95)) for name in METRIC_NAMES})
     row.update(best_epoch=3, checkpoint=f"/runs/{seed}/{keys.get('method', 'baseline')}/best.safetensors")
@@ -150,9 +150,11 @@ def test_by_splits_groups_with_args_yaml_values(tmp_path) -> None:
 def test_mixed_settings_and_repeated_seeds_are_warned_about(tmp_path) -> None:
     rng = np.random.default_rng(3)
     dirs = [write_run(str(tmp_path), "a", results_row(0, rng)),
-            write_run(str(tmp_path), "b", results_row(0, rng, epochs=1))]
+            write_run(str(tmp_path), "b", results_row(0, rng, epochs=1)),
+            write_run(str(tmp_path), "c", results_row(1, rng, selection_split="test"))]  # --select-on-test
     warnings = report.group_warnings(report.summarise(report.load_results(dirs)))
     assert any("epochs 1/20" in warning for warning in warnings) and any("seeds 0" in warning for warning in warnings)
+    assert any("selection_split test/holdout" in warning for warning in warnings)
 
 
 def test_validate_rows_without_seed_group_by_subset(tmp_path) -> None:

@@ -25,16 +25,30 @@ from udtimm.metrics import METRIC_NAMES
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def run_recording_evaluations(args: list[str]) -> tuple[dict, list[str]]:
+    """train.main(args), and the dataset of every evaluation it ran (digits:val, digits:test), in order."""
+    evaluated = []
+
+    def recording_predict(model, batches, *args, **kwargs):
+        evaluated.append(batches.loader.dataset.name)
+        return real(model, batches, *args, **kwargs)
+
+    real = trainer.predict
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(trainer, "predict", recording_predict)
+        return train.main(args), evaluated
+
+
 @pytest.fixture(scope="module")
-def cal_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict]:
+def cal_run(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, dict, list[str]]:
     output = str(tmp_path_factory.mktemp("runs"))
-    row = train.main(tiny_train_args(tiny_digits, output, "--cal", "--experiment", "cal"))
-    return os.path.join(output, "cal"), row
+    row, evaluated = run_recording_evaluations(tiny_train_args(tiny_digits, output, "--cal", "--experiment", "cal"))
+    return os.path.join(output, "cal"), row, evaluated
 
 
 @pytest.mark.slow
-def test_run_directory_has_every_file_of_the_design(cal_run: tuple[str, dict]) -> None:
-    run_dir, _ = cal_run
+def test_run_directory_has_every_file_of_the_design(cal_run: tuple[str, dict, list[str]]) -> None:
+    run_dir = cal_run[0]
     for name in ("args.yaml", "summary.csv", "results.csv", "best.safetensors", "last.safetensors",
                  "reliability.png", "state/progress.json", "state/optimizer.pt", "state/weights.safetensors"):
         assert os.path.isfile(os.path.join(run_dir, name)), name
@@ -49,21 +63,22 @@ def design_names(start: str, end: str) -> set[str]:
     return set(re.findall(r"`([\w<>]+)`", text[first:text.index(end, first + len(start))]))
 
 
-def test_design_md_names_every_column_and_checkpoint_key_a_run_writes(cal_run: tuple[str, dict]) -> None:
-    run_dir, _ = cal_run
+def test_design_md_names_every_column_and_checkpoint_key_a_run_writes(cal_run: tuple[str, dict, list[str]]) -> None:
+    run_dir = cal_run[0]
     ema_columns = {f"{name}_ema" for name in EMA_COLUMNS}  # --model-ema only; this run has none
     summary = read_rows(os.path.join(run_dir, "summary.csv"))[0]
     loss_terms = {column for column in summary if column.startswith("train_") and column != "train_loss"}
     documented = design_names("- `summary.csv`:", "\n- `results.csv`:")
     assert documented - {"train_<term>"} - {"raw", "ema"} == set(summary) - loss_terms | ema_columns
     (results,) = read_rows(os.path.join(run_dir, "results.csv"))
-    documented = design_names("- `results.csv`:", "\n- ") | design_names("The metrics: ", "\n- `results.csv`")
-    assert documented - {"raw", "ema"} == set(results)
+    metrics = design_names("The metrics: ", "\n- `results.csv`")
+    documented = design_names("- `results.csv`:", "\n- ") | metrics | {f"last_{name}" for name in metrics}
+    assert documented - {"raw", "ema", "last_<metric>", "last_"} == set(results)
     documented = design_names("A checkpoint is a safetensors file", "udtimm_version`") | {"udtimm_version"}
     assert documented - {"raw", "ema"} == set(read_metadata(os.path.join(run_dir, "best.safetensors")))
 
 
-def test_summary_has_one_row_per_epoch_with_loss_terms_and_metrics(cal_run: tuple[str, dict]) -> None:
+def test_summary_has_one_row_per_epoch_with_loss_terms_and_metrics(cal_run: tuple[str, dict, list[str]]) -> None:
     rows = read_rows(os.path.join(cal_run[0], "summary.csv"))
     assert [row["epoch"] for row in rows] == ["0", "1"]
     for column in ("lr", "train_loss", "train_bce", "train_partial_softmax", "map", "map_difficult", "ece"):
@@ -71,26 +86,57 @@ def test_summary_has_one_row_per_epoch_with_loss_terms_and_metrics(cal_run: tupl
     assert all(0 <= float(row["map"]) <= 100 for row in rows)
 
 
-def test_results_row_names_the_run_and_matches_best_epoch(cal_run: tuple[str, dict]) -> None:
-    run_dir, returned = cal_run
+@pytest.mark.slow
+def test_results_row_names_the_splits_and_gives_the_test_metrics_of_best_and_last(
+        cal_run: tuple[str, dict, list[str]], tiny_digits: str) -> None:
+    """best.safetensors is the epoch of the best val mAP (summary.csv); results.csv reports it, and the last epoch,
+    on test, as validate.py measures those checkpoints."""
+    run_dir, returned, _ = cal_run
     (row,) = read_rows(os.path.join(run_dir, "results.csv"))
-    assert (row["dataset"], row["split"], row["model"], row["method"], row["difficult"]) == (
-        "digits", "test", "test_resnet", "cal", "positive")
-    assert set(METRIC_NAMES) <= set(row)
+    assert (row["dataset"], row["split"], row["selection_split"], row["model"], row["method"], row["difficult"]) == (
+        "digits", "test", "val", "test_resnet", "cal", "positive")
+    assert set(METRIC_NAMES) <= set(row) and {f"last_{name}" for name in METRIC_NAMES} <= set(row)
     summary = read_rows(os.path.join(run_dir, "summary.csv"))
     best = max(summary, key=lambda r: float(r["map"]))
-    assert float(row["map"]) == pytest.approx(float(best["map"]), abs=1e-9)
-    assert int(row["best_epoch"]) == int(best["epoch"]) and returned["map"] == pytest.approx(float(row["map"]))
+    assert float(row["selection_map"]) == pytest.approx(float(best["map"]), abs=1e-9)
+    assert int(row["best_epoch"]) == int(best["epoch"]) and int(row["last_epoch"]) == 1
+    for checkpoint, prefix in (("best", ""), ("last", "last_")):
+        alone = validate.main(["--checkpoint", os.path.join(run_dir, f"{checkpoint}.safetensors"),
+                               *validate_flags(tiny_digits)])
+        for name in ("map", "map_difficult", "ece"):
+            assert float(row[prefix + name]) == pytest.approx(alone[name], abs=1e-6), prefix + name
+    assert returned["map"] == pytest.approx(float(row["map"])) and float(row["map"]) != float(best["map"])
 
 
-def test_checkpoint_metadata_rebuilds_the_model(cal_run: tuple[str, dict]) -> None:
+@pytest.mark.slow
+def test_selection_reads_the_val_split_every_epoch_and_the_test_split_only_at_the_end(
+        cal_run: tuple[str, dict, list[str]]) -> None:
+    """Without --select-on-test no test image is predicted before the last epoch's val evaluation: the test split
+    is evaluated after it, with the last epoch's weights and best.safetensors (once if they are the same)."""
+    run_dir, row, evaluated = cal_run
+    expected_end = ["digits:test"] if row["best_epoch"] == 1 else ["digits:test"] * 2
+    assert evaluated == ["digits:val"] * 2 + expected_end
+
+
+@pytest.mark.slow
+def test_select_on_test_chooses_on_the_test_split_every_epoch_and_says_so(tiny_digits: str, tmp_path) -> None:
+    row, evaluated = run_recording_evaluations(tiny_train_args(tiny_digits, str(tmp_path), "--select-on-test",
+                                                               "--experiment", "paper"))
+    assert set(evaluated) == {"digits:test"} and len(evaluated) in (3, 4)
+    (written,) = read_rows(str(tmp_path / "paper" / "results.csv"))
+    assert (written["split"], written["selection_split"]) == ("test", "test")
+    summary = read_rows(str(tmp_path / "paper" / "summary.csv"))
+    assert float(written["map"]) == pytest.approx(max(float(r["map"]) for r in summary), abs=1e-6) == row["map"]
+
+
+def test_checkpoint_metadata_rebuilds_the_model(cal_run: tuple[str, dict, list[str]]) -> None:
     metadata = read_metadata(os.path.join(cal_run[0], "best.safetensors"))
     assert metadata["model"] == "test_resnet" and metadata["cal"] == "true" and metadata["img_size"] == "32"
     assert json.loads(metadata["class_names"])[:3] == ["zero", "one", "two"]
     assert metadata["dataset"] == "digits" and len(json.loads(metadata["mean"])) == 3
 
 
-def test_args_yaml_is_a_config_that_reruns_the_same_experiment(cal_run: tuple[str, dict]) -> None:
+def test_args_yaml_is_a_config_that_reruns_the_same_experiment(cal_run: tuple[str, dict, list[str]]) -> None:
     path = os.path.join(cal_run[0], "args.yaml")
     saved = yaml.safe_load(open(path))
     assert saved["cal"] is True and saved["model"] == "test_resnet" and saved["img_size"] == 32
@@ -135,8 +181,8 @@ def test_resume_with_more_epochs_and_new_rates_trains_at_the_long_schedules_rate
 
 
 @pytest.mark.slow
-def test_existing_run_directory_is_not_overwritten(cal_run: tuple[str, dict]) -> None:
-    run_dir, _ = cal_run
+def test_existing_run_directory_is_not_overwritten(cal_run: tuple[str, dict, list[str]]) -> None:
+    run_dir = cal_run[0]
     with pytest.raises(ConfigError, match="--resume"):
         train.main(["--output", os.path.dirname(run_dir), "--experiment", "cal", "--model", "test_resnet"])
 
@@ -202,14 +248,14 @@ def test_two_cpu_processes_write_one_consistent_run(tiny_digits: str, tmp_path) 
     # with them: both processes evaluated the main process's weights (and BatchNorm statistics), the ones saved.
     for weights, suffix in (("weights", ""), ("ema", "_ema")):
         alone = validate.main(["--checkpoint", str(run_dir / "state" / f"{weights}.safetensors"),
-                               *validate_flags(tiny_digits)])
+                               *validate_flags(tiny_digits, "val")])
         for name in ("map", "map_difficult", "ece"):
             assert float(summary[-1][name + suffix]) == pytest.approx(alone[name], abs=1e-6), name + suffix
 
 
-def validate_flags(data_dir: str) -> list[str]:
+def validate_flags(data_dir: str, split: str = "test") -> list[str]:
     return ["--data-dir", data_dir, "--digits-trainval", str(TINY_DIGITS["num_trainval"]), "--digits-test",
-            str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress"]
+            str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress", "--split", split]
 
 
 @pytest.fixture(scope="module")
@@ -233,11 +279,11 @@ def test_model_ema_evaluates_both_weights_and_keeps_the_better_as_best(ema_run: 
     assert float(metadata["metric_value"]) == pytest.approx(value, abs=1e-9)
     (row,) = read_rows(os.path.join(run_dir, "results.csv"))
     assert row["method"] == "baseline+ema" and row["best_weights"] == weights == returned["best_weights"]
-    assert float(row["map"]) == pytest.approx(value, abs=1e-6)  # results.csv evaluates best.safetensors again
+    assert float(row["selection_map"]) == pytest.approx(value, abs=1e-9)  # summary.csv's val mAP of the chosen
     # state/ holds the EMA weights of the last epoch, whose metrics are the last row's *_ema columns.
     ema = os.path.join(run_dir, "state", "ema.safetensors")
     assert read_metadata(ema)["weights"] == "ema"
-    ema_alone = validate.main(["--checkpoint", ema, *validate_flags(tiny_digits)])
+    ema_alone = validate.main(["--checkpoint", ema, *validate_flags(tiny_digits, "val")])
     for name in ("map", "map_difficult", "ece"):
         assert float(summary[-1][f"{name}_ema"]) == pytest.approx(ema_alone[name], abs=1e-6), name
     assert float(summary[-1]["map_ema"]) != float(summary[-1]["map"])  # other weights than the raw ones

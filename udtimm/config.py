@@ -12,7 +12,7 @@ from typing import TypeVar
 import yaml
 from timm.data.auto_augment import rand_augment_transform
 
-from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, DataSource
+from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, HOLDOUT, DataSource
 from udtimm.io import atomic_write_text
 from udtimm.losses import DIFFICULT_POLICIES
 from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
@@ -32,7 +32,9 @@ RESUME_FIXED = ("model", "model_kwargs", "dataset", "cal", "loss", "global_pool"
                 # the state holds the EMA weights (or none), and the optimizer's state and parameter groups
                 "model_ema", "model_ema_decay", "opt", "momentum", "weight_decay",
                 # the schedule's position is a count of optimizer steps; its length and rates may change, its kind not
-                "grad_accum_steps", "sched")
+                "grad_accum_steps", "sched",
+                # the images trained on, and those that choose best.safetensors (its saved best mAP is theirs)
+                "train_split", "val_split", "test_split", "select_on_test", "holdout_fraction", "holdout_seed")
 # Fixed only while the other setting is on: self-distillation takes its teacher, and restarts its cosine cycle,
 # at half the epochs.
 RESUME_FIXED_WITH = {"epochs": "self_distill"}
@@ -72,13 +74,28 @@ def config_parser() -> argparse.ArgumentParser:
 def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, dataset_help: str,
                      training: bool = False) -> None:
     """The flags that say which images (read by data_source): --dataset, --data-dir, the split(s) and the digits
-    set. `training`: --train-split and --val-split; else the one --split to evaluate."""
+    set. `training`: --train-split, the splits that choose and report (docs/design.md#selection) and --holdout-*;
+    else the one --split to evaluate."""
     group.add_argument("--dataset", default=default, choices=tuple(DATASETS), help=dataset_help)
     group.add_argument("--data-dir", default=None,
                        help="dataset root (digits: generated there on first use; without it, in the cache folder)")
     if training:
         group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
-        group.add_argument("--val-split", default="test", help="eval split (test = VOC test, COCO val2014)")
+        group.add_argument("--val-split", default=None,
+                           help=f"split evaluated every epoch, whose mAP chooses best.safetensors (default: digits "
+                                f"val; voc2007, coco2014: {HOLDOUT}, the --holdout-fraction of --train-split left out "
+                                f"of training; csv: val.csv when there is a test.csv, else {HOLDOUT})")
+        group.add_argument("--test-split", default="test",
+                           help="split that reports: best.safetensors and the last epoch are evaluated on it once, at "
+                                "the end, for results.csv (test = VOC test, COCO val2014)")
+        group.add_argument("--select-on-test", action="store_true",
+                           help="choose best.safetensors on --test-split, as the paper does (its tables report the "
+                                "best test epoch); results.csv's selection_split says so")
+        group.add_argument("--holdout-fraction", type=float, default=0.1,
+                           help=f"--val-split {HOLDOUT}: the part of --train-split held out of training")
+        group.add_argument("--holdout-seed", type=int, default=0,
+                           help=f"--val-split {HOLDOUT}: the seed that draws the held-out images (not --seed: every "
+                                "run of a comparison holds the same images out)")
     else:
         group.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
     group.add_argument("--digits-trainval", type=int, default=DIGITS_TRAINVAL, help="digits: number of trainval images")
@@ -226,6 +243,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if args.pretrained_path:
         args.pretrained = True
     fill_dataset_defaults(args)
+    if hasattr(args, "test_split"):
+        resolve_selection(args)
     check_augmentation(args)
     if args.resume:
         fixed = {key: "" for key in RESUME_FIXED}
@@ -244,6 +263,20 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
 def flag_name(key: str) -> str:
     """The command-line flag of an argument's dest: img_size -> --img-size."""
     return "--" + key.replace("_", "-")
+
+
+def resolve_selection(args: argparse.Namespace) -> None:
+    """--val-split: the dataset's selection split unless given; the test split only with --select-on-test."""
+    if args.select_on_test:
+        if args.val_split not in (None, args.test_split):
+            raise ConfigError(f"--select-on-test chooses on --test-split {args.test_split}: drop --val-split "
+                              f"{args.val_split}")
+        args.val_split = args.test_split
+    elif args.val_split is None:
+        args.val_split = DATASETS[args.dataset].selection_split(args.data_dir)
+    elif args.val_split == args.test_split:
+        raise ConfigError(f"--val-split {args.val_split} is the split that reports (--test-split): choose on another "
+                          "split, or add --select-on-test for the paper's protocol")
 
 
 def check_augmentation(args: argparse.Namespace) -> None:

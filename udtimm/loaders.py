@@ -9,7 +9,8 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from udtimm.config import ConfigError
-from udtimm.data.base import MultiLabelDataset
+from udtimm.data import HOLDOUT
+from udtimm.data.base import MultiLabelDataset, hold_out
 from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
 from udtimm.data.loader import make_loader
@@ -17,14 +18,43 @@ from udtimm.data.transforms import NormalizeBatch, TrainPixels, eval_pixels
 from udtimm.settings import DataSettings
 
 
-def load_datasets(data: DataSettings, accelerator: Accelerator) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+def load_datasets(data: DataSettings, accelerator: Accelerator,
+                  ) -> tuple[MultiLabelDataset, MultiLabelDataset, MultiLabelDataset]:
+    """(train, selection, test): the images trained on, those that choose best.safetensors every epoch, and those
+    that report at the end (the selection set itself with --select-on-test). --val-split holdout takes the selection
+    images out of the train split; a named selection split may share no image with the other two."""
     # The main process generates the digits set (if needed) before the others read it.
     with accelerator.main_process_first():
         train_set = data.source.load(data.train_split)
-        eval_set = data.source.load(data.val_split)
-    if train_set.classes != eval_set.classes:
-        raise ConfigError(f"splits {data.train_split} and {data.val_split} have different class lists")
-    return train_set, eval_set
+        test_set = data.source.load(data.test_split)
+        if data.val_split == HOLDOUT:
+            train_set, eval_set = hold_out(train_set, data.holdout_fraction, data.holdout_seed)
+        else:
+            eval_set = test_set if data.select_on_test else data.source.load(data.val_split)
+    for split, dataset in ((data.val_split, eval_set), (data.test_split, test_set)):
+        if dataset.classes != train_set.classes:
+            raise ConfigError(f"splits {data.train_split} and {split} have different class lists")
+    if data.val_split != HOLDOUT and not data.select_on_test:
+        for flag, split, dataset in (("--train-split", data.train_split, train_set),
+                                     ("--test-split", data.test_split, test_set)):
+            check_disjoint(eval_set, dataset, f"--val-split {data.val_split} and {flag} {split}")
+    return train_set, eval_set, test_set
+
+
+def describe_splits(data: DataSettings, train_set: MultiLabelDataset, eval_set: MultiLabelDataset,
+                    test_set: MultiLabelDataset) -> str:
+    """The images of each split, for the run's first line: "96 train / 20 val (chooses) / 40 test (reports)"."""
+    return (f"{len(train_set)} train / {len(eval_set)} {data.val_split} (chooses) / {len(test_set)} "
+            f"{data.test_split} (reports) images")
+
+
+def check_disjoint(first: MultiLabelDataset, second: MultiLabelDataset, what: str) -> None:
+    """ConfigError naming `what` and an image if the two sets share an image file."""
+    shared = {sample.path for sample in first.samples} & {sample.path for sample in second.samples}
+    if shared:
+        raise ConfigError(f"{what} share {len(shared)} image(s), e.g. {min(shared)}: the split that chooses "
+                          f"best.safetensors must be held out of training and of the split that reports "
+                          f"(--val-split {HOLDOUT} holds a part of --train-split out)")
 
 
 def normalisation(backbone: nn.Module) -> tuple[list[float], list[float]]:
@@ -57,10 +87,16 @@ def build_loaders(
         train_set.transform = TrainPixels(data.img_size, reprob=data.reprob, hflip=data.hflip,
                                           crop_scales=data.crop_scales, mean=mean, aa=data.aa, cutout=data.cutout)
         train_transform = NormalizeBatch(mean, std, device)
-    eval_transform = eval_pipeline(eval_set, data.img_size, mean, std, device, data.gpu_decode, data.skip_corrupt)
     train_loader = make_loader(train_set, data.batch_size, True, data.workers, data.skip_corrupt)
-    eval_loader = make_loader(eval_set, data.batch_size, False, data.workers, data.skip_corrupt)
+    eval_loader, eval_transform = build_eval_loader(data, eval_set, mean, std, device)
     return train_loader, eval_loader, train_transform, eval_transform
+
+
+def build_eval_loader(data: DataSettings, dataset: MultiLabelDataset, mean: list[float], std: list[float],
+                      device: torch.device) -> tuple[DataLoader, BatchTransform]:
+    """An evaluation loader of `dataset` (the selection or the test split) and what finishes its batches."""
+    transform = eval_pipeline(dataset, data.img_size, mean, std, device, data.gpu_decode, data.skip_corrupt)
+    return make_loader(dataset, data.batch_size, False, data.workers, data.skip_corrupt), transform
 
 
 def eval_pipeline(dataset: Dataset, img_size: int, mean: list[float], std: list[float], device: torch.device,

@@ -35,8 +35,9 @@ from udtimm.io import atomic_write  # noqa: E402
 from udtimm.metrics import METRIC_COLUMNS  # noqa: E402
 
 GROUP_KEYS: tuple[str, ...] = ("dataset", "split", "model", "method", "teacher")
-# Settings that should agree inside a group; a mix (a 1-epoch trial among 20-epoch runs, say) is warned about.
-CONSISTENT_KEYS: tuple[str, ...] = ("epochs", "img_size", "difficult", "eval_difficult")
+# Settings that should agree inside a group; a mix (a 1-epoch trial among 20-epoch runs, say, or runs chosen on
+# the test split among runs chosen on a held-out one) is warned about.
+CONSISTENT_KEYS: tuple[str, ...] = ("epochs", "img_size", "difficult", "eval_difficult", "selection_split")
 # The paper's columns (Tables 2-3) plus the calibration error: (results.csv name, heading).
 PAPER_COLUMNS: tuple[tuple[str, str], ...] = tuple((column.name, column.heading) for column in METRIC_COLUMNS
                                                    if column.report)

@@ -51,9 +51,11 @@ def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerato
 
 
 def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict[str, object]:
-    """The columns of results.csv that say which experiment a row is (the report groups by them)."""
+    """The columns of results.csv that say which experiment a row is (the report groups by them): `split` reports,
+    `selection_split` chose best.safetensors (the test split itself with --select-on-test)."""
     data = settings.data
-    return {"dataset": data.source.name, "split": data.val_split, "model": settings.model.model, "method": method,
+    return {"dataset": data.source.name, "split": data.test_split, "selection_split": data.val_split,
+            "model": settings.model.model, "method": method,
             "teacher": teacher, "seed": settings.runtime.seed, "epochs": settings.optim.epochs,
             "img_size": data.img_size, "difficult": data.difficult,
             "eval_difficult": "negative" if data.eval_difficult_negative else "ignore"}
@@ -69,10 +71,12 @@ def fit_and_report(settings: TrainingSettings, setup: RunSetup, accelerator: Acc
 
 
 def print_results(accelerator: Accelerator, row: dict[str, object]) -> None:
-    accelerator.print("final metrics of best.safetensors (percent):")
+    accelerator.print(f"final metrics on {row.get('split')} (percent) of best.safetensors, chosen on "
+                      f"{row.get('selection_split')}, and of the last epoch:")
     for name in (column.name for column in METRIC_COLUMNS if column.percent):
-        value = row.get(name)
-        if isinstance(value, float):
-            accelerator.print(f"  {name:<14} {value:8.2f}")
-    accelerator.print(f"  best epoch     {row.get('best_epoch')} ({row.get('best_weights')} weights)\n"
+        value, last = row.get(name), row.get(f"last_{name}")
+        if isinstance(value, float) and isinstance(last, float):
+            accelerator.print(f"  {name:<14} {value:8.2f} {last:8.2f}")
+    accelerator.print(f"  epoch          {row.get('best_epoch'):>8} {row.get('last_epoch'):>8}  "
+                      f"(best: {row.get('best_weights')} weights)\n"
                       f"  checkpoint     {row.get('checkpoint')}")

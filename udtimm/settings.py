@@ -13,7 +13,7 @@ class DataSettings:
 
     source: DataSource
     train_split: str
-    val_split: str
+    val_split: str  # chooses best.safetensors (config.resolve_selection; the test split with --select-on-test)
     img_size: int
     batch_size: int
     workers: int
@@ -27,6 +27,10 @@ class DataSettings:
     skip_corrupt: bool
     gpu_decode: bool
     prefetch: int | None
+    test_split: str  # reports: evaluated once, at the end
+    select_on_test: bool
+    holdout_fraction: float  # --val-split holdout: the part of the train split left out of training
+    holdout_seed: int
 
 
 @dataclass(frozen=True)

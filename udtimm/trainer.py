@@ -39,13 +39,15 @@ class RunSetup:
     optimizer: torch.optim.Optimizer  # prepared by accelerate
     scheduler: object  # timm scheduler (step_update per optimizer step)
     train_loader: object  # prepared by accelerate
-    eval_loader: object
+    eval_loader: object  # the selection split's: evaluated every epoch, chooses best.safetensors
+    test_loader: object  # the test split's: evaluated once, at the end, for results.csv
     objective: Objective  # its term_names are the train_* columns of summary.csv
     metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
     result_fields: dict[str, object]  # the columns of results.csv that name the experiment (runs.result_fields)
     # What finishes the loaders' batches on the device (loaders.build_loaders); None: they are model input already.
     train_transform: BatchTransform | None = None
     eval_transform: BatchTransform | None = None
+    test_transform: BatchTransform | None = None
     prefetch: int | None = None  # --prefetch: batches prepared ahead (None: DeviceFeeder's default for the device)
     ema: ModelEmaV3 | None = None  # --model-ema
 
@@ -54,6 +56,9 @@ class RunSetup:
 
     def eval_batches(self, device: torch.device) -> DeviceFeeder:
         return DeviceFeeder(self.eval_loader, self.eval_transform, device, self.prefetch)
+
+    def test_batches(self, device: torch.device) -> DeviceFeeder:
+        return DeviceFeeder(self.test_loader, self.test_transform, device, self.prefetch)
 
 
 def evaluate_metrics(predictions: Predictions, difficult_as_negative: bool) -> dict[str, float]:
@@ -132,7 +137,8 @@ def seed_epoch(seed: int, train_loader: DataLoader) -> None:
 
 
 def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
-    """Run the remaining epochs; returns the results.csv row (metrics of best.safetensors)."""
+    """Run the remaining epochs, choosing best.safetensors on the selection split; returns the results.csv row
+    (test metrics of best.safetensors and of the last epoch)."""
     start_epoch, num_updates, best = restore(setup, accelerator)
     model, run_dir, objective = setup.model, setup.run_dir, setup.objective
     epochs, runtime = settings.optim.epochs, settings.runtime
@@ -206,14 +212,22 @@ def evaluate_ema(setup: RunSetup, accelerator: Accelerator, difficult_as_negativ
 
 def final_results(setup: RunSetup, accelerator: Accelerator, difficult_as_negative: bool,
                   show_progress: bool) -> dict[str, object]:
-    """Evaluate best.safetensors again, write results.csv and reliability.png, return the row."""
+    """Evaluate the last epoch's weights and best.safetensors on the test split, write results.csv and
+    reliability.png (of best.safetensors), return the row."""
+    last_epoch = int(checkpoint.read_metadata(os.path.join(setup.run_dir, "last.safetensors"))["epoch"])
+    last = predict(setup.model, setup.test_batches(accelerator.device), accelerator, show_progress)
     best_path = os.path.join(setup.run_dir, "best.safetensors")
     tensors, metadata = checkpoint.load_checkpoint(best_path)
-    checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
-    predictions = predict(setup.model, setup.eval_batches(accelerator.device), accelerator, show_progress)
-    scores = evaluate_metrics(predictions, difficult_as_negative)
-    row = {**setup.result_fields, **scores, "best_epoch": int(metadata["epoch"]),
-           "best_weights": metadata.get("weights", RAW), "checkpoint": best_path}
+    best_is_last = metadata.get("weights", RAW) == RAW and int(metadata["epoch"]) == last_epoch
+    if not best_is_last:  # the same weights need not be evaluated twice
+        checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
+    predictions = last if best_is_last else predict(setup.model, setup.test_batches(accelerator.device),
+                                                    accelerator, show_progress)
+    row = {**setup.result_fields, **evaluate_metrics(predictions, difficult_as_negative),
+           "best_epoch": int(metadata["epoch"]), "best_weights": metadata.get("weights", RAW),
+           f"selection_{BEST_METRIC}": float(metadata["metric_value"]), "checkpoint": best_path,
+           "last_epoch": last_epoch,
+           **{f"last_{name}": value for name, value in evaluate_metrics(last, difficult_as_negative).items()}}
     if accelerator.is_main_process:
         reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
                             os.path.join(setup.run_dir, "reliability.png"), title=metadata["model"])

@@ -9,21 +9,23 @@ from typing import Any
 
 from torch import Tensor
 
-from .base import CorruptImageError, DatasetError, MultiLabelDataset, Sample, check_unique_ids, read_image
+from .base import CorruptImageError, DatasetError, MultiLabelDataset, Sample, check_unique_ids, hold_out, read_image
 from .coco import load_coco
 from .csv import load_csv
 from .voc import VOC_CLASSES, load_voc
 
 __all__ = [
-    "DATASETS", "VOC_CLASSES", "CorruptImageError", "DataSource", "DatasetError", "DatasetSpec", "MultiLabelDataset",
-    "Sample", "build_dataset", "check_unique_ids", "default_data_dir", "load_coco", "load_csv", "load_voc",
-    "read_image",
+    "DATASETS", "HOLDOUT", "VOC_CLASSES", "CorruptImageError", "DataSource", "DatasetError", "DatasetSpec",
+    "MultiLabelDataset", "Sample", "build_dataset", "check_unique_ids", "default_data_dir", "hold_out", "load_coco",
+    "load_csv", "load_voc", "read_image",
 ]  # fmt: skip
 
 SplitLoader = Callable[..., tuple[list[Sample], list[str]]]
 # The default digits set, named once: ensure_digits, its cache folder and the --digits-* flags default to it. Any
 # other seed makes a pretraining set whose glyphs are all trainval glyphs of this one.
 DIGITS_TRAINVAL, DIGITS_TEST, DIGITS_SEED = 3000, 1000, 0
+# The selection split that is a seeded part of the train split, left out of training (loaders.load_datasets).
+HOLDOUT = "holdout"
 
 
 @dataclass(frozen=True)
@@ -34,9 +36,14 @@ class DatasetSpec:
     load: SplitLoader
     splits: dict[str, str]
     default_root: Callable[..., str] | None = None  # where it lives without --data-dir, given the options
+    selection: str = HOLDOUT  # the split that chooses best.safetensors unless --val-split names one
 
     def own_split(self, root: str, split: str) -> str:
         return self.splits.get(split, split)
+
+    def selection_split(self, root: str | None) -> str:
+        """The default --val-split: a split that training does not see and the test split does not hold."""
+        return self.selection
 
 
 @dataclass(frozen=True)
@@ -46,6 +53,11 @@ class CsvSpec(DatasetSpec):
         if split == "test" and not os.path.isfile(os.path.join(root, "test.csv")):
             return "val"
         return super().own_split(root, split)
+
+    def selection_split(self, root: str | None) -> str:
+        # val.csv chooses only beside a test.csv: without one it is the test split that reports.
+        has = [root is not None and os.path.isfile(os.path.join(root, f"{name}.csv")) for name in ("val", "test")]
+        return "val" if all(has) else HOLDOUT
 
 
 def digits_cache_dir(num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST, seed: int = DIGITS_SEED,
@@ -66,7 +78,8 @@ def load_digits(root: str, split: str, **options: Any) -> tuple[list[Sample], li
 
 # Adding a dataset: its loader in a module of this package, and one line here.
 DATASETS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec(load_digits, {"train": "trainval", "test": "test"}, default_root=digits_cache_dir),
+    "digits": DatasetSpec(load_digits, {"train": "trainval", "test": "test"}, default_root=digits_cache_dir,
+                          selection="val"),
     "voc2007": DatasetSpec(load_voc, {"train": "trainval", "test": "test"}),
     "coco2014": DatasetSpec(load_coco, {"train": "train2014", "test": "val2014", "val": "val2014"}),
     "csv": CsvSpec(load_csv, {"train": "train"}),

@@ -184,6 +184,23 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         return f"MultiLabelDataset({self.name!r}, {len(self)} images, {len(self.classes)} classes)"
 
 
+def hold_out(dataset: MultiLabelDataset, fraction: float, seed: int) -> tuple[MultiLabelDataset, MultiLabelDataset]:
+    """(kept, held out): round(fraction * N) images of `dataset` (at least one), drawn by `seed` from its sorted
+    image ids, so the same images are held out whatever the order the split lists them in. No image is in both."""
+    if not 0 < fraction < 1:
+        raise DatasetError(f"--holdout-fraction is the part of the train split held out, in (0, 1): got {fraction}")
+    count = max(1, round(fraction * len(dataset)))
+    if count >= len(dataset):
+        raise DatasetError(f"{dataset.name}: {len(dataset)} image(s) are too few to hold {fraction} of them out and "
+                           "train on the rest")
+    ids = sorted(s.image_id for s in dataset.samples)
+    held = {ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:count]}
+    kept = [s for s in dataset.samples if s.image_id not in held]
+    out = [s for s in dataset.samples if s.image_id in held]
+    return (MultiLabelDataset(kept, dataset.classes, dataset.transform, f"{dataset.name} without holdout"),
+            MultiLabelDataset(out, dataset.classes, dataset.transform, f"{dataset.name} holdout"))
+
+
 def _stack(rows: list[np.ndarray], num_classes: int, dtype: type) -> Tensor:
     # np.stack fails on an empty list; an empty dataset still has a well-defined [0, C] shape.
     return torch.from_numpy(np.stack(rows) if rows else np.zeros((0, num_classes), dtype=dtype))
