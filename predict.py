@@ -7,8 +7,9 @@
 
 INPUT is an image file, a folder (its files of every image format PIL reads, recursively: .jpg, .png, .webp, .bmp,
 .tif, ...; the others are left out with a warning naming them) or a glob pattern (quoted, ** recurses).
-A class is predicted when its probability reaches its threshold: --threshold for all classes when given, else the
-per-class thresholds stored beside the checkpoint by `validate.py --tune-thresholds`, else 0.5.
+The probabilities are calibrated by the temperatures stored beside the checkpoint by `validate.py --calibrate`
+when there are some. A class is predicted when its probability reaches its threshold: --threshold for all classes
+when given, else the per-class thresholds stored beside the checkpoint by `validate.py --tune-thresholds`, else 0.5.
 """
 
 from __future__ import annotations
@@ -87,8 +88,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     print(format_table((IMAGE_COLUMN, LABELS_COLUMN), table[[IMAGE_COLUMN, LABELS_COLUMN]].head(PREVIEW_ROWS)
                        .itertuples(index=False)))
     more = f" ({len(table) - PREVIEW_ROWS} more rows there)" if len(table) > PREVIEW_ROWS else ""
-    print(f"{len(table)} image(s) labelled with {rule}{' and --topk ' + str(args.topk) if args.topk else ''}: "
-          f"{args.out}{more}")
+    calibrated = "" if predictor.temperatures is None else \
+        ", probabilities calibrated by the stored temperatures (validate.py --calibrate)"
+    print(f"{len(table)} image(s) labelled with {rule}{' and --topk ' + str(args.topk) if args.topk else ''}"
+          f"{calibrated}: {args.out}{more}")
     return table
 
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env python3
-"""Evaluate a checkpoint on a dataset split; choose per-class thresholds on a held-out split.
+"""Evaluate a checkpoint on a dataset split; fit temperatures and choose per-class thresholds on a held-out split.
 
     python validate.py --checkpoint output/<run>/best.safetensors     # its dataset's test split
     python validate.py --checkpoint best.safetensors --subset difficult --results-file results.csv
     python validate.py --checkpoint best.safetensors --per-class      # AP, P, R, F1, ECE of every class
     python validate.py --checkpoint best.safetensors --tune-thresholds f1 --tune-split val
+    python validate.py --checkpoint best.safetensors --calibrate per-class --tune-split val
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 validate.py --checkpoint best.safetensors
 
 The model, its classes, input size and normalisation come from the checkpoint's metadata (udtimm.Predictor loads
@@ -18,9 +19,9 @@ import os
 from collections.abc import Sequence
 
 from accelerate import Accelerator
-from torch import Tensor, nn
+from torch import nn
 
-from udtimm import checkpoint, cli, config, devices, loaders, metrics, thresholds
+from udtimm import calibration, checkpoint, cli, config, devices, loaders, metrics, thresholds
 from udtimm.config import ConfigError, HelpFormatter
 from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
@@ -57,15 +58,20 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                             help="print every class's AP, precision, recall, F1, ECE, positives and difficult labels, "
                                  "and write them to CSV (default: <checkpoint stem>-per-class-<split>.csv beside "
                                  "the checkpoint)")
-    tuning = parser.add_argument_group("per-class thresholds")
+    tuning = parser.add_argument_group("post-hoc calibration and per-class thresholds")
+    tuning.add_argument("--calibrate", default=None, choices=calibration.METHODS,
+                        help="fit one temperature for all classes, or one per class, on --tune-split (the BCE of "
+                             "sigmoid(logit / T) minimised), store them in <checkpoint stem>.thresholds.json and "
+                             "print ECE, pooled ECE and Brier of --split before and after; with --tune-thresholds "
+                             "the thresholds are chosen on the calibrated scores")
     tuning.add_argument("--tune-thresholds", default=None, metavar="OBJECTIVE",
                         help=f"choose one threshold per class on --tune-split ({thresholds.OBJECTIVES}), store them "
                              "in <checkpoint stem>.thresholds.json beside the checkpoint (read by predict.py, "
                              "Predictor and udtimm.export) and compare the metrics of --split with them and with "
                              "--threshold")
     tuning.add_argument("--tune-split", default="val",
-                        help="held-out split to choose the thresholds on, never the test split nor --split "
-                             "(digits writes its val split on first use)")
+                        help="held-out split to fit the temperatures and choose the thresholds on, never the test "
+                             "split nor --split (digits writes its val split on first use)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast dtype")
     runtime.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster on tensor cores)")
@@ -100,14 +106,19 @@ def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator
 
 
 def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: Predictions,
-             predictor: Predictor, accelerator: Accelerator) -> dict[str, float]:
-    """Metrics of the split (or its difficult subset), printed and written by the main process; with per-class
-    thresholds, CP..OF1 with them too (the `_tuned` entries)."""
+             predictor: Predictor, accelerator: Accelerator, calibrated_by: str = "") -> dict[str, float]:
+    """Metrics of the split (or its difficult subset), printed and written by the main process, on the calibrated
+    scores when the predictor has temperatures (`calibrated_by` names them; ECE, pooled ECE and Brier before are
+    the `_uncalibrated` entries); with per-class thresholds, CP..OF1 with them too (the `_tuned` entries)."""
     metadata = predictor.metadata
     if args.subset == "difficult":
         predictions = select(predictions, metrics.difficult_subset(predictions.difficult))
         if len(predictions.indices) == 0:
             raise ConfigError(f"--subset difficult: no image of {dataset.name} has a difficult label")
+    raw, uncalibrated = predictions, {}
+    if predictor.temperatures is not None:
+        predictions = calibration.calibrate_predictions(raw, predictor.temperatures)
+        before_after, uncalibrated = calibration.compare(raw, predictions)
     values = metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult, args.threshold,
                                      args.topk, difficult_as_negative=args.eval_difficult_negative)
     tuned = {}
@@ -115,12 +126,14 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
         comparison, tuned = thresholds.compare(predictions, args.threshold, predictor.thresholds,
                                                args.eval_difficult_negative)
     if not accelerator.is_main_process:
-        return {**values, **tuned}
+        return {**values, **tuned, **uncalibrated}
     print(f"{args.checkpoint} ({metadata['model']}) on {dataset.name}, subset {args.subset}: "
           f"{len(predictions.indices)} images, {accelerator.num_processes} process(es)")
     if args.subset == "difficult" or args.per_class is not None:
         write_per_class(args, predictions, dataset, predictor)
     print(metrics_table(values))
+    if uncalibrated:
+        print(f"calibration ({calibrated_by}), on {dataset.name}; the metrics above are calibrated:\n{before_after}")
     if tuned:
         print(f"per-class thresholds ({thresholds.thresholds_path(args.checkpoint)}) against --threshold "
               f"{args.threshold:g}, on {dataset.name}:\n{comparison}")
@@ -130,16 +143,16 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
             "model": metadata["model"],
             "method": metadata.get("method", ""), "teacher": metadata.get("teacher", ""),
             "checkpoint": args.checkpoint, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore",
-            **values,
+            **values, **({"calibration": calibrated_by, **uncalibrated} if uncalibrated else {}),
         })
     if args.save_preds:
         image_ids = [dataset.samples[index].image_id for index in predictions.indices.tolist()]
         write_scores_csv(args.save_preds, image_ids, dataset.classes, predictions.scores, predictions.target)
     if args.plots:
         os.makedirs(args.plots, exist_ok=True)
-        reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
-                            os.path.join(args.plots, "reliability.png"), title=metadata["model"])
-    return {**values, **tuned}
+        reliability_diagram(raw.scores, raw.target, raw.difficult, os.path.join(args.plots, "reliability.png"),
+                            title=metadata["model"], calibrated=predictions.scores if uncalibrated else None)
+    return {**values, **tuned, **uncalibrated}
 
 
 def write_per_class(args: argparse.Namespace, predictions: Predictions, dataset: MultiLabelDataset,
@@ -155,18 +168,40 @@ def write_per_class(args: argparse.Namespace, predictions: Predictions, dataset:
         print(f"per-class table: {path}")
 
 
-def choose_thresholds(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Predictions,
-                      accelerator: Accelerator) -> Tensor:
-    """--tune-thresholds: one threshold per class chosen on the held-out split, stored beside the checkpoint."""
-    result = thresholds.tune_thresholds(predictions.scores, predictions.target, predictions.difficult,
-                                        args.objective, default=args.threshold)
-    if accelerator.is_main_process:
-        record = thresholds.thresholds_record(args.checkpoint, tune_set.classes, result, args.objective,
-                                              tune_set.name, len(predictions.indices))
-        path = thresholds.save_thresholds(args.checkpoint, record)
-        print(f"thresholds for {args.objective} on {tune_set.name} ({len(predictions.indices)} images): {path}")
-        print(thresholds.summary_table(predictions, tune_set.classes, result, args.objective))
-    return result.values
+def tune(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Predictions, stored: dict | None,
+         accelerator: Accelerator) -> dict:
+    """--calibrate, then --tune-thresholds on the calibrated scores, on the held-out split; returns the record
+    stored beside the checkpoint: what this run tuned, and the stored temperatures when it did not calibrate."""
+    thresholds_entries = stored and thresholds.stored_thresholds_entries(stored)
+    calibration_entry = stored and stored.get("calibration")
+    names, count, main_process = tune_set.classes, len(predictions.indices), accelerator.is_main_process
+    if args.calibrate:
+        fitted = calibration.fit_temperatures(predictions.logits, predictions.target, predictions.difficult,
+                                              args.calibrate, tune_set.name)
+        calibration_entry = calibration.calibration_entry(names, fitted, args.calibrate, tune_set.name, count)
+        if main_process:
+            print(f"{args.calibrate} temperatures fitted on {tune_set.name} ({count} images):\n"
+                  f"{calibration.summary_table(predictions, names, fitted, args.calibrate)}")
+            if thresholds_entries and not args.objective:
+                print("the per-class thresholds stored before were chosen on other scores and are dropped: give "
+                      "--tune-thresholds with --calibrate to choose them on the calibrated scores")
+        thresholds_entries = None
+    if calibration_entry:
+        predictions = calibration.calibrate_predictions(
+            predictions, calibration.temperatures_tensor(calibration_entry, names, thresholds.thresholds_path(
+                args.checkpoint)))
+    if args.objective:
+        result = thresholds.tune_thresholds(predictions.scores, predictions.target, predictions.difficult,
+                                            args.objective, default=args.threshold)
+        thresholds_entries = thresholds.thresholds_entries(names, result, args.objective, tune_set.name, count)
+        if main_process:
+            scores = "calibrated scores" if calibration_entry else "scores"
+            print(f"thresholds for {args.objective} on {tune_set.name} ({count} images, {scores}):\n"
+                  f"{thresholds.summary_table(predictions, names, result, args.objective)}")
+    record = thresholds.tuning_record(args.checkpoint, thresholds_entries, calibration_entry)
+    if main_process:
+        print(f"stored: {thresholds.save_thresholds(args.checkpoint, record)}")
+    return record
 
 
 def run_predictions(args: argparse.Namespace, model: nn.Module, dataset: MultiLabelDataset, predictor: Predictor,
@@ -184,11 +219,13 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     used."""
     args = parse_args(argv)
     accelerator = devices.make_accelerator(args.mixed_precision, args.torchcompile)
-    # Thresholds about to be tuned again are not read: they may belong to an earlier checkpoint of that name.
-    predictor = Predictor.from_checkpoint(args.checkpoint, stored_thresholds=args.objective is None)
+    retune = args.objective is not None or args.calibrate is not None
+    predictor = Predictor.from_checkpoint(args.checkpoint, stored_tuning=False)
+    # A file about to be rewritten may belong to an earlier checkpoint of that name: it is then not read.
+    record = thresholds.read_thresholds_file(args.checkpoint, other_checkpoint_ok=retune)
     dataset = load_dataset(args, predictor.metadata, accelerator, args.split)
     tune_set = None
-    if args.objective is not None:
+    if retune:
         tune_set = load_dataset(args, predictor.metadata, accelerator, args.tune_split)
         name = dataset_name(args, predictor.metadata)
         test_split = f"{name}:{DATASETS[name].own_split(args.data_dir or '', 'test')}"
@@ -197,10 +234,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     model = accelerator.prepare_model(devices.place_model(predictor.model, accelerator.device, args.channels_last),
                                       evaluation_mode=True)
     if tune_set is not None:
-        tune_predictions = run_predictions(args, model, tune_set, predictor, accelerator)
-        predictor.thresholds = choose_thresholds(args, tune_set, tune_predictions, accelerator)
-    result = evaluate(args, dataset, run_predictions(args, model, dataset, predictor, accelerator), predictor,
+        record = tune(args, tune_set, run_predictions(args, model, tune_set, predictor, accelerator), record,
                       accelerator)
+    path = thresholds.thresholds_path(args.checkpoint)
+    predictor.thresholds, predictor.temperatures = thresholds.tuning_tensors(record, predictor.class_names, path)
+    entry = (record or {}).get("calibration")
+    calibrated_by = f"{entry['method']} temperatures fitted on {entry['split']}" if entry else ""
+    result = evaluate(args, dataset, run_predictions(args, model, dataset, predictor, accelerator), predictor,
+                      accelerator, calibrated_by)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

@@ -1,5 +1,6 @@
 """udtimm.export: the digits checkpoint through plain timm, onnxruntime and TorchScript gives udtimm's scores;
-model_args, thresholds and the hub upload; missing optional packages."""
+model_args, thresholds and temperatures (calibrated in the ONNX and TorchScript graphs) and the hub upload; missing
+optional packages."""
 
 import json
 import os
@@ -10,8 +11,10 @@ import onnxruntime
 import pytest
 import timm
 import torch
+from conftest import TINY_DIGITS
 from safetensors.torch import load_file
 
+import validate
 from udtimm import Predictor, checkpoint, export, thresholds
 from udtimm.config import ConfigError
 from udtimm.data.base import read_image
@@ -19,12 +22,18 @@ from udtimm.model import create_model
 
 
 @pytest.fixture(scope="module")
-def digit_batch(tiny_checkpoint: str, tiny_digits: str) -> torch.Tensor:
-    """Five digits test images, preprocessed as validate.py and Predictor do: normalised [5, 3, 32, 32]."""
+def digit_pixels(tiny_checkpoint: str, tiny_digits: str) -> torch.Tensor:
+    """Five digits test images resized as validate.py and Predictor do: uint8 [5, 3, 32, 32]."""
     predictor = Predictor.from_checkpoint(tiny_checkpoint)
     folder = os.path.join(tiny_digits, "VOC2007", "JPEGImages")
     paths = [os.path.join(folder, name) for name in sorted(os.listdir(folder))[-5:]]
-    return predictor.normalize(torch.stack([predictor.pixels(read_image(path)) for path in paths]))
+    return torch.stack([predictor.pixels(read_image(path)) for path in paths])
+
+
+@pytest.fixture(scope="module")
+def digit_batch(tiny_checkpoint: str, digit_pixels: torch.Tensor) -> torch.Tensor:
+    """The five images normalised as validate.py and Predictor do: [5, 3, 32, 32]."""
+    return Predictor.from_checkpoint(tiny_checkpoint).normalize(digit_pixels)
 
 
 @pytest.fixture(scope="module")
@@ -101,7 +110,8 @@ def test_model_kwargs_and_thresholds_travel_in_config_json(tmp_path) -> None:
         "test_resnet", model, ["a", "b", "c"], None, 32, [0.5] * 3, [0.25] * 3, model_kwargs={"output_stride": 16}))
     values = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64)
     tuned = thresholds.TunedThresholds(values, torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
-    record = thresholds.thresholds_record(path, ["a", "b", "c"], tuned, thresholds.parse_objective("f1"), "csv:val", 9)
+    entries = thresholds.thresholds_entries(["a", "b", "c"], tuned, thresholds.parse_objective("f1"), "csv:val", 9)
+    record = thresholds.tuning_record(path, entries)
     thresholds.save_thresholds(path, record)
     out = str(tmp_path / "export")
     export.export(path, out, "timm")
@@ -115,7 +125,7 @@ def test_model_kwargs_and_thresholds_travel_in_config_json(tmp_path) -> None:
         plain_stride.load_state_dict(rebuilt.state_dict())
         assert (plain_stride(images) - model(images).logits).abs().max() > 1e-3  # the kwargs matter
     assert torch.equal(Predictor.from_checkpoint(out).thresholds, values)
-    assert Predictor.from_checkpoint(out, stored_thresholds=False).thresholds is None
+    assert Predictor.from_checkpoint(out, stored_tuning=False).thresholds is None
 
 
 def test_push_to_hub_uploads_the_timm_format(tiny_checkpoint: str, tmp_path, monkeypatch,
@@ -177,3 +187,34 @@ def test_flags_that_do_not_fit_are_refused(tiny_checkpoint: str) -> None:
                            (["--private"], "give --push-to-hub")):
         with pytest.raises(ConfigError, match=message):
             export.main(["--checkpoint", tiny_checkpoint, "--out", "x", *flags])
+
+
+@pytest.mark.slow
+def test_calibrated_checkpoint_round_trip_gives_predictor_scores_in_every_format(
+        tiny_checkpoint: str, tiny_digits: str, tmp_path, digit_pixels: torch.Tensor,
+        digit_batch: torch.Tensor) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(tiny_checkpoint, checkpoint_copy)
+    validate.main(["--checkpoint", checkpoint_copy, "--data-dir", tiny_digits, "--digits-trainval",
+                   str(TINY_DIGITS["num_trainval"]), "--digits-test", str(TINY_DIGITS["num_test"]), "--workers", "0",
+                   "--no-progress", "--calibrate", "per-class"])
+    predictor = Predictor.from_checkpoint(checkpoint_copy)
+    temperatures = predictor.temperatures
+    assert temperatures is not None and not torch.allclose(temperatures, torch.ones_like(temperatures), atol=1e-3)
+    expected = predictor.scores(digit_pixels)
+    with torch.no_grad():
+        logits = Predictor.from_checkpoint(checkpoint_copy, stored_tuning=False).model(digit_batch)
+    torch.testing.assert_close(expected, torch.sigmoid(logits.double() / temperatures).float(), rtol=0, atol=1e-6)
+    for fmt in export.FORMATS:
+        out = str(tmp_path / fmt)
+        export.export(checkpoint_copy, out, fmt)
+        config = json.load(open(os.path.join(out, "config.json")))
+        assert config["udtimm"]["thresholds"]["calibration"]["method"] == "per-class"
+        assert config["udtimm"]["calibration_in_graph"] is (fmt != "timm")
+        if fmt == "timm":  # logits in the weights: Predictor applies config.json's temperatures
+            from_export = Predictor.from_checkpoint(out)
+            assert torch.equal(from_export.temperatures, temperatures)
+            found = from_export.scores(digit_pixels)
+        else:
+            found = export.exported_scores(fmt, out, digit_batch)
+        assert (found - expected).abs().max() < 1e-5, fmt

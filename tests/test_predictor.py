@@ -1,5 +1,5 @@
 """udtimm.Predictor: the same scores from paths, PIL images and tensors (and validate.py's: test_validate.py),
-stored thresholds, bad inputs named before any work."""
+stored thresholds and temperatures, bad inputs named before any work."""
 
 import shutil
 
@@ -13,6 +13,7 @@ from PIL import Image
 import udtimm
 from udtimm import Predictor, checkpoint, thresholds
 from udtimm import predictor as predictor_module
+from udtimm.calibration import FittedTemperatures, calibration_entry
 from udtimm.checkpoint import CheckpointError
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, DatasetError, read_image
@@ -76,8 +77,8 @@ def test_stored_thresholds_are_used_unless_a_threshold_is_given(tiny_checkpoint:
     values = torch.linspace(0.05, 0.95, len(names), dtype=torch.float64)
     tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
                                        torch.ones(len(names), dtype=torch.bool))
-    record = thresholds.thresholds_record(checkpoint_copy, names, tuned, thresholds.parse_objective("f1"),
-                                          "digits:val", 20)
+    record = thresholds.tuning_record(checkpoint_copy, thresholds.thresholds_entries(
+        names, tuned, thresholds.parse_objective("f1"), "digits:val", 20))
     thresholds.save_thresholds(checkpoint_copy, record)
 
     loaded = Predictor.from_checkpoint(checkpoint_copy)
@@ -89,7 +90,7 @@ def test_stored_thresholds_are_used_unless_a_threshold_is_given(tiny_checkpoint:
     top1 = loaded.predict(png_images, threshold=0.0, topk=1)["labels"].tolist()
     assert top1 == [names[i] for i in scores.argmax(1).tolist()]
     assert predicted_labels(scores, values, 2).sum(1).max() <= 2
-    assert Predictor.from_checkpoint(checkpoint_copy, stored_thresholds=False).thresholds is None
+    assert Predictor.from_checkpoint(checkpoint_copy, stored_tuning=False).thresholds is None
 
 
 def labels_of(mask: torch.Tensor, names: list[str]) -> list[str]:
@@ -127,3 +128,23 @@ def test_api_and_class_names_that_clash_with_the_columns(predictor: Predictor) -
         Predictor(predictor.model, ["labels", *predictor.class_names[1:]], 32, [0.5] * 3, [0.25] * 3)
     with pytest.raises(ValueError, match="batch_size must be at least 1"):
         predictor.predict(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), batch_size=0)
+
+
+def test_stored_temperatures_calibrate_the_scores(tiny_checkpoint: str, png_images: list[str], tmp_path) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(tiny_checkpoint, checkpoint_copy)
+    names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
+    temperatures = torch.linspace(0.5, 3.0, len(names), dtype=torch.float64)
+    fitted = FittedTemperatures(temperatures, torch.ones(len(names), dtype=torch.bool), 1.5)
+    entry = calibration_entry(names, fitted, "per-class", "digits:val", 20)
+    thresholds.save_thresholds(checkpoint_copy, thresholds.tuning_record(checkpoint_copy, calibration=entry))
+
+    calibrated = Predictor.from_checkpoint(checkpoint_copy)
+    plain = Predictor.from_checkpoint(checkpoint_copy, stored_tuning=False)
+    assert torch.equal(calibrated.temperatures, temperatures) and calibrated.thresholds is None
+    assert plain.temperatures is None
+    found = scores_of(calibrated.predict(png_images), calibrated)
+    raw = scores_of(plain.predict(png_images), plain).double()
+    # float32 probabilities: the logits recovered from them carry ~1e-7 relative error.
+    torch.testing.assert_close(found.double(), torch.sigmoid(torch.logit(raw) / temperatures), rtol=0, atol=1e-5)
+    assert (found.double() - raw).abs().max() > 1e-2

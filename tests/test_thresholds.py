@@ -1,4 +1,5 @@
-"""Per-class thresholds: the choice against a brute-force search with scikit-learn, the file beside the checkpoint."""
+"""Per-class thresholds: the choice against a brute-force search with scikit-learn, the file beside the checkpoint
+(with the temperatures of udtimm.calibration)."""
 
 import json
 
@@ -8,6 +9,7 @@ import torch
 from sklearn.metrics import f1_score, precision_recall_fscore_support, precision_score, recall_score
 
 from udtimm import thresholds
+from udtimm.calibration import FittedTemperatures, calibration_entry
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.predictions import Predictions
@@ -116,7 +118,8 @@ def test_file_round_trip_belongs_to_its_checkpoint(tmp_path) -> None:
     checkpoint.write_bytes(b"weights")
     scores, target, difficult = make_data(seed=5)
     result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
-    record = thresholds.thresholds_record(str(checkpoint), CLASSES, result, ThresholdObjective("f1"), "digits:val", 90)
+    record = thresholds.tuning_record(str(checkpoint), thresholds.thresholds_entries(
+        CLASSES, result, ThresholdObjective("f1"), "digits:val", 90))
     path = thresholds.save_thresholds(str(checkpoint), record)
     assert path == str(tmp_path / "best.thresholds.json")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "best.thresholds.json"]
@@ -135,3 +138,35 @@ def test_file_round_trip_belongs_to_its_checkpoint(tmp_path) -> None:
         thresholds.read_thresholds_file(str(checkpoint))
     with pytest.raises(CheckpointError, match=r"must lie in \[0, 1\]"):
         thresholds.thresholds_tensor(json.loads('{"thresholds": {"a": 1.5}}'), ["a"], "x.json")
+
+
+def test_temperatures_share_the_file_with_the_thresholds(tmp_path) -> None:
+    checkpoint = tmp_path / "best.safetensors"
+    checkpoint.write_bytes(b"weights")
+    scores, target, difficult = make_data(seed=6)
+    result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
+    entries = thresholds.thresholds_entries(CLASSES, result, ThresholdObjective("f1"), "digits:val", 90)
+    temperatures = torch.tensor([0.5, 1.25, 2.0, 3.5, 1.0], dtype=torch.float64)
+    fitted = FittedTemperatures(temperatures, torch.tensor([True, True, True, True, False]), 1.0)
+    calibration = calibration_entry(CLASSES, fitted, "per-class", "digits:val", 90)
+    path = thresholds.save_thresholds(str(checkpoint), thresholds.tuning_record(str(checkpoint), entries,
+                                                                                calibration))
+    loaded = thresholds.read_thresholds_file(str(checkpoint))
+    assert loaded["calibration"] == calibration and loaded["calibration"]["unfitted_classes"] == ["e"]
+    assert thresholds.stored_thresholds_entries(loaded) == entries
+    values, stored_temperatures = thresholds.tuning_tensors(loaded, CLASSES, path)
+    assert torch.equal(values, result.values) and torch.equal(stored_temperatures, temperatures)
+    # Temperatures alone, and a file written before calibration existed (no `calibration`), read back too.
+    alone = thresholds.tuning_record(str(checkpoint), calibration=calibration)
+    assert thresholds.stored_thresholds_entries(alone) is None
+    assert thresholds.tuning_tensors(alone, CLASSES, path)[0] is None
+    old = {key: value for key, value in loaded.items() if key != "calibration"}
+    assert thresholds.tuning_tensors(old, CLASSES, path)[1] is None
+    assert thresholds.tuning_tensors(None, CLASSES, path) == (None, None)
+    with pytest.raises(CheckpointError, match="best.thresholds.json: temperatures for classes"):
+        thresholds.tuning_tensors(alone, CLASSES[::-1], path)
+    # A file of another checkpoint of that name is refused, unless it is about to be replaced.
+    checkpoint.write_bytes(b"retrained weights")
+    assert thresholds.read_thresholds_file(str(checkpoint), other_checkpoint_ok=True) is None
+    with pytest.raises(CheckpointError, match=r"--tune-thresholds \(or --calibrate\) again"):
+        thresholds.read_thresholds_file(str(checkpoint))

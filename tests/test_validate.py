@@ -1,5 +1,5 @@
 """validate.py end to end on a tiny trained model: train.py's numbers, the difficult subset, output files, the
-per-class table, tuned thresholds, two processes, bad checkpoints."""
+per-class table, tuned thresholds, post-hoc calibration, two processes, bad checkpoints."""
 
 import csv
 import json
@@ -17,6 +17,7 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 
 import validate
 from udtimm import Predictor, checkpoint
+from udtimm.calibration import CALIBRATION_METRICS, calibrate_predictions, fit_temperatures
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset
 from udtimm.data.loader import make_loader
@@ -185,17 +186,21 @@ def test_thresholds_are_tuned_on_val_stored_and_read_back(best: str, tiny_digits
     assert again["cf1_tuned"] == found["cf1_tuned"]
 
 
-def test_thresholds_are_never_tuned_on_the_test_or_evaluated_split(best: str, tiny_digits: str, tmp_path) -> None:
+@pytest.mark.parametrize("tuning", [("--tune-thresholds", "precision@0.9"), ("--calibrate", "temperature")])
+def test_nothing_is_tuned_on_the_test_or_evaluated_split(tuning: tuple[str, str], best: str, tiny_digits: str,
+                                                         tmp_path) -> None:
     checkpoint_copy = str(tmp_path / "best.safetensors")
     shutil.copy(best, checkpoint_copy)
-    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--tune-thresholds", "precision@0.9"]
+    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), *tuning]
     with pytest.raises(ConfigError, match="digits:test is the test split"):
         validate.main([*flags, "--tune-split", "test"])
     with pytest.raises(ConfigError, match="digits:val shares 20 image"):
         validate.main([*flags, "--split", "val"])
-    with pytest.raises(ConfigError, match="--tune-thresholds 'f2'"):
-        validate.main([*flags[:-1], "f2"])
     assert os.listdir(tmp_path) == ["best.safetensors"]
+    with pytest.raises(ConfigError, match="--tune-thresholds 'f2'"):
+        validate.main([*flags, "--tune-thresholds", "f2"])
+    with pytest.raises(SystemExit):  # argparse's choices
+        validate.parse_args([*flags, "--calibrate", "platt"])
 
 
 @pytest.mark.slow
@@ -240,3 +245,49 @@ def test_unusable_checkpoints_are_clear_errors(best: str, tmp_path) -> None:
                           (str(tmp_path / "missing.safetensors"), "does not exist")):
         with pytest.raises(checkpoint.CheckpointError, match=message):
             validate.main(["--checkpoint", path])
+
+
+@pytest.mark.slow
+def test_calibration_is_fitted_on_val_stored_reported_and_kept_by_later_tuning(best: str, tiny_digits: str, tmp_path,
+                                                                               single_process: dict[str, float],
+                                                                               capsys) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    results, plots = str(tmp_path / "r.csv"), str(tmp_path / "plots")
+    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits)]
+    found = validate.main([*flags, "--calibrate", "per-class", "--results-file", results, "--plots", plots])
+    printed = capsys.readouterr().out
+    val_set, val_predictions = reference_predictions(best, tiny_digits, "val")
+    fitted = fit_temperatures(val_predictions.logits, val_predictions.target, val_predictions.difficult, "per-class")
+    record = json.loads((tmp_path / "best.thresholds.json").read_text())
+    assert "thresholds" not in record and record["calibration"]["split"] == "digits:val"
+    assert list(record["calibration"]["temperatures"].values()) == pytest.approx(fitted.values.tolist(), rel=1e-6)
+    # The metrics of test are those of the calibrated scores; before, the plain ones; the ranking (mAP) stays.
+    _, test_predictions = reference_predictions(best, tiny_digits)
+    calibrated = calibrate_predictions(test_predictions, fitted.values)
+    expected = compute_metrics(calibrated.scores, calibrated.target, calibrated.difficult)
+    assert_same_metrics(found, expected, ("ece", "ece_pooled", "brier", "map", "cf1", "of1"))
+    assert found["map"] == pytest.approx(single_process["map"], abs=1e-9)
+    for name in CALIBRATION_METRICS:
+        assert found[f"{name}_uncalibrated"] == pytest.approx(single_process[name], abs=1e-6)
+    assert "per-class temperatures fitted on digits:val (20 images)" in printed and "uncalibrated (%)" in printed
+    with open(results, newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["calibration"] == "per-class temperatures fitted on digits:val"
+    assert float(row["ece"]) == pytest.approx(found["ece"]) and "brier_uncalibrated" in row
+    assert os.path.isfile(os.path.join(plots, "reliability.png"))
+    # A later evaluation applies the stored temperatures; thresholds tuned later are chosen on calibrated scores
+    # and keep the temperatures beside them.
+    assert validate.main(flags)["ece"] == pytest.approx(found["ece"], abs=1e-9)
+    validate.main([*flags, "--tune-thresholds", "f1"])
+    record = json.loads((tmp_path / "best.thresholds.json").read_text())
+    on_calibrated = tune_thresholds(*(calibrate_predictions(val_predictions, fitted.values).scores,
+                                      val_predictions.target, val_predictions.difficult), ThresholdObjective("f1"))
+    assert list(record["thresholds"].values()) == pytest.approx(on_calibrated.values.tolist(), abs=1e-6)
+    assert record["calibration"]["method"] == "per-class"
+    assert "thresholds for f1 on digits:val (20 images, calibrated scores)" in capsys.readouterr().out
+    # Calibrating again drops thresholds chosen on other scores, and says so.
+    validate.main([*flags, "--calibrate", "temperature"])
+    record = json.loads((tmp_path / "best.thresholds.json").read_text())
+    assert "thresholds" not in record and len(set(record["calibration"]["temperatures"].values())) == 1
+    assert "are dropped" in capsys.readouterr().out

@@ -186,7 +186,7 @@ def check_finite(readout: LossReadout, epoch: int) -> None:
 
 @torch.no_grad()
 def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_progress: bool = True) -> Predictions:
-    """Classification-branch probabilities for every image of the loader, gathered across processes.
+    """Classification-branch probabilities (and logits) for every image of the loader, gathered across processes.
 
     Each image is kept once, in dataset order (so tied scores rank, and files list, the same way whatever the
     number of processes or the loader's order): the samples a distributed sampler repeats to even out the last
@@ -207,15 +207,15 @@ def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_p
         logits = output if isinstance(output, Tensor) else output.logits
         # Results stay on the device until the end: a copy to the host per batch would make the host wait for
         # the GPU, which would then sit idle while the next batch is decoded.
-        parts.append((torch.sigmoid(logits.float()), target.float(), difficult.float(), indices))
+        parts.append((logits.float(), target.float(), difficult.float(), indices))
     if not parts:
         raise ValueError("the evaluation loader yielded no images")
     local = tuple(torch.cat(column) for column in zip(*parts, strict=True))
     gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=-1))
-    scores, target, difficult, indices = (column.cpu() for column in gathered)
+    logits, target, difficult, indices = (column.cpu() for column in gathered)
     order = torch.argsort(indices, stable=True)
     sorted_indices = indices[order]
     first = torch.ones_like(sorted_indices, dtype=torch.bool)
     first[1:] = sorted_indices[1:] != sorted_indices[:-1]
     keep = order[first & (sorted_indices >= 0)]  # padding has index -1
-    return Predictions(scores[keep], target[keep], difficult[keep].bool(), indices[keep])
+    return Predictions(torch.sigmoid(logits[keep]), target[keep], difficult[keep].bool(), indices[keep], logits[keep])

@@ -8,12 +8,15 @@ outside udtimm.
 
 Every format writes DIR/config.json in timm's Hugging Face layout: architecture, num_classes, label_names,
 model_args (the checkpoint's --model-kwargs and --global-pool) and pretrained_cfg (input_size, mean, std, and the
-eval resize: crop_pct 1, crop_mode squash, bilinear), plus `udtimm` (version, source checkpoint, and the per-class
-thresholds of `validate.py --tune-thresholds` when there are some). `timm` adds DIR/model.safetensors, which plain
-timm loads: timm.create_model("local-dir:DIR", pretrained=True). `onnx` and `torchscript` take normalised images
-[N, 3, S, S] (any N) and return sigmoid scores [N, C]. Each export is checked against udtimm's model before its
-files are moved into DIR (the largest difference is printed); --push-to-hub uploads the timm format through timm's
-push_to_hf_hub.
+eval resize: crop_pct 1, crop_mode squash, bilinear), plus `udtimm` (version, source checkpoint, and the record of
+per-class thresholds and temperatures that `validate.py --tune-thresholds` / `--calibrate` stored beside the
+checkpoint when there is one). `timm` adds DIR/model.safetensors, which plain timm loads:
+timm.create_model("local-dir:DIR", pretrained=True); it gives logits, so its temperatures live in config.json only
+(udtimm.calibration_in_graph false: divide the logits by them, as udtimm.Predictor does). `onnx` and `torchscript`
+take normalised images [N, 3, S, S] (any N) and return sigmoid scores [N, C], calibrated in the graph
+(sigmoid(logits / T), udtimm.calibration_in_graph true) when there are temperatures. Each export is checked
+against udtimm's model before its files are moved into DIR (the largest difference is printed); --push-to-hub
+uploads the timm format through timm's push_to_hf_hub.
 """
 
 from __future__ import annotations
@@ -36,12 +39,14 @@ from torch import Tensor, nn
 
 import udtimm
 from udtimm import checkpoint, cli
+from udtimm.calibration import calibrated_scores
 from udtimm.config import ConfigError
 from udtimm.io import current_umask
 from udtimm.predictor import CONFIG_FILE, WEIGHTS_FILE
-from udtimm.thresholds import read_thresholds_file
+from udtimm.thresholds import read_thresholds_file, thresholds_path, tuning_tensors
 
 FORMATS = ("timm", "onnx", "torchscript")
+CALIBRATED_GRAPHS = ("onnx", "torchscript")  # formats whose graph divides the logits by the temperatures
 FILES = {"timm": WEIGHTS_FILE, "onnx": "model.onnx", "torchscript": "model.pt"}
 # What each format needs beyond udtimm's requirements: onnxscript drives torch's ONNX exporter, onnxruntime checks.
 NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime")}
@@ -67,6 +72,7 @@ class Exportable:
     img_size: int
     model_config: dict  # timm's model_config: label_names and udtimm's own entries
     model_args: dict  # timm.create_model arguments that rebuild the architecture
+    temperatures: Tensor | None  # [C], to divide the logits by in the graph; None: the plain sigmoid
 
 
 def require(fmt: str) -> None:
@@ -82,8 +88,9 @@ def require(fmt: str) -> None:
                                      f"pip install {' '.join(missing)}")
 
 
-def load_exportable(path: str) -> Exportable:
-    """The checkpoint's model, with the thresholds stored beside it (validate.py --tune-thresholds) if any."""
+def load_exportable(path: str, fmt: str = "timm") -> Exportable:
+    """The checkpoint's model, with the thresholds and temperatures stored beside it (validate.py
+    --tune-thresholds, --calibrate) if any; the temperatures go into `fmt`'s graph if it is a CALIBRATED_GRAPHS."""
     loaded = checkpoint.load_for_inference(path)
     backbone, metadata, img_size = loaded.model.classifier_only(), loaded.metadata, loaded.img_size
     # timm writes config.json's pretrained_cfg from the model's own. Of the architecture's defaults only what
@@ -104,21 +111,29 @@ def load_exportable(path: str) -> Exportable:
     udtimm_entries: dict[str, object] = {"version": udtimm.__version__, "checkpoint": os.path.basename(path),
                                          "dataset": metadata.get("dataset", ""), "method": metadata.get("method", "")}
     record = read_thresholds_file(path)
+    temperatures = tuning_tensors(record, loaded.class_names, thresholds_path(path))[1]
     if record:
         udtimm_entries["thresholds"] = record
+    if temperatures is not None:
+        udtimm_entries["calibration_in_graph"] = fmt in CALIBRATED_GRAPHS
     return Exportable(backbone, loaded.model, img_size, {"label_names": loaded.class_names, "udtimm": udtimm_entries},
-                      model_args)
+                      model_args, temperatures if fmt in CALIBRATED_GRAPHS else None)
 
 
 class ScoresModel(nn.Module):
-    """The classifier with its sigmoid: normalised images [N, 3, S, S] to probabilities [N, C]."""
+    """The classifier with its sigmoid: normalised images [N, 3, S, S] to probabilities [N, C], sigmoid(logits / T)
+    with per-class temperatures T [C] (udtimm.calibration.calibrated_scores)."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, temperatures: Tensor | None = None) -> None:
         super().__init__()
         self.model = model
+        self.calibrated = temperatures is not None
+        if temperatures is not None:
+            self.register_buffer("temperatures", temperatures.to(torch.float32))
 
     def forward(self, images: Tensor) -> Tensor:
-        return torch.sigmoid(self.model(images))
+        logits = self.model(images)
+        return torch.sigmoid(logits / self.temperatures if self.calibrated else logits)
 
 
 def write_timm(item: Exportable, directory: str) -> None:
@@ -131,7 +146,8 @@ def write_onnx(item: Exportable, directory: str) -> None:
     example = check_images(item.img_size)
     batch = torch.export.Dim("batch")
     # The dynamo exporter (torch's default; the TorchScript-based one is deprecated), one file with the weights.
-    torch.onnx.export(ScoresModel(item.model).eval(), (example,), os.path.join(directory, FILES["onnx"]),
+    scores_model = ScoresModel(item.model, item.temperatures).eval()
+    torch.onnx.export(scores_model, (example,), os.path.join(directory, FILES["onnx"]),
                       input_names=["images"], output_names=["scores"], dynamic_shapes={"images": {0: batch}},
                       dynamo=True, external_data=False, verbose=False)
 
@@ -140,7 +156,8 @@ def write_torchscript(item: Exportable, directory: str) -> None:
     write_config(item, directory)
     with torch.no_grad(), torchscript_without_deprecation_warnings():
         # check_trace=False: export() compares the saved file with udtimm's model itself.
-        traced = torch.jit.trace(ScoresModel(item.model).eval(), check_images(item.img_size), check_trace=False)
+        traced = torch.jit.trace(ScoresModel(item.model, item.temperatures).eval(), check_images(item.img_size),
+                                 check_trace=False)
         torch.jit.save(traced, os.path.join(directory, FILES["torchscript"]))
 
 
@@ -183,10 +200,12 @@ def exported_scores(fmt: str, directory: str, images: Tensor) -> Tensor:
         return torch.jit.load(os.path.join(directory, FILES["torchscript"]))(images)
 
 
-def largest_difference(fmt: str, directory: str, reference: nn.Module, images: Tensor) -> float:
-    """max |exported - udtimm| over the probabilities of `images`."""
+def largest_difference(fmt: str, directory: str, reference: nn.Module, images: Tensor,
+                       temperatures: Tensor | None = None) -> float:
+    """max |exported - udtimm| over the probabilities of `images` (calibrated by `temperatures` when given)."""
     with torch.no_grad():
-        expected = torch.sigmoid(reference(images).logits)
+        logits = reference(images).logits
+        expected = torch.sigmoid(logits) if temperatures is None else calibrated_scores(logits, temperatures)
     return (exported_scores(fmt, directory, images) - expected).abs().max().item()
 
 
@@ -199,11 +218,11 @@ def export(path: str, out: str, fmt: str) -> tuple[list[str], float]:
     if fmt not in FORMATS:
         raise ConfigError(f"--format {fmt!r}: choose one of {', '.join(FORMATS)}")
     require(fmt)
-    item = load_exportable(path)
+    item = load_exportable(path, fmt)
     os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as staging:
         WRITERS[fmt](item, staging)
-        difference = largest_difference(fmt, staging, item.reference, check_images(item.img_size))
+        difference = largest_difference(fmt, staging, item.reference, check_images(item.img_size), item.temperatures)
         if not difference <= TOLERANCE:
             raise ExportMismatchError(f"the {fmt} export of {path} gives scores up to {difference:.3g} away from "
                                       f"udtimm's (more than {TOLERANCE:g}); nothing was written to {out}")
@@ -218,7 +237,8 @@ def export(path: str, out: str, fmt: str) -> tuple[list[str], float]:
 def model_card(item: Exportable) -> dict:
     """The README that push_to_hf_hub writes when the repository has none."""
     entries = item.model_config["udtimm"]
-    thresholds = entries.get("thresholds")
+    record = entries.get("thresholds") or {}
+    calibration = record.get("calibration")
     return {
         "description": f"Multi-label image classifier trained with udtimm {entries['version']} "
                        f"({entries['method'] or 'baseline'} on {entries['dataset'] or 'an unnamed dataset'}).",
@@ -226,8 +246,10 @@ def model_card(item: Exportable) -> dict:
             "Model Type": "Multi-label image classification (sigmoid per class)",
             "Classes": ", ".join(item.model_config["label_names"]),
             "Image size": f"{item.img_size} x {item.img_size}",
-            "Decision thresholds": (f"per class ({thresholds['objective']}, tuned on {thresholds['split']}), "
-                                    "in config.json under udtimm.thresholds") if thresholds else "0.5",
+            "Decision thresholds": (f"per class ({record['objective']}, tuned on {record['split']}), "
+                                    "in config.json under udtimm.thresholds") if "thresholds" in record else "0.5",
+            "Calibration": (f"{calibration['method']} temperatures fitted on {calibration['split']}, in config.json "
+                            "under udtimm.thresholds.calibration: sigmoid(logits / T)") if calibration else "none",
         },
         "usage": "```python\nimport timm, torch\nmodel = timm.create_model('hf-hub:REPO', pretrained=True).eval()\n"
                  "scores = torch.sigmoid(model(images))  # images normalised as pretrained_cfg says\n```",

@@ -65,11 +65,17 @@ def reliability_figure(curves: list[tuple[str, Tensor, Tensor, Tensor | None]], 
     return figure
 
 
-def reliability_diagram(probs: Tensor, target: Tensor, difficult: Tensor | None, path: str, title: str = "") -> None:
-    """Write the reliability diagram of one model's (image, class) probabilities to `path`."""
-    ece = expected_calibration_error(probs, target, difficult, classwise=True)
-    heading = f"{title} — classwise ECE {ece:.2f}%" if title else f"classwise ECE {ece:.2f}%"
-    save_figure(reliability_figure([("model", probs, target, difficult)], heading), path)
+def reliability_diagram(probs: Tensor, target: Tensor, difficult: Tensor | None, path: str, title: str = "",
+                        calibrated: Tensor | None = None) -> None:
+    """Write the reliability diagram of one model's (image, class) probabilities to `path`; with the `calibrated`
+    probabilities of the same pairs (validate.py --calibrate), both side by side in each bin."""
+    curves = [("model", probs, target, difficult)]
+    ece = f"{expected_calibration_error(probs, target, difficult, classwise=True):.2f}%"
+    if calibrated is not None:
+        curves = [("uncalibrated", probs, target, difficult), ("calibrated", calibrated, target, difficult)]
+        ece += f" -> {expected_calibration_error(calibrated, target, difficult, classwise=True):.2f}%"
+    heading = f"{title} — classwise ECE {ece}" if title else f"classwise ECE {ece}"
+    save_figure(reliability_figure(curves, heading), path)
 
 
 def draw_attention(axis: plt.Axes, image: Tensor, attention: Tensor, title: str) -> None:

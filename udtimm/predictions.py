@@ -21,12 +21,16 @@ class Predictions:
     target: Tensor  # [N, C] float multi-hot
     difficult: Tensor  # [N, C] bool
     indices: Tensor  # [N] dataset indices, to name the images
+    # [N, C] float32 logits behind `scores` (engine.predict keeps them): temperature scaling divides them, and
+    # float32 probabilities saturate at 1 for logits above about 17, so they cannot be recovered from `scores`.
+    logits: Tensor | None = None
 
 
 def select(predictions: Predictions, keep: Tensor) -> Predictions:
     """The predictions of the images where the bool [N] mask `keep` is True."""
+    logits = None if predictions.logits is None else predictions.logits[keep]
     return Predictions(predictions.scores[keep], predictions.target[keep], predictions.difficult[keep],
-                       predictions.indices[keep])
+                       predictions.indices[keep], logits)
 
 
 def joined_names(mask: Tensor, class_names: Sequence[str]) -> str:

@@ -5,6 +5,8 @@ F1 on the held-out split; `precision@R` the lowest threshold whose precision the
 that precision). Difficult (image, class) pairs are left out, as in the metrics (docs/method.md#difficult-labels).
 The thresholds are written to `<checkpoint stem>.thresholds.json` beside the checkpoint, with the checkpoint's
 sha256, so that they are never applied to another model; Predictor, predict.py and the export read them from there.
+The same file holds the temperatures of `validate.py --calibrate` (udtimm.calibration) under `calibration`: the
+thresholds stored with them were tuned on the calibrated scores.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from udtimm.calibration import temperatures_tensor
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.base import MultiLabelDataset
@@ -132,12 +135,10 @@ def file_sha256(path: str) -> str:
     return digest.hexdigest()
 
 
-def thresholds_record(checkpoint: str, class_names: Sequence[str], result: TunedThresholds,
-                      objective: ThresholdObjective, split: str, num_images: int) -> dict:
-    """What the thresholds file holds (and an export's config.json, under udtimm.thresholds)."""
+def thresholds_entries(class_names: Sequence[str], result: TunedThresholds, objective: ThresholdObjective,
+                       split: str, num_images: int) -> dict:
+    """The thresholds' part of the file beside the checkpoint (tuning_record)."""
     return {
-        "checkpoint": os.path.basename(checkpoint),
-        "checkpoint_sha256": file_sha256(checkpoint),
         "objective": str(objective),
         "split": split,
         "num_images": num_images,
@@ -147,6 +148,37 @@ def thresholds_record(checkpoint: str, class_names: Sequence[str], result: Tuned
     }
 
 
+def tuning_record(checkpoint: str, thresholds: dict | None = None, calibration: dict | None = None) -> dict:
+    """What the file beside the checkpoint holds (and an export's config.json, under udtimm.thresholds): the
+    checkpoint's name and sha256, the thresholds_entries when there are thresholds, and the temperatures'
+    udtimm.calibration.calibration_entry under `calibration` when there are some. Files written before calibration
+    existed have no `calibration`."""
+    record = {"checkpoint": os.path.basename(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
+              **(thresholds or {})}
+    if calibration is not None:
+        record["calibration"] = calibration
+    return record
+
+
+def stored_thresholds_entries(record: dict) -> dict | None:
+    """The thresholds' part of a stored record (tuning_record), None when it holds temperatures only."""
+    if "thresholds" not in record:
+        return None
+    return {key: value for key, value in record.items()
+            if key not in ("checkpoint", "checkpoint_sha256", "calibration")}
+
+
+def tuning_tensors(record: dict | None, class_names: Sequence[str], source: str) -> tuple[Tensor | None,
+                                                                                         Tensor | None]:
+    """(per-class thresholds, temperatures) of a stored record, each None when it has none; CheckpointError naming
+    `source` when they do not fit the model's classes."""
+    if record is None:
+        return None, None
+    values = thresholds_tensor(record, class_names, source) if "thresholds" in record else None
+    calibration = record.get("calibration")
+    return values, temperatures_tensor(calibration, class_names, source) if calibration is not None else None
+
+
 def save_thresholds(checkpoint: str, record: dict) -> str:
     """Write the record beside the checkpoint (atomically); returns the path."""
     path = thresholds_path(checkpoint)
@@ -154,8 +186,9 @@ def save_thresholds(checkpoint: str, record: dict) -> str:
     return path
 
 
-def read_thresholds_file(checkpoint: str) -> dict | None:
-    """The thresholds record stored beside `checkpoint`, checked to belong to it; None when there is none."""
+def read_thresholds_file(checkpoint: str, other_checkpoint_ok: bool = False) -> dict | None:
+    """The record stored beside `checkpoint`, checked to belong to it; None when there is none (or, with
+    `other_checkpoint_ok`, when it belongs to another checkpoint of that name and is about to be replaced)."""
     path = thresholds_path(checkpoint)
     if not os.path.isfile(path):
         return None
@@ -165,8 +198,10 @@ def read_thresholds_file(checkpoint: str) -> dict | None:
     except (OSError, ValueError) as err:
         raise CheckpointError(f"{path} cannot be read as a thresholds file: {err}") from err
     if record.get("checkpoint_sha256") != file_sha256(checkpoint):
+        if other_checkpoint_ok:
+            return None
         raise CheckpointError(f"{path} was tuned for another {os.path.basename(checkpoint)} (its sha256 differs): "
-                              "run validate.py --tune-thresholds again, or delete the file")
+                              "run validate.py --tune-thresholds (or --calibrate) again, or delete the file")
     return record
 
 
@@ -184,10 +219,11 @@ def thresholds_tensor(record: dict, class_names: Sequence[str], source: str) -> 
 
 def check_held_out(tune_set: MultiLabelDataset, eval_set: MultiLabelDataset, test_split: str) -> None:
     """ConfigError unless the tuning split is neither the test split (`dataset:split` name) nor shares an image
-    with the evaluated split: thresholds chosen there would flatter the metrics they are reported with."""
+    with the evaluated split: thresholds or temperatures fitted there would flatter the metrics they are reported
+    with."""
     if tune_set.name == test_split:
-        raise ConfigError(f"--tune-split: {tune_set.name} is the test split; thresholds are chosen on a held-out "
-                          "split (e.g. val), never on the test split")
+        raise ConfigError(f"--tune-split: {tune_set.name} is the test split; thresholds and temperatures are fitted "
+                          "on a held-out split (e.g. val), never on the test split")
     shared = {sample.path for sample in tune_set.samples} & {sample.path for sample in eval_set.samples}
     if shared:
         raise ConfigError(f"--tune-split: {tune_set.name} shares {len(shared)} image(s) with the evaluated split "
