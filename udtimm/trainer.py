@@ -223,11 +223,12 @@ def final_results(setup: RunSetup, accelerator: Accelerator, difficult_as_negati
         checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
     predictions = last if best_is_last else predict(setup.model, setup.test_batches(accelerator.device),
                                                     accelerator, show_progress)
-    row = {**setup.result_fields, **evaluate_metrics(predictions, difficult_as_negative),
+    last_scores = evaluate_metrics(last, difficult_as_negative)
+    best_scores = last_scores if best_is_last else evaluate_metrics(predictions, difficult_as_negative)
+    row = {**setup.result_fields, **best_scores,
            "best_epoch": int(metadata["epoch"]), "best_weights": metadata.get("weights", RAW),
            f"selection_{BEST_METRIC}": float(metadata["metric_value"]), "checkpoint": best_path,
-           "last_epoch": last_epoch,
-           **{f"last_{name}": value for name, value in evaluate_metrics(last, difficult_as_negative).items()}}
+           "last_epoch": last_epoch, **{f"last_{name}": value for name, value in last_scores.items()}}
     if accelerator.is_main_process:
         reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
                             os.path.join(setup.run_dir, "reliability.png"), title=metadata["model"])
