@@ -21,6 +21,7 @@ from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attentio
 from udtimm.data.transforms import Renormalize
 from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
+from udtimm.losses import ATTENTION_DISTANCES
 from udtimm.model import CalibratedModel
 from udtimm.objectives import (
     DISTILL_METHODS,
@@ -47,6 +48,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--att-variant", default=DEFAULT_VARIANT, choices=tuple(ATTENTION_VARIANTS),
                        help="how Eq. 16's maps are built: paper (as written), const-weights (w_c held as "
                             "constants), gradcam (constants and ReLU); docs/distillation.md has the measured table")
+    group.add_argument("--att-distance", default="squared", choices=ATTENTION_DISTANCES,
+                       help="Eq. 17 between the normalised maps: squared, or norm (as the paper writes it); "
+                            "docs/distillation.md has the measured table")
     group.add_argument("--distill-warmup-epochs", type=int, default=4, metavar="N",
                        help="alpha and beta grow linearly from 0 over the first N distilled epochs (0: the paper); "
                             "docs/distillation.md has the measured table")
@@ -74,13 +78,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 def method_name(args: argparse.Namespace) -> str:
     """The method column of results.csv: kd, ud, ud-noatt (beta = 0) or self-ud; an --att-variant other than
-    paper is appended (ud-const-weights, self-ud-gradcam), and +ema with --model-ema."""
+    paper is appended (ud-const-weights, self-ud-gradcam), then -norm with --att-distance norm, and +ema with
+    --model-ema."""
     if args.method == "kd" and not args.self_distill:
         method = "kd"
     elif args.att_weight == 0 and not args.self_distill:
         method = "ud-noatt"
     else:
         method = f"self-{ud_method(args.att_variant)}" if args.self_distill else ud_method(args.att_variant)
+        method += "-norm" if args.att_distance == "norm" else ""
     return method + method_suffix(args.model_ema)
 
 

@@ -4,6 +4,7 @@ import os
 
 import numpy as np
 import pandas as pd
+import pytest
 from scipy import stats
 from test_report import results_row, write_run
 
@@ -27,6 +28,19 @@ def test_verdict_reads_the_t_interval_of_the_mean_difference() -> None:
     assert claims.verdict([value + half * 1.01 for value in spread]) == "holds"
 
 
+def test_interval_and_detectable_effect_agree_with_scipy() -> None:
+    differences = list(np.random.default_rng(3).normal(0.3, 0.5, 10))
+    mean, half_width = claims.interval(differences)
+    low, high = stats.t.interval(0.95, 9, loc=np.mean(differences), scale=stats.sem(differences))
+    assert mean == pytest.approx((low + high) / 2) and half_width == pytest.approx((high - low) / 2)
+    # The exact power of the two-sided paired t test (noncentral t) at the detectable effect is 80 %.
+    effect = claims.detectable_effect(differences)
+    noncentrality = effect / np.std(differences, ddof=1) * np.sqrt(10)
+    critical = stats.t.ppf(0.975, 9)
+    power = stats.nct.sf(critical, 9, noncentrality) + stats.nct.cdf(-critical, 9, noncentrality)
+    assert power == pytest.approx(0.8, abs=0.005)
+
+
 def _results() -> pd.DataFrame:
     rows = []
     for seed, (baseline, kd, ece_base, ece_cal) in enumerate([(80.0, 81.0, 5.0, 4.0), (82.0, 83.5, 6.0, 5.5),
@@ -42,6 +56,8 @@ def test_claims_table_pairs_runs_by_seed() -> None:
     kd = table.loc["KD beats the baseline"]
     assert kd["n"] == 3 and kd["difference"] == f"{np.mean([1.0, 1.5, 1.0]):.2f} ± {np.std([1, 1.5, 1], ddof=1):.2f}"
     assert kd["method"] == "kd: 82.17 ± 1.26" and kd["verdict"] == "holds"
+    low, high = stats.t.interval(0.95, 2, loc=np.mean([1.0, 1.5, 1.0]), scale=stats.sem([1.0, 1.5, 1.0]))
+    assert kd["95 % interval"] == f"[{low:.2f}, {high:.2f}]" and kd["paper"] == "-"
     assert table.loc["`--cal` lowers classwise ECE", "verdict"] == "holds"
     assert table.loc["`--cal` raises Difficult mAP", "verdict"] == "within noise"
     assert table.loc["UD beats UD without attention", "verdict"] == "not measured"  # no such runs

@@ -119,7 +119,7 @@ def test_every_entry_point_has_the_same_dataset_flags_and_the_default_digits_set
         helps.append({flag: blocks[flag] for flag in flags})
         assert {"--train-split", "--val-split"} <= set(blocks) if script is train else "--split" in blocks
         source = data_source(args, "digits")
-        assert source.options == {"num_trainval": 3000, "num_test": 1000, "seed": 0}
+        assert source.options == {"num_trainval": 3000, "num_test": 1000, "seed": 0, "ambiguous": False}
         assert default_data_dir("digits", *source.options.values()) == default_data_dir("digits")
     assert helps[0] == helps[1] == helps[2]
 

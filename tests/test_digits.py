@@ -186,3 +186,32 @@ def test_val_split_is_added_on_demand_leaving_trainval_and_test_as_they_were(sma
     calls = len(pools)
     build_dataset("digits", root, "val", **SMALL)
     assert len(pools) == calls
+
+
+def test_ambiguous_set_is_a_set_of_its_own_with_more_difficult_digits(small, tmp_path, monkeypatch):
+    root = ensure_digits(str(tmp_path / "ambiguous"), **SMALL, ambiguous=True)
+    with open(os.path.join(small, ".complete")) as f:
+        assert "ambiguous" not in f.read()  # the default set's marker, and so its cache, stay as they were
+    with pytest.raises(DatasetError, match="generated with"):
+        ensure_digits(root, **SMALL)
+    rates = {}
+    for name, path in (("default", small), ("ambiguous", root)):
+        samples, _ = load_voc(path, "trainval")
+        rates[name] = sum(s.difficult.sum() for s in samples) / sum(s.target.sum() for s in samples)
+    assert rates["ambiguous"] > rates["default"]
+    monkeypatch.setenv("UDTIMM_CACHE", str(tmp_path / "cache"))
+    assert default_data_dir("digits", ambiguous=True) == str(tmp_path / "cache" / "digits-ambiguous")
+    assert default_data_dir("digits", 1500, 1000, 3, True).endswith("digits-1500-1000-seed3-ambiguous")
+
+
+@pytest.mark.parametrize("degradation", digits_module.DEGRADATIONS)
+def test_every_degraded_digit_is_difficult(degradation, monkeypatch):
+    monkeypatch.setattr(digits_module, "_DEGRADED_SHARE", 1.0)
+    monkeypatch.setattr(digits_module, "DEGRADATIONS", (degradation,))
+    glyphs, labels = digits_module._glyphs()
+    rng = np.random.default_rng(5)
+    for _ in range(10):
+        _, objects = digits_module._compose(rng, glyphs, labels, np.arange(len(glyphs)), 64, 96, ambiguous=True)
+        assert objects and all(obj["difficult"] for obj in objects)
+        if degradation == "tiny":  # ink of at most 10 % of a 96 px side, plus a pixel of upscaling
+            assert all(obj["box"][3] - obj["box"][1] + 1 <= 11 for obj in objects)

@@ -32,6 +32,8 @@ def teachers(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> dict
 @pytest.mark.parametrize(("flags", "method", "terms"), [
     (["--method", "ud"], "ud-gradcam", ("train_kd", "train_kd_cal", "train_attention")),
     (["--method", "ud", "--att-variant", "paper"], "ud", ("train_kd", "train_kd_cal", "train_attention")),
+    (["--method", "ud", "--att-variant", "paper", "--att-distance", "norm"], "ud-norm",
+     ("train_kd", "train_kd_cal", "train_attention")),
     (["--method", "ud", "--att-weight", "0"], "ud-noatt", ("train_kd", "train_kd_cal")),
     (["--method", "kd"], "kd", ("train_kd",)),
 ])
@@ -119,6 +121,16 @@ def test_the_python_api_builds_attention_maps_as_distill_py_does_by_default() ->
         "DistillationObjective": inspect.signature(DistillationObjective).parameters["attention_form"].default,
     }
     assert defaults == dict.fromkeys(defaults, form)
+
+
+@pytest.mark.parametrize(("flags", "method"), [
+    ([], "ud-gradcam"), (["--att-distance", "norm"], "ud-gradcam-norm"),
+    (["--att-distance", "norm", "--att-weight", "0"], "ud-noatt"),
+    (["--self-distill", "--att-variant", "paper", "--att-distance", "norm"], "self-ud-norm"),
+])
+def test_the_method_column_names_the_attention_distance(flags, method) -> None:
+    teacher = [] if "--self-distill" in flags else ["--teacher-ckpt", "t.safetensors"]
+    assert distill.method_name(distill.parse_args([*teacher, *flags])) == method
 
 
 def test_distill_needs_a_teacher_or_self_distill() -> None:

@@ -112,14 +112,15 @@ def ref_softmax_kd(s, t, temperature=3.0):
     return total / s.shape[0] * temperature**2
 
 
-def ref_attention(a_s, a_t):
+def ref_attention(a_s, a_t, distance="squared"):
     total = 0
     for b in range(a_s.shape[0]):
         s = a_s[b].flatten()
         t = a_t[b].flatten()
         s = s / torch.sqrt(sum(v * v for v in s))
         t = t / torch.sqrt(sum(v * v for v in t))
-        total = total + sum((t[k] - s[k]) ** 2 for k in range(len(s)))
+        squared = sum((t[k] - s[k]) ** 2 for k in range(len(s)))
+        total = total + (squared if distance == "squared" else torch.sqrt(squared))
     return total / a_s.shape[0]
 
 
@@ -398,6 +399,22 @@ def test_attention_loss_matches_reference():
     assert loss16.dtype == torch.float32
     # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
     torch.testing.assert_close(loss16, ref_attention(a_s.bfloat16().double(), a_t.bfloat16().double()).float())
+
+
+def test_attention_loss_norm_matches_reference():
+    g = torch.Generator().manual_seed(7)
+    a_s = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    a_t = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
+    loss, grad = _value_and_grad(lambda s, t: attention_distillation_loss(s, t, "norm"), a_s.float(), a_t.float())
+    ref_loss, ref_grad = _value_and_grad(lambda s, t: ref_attention(s, t, "norm"), a_s, a_t)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    # Equal maps: loss 0 and a finite (zero) gradient, not the NaN of the norm's derivative at 0.
+    same, same_grad = _value_and_grad(lambda s, t: attention_distillation_loss(s, t, "norm"), a_t.float(),
+                                      a_t.float())
+    assert same.item() == pytest.approx(0.0, abs=1e-5) and torch.isfinite(same_grad).all()
+    with pytest.raises(ValueError, match="unknown attention distance 'cube'"):
+        attention_distillation_loss(a_s, a_t, "cube")
 
 
 def test_attention_loss_zero_for_identical_maps_and_scale_invariant():

@@ -22,8 +22,9 @@ def test_training_settings_carry_every_shared_flag_with_its_value() -> None:
 
 
 def test_digits_options_reach_the_data_source() -> None:
-    args = train.parse_args(["--digits-trainval", "50", "--digits-test", "20", "--digits-seed", "3"])
-    assert config.data_source(args).options == {"num_trainval": 50, "num_test": 20, "seed": 3}
+    args = train.parse_args(["--digits-trainval", "50", "--digits-test", "20", "--digits-seed", "3",
+                             "--digits-ambiguous"])
+    assert config.data_source(args).options == {"num_trainval": 50, "num_test": 20, "seed": 3, "ambiguous": True}
     assert config.data_source(args, "voc2007").options == {}
 
 

@@ -103,6 +103,9 @@ def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, datase
     group.add_argument("--digits-seed", type=int, default=DIGITS_SEED,
                        help="digits: scene seed; any seed but 0 makes a pretraining set whose glyphs are all "
                             "trainval glyphs of the default (seed 0) set, never its test glyphs")
+    group.add_argument("--digits-ambiguous", action="store_true",
+                       help="digits: a set whose difficult digits are ambiguous (tiny, blurred, faint or covered; "
+                            "docs/datasets.md#digits), in a folder of its own")
 
 
 def add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -343,8 +346,8 @@ def settings_from(cls: type[Settings], args: argparse.Namespace, **given: object
 def data_source(args: argparse.Namespace, name: str | None = None) -> DataSource:
     """The dataset `name` (default --dataset) at --data-dir; digits with its --digits-* options."""
     name = name or args.dataset
-    options = {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed} \
-        if name == "digits" else {}
+    options = {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed,
+               "ambiguous": args.digits_ambiguous} if name == "digits" else {}
     return DataSource(name, args.data_dir, options)
 
 

@@ -132,8 +132,11 @@ def softmax_kd_loss(student_cal_logits: Tensor, teacher_cal_logits: Tensor, temp
     return (log_t.exp() * (log_t - log_s)).sum(dim=1).mean() * temperature**2
 
 
-def attention_distillation_loss(student_maps: Tensor, teacher_maps: Tensor) -> Tensor:
-    """Eq. 17: mean over samples of ||A_T - A_S||^2 between L2-normalised maps [B, H, W]."""
+ATTENTION_DISTANCES = ("squared", "norm")
+
+
+def attention_distillation_loss(student_maps: Tensor, teacher_maps: Tensor, distance: str = "squared") -> Tensor:
+    """Eq. 17: mean over samples of ||A_T - A_S|| ("norm", as written) or its square, L2-normalised maps [B, H, W]."""
     teacher = teacher_maps.detach().float()
     student = student_maps.float()
     if student.shape[-2:] != teacher.shape[-2:]:
@@ -141,4 +144,10 @@ def attention_distillation_loss(student_maps: Tensor, teacher_maps: Tensor) -> T
     # Teacher and student have different channel counts, so only the shape of the maps is comparable.
     teacher = F.normalize(teacher.flatten(1), dim=1)
     student = F.normalize(student.flatten(1), dim=1)
-    return (teacher - student).pow(2).sum(dim=1).mean()
+    squared = (teacher - student).pow(2).sum(dim=1)
+    if distance == "squared":
+        return squared.mean()
+    if distance != "norm":
+        raise ValueError(f"unknown attention distance {distance!r}; choose one of {', '.join(ATTENTION_DISTANCES)}")
+    # The norm's gradient is undefined at equal maps; the floor makes it 0 there instead of NaN.
+    return squared.clamp_min(1e-12).sqrt().mean()

@@ -43,6 +43,7 @@ class DistillOptions:
     temperature: float = 3.0  # --temperature: T of Eq. 13-14
     dist_weight: float = 0.5  # --dist-weight: alpha, the weight of Eq. 14
     att_weight: float = 0.5  # --att-weight: beta, the weight of Eq. 17
+    att_distance: str = "squared"  # --att-distance: Eq. 17's norm as written, or its square
     gt_weight: float = 0.0  # --gt-weight: the weight of a ground-truth L_b + lambda L_ps
     cal_weight: float = 0.1  # --cal-weight: lambda of that ground-truth term
 
@@ -135,6 +136,7 @@ class DistillationObjective:
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = options.temperature
         self.dist_weight, self.att_weight, self.gt_weight = options.dist_weight, options.att_weight, options.gt_weight
+        self.att_distance = options.att_distance
         self.supervised = SupervisedObjective("bce", cal=self.uses_calibration, cal_weight=options.cal_weight,
                                               difficult=difficult)
         self.autocast = autocast
@@ -172,7 +174,7 @@ class DistillationObjective:
             terms["kd_cal"] = losses.softmax_kd_loss(out.cal_logits, teacher_cal, self.temperature)
             total = total + self.ramp * self.dist_weight * terms["kd_cal"]
             if self.uses_attention:
-                terms["attention"] = losses.attention_distillation_loss(out.attention, teacher_maps)
+                terms["attention"] = losses.attention_distillation_loss(out.attention, teacher_maps, self.att_distance)
                 total = total + self.ramp * self.att_weight * terms["attention"]
         if self.gt_weight > 0:
             target, mask = losses.apply_difficult_policy(target, difficult, self.supervised.difficult)

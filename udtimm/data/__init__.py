@@ -61,12 +61,13 @@ class CsvSpec(DatasetSpec):
 
 
 def digits_cache_dir(num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST, seed: int = DIGITS_SEED,
-                     **_: Any) -> str:
-    """The digits folder under $UDTIMM_CACHE; a set of another size or seed gets its own, never clashing."""
+                     ambiguous: bool = False, **_: Any) -> str:
+    """The digits folder under $UDTIMM_CACHE; a set of another size, seed or kind gets its own, never clashing."""
     cache = os.environ.get("UDTIMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "udtimm")
-    if (num_trainval, num_test, seed) == (DIGITS_TRAINVAL, DIGITS_TEST, DIGITS_SEED):
-        return os.path.join(cache, "digits")
-    return os.path.join(cache, f"digits-{num_trainval}-{num_test}" + (f"-seed{seed}" if seed else ""))
+    name = "digits"
+    if (num_trainval, num_test, seed) != (DIGITS_TRAINVAL, DIGITS_TEST, DIGITS_SEED):
+        name += f"-{num_trainval}-{num_test}" + (f"-seed{seed}" if seed else "")
+    return os.path.join(cache, name + ("-ambiguous" if ambiguous else ""))
 
 
 def load_digits(root: str, split: str, **options: Any) -> tuple[list[Sample], list[str]]:
@@ -87,10 +88,10 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def default_data_dir(name: str, num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST,
-                     seed: int = DIGITS_SEED) -> str | None:
+                     seed: int = DIGITS_SEED, ambiguous: bool = False) -> str | None:
     """Where `name` lives when no --data-dir is given, or None when it has no default (only digits has one)."""
     spec = DATASETS[name]
-    return spec.default_root(num_trainval, num_test, seed) if spec.default_root else None
+    return spec.default_root(num_trainval, num_test, seed, ambiguous) if spec.default_root else None
 
 
 def build_dataset(

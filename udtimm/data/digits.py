@@ -5,11 +5,15 @@ image, onto cluttered backgrounds and written once, deterministically from a see
 the default dataset exercises the same loader as real VOC. A digit that is small, cut by the border or mostly
 covered by a later digit is marked difficult, as VOC does.
 
+`ambiguous=True` (`--digits-ambiguous`) makes the difficult digits really ambiguous, as VOC's are: no digit is merely
+small; a share of them is degraded until it can hardly be read (tiny below what the network resolves, blurred,
+faint or covered) and marked difficult. The default set does not change.
+
 Splits: `trainval` and `test` (test scenes use handwritten samples that trainval never shows), and a held-out `val`
 split (half as many scenes as test), written beside them the first time it is asked for: new scenes composed from
 the trainval samples, for choosing what training must not see (per-class thresholds, validate.py --tune-thresholds).
 
-    python -m udtimm.data.digits --out DIR [--num-trainval N] [--num-test N] [--seed S]
+    python -m udtimm.data.digits --out DIR [--num-trainval N] [--num-test N] [--seed S] [--ambiguous]
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import shutil
 
 import numpy as np
 from PIL import Image
+from scipy import ndimage
 
 from udtimm.io import atomic_write_text
 
@@ -46,6 +51,13 @@ VAL_STREAM = 1  # the val split's scenes come from the generator seeded by (seed
 # Dark background with bright digits, or the reverse: luminance ranges keep every digit contrasting.
 _DARK, _BRIGHT = (15.0, 95.0), (160.0, 245.0)
 _LUMA = np.array([0.299, 0.587, 0.114])
+# ambiguous=True: the share of digits degraded (and marked difficult), and the degradations, drawn uniformly.
+_DEGRADED_SHARE = 0.3
+DEGRADATIONS = ("tiny", "blurred", "faint", "covered")
+_TINY_HEIGHT = (0.06, 0.1)  # 4-9 px in a 64-96 px scene: 3-6 px at 56 px, under one feature cell at stride 8
+_BLUR_SIGMA = (0.2, 0.3)  # Gaussian blur of the glyph, as a fraction of its height
+_FAINT_ALPHA = (0.08, 0.16)  # ink opacity: the digit is 8-16 % of the way from the background to the ink colour
+_COVER_RADIUS = (0.35, 0.5)  # an ellipse of background colour over the digit's centre, radii as fractions of its box
 
 
 def ensure_digits(
@@ -56,12 +68,14 @@ def ensure_digits(
     max_size: int = 96,
     seed: int = DIGITS_SEED,
     with_val: bool = False,
+    ambiguous: bool = False,
 ) -> str:
     """Generate the digits dataset under `root` unless it is already there; return `root` (absolute).
 
     Safe when several processes (distributed ranks) call it at once: one generates into a temporary sibling under
     an fcntl lock and renames it into place; the others wait and find it complete. A dataset made with other
     parameters raises DatasetError. `with_val` also writes the held-out `val` split if it is not there yet.
+    `ambiguous` degrades a share of the digits until they are ambiguous (the module's docstring).
     """
     if num_trainval < 1 or num_test < 1:
         raise ValueError(f"num_trainval and num_test must be >= 1, got {num_trainval} and {num_test}")
@@ -69,6 +83,8 @@ def ensure_digits(
         raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size} max_size={max_size}")
     params = {"format": FORMAT_VERSION, "num_trainval": num_trainval, "num_test": num_test,
               "min_size": min_size, "max_size": max_size, "seed": seed}
+    if ambiguous:  # only then: the marker of a default set stays as it was written
+        params["ambiguous"] = True
     root = os.path.abspath(os.path.expanduser(root))
     if _is_complete(root, params) and (not with_val or _has_val(root)):
         return root
@@ -163,7 +179,8 @@ def _write_split(voc: str, split: str, first_id: int, count: int, rng: np.random
     """`count` scenes with ids from `first_id`: images, annotations, and the split file last."""
     ids = []
     for image_id in (f"{number:06d}" for number in range(first_id, first_id + count)):
-        image, objects = _compose(rng, glyphs, labels, pool, params["min_size"], params["max_size"])
+        image, objects = _compose(rng, glyphs, labels, pool, params["min_size"], params["max_size"],
+                                  params.get("ambiguous", False))
         Image.fromarray(image).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"), quality=90)
         with open(os.path.join(voc, "Annotations", f"{image_id}.xml"), "wb") as f:
             f.write(_annotation_xml(image_id, image.shape[1], image.shape[0], objects))
@@ -192,7 +209,8 @@ def _generate_val(root: str, params: dict) -> None:
 
 
 def _compose(
-    rng: np.random.Generator, glyphs: np.ndarray, labels: np.ndarray, pool: np.ndarray, min_size: int, max_size: int
+    rng: np.random.Generator, glyphs: np.ndarray, labels: np.ndarray, pool: np.ndarray, min_size: int, max_size: int,
+    ambiguous: bool = False,
 ) -> tuple[np.ndarray, list[dict]]:
     """One scene: uint8 [H, W, 3] image and its objects (class, 1-based VOC box, truncated, difficult)."""
     width = int(rng.integers(min_size, max_size + 1))
@@ -222,25 +240,35 @@ def _compose(
         image += alpha[..., None] * (_colour(rng, bg_range) - image)
 
     # Digits, pasted in order; later ones may cover earlier ones.
-    placed = []  # (class, full alpha, x0, y0, box height)
+    placed = []  # (class, full alpha, x0, y0, box height, degraded)
     covered = np.zeros((height, width), dtype=bool)
     for _ in range(int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15])) + 1):
         g = int(rng.choice(pool))
-        h = max(4, round(rng.uniform(_MIN_HEIGHT, _MAX_HEIGHT) * side))
+        degradation = str(rng.choice(DEGRADATIONS)) if ambiguous and rng.random() < _DEGRADED_SHARE else None
+        # An ambiguous set has no digit that is merely small: small is tiny, and tiny is a degradation.
+        height_range = _TINY_HEIGHT if degradation == "tiny" else (_SMALL_HEIGHT if ambiguous else _MIN_HEIGHT,
+                                                                    _MAX_HEIGHT)
+        h = max(4, round(rng.uniform(*height_range) * side))
         w = max(3, round(h * rng.uniform(0.7, 1.0)))
         alpha = np.clip((_upscale(glyphs[g], w, h) - 0.1) / 0.6, 0, 1)  # sharper strokes than the plain upscale
+        if degradation == "blurred":
+            alpha = ndimage.gaussian_filter(alpha, rng.uniform(*_BLUR_SIGMA) * h)
+            alpha /= max(float(alpha.max()), 1e-6) / 0.8
         x0, y0 = _place(rng, w, h, width, height, covered)
         ys, xs, gys, gxs = _overlap(x0, y0, w, h, width, height)
-        image[ys, xs] += alpha[gys, gxs, None] * (_colour(rng, ink_range) - image[ys, xs])
+        opacity = rng.uniform(*_FAINT_ALPHA) if degradation == "faint" else 1.0
+        image[ys, xs] += opacity * alpha[gys, gxs, None] * (_colour(rng, ink_range) - image[ys, xs])
+        if degradation == "covered":
+            _cover(rng, image, x0, y0, w, h, bg_range)
         covered[ys, xs] |= alpha[gys, gxs] > _INK
-        placed.append((int(labels[g]), alpha, x0, y0, h))
+        placed.append((int(labels[g]), alpha, x0, y0, h, degradation is not None))
 
     image += rng.standard_normal(image.shape, dtype=np.float32) * rng.uniform(2, 8)
     image = np.clip(image + 0.5, 0, 255).astype(np.uint8)
 
     objects = []
     later_ink = np.zeros((height, width), dtype=bool)  # ink of the digits pasted after the current one
-    for cls, alpha, x0, y0, h in reversed(placed):
+    for cls, alpha, x0, y0, h, degraded in reversed(placed):
         ink = alpha > _INK
         ys, xs, gys, gxs = _overlap(x0, y0, ink.shape[1], ink.shape[0], width, height)
         visible = ink[gys, gxs]
@@ -256,7 +284,8 @@ def _compose(
             "box": (xs.start + cols.min() + 1, ys.start + rows.min() + 1, xs.start + cols.max() + 1,
                     ys.start + rows.max() + 1),
             "truncated": int(inside < 1),
-            "difficult": int(h < _SMALL_HEIGHT * side or inside < _MIN_INSIDE or occluded > _MAX_OCCLUDED),
+            "difficult": int(degraded or h < _SMALL_HEIGHT * side or inside < _MIN_INSIDE
+                             or occluded > _MAX_OCCLUDED),
         })
     return image, objects[::-1]
 
@@ -266,6 +295,17 @@ def _colour(rng: np.random.Generator, luma_range: tuple[float, float]) -> np.nda
     c = rng.uniform(0, 255, 3)
     c += rng.uniform(*luma_range) - c @ _LUMA
     return np.clip(c, 0, 255).astype(np.float32)
+
+
+def _cover(rng: np.random.Generator, image: np.ndarray, x0: int, y0: int, w: int, h: int,
+           bg_range: tuple[float, float]) -> None:
+    """Paint an ellipse of a background colour over the centre of the box (x0, y0, w, h), in place."""
+    height, width = image.shape[:2]
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    rx, ry = (rng.uniform(*_COVER_RADIUS) * side for side in (w, h))
+    r = np.hypot((xx - x0 - w / 2) / rx, (yy - y0 - h / 2) / ry)
+    alpha = np.clip((1 - r) * min(rx, ry), 0, 1)
+    image += alpha[..., None] * (_colour(rng, bg_range) - image)
 
 
 def _upscale(glyph: np.ndarray, w: int, h: int) -> np.ndarray:
@@ -341,9 +381,11 @@ def main() -> None:
     parser.add_argument("--min-size", type=int, default=64)
     parser.add_argument("--max-size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=DIGITS_SEED)
+    parser.add_argument("--ambiguous", action="store_true", help="degrade a share of the digits until ambiguous")
     args = parser.parse_args()
     try:
-        root = ensure_digits(args.out, args.num_trainval, args.num_test, args.min_size, args.max_size, args.seed)
+        root = ensure_digits(args.out, args.num_trainval, args.num_test, args.min_size, args.max_size, args.seed,
+                             ambiguous=args.ambiguous)
     except DatasetError as e:
         parser.exit(1, f"error: {e}\n")
     print(root)
