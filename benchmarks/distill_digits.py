@@ -30,7 +30,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import pandas as pd
 
@@ -112,23 +112,32 @@ def pretrained_cache(args: argparse.Namespace) -> str:
     return os.path.join(cache, "pretrained")
 
 
-def plan(args: argparse.Namespace) -> list[Job]:
-    """Every run, each after the runs it needs: the two pretraining runs, then seed by seed the teacher and the
-    student arms."""
+def needs_teacher(arm: tuple[str, tuple[str, ...]]) -> bool:
+    name, flags = arm
+    return name == "distill.py" and "--self-distill" not in flags
+
+
+def plan(args: argparse.Namespace, arms: Mapping[str, tuple[str, tuple[str, ...]]] | None = None) -> list[Job]:
+    """Every run, each after the runs it needs: the pretraining runs, then seed by seed the teacher (when an arm
+    needs one) and the student `arms` (default: ARMS named by --arms)."""
+    arms = arms if arms is not None else {arm: ARMS[arm] for arm in ARMS if arm in args.arms}
+    with_teacher = any(needs_teacher(arm) for arm in arms.values())
     cache = pretrained_cache(args)
     jobs, pretrained = [], {}
-    for role, model in (("teacher", TEACHER), ("student", STUDENT)):
+    roles = {"teacher": TEACHER, "student": STUDENT} if with_teacher else {"student": STUDENT}
+    for role, model in roles.items():
         name = f"digits-seed1-56px-os8-{role}-e{args.pretrain_epochs}"
         pretrained[role] = os.path.join(cache, name, "best.safetensors")
         jobs.append(Job(f"pretrain-{role}", script("train.py", cache, name, *model, *PRETRAIN_DATA, "--epochs",
                                                    str(args.pretrain_epochs)), os.path.join(cache, name)))
     for seed in args.seeds:
-        jobs += seed_jobs(args, seed, pretrained)
+        jobs += seed_jobs(args, seed, pretrained, arms)
     return jobs
 
 
-def seed_jobs(args: argparse.Namespace, seed: int, pretrained: dict[str, str]) -> list[Job]:
-    """One replicate: the teacher, then the student arms, all with `seed`."""
+def seed_jobs(args: argparse.Namespace, seed: int, pretrained: dict[str, str],
+              arms: Mapping[str, tuple[str, tuple[str, ...]]]) -> list[Job]:
+    """One replicate: the teacher if an arm needs it, then the student arms, all with `seed`."""
     out = os.path.abspath(args.out)
     teacher = f"teacher-seed{seed}"
 
@@ -137,11 +146,10 @@ def seed_jobs(args: argparse.Namespace, seed: int, pretrained: dict[str, str]) -
                                       str(seed), *args.extra), os.path.join(out, experiment), needs)
 
     jobs = [job(teacher, "train.py", args.epochs, (*TEACHER, "--cal", "--pretrained-path", pretrained["teacher"]),
-                ("pretrain-teacher",))]
-    for arm in (arm for arm in ARMS if arm in args.arms):
-        name, flags = ARMS[arm]
+                ("pretrain-teacher",))] if "teacher" in pretrained else []
+    for arm, (name, flags) in arms.items():
         self_distill = "--self-distill" in flags
-        with_teacher = name == "distill.py" and not self_distill
+        with_teacher = needs_teacher((name, flags))
         start = (*STUDENT, "--pretrained-path", pretrained["student"], *flags)
         jobs.append(job(f"{arm}-seed{seed}", name, 2 * args.epochs if self_distill else args.epochs,
                         (*start, *(("--teacher-ckpt", os.path.join(out, teacher, "best.safetensors"))
