@@ -109,7 +109,7 @@ def make_objective(args: argparse.Namespace, teacher: CalibratedModel, teacher_m
         teacher, config.settings_from(DistillOptions, args), args.difficult, autocast=accelerator.autocast,
         teacher_input=teacher_input,
         attention_form=ATTENTION_VARIANTS[args.att_variant], warmup_epochs=args.distill_warmup_epochs,
-        first_epoch=first_epoch)
+        first_epoch=first_epoch, unknown=args.unknown)
 
 
 def self_distillation(args: argparse.Namespace, run_dir: str, class_names: list[str],
@@ -129,7 +129,8 @@ def self_distillation(args: argparse.Namespace, run_dir: str, class_names: list[
                           f"(epoch {teacher_metadata['epoch']}), cosine restart")
         return make_objective(args, teacher, teacher_metadata, student_norm, accelerator, "ud", half)
 
-    supervised = SupervisedObjective("bce", cal=True, cal_weight=args.cal_weight, difficult=args.difficult)
+    supervised = SupervisedObjective("bce", cal=True, cal_weight=args.cal_weight, difficult=args.difficult,
+                                     unknown=args.unknown)
     return SelfDistillationObjective(supervised, half, make_distillation)
 
 

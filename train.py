@@ -70,7 +70,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                                   data.img_size, mean, std, dataset=data.source.name, method=method, teacher="",
                                   model_kwargs=args.model_kwargs)
         objective = SupervisedObjective(args.loss, args.cal, args.cal_weight, data.difficult,
-                                        config.settings_from(LossOptions, args))
+                                        config.settings_from(LossOptions, args), data.unknown)
         setup = RunSetup(
             run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,

@@ -48,9 +48,9 @@ def data_settings(args: argparse.Namespace, gpu_decode: bool) -> DataSettings:
     return DataSettings(
         source=DataSource(args.dataset, args.data_dir, options), train_split="train", val_split="test",
         img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, reprob=0.5, hflip=0.5,
-        crop_scales=(1.0, 0.875, 0.75, 0.66, 0.5), aa=None, cutout=0.0, difficult="positive",
-        eval_difficult_negative=False, skip_corrupt=False, gpu_decode=gpu_decode, prefetch=None, test_split="test",
-        select_on_test=True, holdout_fraction=0.1, holdout_seed=0)
+        crop_scales=(1.0, 0.875, 0.75, 0.66, 0.5), aa=None, cutout=0.0, difficult="positive", unknown="ignore",
+        drop_labels=0.0, drop_labels_seed=0, eval_difficult_negative=False, skip_corrupt=False, gpu_decode=gpu_decode,
+        prefetch=None, test_split="test", select_on_test=True, holdout_fraction=0.1, holdout_seed=0)
 
 
 def fed(args: argparse.Namespace, gpu_decode: bool, train: bool, ahead: int, device: torch.device,

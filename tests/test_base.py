@@ -13,9 +13,11 @@ from udtimm.data.base import (
     DatasetError,
     MultiLabelDataset,
     Sample,
+    drop_labels,
     hold_out,
     pil_pixels,
     read_image,
+    unknown_only_classes,
 )
 
 # 16-bit values and their high bytes (v >> 8), worked out by hand: 256 is 0x0100, 32767 is 0x7FFF, 4095 is 0x0FFF.
@@ -106,3 +108,38 @@ def test_hold_out_refuses_a_fraction_that_leaves_nothing_to_train_on() -> None:
     assert len(hold_out(listed(["a", "b", "c"]), 0.01, seed=0)[1]) == 1  # at least one image chooses
     with pytest.raises(DatasetError, match="voc2007:trainval: 1 image"):
         hold_out(listed(["a"]), 0.5, seed=0)
+
+
+def _labelled(count: int, classes: int = 3) -> MultiLabelDataset:
+    rng = np.random.default_rng(0)
+    samples = [Sample(f"{index:03d}", f"/x/{index}.jpg", (rng.random(classes) < 0.4).astype(np.float32),
+                      rng.random(classes) < 0.2) for index in range(count)]
+    return MultiLabelDataset(samples, [f"c{index}" for index in range(classes)], name="t")
+
+
+def test_drop_labels_hides_the_same_share_of_every_class_whatever_the_order() -> None:
+    dataset = _labelled(40)
+    dropped = drop_labels(dataset, 0.25, seed=3)
+    hidden = np.stack([s.target for s in dropped.samples]) == -1
+    assert hidden.sum(axis=0).tolist() == [10, 10, 10]  # round(0.25 * 40) per class, positives and negatives alike
+    before = np.stack([s.target for s in dataset.samples])
+    assert (before[hidden] == 1).any() and (before[hidden] == 0).any()
+    after = np.stack([s.target for s in dropped.samples])
+    assert np.array_equal(after[~hidden], before[~hidden])
+    assert not np.stack([s.difficult for s in dropped.samples])[hidden].any()  # nobody annotated it
+    # The same images whatever the order the split lists them in, another set with another seed.
+    shuffled = MultiLabelDataset(dataset.samples[::-1], dataset.classes, name="t")
+    assert {s.image_id: s.target.tolist() for s in drop_labels(shuffled, 0.25, seed=3).samples} == \
+        {s.image_id: s.target.tolist() for s in dropped.samples}
+    assert not np.array_equal(np.stack([s.target for s in drop_labels(dataset, 0.25, seed=4).samples]), after)
+    assert np.array_equal(np.stack([s.target for s in drop_labels(dataset, 0.0, seed=3).samples]), before)
+    with pytest.raises(DatasetError, match="--drop-labels .* in \\[0, 1\\): got 1"):
+        drop_labels(dataset, 1, seed=3)
+
+
+def test_unknown_only_classes() -> None:
+    dataset = _labelled(4)
+    for sample in dataset.samples:
+        sample.target[1] = -1.0
+    assert unknown_only_classes(dataset) == ["c1"]
+    assert unknown_only_classes(MultiLabelDataset([], ["a"], name="empty")) == []

@@ -67,7 +67,10 @@ def test_one_hot_format(root):
          r"train\.csv line 4: image 'img/a.jpg' is listed twice \(first at line 2\)"),
         ("image,labels,extra\nimg/a.jpg,cat,1\n", r"train\.csv line 1: unexpected columns \['extra'\]"),
         ("path,labels\nimg/a.jpg,cat\n", r"train\.csv line 1: no 'image' column"),
-        ("image,cat,dog\nimg/a.jpg,1,0\nimg/b.jpg,0,2\n", r"train\.csv line 3: column 'dog' is '2', expected 0 or 1"),
+        ("image,cat,dog\nimg/a.jpg,1,0\nimg/b.jpg,0,2\n", r"train\.csv line 3: column 'dog' is '2', expected 1, 0,"),
+        ("image,cat,dog\nimg/a.jpg,1,?\n", r"train\.csv line 2: column 'dog' is '\?', expected 1, 0, or -1"),
+        ("image,labels,unknown\nimg/a.jpg,cat,cat\n", r"train\.csv line 2: class 'cat' is listed as unknown and also"),
+        ("image,labels,unknown\nimg/a.jpg,cat,cow\n", r"train\.csv line 2: unknown class 'cow' in column 'unknown'"),
         ("image,cat,cow\nimg/a.jpg,1,0\n", r"train\.csv line 1: .*unknown: \['cow'\]; missing: \['dog'\]"),
         ("image,labels\n", r"train\.csv lists no images"),
     ],
@@ -77,6 +80,17 @@ def test_errors_name_the_line(root, content, message):
     (root / "train.csv").write_text(content)
     with pytest.raises(DatasetError, match=message):
         load_csv(str(root), "train")
+
+
+def test_unknown_labels_in_both_formats(root):
+    (root / "classes.txt").write_text("cat\ndog\nfish\n")
+    (root / "train.csv").write_text("image,cat,dog,fish\nimg/a.jpg,1,,0\nimg/b.jpg,-1,0,1\n")
+    (root / "test.csv").write_text("image,labels,unknown\nimg/a.jpg,dog,cat;fish\nimg/b.jpg,,\n")
+    train, _ = load_csv(str(root), "train")
+    assert [s.target.tolist() for s in train] == [[1, -1, 0], [-1, 0, 1]]
+    test, _ = load_csv(str(root), "test")
+    assert [s.target.tolist() for s in test] == [[-1, 1, -1], [0, 0, 0]]
+    assert not any(s.difficult.any() for s in (*train, *test))  # unknown is a state of its own, not difficult
 
 
 def test_missing_split_and_no_classes(root):

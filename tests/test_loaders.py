@@ -60,3 +60,15 @@ def test_the_selection_split_shares_no_image_with_training_or_the_test_split(tin
     assert not image_paths(kept) & image_paths(held) and test.name == "digits:test"
     with pytest.raises(ConfigError, match="--val-split trainval and --train-split train share 96 image"):
         loaders.load_datasets(tiny_settings(tiny_digits, "--val-split", "trainval"), accelerator)
+
+
+def test_drop_labels_hides_training_labels_only(tiny_digits: str, capsys) -> None:
+    accelerator = devices.make_accelerator()
+    for selection in ((), ("--val-split", "holdout")):
+        train_set, eval_set, test_set = loaders.load_datasets(
+            tiny_settings(tiny_digits, "--drop-labels", "0.5", "--drop-labels-seed", "2", *selection), accelerator)
+        hidden = (torch.stack([torch.from_numpy(s.target) for s in train_set.samples]) == -1).sum(0)
+        assert hidden.tolist() == [round(0.5 * len(train_set))] * len(train_set.classes)
+        for dataset in (eval_set, test_set):  # the splits that choose and report keep every label
+            assert all((s.target >= 0).all() for s in dataset.samples)
+    assert "warning" not in capsys.readouterr().out

@@ -8,7 +8,8 @@ import torch.nn.functional as F
 
 from udtimm.losses import (
     DIFFICULT_POLICIES,
-    apply_difficult_policy,
+    UNKNOWN_POLICIES,
+    apply_label_policies,
     asymmetric_loss,
     attention_distillation_loss,
     bce_loss,
@@ -306,20 +307,53 @@ def test_partial_softmax_at_10k_classes_matches_eq11_per_sample():
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-7)
 
 
-def test_apply_difficult_policy():
+def test_apply_label_policies():
     target = torch.tensor([[1.0, 0.0, 1.0, 0.0]])
     difficult = torch.tensor([[False, False, True, False]])
     loose = torch.tensor([[1.0, 0.0, 0.0, 0.0]])  # a loader that stored 0 at the difficult pair
-    t, m = apply_difficult_policy(loose, difficult, "positive")
+    t, m = apply_label_policies(loose, difficult, "positive")
     assert t.tolist() == [[1, 0, 1, 0]] and m.all()
-    t, m = apply_difficult_policy(target, difficult, "negative")
+    t, m = apply_label_policies(target, difficult, "negative")
     assert t.tolist() == [[1, 0, 0, 0]] and m.all()
-    t, m = apply_difficult_policy(target, difficult, "ignore")
+    t, m = apply_label_policies(target, difficult, "ignore")
     assert t.tolist() == target.tolist() and m.tolist() == [[True, True, False, True]]
     assert t.dtype == torch.float32 and m.dtype == torch.bool
     assert DIFFICULT_POLICIES == ("positive", "ignore", "negative")
     with pytest.raises(ValueError, match="ignore"):
-        apply_difficult_policy(target, difficult, "drop")
+        apply_label_policies(target, difficult, "drop")
+
+
+def test_apply_label_policies_with_unknown_labels():
+    target = torch.tensor([[1.0, -1.0, 1.0, 0.0]])
+    difficult = torch.tensor([[False, False, True, False]])
+    t, m = apply_label_policies(target, difficult, "positive", "ignore")
+    assert t.tolist() == [[1, 0, 1, 0]] and m.tolist() == [[True, False, True, True]]
+    t, m = apply_label_policies(target, difficult, "ignore", "negative")
+    assert t.tolist() == [[1, 0, 1, 0]] and m.tolist() == [[True, True, False, True]]
+    assert UNKNOWN_POLICIES == ("ignore", "negative")
+    with pytest.raises(ValueError, match="--unknown policy 'teacher'"):
+        apply_label_policies(target, difficult, "positive", "teacher")
+
+
+def test_unknown_labels_in_bce_and_partial_softmax_by_hand():
+    z = torch.tensor([[2.0, -1.0, 0.5], [0.3, 0.2, -0.4]])
+    target = torch.tensor([[1.0, -1.0, 0.0], [-1.0, -1.0, -1.0]])  # the second image: nothing annotated
+    no_difficult = torch.zeros(2, 3, dtype=torch.bool)
+    ignored = apply_label_policies(target, no_difficult, "positive", "ignore")
+    softplus = F.softplus
+    # ignore: two pairs count; the image without a known label adds nothing.
+    assert bce_loss(z, *ignored).item() == pytest.approx(((softplus(-z[0, 0]) + softplus(z[0, 2])) / 2).item())
+    assert partial_softmax_loss(z, *ignored).item() == pytest.approx(softplus(z[0, 2] - z[0, 0]).item())
+    # negative: every pair counts, the unknown ones as absent.
+    negative = apply_label_policies(target, no_difficult, "positive", "negative")
+    expected = (softplus(-z[0, 0]) + softplus(z[0, 1]) + softplus(z[0, 2]) + softplus(z[1]).sum()) / 6
+    assert bce_loss(z, *negative).item() == pytest.approx(expected.item())
+    assert partial_softmax_loss(z, *negative).item() == pytest.approx(
+        softplus(torch.logsumexp(z[0, 1:], 0) - z[0, 0]).item())
+    # A batch of nothing but unknown labels: a zero loss, not NaN.
+    empty = apply_label_policies(torch.full((2, 3), -1.0), no_difficult, "positive", "ignore")
+    for loss in (bce_loss, partial_softmax_loss, asymmetric_loss, one_over_k_loss):
+        assert loss(z, *empty).item() == 0.0
 
 
 @pytest.mark.parametrize(
@@ -331,7 +365,7 @@ def test_ignored_pair_changes_nothing(name):
     target = torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1]])
     difficult = torch.zeros(3, 6, dtype=torch.bool)
     difficult[0, 2] = difficult[1, 3] = True  # one difficult positive, one difficult (stored) negative
-    target, mask = apply_difficult_policy(target, difficult, "ignore")
+    target, mask = apply_label_policies(target, difficult, "ignore")
 
     def loss_of(logits):
         return LABEL_LOSSES[name][0](logits, target, mask)

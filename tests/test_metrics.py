@@ -379,3 +379,46 @@ def test_everything_difficult_gives_nan_not_crash():
     assert metrics["num_classes_evaluated"] == 0.0
     assert math.isnan(metrics["map"]) and math.isnan(metrics["ece"])
     assert math.isnan(metrics["map_difficult"]) and math.isnan(metrics["cr"])
+
+
+# ---------------------------------------------------------------- unknown labels (docs/datasets.md#missing-labels)
+
+
+def test_unknown_pairs_are_left_out_of_every_metric_against_sklearn_and_torchmetrics():
+    scores, target, difficult = make_data(n=150, c=5, seed=12)
+    probs = off_edge_probs(150, 5, seed=12)
+    g = torch.Generator().manual_seed(12)
+    unknown = (torch.rand(150, 5, generator=g) < 0.3) & ~difficult
+    stored = target.masked_fill(unknown, -1.0)
+    keep = ~difficult & ~unknown
+    # AP of each class over its known, not difficult images only.
+    for column in range(5):
+        rows = keep[:, column]
+        expected = average_precision_score(target[rows, column].numpy(), scores[rows, column].numpy())
+        assert per_class_average_precision(scores, stored, difficult)[column].item() == pytest.approx(expected)
+    # F1 family: an unknown pair is neither a true nor a false positive.
+    y_true, y_pred = (target > 0.5).numpy(), (scores >= 0.5).numpy()
+    assert_metrics_close(threshold_metrics(scores, stored, difficult),
+                         sklearn_threshold_metrics(y_true, y_pred, keep.numpy()))
+    # With --eval-difficult-negative, difficult pairs count as negatives; unknown pairs still do not count.
+    as_negative = threshold_metrics(scores, stored, difficult, difficult_as_negative=True)
+    assert_metrics_close(as_negative, sklearn_threshold_metrics(((target > 0.5) & ~difficult).numpy(), y_pred,
+                                                                (~unknown).numpy()))
+    encoded = target.long().masked_fill(~keep, -1)
+    pooled = BinaryCalibrationError(n_bins=15, norm="l1", ignore_index=-1)(probs.flatten(), encoded.flatten()).item()
+    assert expected_calibration_error(probs, stored, difficult, classwise=False) == pytest.approx(100 * pooled,
+                                                                                                  abs=1e-4)
+    brier = brier_score_loss(target[keep].numpy(), probs[keep].numpy())
+    assert brier_score(probs, stored, difficult) == pytest.approx(100 * brier, abs=1e-9)
+    assert expected_calibration_error(probs, stored, difficult, n_bins=10) == pytest.approx(
+        eq2_classwise_ece(probs, target, difficult | unknown, 10), abs=1e-9)
+
+
+def test_unknown_labels_by_hand():
+    scores = torch.tensor([[0.9, 0.8], [0.7, 0.2], [0.4, 0.6], [0.1, 0.3]], dtype=torch.float64)
+    target = torch.tensor([[1.0, -1.0], [0.0, 1.0], [1.0, -1.0], [-1.0, 0.0]])
+    # Class 0 ranks (known) 0.9 +, 0.7 -, 0.4 +: AP = (1/1 + 2/3) / 2. Class 1 ranks 0.3 -, 0.2 +: AP = 1/2.
+    assert per_class_average_precision(scores, target, torch.zeros(4, 2, dtype=torch.bool)).tolist() == \
+        pytest.approx([(1 + 2 / 3) / 2, 0.5])
+    assert compute_metrics(scores, target, torch.zeros(4, 2, dtype=torch.bool))["brier"] == pytest.approx(
+        100 * ((0.1**2 + 0.7**2 + 0.6**2) + (0.8**2 + 0.3**2)) / 5)

@@ -63,7 +63,7 @@ def test_an_ignored_pair_changes_neither_term_of_eq12() -> None:
     target = torch.tensor([[1.0, 0, 1, 0, 0, 0], [0, 1, 0, 0, 1, 0], [1, 0, 0, 0, 0, 1]])
     difficult = torch.zeros(3, 6, dtype=torch.bool)
     difficult[0, 2] = difficult[1, 3] = True  # one difficult positive, one difficult (stored) negative
-    target, mask = losses.apply_difficult_policy(target, difficult, "ignore")
+    target, mask = losses.apply_label_policies(target, difficult, "ignore")
     objective = SupervisedObjective("bce", cal=True)
 
     def loss_of(logits: torch.Tensor) -> torch.Tensor:
@@ -107,7 +107,7 @@ def test_loss_options_reach_the_loss() -> None:
     model = create_model("test_resnet", num_classes=4).eval()
     images, target, difficult = batch()
     terms = SupervisedObjective("temperature", options=LossOptions(temperature=2.0))(model, images, target, difficult)
-    target, mask = losses.apply_difficult_policy(target, difficult, "positive")
+    target, mask = losses.apply_label_policies(target, difficult, "positive")
     expected = losses.temperature_bce_loss(model(images).logits, target, mask, temperature=2.0)
     torch.testing.assert_close(terms["temperature"], expected)
 

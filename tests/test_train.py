@@ -299,3 +299,30 @@ def test_best_checkpoint_holds_the_ema_weights_when_they_are_better(tiny_digits:
     assert os.path.samefile(run_dir / "best.safetensors", run_dir / "state" / "ema.safetensors")
     assert read_metadata(str(run_dir / "best.safetensors"))["weights"] == "ema" and row["best_weights"] == "ema"
     assert row["map"] < 100  # the final metrics are measured on best.safetensors, not taken from the epoch
+
+
+@pytest.mark.slow
+def test_a_csv_set_with_unknown_labels_trains_and_reports_a_class_nobody_annotated(tmp_path, capsys) -> None:
+    rng = np.random.default_rng(1)
+    for index in range(12):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(tmp_path / f"{index}.png")
+    (tmp_path / "classes.txt").write_text("cat\ndog\nfish\n")
+    # fish is never annotated in train.csv; every third image has no known label at all.
+    train_rows = "".join(f"{i}.png,{'' if i % 3 == 0 else i % 2},{'' if i % 3 == 0 else 1 - i % 2},\n"
+                         for i in range(12))
+    (tmp_path / "train.csv").write_text("image,cat,dog,fish\n" + train_rows)
+    (tmp_path / "test.csv").write_text("image,labels,unknown\n" + "".join(
+        f"{i}.png,{('cat', 'dog', 'fish')[i % 3]},{'dog' if i % 3 == 0 else ''}\n" for i in range(12)))
+    output = tmp_path / "runs"
+    for unknown in ("ignore", "negative"):
+        train.main(["--dataset", "csv", "--data-dir", str(tmp_path), "--model", "test_resnet", "--img-size", "32",
+                    "-b", "4", "--epochs", "1", "--workers", "0", "--warmup-epochs", "0", "--cal", "--output",
+                    str(output), "--no-progress", "--experiment", unknown, "--unknown", unknown,
+                    "--val-split", "holdout", "--holdout-fraction", "0.25"])
+        printed = capsys.readouterr().out
+        assert f"no training image has a known label of class(es) fish: --unknown {unknown}" in printed
+        (summary,) = read_rows(str(output / unknown / "summary.csv"))
+        assert np.isfinite(float(summary["train_loss"]))
+        (row,) = read_rows(str(output / unknown / "results.csv"))
+        assert float(row["num_images"]) == 12 and np.isfinite(float(row["map"]))
+        assert yaml.safe_load((output / unknown / "args.yaml").read_text())["unknown"] == unknown

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
-from udtimm.metrics import brier_score, expected_calibration_error
+from udtimm.metrics import brier_score, evaluated_pairs, expected_calibration_error
 from udtimm.predictions import Predictions, format_table
 
 METHODS = ("temperature", "per-class")
@@ -90,7 +90,7 @@ def fit_temperatures(logits: Tensor, target: Tensor, difficult: Tensor, method: 
     """
     if method not in METHODS:
         raise ConfigError(f"--calibrate {method!r}: choose one of {', '.join(METHODS)}")
-    z, positive, keep = logits.to(torch.float64), target > 0.5, ~difficult.to(torch.bool)
+    z, positive, keep = logits.to(torch.float64), target > 0.5, evaluated_pairs(target, difficult)
     pooled = (z[keep][:, None], positive[keep][:, None], torch.ones(int(keep.sum()), 1, dtype=torch.bool))
     if not has_minimum(*pooled).item():
         raise CalibrationError(f"--tune-split {split}: no temperature can be fitted there (it needs positive and "
@@ -149,7 +149,7 @@ def summary_table(predictions: Predictions, class_names: Sequence[str], result: 
     """Per class: its temperature and the mean BCE (of pairs not difficult) before and after, on the split it was
     fitted on."""
     z, positive, keep = (predictions.logits.to(torch.float64), predictions.target > 0.5,
-                         ~predictions.difficult.to(torch.bool))
+                         evaluated_pairs(predictions.target, predictions.difficult))
     before = mean_bce(z, positive, keep, torch.ones_like(result.values))
     after = mean_bce(z, positive, keep, result.values)
     note = "global temperature (no minimum of its own)" if method == "per-class" else ""

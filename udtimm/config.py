@@ -14,7 +14,7 @@ from timm.data.auto_augment import rand_augment_transform
 
 from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, HOLDOUT, DataSource
 from udtimm.io import atomic_write_text
-from udtimm.losses import DIFFICULT_POLICIES
+from udtimm.losses import DIFFICULT_POLICIES, UNKNOWN_POLICIES
 from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
 
 Settings = TypeVar("Settings")
@@ -123,6 +123,13 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                             "the paper's; digits: 1 .875, since smaller crops cut whole digits out)")
     group.add_argument("--difficult", default="positive", choices=DIFFICULT_POLICIES,
                        help="how the training losses treat VOC difficult labels")
+    group.add_argument("--unknown", default="ignore", choices=UNKNOWN_POLICIES,
+                       help="how the training losses treat labels nobody annotated (docs/datasets.md#missing-labels): "
+                            "ignore leaves them out, negative counts them as absent")
+    group.add_argument("--drop-labels", type=float, default=0.0, metavar="FRACTION",
+                       help="make this part of each class's training labels unknown, positives and negatives alike, "
+                            "to simulate partial annotation (the splits that choose and report keep theirs)")
+    group.add_argument("--drop-labels-seed", type=int, default=0, help="the seed that draws the dropped labels")
     group.add_argument("--eval-difficult-negative", action="store_true",
                        help="CP..OF1 count difficult pairs as negatives (ML-GCN's code) instead of leaving them out")
     group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from udtimm.config import ConfigError
 from udtimm.data import HOLDOUT
-from udtimm.data.base import MultiLabelDataset, hold_out
+from udtimm.data.base import MultiLabelDataset, drop_labels, hold_out, unknown_only_classes
 from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
 from udtimm.data.loader import make_loader
@@ -31,6 +31,13 @@ def load_datasets(data: DataSettings, accelerator: Accelerator,
             train_set, eval_set = hold_out(train_set, data.holdout_fraction, data.holdout_seed)
         else:
             eval_set = test_set if data.select_on_test else data.source.load(data.val_split)
+    if data.drop_labels > 0:
+        train_set = drop_labels(train_set, data.drop_labels, data.drop_labels_seed)
+    unlabelled = unknown_only_classes(train_set)
+    if unlabelled:
+        accelerator.print(f"warning: no training image has a known label of class(es) {', '.join(unlabelled)}: "
+                          + ("--unknown ignore gives them no supervised loss" if data.unknown == "ignore" else
+                             "--unknown negative trains them as absent everywhere"))
     for split, dataset in ((data.val_split, eval_set), (data.test_split, test_set)):
         if dataset.classes != train_set.classes:
             raise ConfigError(f"splits {data.train_split} and {split} have different class lists")

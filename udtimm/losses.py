@@ -2,8 +2,9 @@
 
 Every function takes logits [B, C] (any float dtype; computed in float32 so that bf16 autocast outputs do not
 lose the small differences the losses are made of) and, where labels enter, a float multi-hot `target` [B, C]
-with an optional bool `mask` [B, C] that is True where the (sample, class) pair counts. `apply_difficult_policy`
-turns the dataset's difficult flags into that pair. Masked pairs are neither positives nor negatives in any term.
+with an optional bool `mask` [B, C] that is True where the (sample, class) pair counts. `apply_label_policies`
+turns the dataset's difficult flags and unknown labels into that pair. Masked pairs are neither positives nor
+negatives in any term.
 """
 
 from __future__ import annotations
@@ -13,18 +14,24 @@ import torch.nn.functional as F
 from torch import Tensor
 
 DIFFICULT_POLICIES = ("positive", "ignore", "negative")
+UNKNOWN_POLICIES = ("ignore", "negative")  # --unknown: what a label nobody annotated (target -1) becomes
 
 # Stands in for -inf in masked logsumexp/softmax: exp() of it is exactly 0 like -inf, but it stays finite,
 # so rows with nothing left (a sample without negatives) give finite values and zero, not NaN, gradients.
 _MASKED_LOGIT = torch.finfo(torch.float32).min
 
 
-def apply_difficult_policy(target: Tensor, difficult: Tensor, policy: str) -> tuple[Tensor, Tensor]:
-    """docs/method.md#difficult-labels: (target float [B, C], mask bool [B, C]) for one `--difficult` policy."""
+def apply_label_policies(target: Tensor, difficult: Tensor, policy: str,
+                         unknown: str = "ignore") -> tuple[Tensor, Tensor]:
+    """(target float [B, C] of 0 and 1, mask bool [B, C]) for one `--difficult` policy (docs/method.md#difficult-labels)
+    and one `--unknown` policy for the pairs stored as -1 (docs/datasets.md#missing-labels)."""
     if policy not in DIFFICULT_POLICIES:
         raise ValueError(f"unknown difficult policy {policy!r}; expected one of {', '.join(DIFFICULT_POLICIES)}")
+    if unknown not in UNKNOWN_POLICIES:
+        raise ValueError(f"unknown --unknown policy {unknown!r}; expected one of {', '.join(UNKNOWN_POLICIES)}")
     target = target.float()
     difficult = difficult.bool()
+    not_annotated = target < 0
     mask = torch.ones_like(difficult)
     if policy == "positive":
         # A difficult class is present in the image, whatever the loader stored there.
@@ -33,6 +40,9 @@ def apply_difficult_policy(target: Tensor, difficult: Tensor, policy: str) -> tu
         target = target.masked_fill(difficult, 0.0)
     else:
         mask = ~difficult
+    target = target.masked_fill(not_annotated, 0.0)
+    if unknown == "ignore":
+        mask = mask & ~not_annotated
     return target, mask
 
 

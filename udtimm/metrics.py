@@ -1,9 +1,10 @@
 """Multi-label metrics: AP/mAP, ML-GCN CP/CR/CF1/OP/OR/OF1, ECE (Eq. 2), reliability bins.
 
 Inputs are probabilities ``scores`` [N, C] (the caller applies the sigmoid), a multi-hot
-``target`` [N, C] (float or bool) and a bool ``difficult`` mask [N, C] (docs/method.md#difficult-labels).
-Difficult (image, class) pairs are left out of every metric unless an option says otherwise,
-so the target value stored at a difficult pair never matters. Computed in float64; percentages
+``target`` [N, C] (float or bool; -1 marks an unknown label, docs/datasets.md#missing-labels) and a bool
+``difficult`` mask [N, C] (docs/method.md#difficult-labels). Difficult (image, class) pairs are left out of
+every metric unless an option says otherwise, so the target value stored at a difficult pair never matters;
+unknown pairs are left out of every metric, always. Computed in float64; percentages
 are returned as Python floats.
 """
 
@@ -82,7 +83,17 @@ def _prepare(scores: Tensor, target: Tensor, difficult: Tensor | None) -> tuple[
         )
     # Thresholding at 0.5 reads float and bool multi-hot targets alike.
     positive = target.to(torch.float64) > 0.5
-    return scores.to(torch.float64), positive, ~difficult.to(torch.bool)
+    return scores.to(torch.float64), positive, evaluated_pairs(target, difficult)
+
+
+def known_pairs(target: Tensor) -> Tensor:
+    """Bool [N, C]: the annotated pairs (an unknown label is stored as a negative target, -1)."""
+    return target.to(torch.float64) >= 0
+
+
+def evaluated_pairs(target: Tensor, difficult: Tensor) -> Tensor:
+    """Bool [N, C]: the pairs that metrics count, known and not difficult."""
+    return known_pairs(target) & ~difficult.to(torch.bool)
 
 
 def _ap_columns(scores: Tensor, positive: Tensor, keep: Tensor) -> Tensor:
@@ -145,7 +156,7 @@ def threshold_counts(scores: Tensor, target: Tensor, difficult: Tensor, threshol
     predicted = predicted_labels(s, threshold, topk)
     if difficult_as_negative:
         positive = positive & keep
-        keep = torch.ones_like(keep)
+        keep = known_pairs(target)
     predicted &= keep
     positive = positive & keep
     return tuple(counts.sum(0).to(torch.float64) for counts in (predicted & positive, predicted, positive))

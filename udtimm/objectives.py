@@ -78,10 +78,10 @@ class SupervisedObjective:
     """
 
     def __init__(self, loss: str = "bce", cal: bool = False, cal_weight: float = 0.1, difficult: str = "positive",
-                 options: LossOptions = LossOptions()) -> None:
+                 options: LossOptions = LossOptions(), unknown: str = "ignore") -> None:
         if loss not in CLASSIFICATION_LOSSES:
             raise ValueError(f"--loss {loss!r} is not one of {tuple(CLASSIFICATION_LOSSES)}")
-        self.loss, self.cal_weight, self.difficult = loss, cal_weight, difficult
+        self.loss, self.cal_weight, self.difficult, self.unknown = loss, cal_weight, difficult, unknown
         self.classification_loss = CLASSIFICATION_LOSSES[loss](options)
         self.term_names = (loss, "partial_softmax") if cal else (loss,)
 
@@ -98,7 +98,7 @@ class SupervisedObjective:
         return terms
 
     def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
-        target, mask = losses.apply_difficult_policy(target, difficult, self.difficult)
+        target, mask = losses.apply_label_policies(target, difficult, self.difficult, self.unknown)
         return self.terms(model(images), target, mask)
 
 
@@ -132,13 +132,13 @@ class DistillationObjective:
                  difficult: str = "positive", autocast: Callable[[], AbstractContextManager] = nullcontext,
                  teacher_input: Callable[[Tensor], Tensor] | None = None,
                  attention_form: AttentionForm = DEFAULT_FORM, warmup_epochs: int = 0,
-                 first_epoch: int = 0) -> None:
+                 first_epoch: int = 0, unknown: str = "ignore") -> None:
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = options.temperature
         self.dist_weight, self.att_weight, self.gt_weight = options.dist_weight, options.att_weight, options.gt_weight
         self.att_distance = options.att_distance
         self.supervised = SupervisedObjective("bce", cal=self.uses_calibration, cal_weight=options.cal_weight,
-                                              difficult=difficult)
+                                              difficult=difficult, unknown=unknown)
         self.autocast = autocast
         self.teacher_input = teacher_input
         self.attention_form = attention_form
@@ -177,7 +177,8 @@ class DistillationObjective:
                 terms["attention"] = losses.attention_distillation_loss(out.attention, teacher_maps, self.att_distance)
                 total = total + self.ramp * self.att_weight * terms["attention"]
         if self.gt_weight > 0:
-            target, mask = losses.apply_difficult_policy(target, difficult, self.supervised.difficult)
+            target, mask = losses.apply_label_policies(target, difficult, self.supervised.difficult,
+                                                       self.supervised.unknown)
             terms["gt"] = self.supervised.terms(out, target, mask)["loss"]
             total = total + self.gt_weight * terms["gt"]
         terms["loss"] = total

@@ -98,7 +98,7 @@ def per_class_metrics(predictions: Predictions, class_names: Sequence[str], thre
     recall = torch.where(n_positive > 0, tp / n_positive.clamp(min=1), math.nan)
     f1 = torch.where(tp > 0, 2 * tp / (n_predicted + n_positive).clamp(min=1), 0.0)
     f1 = torch.where(n_positive > 0, f1, math.nan)
-    positives = ((target > 0.5) & ~difficult.bool()).sum(0)
+    positives = ((target > 0.5) & metrics.evaluated_pairs(target, difficult)).sum(0)
     return pd.DataFrame({
         "class": list(class_names),
         **{name: 100 * values.numpy() for name, values in (("ap", ap), ("precision", precision), ("recall", recall),

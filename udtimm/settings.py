@@ -23,6 +23,9 @@ class DataSettings:
     aa: str | None  # timm RandAugment config
     cutout: float  # Cutout box side as a fraction of the image side (0: off)
     difficult: str  # how the training losses treat difficult labels
+    unknown: str  # how the training losses treat unknown labels (docs/datasets.md#missing-labels)
+    drop_labels: float  # the part of each class's training labels made unknown
+    drop_labels_seed: int
     eval_difficult_negative: bool
     skip_corrupt: bool
     gpu_decode: bool

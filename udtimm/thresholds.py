@@ -27,7 +27,7 @@ from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.base import MultiLabelDataset
 from udtimm.io import atomic_write_text
-from udtimm.metrics import threshold_metrics
+from udtimm.metrics import evaluated_pairs, threshold_metrics
 from udtimm.predictions import Predictions, format_table, frame_table, per_class_metrics
 
 DEFAULT_THRESHOLD = 0.5
@@ -69,7 +69,7 @@ class TunedThresholds:
 def tune_thresholds(scores: Tensor, target: Tensor, difficult: Tensor, objective: ThresholdObjective,
                     default: float = DEFAULT_THRESHOLD) -> TunedThresholds:
     """One threshold per class, chosen on these (held-out) predictions for `objective`."""
-    s, positive, keep = scores.to(torch.float64), target > 0.5, ~difficult.to(torch.bool)
+    s, positive, keep = scores.to(torch.float64), target > 0.5, evaluated_pairs(target, difficult)
     num_classes = s.shape[1]
     values = torch.full((num_classes,), float(default), dtype=torch.float64)
     tuned = torch.zeros(num_classes, dtype=torch.bool)

@@ -26,12 +26,16 @@ class CorruptImageError(DatasetError):
     """An image file that cannot be read or decoded; the message names the file."""
 
 
+# The target value of a label that nobody annotated (docs/datasets.md#missing-labels): neither present nor absent.
+UNKNOWN = -1.0
+
+
 @dataclass(frozen=True)
 class Sample:
     """One image: its id, absolute path and labels (docs/method.md#difficult-labels).
 
-    `target` is float32 [C] multi-hot (1 = present, difficult or not); `difficult` is bool [C], True where the
-    class is present only through difficult objects.
+    `target` is float32 [C]: 1 = present (difficult or not), 0 = absent, UNKNOWN (-1) = not annotated;
+    `difficult` is bool [C], True where the class is present only through difficult objects.
     """
 
     image_id: str
@@ -199,6 +203,33 @@ def hold_out(dataset: MultiLabelDataset, fraction: float, seed: int) -> tuple[Mu
     out = [s for s in dataset.samples if s.image_id in held]
     return (MultiLabelDataset(kept, dataset.classes, dataset.transform, f"{dataset.name} without holdout"),
             MultiLabelDataset(out, dataset.classes, dataset.transform, f"{dataset.name} holdout"))
+
+
+def drop_labels(dataset: MultiLabelDataset, fraction: float, seed: int) -> MultiLabelDataset:
+    """--drop-labels: the same images with round(fraction * N) labels of each class made UNKNOWN, positives and
+    negatives alike, on images drawn per class by `seed` from the sorted image ids (so whatever the order the split
+    lists them in). A hidden difficult label loses its flag: nobody annotated it."""
+    if not 0 <= fraction < 1:
+        raise DatasetError(f"--drop-labels is the part of each class's training labels hidden, in [0, 1): got "
+                           f"{fraction}")
+    order = sorted(range(len(dataset)), key=lambda index: dataset.samples[index].image_id)
+    targets = np.stack([s.target for s in dataset.samples]) if dataset.samples else np.zeros((0, len(dataset.classes)))
+    hidden = np.zeros(targets.shape, dtype=bool)
+    count = round(fraction * len(order))
+    rng = np.random.default_rng(seed)
+    for column in range(len(dataset.classes)):
+        hidden[np.asarray(order)[rng.permutation(len(order))[:count]], column] = True
+    samples = [Sample(s.image_id, s.path, np.where(hide, np.float32(UNKNOWN), s.target), s.difficult & ~hide)
+               for s, hide in zip(dataset.samples, hidden, strict=True)]
+    return MultiLabelDataset(samples, dataset.classes, dataset.transform, f"{dataset.name} with labels dropped")
+
+
+def unknown_only_classes(dataset: MultiLabelDataset) -> list[str]:
+    """The classes of which no image of `dataset` has a known label."""
+    if not dataset.samples:
+        return []
+    known = (np.stack([s.target for s in dataset.samples]) >= 0).any(axis=0)
+    return [name for name, any_known in zip(dataset.classes, known, strict=True) if not any_known]
 
 
 def _stack(rows: list[np.ndarray], num_classes: int, dtype: type) -> Tensor:

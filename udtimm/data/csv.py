@@ -2,13 +2,14 @@
 
 Two formats, told apart by the header:
 
-    image,labels[,difficult]      labels and difficult: class names separated by ";" (empty = none)
-    image,<class1>,<class2>,...   one 0/1 column per class (no difficult flags)
+    image,labels[,difficult][,unknown]    class names separated by ";" (empty = none)
+    image,<class1>,<class2>,...           one column per class: 1, 0, or -1 / empty for unknown (no difficult flags)
 
 In the first format `difficult` lists the classes present only through difficult objects (docs/method.md); they count
-as present whether or not `labels` repeats them. The class list is `classes_file`, else `<root>/classes.txt`
-(one name per line), else inferred from train.csv (sorted labels, or its class columns in order) whatever split is
-loaded, so that every split of one dataset agrees.
+as present whether or not `labels` repeats them. `unknown` lists the classes nobody annotated for the image
+(docs/datasets.md#missing-labels); every other class is absent unless listed. The class list is `classes_file`,
+else `<root>/classes.txt` (one name per line), else inferred from train.csv (sorted labels, or its class columns in
+order) whatever split is loaded, so that every split of one dataset agrees.
 """
 
 from __future__ import annotations
@@ -19,10 +20,11 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from .base import DatasetError, Sample
+from .base import UNKNOWN, DatasetError, Sample
 from .voc import read_classes_file
 
-_LABEL_COLUMNS = {"labels", "difficult"}
+_LABEL_COLUMNS = ("labels", "difficult", "unknown")  # of the label-list format, in the order they are read
+_ONE_HOT_VALUES = {"1": 1.0, "0": 0.0, "-1": UNKNOWN, "": UNKNOWN}  # cell -> target value
 _Row = tuple[int, str, np.ndarray, np.ndarray]  # (line in the csv file, image cell, target, difficult)
 
 
@@ -87,7 +89,7 @@ def _class_list(root: str, classes_file: str | None) -> list[str] | None:
 
 def _infer_classes(frame: pd.DataFrame) -> list[str]:
     if "labels" in frame.columns:
-        names = {name for col in _LABEL_COLUMNS & set(frame.columns) for cell in frame[col] for name in _split(cell)}
+        names = {name for col in _LABEL_COLUMNS if col in frame.columns for cell in frame[col] for name in _split(cell)}
         return sorted(names)
     return [c for c in frame.columns if c != "image"]
 
@@ -97,21 +99,27 @@ def _split(cell: str) -> list[str]:
 
 
 def _label_list_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int]) -> Iterator[_Row]:
-    """(line, image, target, difficult) per row of the `image,labels[,difficult]` format."""
-    extra = set(frame.columns) - _LABEL_COLUMNS - {"image"}
+    """(line, image, target, difficult) per row of the `image,labels[,difficult][,unknown]` format."""
+    extra = set(frame.columns) - set(_LABEL_COLUMNS) - {"image"}
     if extra:
         raise DatasetError(f"{csv_path} line 1: unexpected columns {sorted(extra)}; with a 'labels' column the "
-                           "header must be image,labels[,difficult]")
-    hard_cells = frame["difficult"] if "difficult" in frame.columns else [""] * len(frame)
-    for row, (image, labels, hard) in enumerate(zip(frame["image"], frame["labels"], hard_cells, strict=True)):
+                           "header must be image,labels[,difficult][,unknown]")
+    cells = [frame[col] if col in frame.columns else [""] * len(frame) for col in _LABEL_COLUMNS]
+    for row, (image, *row_cells) in enumerate(zip(frame["image"], *cells, strict=True)):
         line = row + 2  # 1-based, after the header line
         target = np.zeros(len(index), dtype=np.float32)
         difficult = np.zeros(len(index), dtype=bool)
-        for col, cell in (("labels", labels), ("difficult", hard)):
+        for col, cell in zip(_LABEL_COLUMNS, row_cells, strict=True):
             for name in _split(cell):
                 if name not in index:
                     raise DatasetError(f"{csv_path} line {line}: unknown class {name!r} in column {col!r}; "
                                        f"known classes: {', '.join(index)}")
+                if col == "unknown":
+                    if target[index[name]] != 0:
+                        raise DatasetError(f"{csv_path} line {line}: class {name!r} is listed as unknown and also "
+                                           "as present")
+                    target[index[name]] = UNKNOWN
+                    continue
                 target[index[name]] = 1.0
                 difficult[index[name]] |= col == "difficult"
         yield line, image, target, difficult
@@ -126,13 +134,13 @@ def _one_hot_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int]) -> 
         raise DatasetError(f"{csv_path} line 1: class columns do not match the class list "
                            f"(unknown: {unknown or 'none'}; missing: {missing or 'none'})")
     values = frame[columns]
-    bad = ~values.isin(["0", "1"])
+    bad = ~values.isin(list(_ONE_HOT_VALUES))
     if bad.to_numpy().any():
         row, col = np.argwhere(bad.to_numpy())[0]
         raise DatasetError(f"{csv_path} line {row + 2}: column {columns[col]!r} is {values.iat[row, col]!r}, "
-                           "expected 0 or 1")
+                           "expected 1, 0, or -1 or an empty cell for unknown")
     targets = np.zeros((len(frame), len(index)), dtype=np.float32)
-    targets[:, [index[c] for c in columns]] = values.to_numpy() == "1"
+    targets[:, [index[c] for c in columns]] = values.replace(_ONE_HOT_VALUES).to_numpy(dtype=np.float32)
     no_difficult = np.zeros(len(index), dtype=bool)
     for row, image in enumerate(frame["image"]):
         yield row + 2, image, targets[row].copy(), no_difficult.copy()
