@@ -71,6 +71,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         # The attention map takes autograd.grad inside the student's forward, which torch.compile cannot trace.
         raise config.ConfigError("--torchcompile does not support uncertainty attention (autograd.grad inside the "
                                  "forward): drop it, or use --att-weight 0 / --method kd")
+    if args.unknown == "teacher" and (args.gt_weight <= 0 or args.self_distill):
+        raise config.ConfigError("--unknown teacher fills the unknown labels of the ground-truth term with the "
+                                 "teacher's probabilities: it needs --gt-weight > 0 (Eq. 18 itself reads no label) "
+                                 "and a --teacher-ckpt, not --self-distill")
     if args.self_distill and args.epochs < 2:
         raise config.ConfigError("--self-distill needs --epochs >= 2: half with labels, half distilled")
     return args

@@ -32,7 +32,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     group.add_argument("--asl-gamma-neg", type=float, default=4.0, help="--loss asl: focusing of the negatives")
     group.add_argument("--asl-gamma-pos", type=float, default=0.0, help="--loss asl: focusing of the positives")
     group.add_argument("--asl-clip", type=float, default=0.05, help="--loss asl: probability margin m of the negatives")
-    return config.parse_with_config(parser, argv)
+    args = config.parse_with_config(parser, argv)
+    if args.unknown == "teacher":
+        raise config.ConfigError("--unknown teacher fills unknown labels with a teacher's probabilities: it is a "
+                                 "distill.py flag (with --gt-weight > 0); train.py takes ignore or negative")
+    return args
 
 
 def method_name(loss: str, cal: bool, model_ema: bool = False) -> str:

@@ -2,10 +2,12 @@
 
 import inspect
 import json
+import math
 import os
 
 import pytest
 import torch
+import yaml
 from accelerate import Accelerator
 from conftest import read_rows, tiny_train_args
 
@@ -172,3 +174,14 @@ def test_a_teacher_with_its_own_normalisation_gets_its_input_renormalised(tiny_d
     images = torch.zeros(1, 3, 4, 4)  # the student's mean colour is the teacher's (mean_s - mean_t) / std_t
     expected = (torch.tensor([0.485, 0.456, 0.406]) - torch.tensor(student_norm[0])) / torch.tensor(student_norm[1])
     torch.testing.assert_close(other.teacher_input(images)[0, :, 0, 0], expected)
+
+
+@pytest.mark.slow
+def test_a_student_fills_dropped_labels_from_its_teacher(tiny_digits, teachers, tmp_path) -> None:
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment", "s",
+                           "--drop-labels", "0.5", "--unknown", "teacher", "--gt-weight", "0.5", "--epochs", "1")
+    distill.main(args)
+    (summary,) = read_rows(str(tmp_path / "s" / "summary.csv"))
+    assert float(summary["train_gt"]) > 0 and math.isfinite(float(summary["train_loss"]))
+    saved = yaml.safe_load((tmp_path / "s" / "args.yaml").read_text())
+    assert (saved["drop_labels"], saved["unknown"], saved["gt_weight"]) == (0.5, "teacher", 0.5)

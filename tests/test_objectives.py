@@ -198,3 +198,36 @@ def test_warmup_ramps_alpha_and_beta_from_zero_over_the_distilled_epochs() -> No
     plain = DistillationObjective(teacher)
     plain.start_epoch(0)
     assert plain.ramp == 1.0  # no warm-up: Eq. 18 from the first step
+
+
+def test_unknown_teacher_fills_the_ground_truth_terms_unknown_pairs_with_the_teachers_probability() -> None:
+    teacher = create_model("test_resnet", num_classes=4, cal=True).eval()
+    student = create_model("test_resnet", num_classes=4, cal=True).eval()
+    images, target, difficult = batch()
+    target[0, 1] = target[2, 3] = target[1, 0] = -1.0  # two would-be negatives and a positive nobody annotated
+    options = DistillOptions(gt_weight=1.0, cal_weight=0.1)
+    terms = DistillationObjective(teacher, options, difficult="ignore", unknown="teacher")(student, images, target,
+                                                                                           difficult)
+    out, teacher_probs = student(images), torch.sigmoid(teacher(images).logits)
+    unknown = target < 0
+    soft = torch.where(unknown, teacher_probs, target.clamp_min(0))
+    known_mask = ~difficult & ~unknown
+    expected = losses.bce_loss(out.logits, soft, ~difficult) + 0.1 * losses.partial_softmax_loss(
+        out.cal_logits, target.clamp_min(0), known_mask)
+    torch.testing.assert_close(terms["gt"], expected)
+    # ignore: the unknown pairs leave both terms; the teacher's probability is not used.
+    ignored = DistillationObjective(teacher, options, difficult="ignore", unknown="ignore")(student, images, target,
+                                                                                            difficult)
+    torch.testing.assert_close(ignored["gt"], losses.bce_loss(out.logits, target.clamp_min(0), known_mask) + 0.1 *
+                               losses.partial_softmax_loss(out.cal_logits, target.clamp_min(0), known_mask))
+    assert not torch.allclose(ignored["gt"], terms["gt"])
+
+
+def test_unknown_teacher_is_a_distill_flag_that_needs_the_ground_truth_term() -> None:
+    assert distill.parse_args(["--teacher-ckpt", "t.safetensors", "--unknown", "teacher", "--gt-weight", "0.5"])
+    with pytest.raises(ConfigError, match="--unknown teacher .* needs --gt-weight > 0"):
+        distill.parse_args(["--teacher-ckpt", "t.safetensors", "--unknown", "teacher"])
+    with pytest.raises(ConfigError, match="not --self-distill"):
+        distill.parse_args(["--self-distill", "--unknown", "teacher", "--gt-weight", "1"])
+    with pytest.raises(ConfigError, match="--unknown teacher .* distill.py flag"):
+        train.parse_args(["--unknown", "teacher"])

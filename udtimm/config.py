@@ -123,9 +123,10 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
                             "the paper's; digits: 1 .875, since smaller crops cut whole digits out)")
     group.add_argument("--difficult", default="positive", choices=DIFFICULT_POLICIES,
                        help="how the training losses treat VOC difficult labels")
-    group.add_argument("--unknown", default="ignore", choices=UNKNOWN_POLICIES,
+    group.add_argument("--unknown", default="ignore", choices=(*UNKNOWN_POLICIES, "teacher"),
                        help="how the training losses treat labels nobody annotated (docs/datasets.md#missing-labels): "
-                            "ignore leaves them out, negative counts them as absent")
+                            "ignore leaves them out, negative counts them as absent, teacher (distill.py, "
+                            "--gt-weight > 0) takes the teacher's probability as their target")
     group.add_argument("--drop-labels", type=float, default=0.0, metavar="FRACTION",
                        help="make this part of each class's training labels unknown, positives and negatives alike, "
                             "to simulate partial annotation (the splits that choose and report keep theirs)")

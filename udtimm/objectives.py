@@ -88,11 +88,13 @@ class SupervisedObjective:
     def start_epoch(self, epoch: int) -> None:
         pass
 
-    def terms(self, out: ModelOutput, target: Tensor, mask: Tensor) -> dict[str, Tensor]:
+    def terms(self, out: ModelOutput, target: Tensor, mask: Tensor,
+              cal_target: tuple[Tensor, Tensor] | None = None) -> dict[str, Tensor]:
+        """The loss terms on (target, mask); PAL-N reads `cal_target` (its own target and mask) when given."""
         terms = {self.loss: self.classification_loss(out.logits, target, mask)}
         total = terms[self.loss]
         if out.cal_logits is not None:
-            terms["partial_softmax"] = losses.partial_softmax_loss(out.cal_logits, target, mask)
+            terms["partial_softmax"] = losses.partial_softmax_loss(out.cal_logits, *(cal_target or (target, mask)))
             total = total + self.cal_weight * terms["partial_softmax"]
         terms["loss"] = total
         return terms
@@ -133,12 +135,15 @@ class DistillationObjective:
                  teacher_input: Callable[[Tensor], Tensor] | None = None,
                  attention_form: AttentionForm = DEFAULT_FORM, warmup_epochs: int = 0,
                  first_epoch: int = 0, unknown: str = "ignore") -> None:
+        # unknown="teacher": the ground-truth term's unknown pairs take the teacher's probability as their target.
         self.teacher = teacher.eval().requires_grad_(False)
         self.temperature = options.temperature
         self.dist_weight, self.att_weight, self.gt_weight = options.dist_weight, options.att_weight, options.gt_weight
         self.att_distance = options.att_distance
+        self.unknown = unknown
+        labels_unknown = "ignore" if unknown == "teacher" else unknown  # the labels' part of the ground-truth term
         self.supervised = SupervisedObjective("bce", cal=self.uses_calibration, cal_weight=options.cal_weight,
-                                              difficult=difficult, unknown=unknown)
+                                              difficult=difficult, unknown=labels_unknown)
         self.autocast = autocast
         self.teacher_input = teacher_input
         self.attention_form = attention_form
@@ -177,9 +182,16 @@ class DistillationObjective:
                 terms["attention"] = losses.attention_distillation_loss(out.attention, teacher_maps, self.att_distance)
                 total = total + self.ramp * self.att_weight * terms["attention"]
         if self.gt_weight > 0:
-            target, mask = losses.apply_label_policies(target, difficult, self.supervised.difficult,
-                                                       self.supervised.unknown)
-            terms["gt"] = self.supervised.terms(out, target, mask)["loss"]
+            hard, mask = losses.apply_label_policies(target, difficult, self.supervised.difficult,
+                                                     self.supervised.unknown)
+            if self.unknown == "teacher":
+                # Known pairs keep their labels; an unknown pair's target is the teacher's probability. PAL-N reads
+                # the known positives only (docs/method.md#unknown-labels-and-the-teacher).
+                not_annotated = target < 0
+                soft = torch.where(not_annotated, torch.sigmoid(teacher_logits.detach().float()), hard)
+                terms["gt"] = self.supervised.terms(out, soft, mask | not_annotated, cal_target=(hard, mask))["loss"]
+            else:
+                terms["gt"] = self.supervised.terms(out, hard, mask)["loss"]
             total = total + self.gt_weight * terms["gt"]
         terms["loss"] = total
         return terms
