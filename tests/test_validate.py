@@ -6,6 +6,7 @@ import json
 import os
 import shutil
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -19,7 +20,7 @@ import validate
 from udtimm import Predictor, checkpoint
 from udtimm.calibration import CALIBRATION_METRICS, calibrate_predictions, fit_temperatures
 from udtimm.config import ConfigError
-from udtimm.data import build_dataset
+from udtimm.data import build_dataset, load_voc
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
@@ -291,3 +292,28 @@ def test_calibration_is_fitted_on_val_stored_reported_and_kept_by_later_tuning(b
     record = json.loads((tmp_path / "best.thresholds.json").read_text())
     assert "thresholds" not in record and len(set(record["calibration"]["temperatures"].values())) == 1
     assert "are dropped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_unknown_labels_give_the_same_metrics_in_two_processes_as_in_one(best: str, tiny_digits: str,
+                                                                          tmp_path) -> None:
+    """The digits test images relabelled as a CSV set with a third of the labels unknown (empty cells)."""
+    samples, classes = load_voc(tiny_digits, "test")
+    rng = np.random.default_rng(4)
+    rows = ["image," + ",".join(classes)]
+    for sample in samples:
+        cells = ["" if rng.random() < 1 / 3 else str(int(value)) for value in sample.target]
+        rows.append(",".join([sample.path, *cells]))
+    (tmp_path / "test.csv").write_text("\n".join(rows) + "\n")
+    (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
+    flags = ["--checkpoint", best, "--dataset", "csv", "--data-dir", str(tmp_path), "-b", "16", "--workers", "0",
+             "--no-progress"]
+    one = validate.main(flags)
+    full = validate.main(["--checkpoint", best, *data_flags(tiny_digits)])
+    assert one["map"] != pytest.approx(full["map"])  # the unknown pairs are left out
+    results = str(tmp_path / "two.csv")
+    result = run_two_cpu_processes("validate.py", *flags, "--results-file", results, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(results, newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert_same_metrics(row, one)
