@@ -122,17 +122,23 @@ def plan(args: argparse.Namespace, arms: Mapping[str, tuple[str, tuple[str, ...]
     needs one) and the student `arms` (default: ARMS named by --arms)."""
     arms = arms if arms is not None else {arm: ARMS[arm] for arm in ARMS if arm in args.arms}
     with_teacher = any(needs_teacher(arm) for arm in arms.values())
-    cache = pretrained_cache(args)
-    jobs, pretrained = [], {}
-    roles = {"teacher": TEACHER, "student": STUDENT} if with_teacher else {"student": STUDENT}
-    for role, model in roles.items():
-        name = f"digits-seed1-56px-os8-{role}-e{args.pretrain_epochs}"
-        pretrained[role] = os.path.join(cache, name, "best.safetensors")
-        jobs.append(Job(f"pretrain-{role}", script("train.py", cache, name, *model, *PRETRAIN_DATA, "--epochs",
-                                                   str(args.pretrain_epochs)), os.path.join(cache, name)))
+    jobs, pretrained = pretraining(args, ("teacher", "student") if with_teacher else ("student",))
     for seed in args.seeds:
         jobs += seed_jobs(args, seed, pretrained, arms)
     return jobs
+
+
+def pretraining(args: argparse.Namespace, roles: Sequence[str]) -> tuple[list[Job], dict[str, str]]:
+    """The pretraining runs of the `roles` ("teacher", "student"), and the best.safetensors of each role."""
+    cache = pretrained_cache(args)
+    jobs, pretrained = [], {}
+    for role in roles:
+        name = f"digits-seed1-56px-os8-{role}-e{args.pretrain_epochs}"
+        pretrained[role] = os.path.join(cache, name, "best.safetensors")
+        model = TEACHER if role == "teacher" else STUDENT
+        jobs.append(Job(f"pretrain-{role}", script("train.py", cache, name, *model, *PRETRAIN_DATA, "--epochs",
+                                                   str(args.pretrain_epochs)), os.path.join(cache, name)))
+    return jobs, pretrained
 
 
 def seed_jobs(args: argparse.Namespace, seed: int, pretrained: dict[str, str],
@@ -146,7 +152,7 @@ def seed_jobs(args: argparse.Namespace, seed: int, pretrained: dict[str, str],
                                       str(seed), *args.extra), os.path.join(out, experiment), needs)
 
     jobs = [job(teacher, "train.py", args.epochs, (*TEACHER, "--cal", "--pretrained-path", pretrained["teacher"]),
-                ("pretrain-teacher",))] if "teacher" in pretrained else []
+                ("pretrain-teacher",))] if any(needs_teacher(arm) for arm in arms.values()) else []
     for arm, (name, flags) in arms.items():
         self_distill = "--self-distill" in flags
         with_teacher = needs_teacher((name, flags))

@@ -1,0 +1,41 @@
+"""benchmarks/missing_labels_digits.py: its plan and its gap table (the runs themselves are the benchmark)."""
+
+import pandas as pd
+
+from benchmarks import distill_digits, missing_labels_digits
+
+
+def _flag(command: list[str], flag: str) -> str:
+    return command[len(command) - 1 - command[::-1].index(flag) + 1]
+
+
+def test_plan_hides_the_same_labels_from_every_run_of_a_fraction_and_seed() -> None:
+    args = missing_labels_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"])
+    jobs = missing_labels_digits.plan(args)
+    names = [job.name for job in jobs]
+    assert names[:4] == ["pretrain-teacher", "pretrain-student", "baseline-seed0", "baseline-seed1"]
+    assert len(names) == len(set(names)) == 4 + 2 * 2 * (1 + len(missing_labels_digits.ARMS))
+    full = {job.name: job.command for job in distill_digits.plan(distill_digits.parse_args(
+        ["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"]))}
+    for job in jobs:
+        assert all(names.index(need) < names.index(job.name) for need in job.needs)
+        if job.name.startswith("baseline-"):
+            assert job.command == full[job.name] and "--drop-labels" not in job.command  # reused, full labels
+        elif not job.name.startswith("pretrain-"):
+            fraction, seed = job.name.rsplit("-drop", 1)[1].split("-seed")
+            assert _flag(job.command, "--drop-labels") == str(int(fraction) / 100)
+            assert _flag(job.command, "--drop-labels-seed") == _flag(job.command, "--seed") == seed
+            if "--teacher-ckpt" in job.command:
+                teacher = f"teacher-drop{fraction}-seed{seed}"
+                assert _flag(job.command, "--teacher-ckpt") == f"/tmp/x/{teacher}/best.safetensors"
+    commands = {job.name: job.command for job in jobs}
+    assert _flag(commands["ud-fill-drop80-seed1"], "--unknown") == "teacher"
+    assert _flag(commands["negative-drop50-seed0"], "--unknown") == "negative"
+
+
+def test_gap_closed_is_the_part_of_the_gap_between_negative_and_full_labels() -> None:
+    rows = [{"method": method, "seed": seed, "map": value + seed}
+            for seed in range(2) for method, value in (("baseline", 90.0), ("negative", 80.0), ("ignore", 85.0),
+                                                      ("kd", 88.0), ("ud", 88.0), ("ud-fill", 92.0))]
+    gap = missing_labels_digits.gap_closed(pd.DataFrame(rows)).set_index("arm")["gap closed"]
+    assert gap.to_dict() == {"negative": 0.0, "ignore": 0.5, "kd": 0.8, "ud": 0.8, "ud-fill": 1.2}
