@@ -53,12 +53,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folder of the runs (the distillation benchmark's, to reuse its students)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(12)), help="one student of each arm each")
     parser.add_argument("--calibrate", default="per-class", choices=METHODS, help="validate.py --calibrate")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of each student run")
-    parser.add_argument("--pretrain-epochs", type=int, default=15, help="epochs of the student's pretraining run")
-    parser.add_argument("--cache", default=None, help="folder of the pretraining runs (as distill_digits.py's)")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="more flags for every training run, last on the command line")
+    distill_digits.add_setting_args(parser)
     return parser.parse_args(argv)
 
 

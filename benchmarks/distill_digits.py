@@ -87,17 +87,22 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default="output/distill-digits", help="folder of the runs and the tables")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(12)),
-                        help="one replicate each: pretraining, teacher and students")
+                        help="one replicate each: teacher and students")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=tuple(ARMS), help="the student runs")
+    add_setting_args(parser)
+    return parser.parse_args(argv)
+
+
+def add_setting_args(parser: argparse.ArgumentParser) -> None:
+    """The flags of this benchmark's setting, shared by the benchmarks that reuse its runs."""
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the teacher and of each student run")
+    parser.add_argument("--epochs", type=int, default=8, help="epochs of each teacher and student run")
     parser.add_argument("--pretrain-epochs", type=int, default=15, help="epochs of each pretraining run")
     parser.add_argument("--cache", default=None,
                         help="folder of the pretraining runs, shared by every seed and every later benchmark "
                              "(default: $UDTIMM_CACHE/pretrained or ~/.cache/udtimm/pretrained)")
-    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=tuple(ARMS), help="the student runs")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="more flags for every run, last on the command line (e.g. --extra --digits-test 50)")
-    return parser.parse_args(argv)
 
 
 def script(name: str, output: str, experiment: str, *flags: str) -> list[str]:

@@ -56,12 +56,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                         help="folder of the runs (the distillation benchmark's, to reuse its full-label students)")
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(5)), help="one replicate each")
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.5, 0.8], help="--drop-labels values")
-    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
-    parser.add_argument("--epochs", type=int, default=8, help="epochs of the teachers and students")
-    parser.add_argument("--pretrain-epochs", type=int, default=15, help="epochs of each pretraining run")
-    parser.add_argument("--cache", default=None, help="folder of the pretraining runs (as distill_digits.py's)")
-    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
-                        help="more flags for every run, last on the command line")
+    distill_digits.add_setting_args(parser)
     return parser.parse_args(argv)
 
 
