@@ -1,6 +1,7 @@
 """benchmarks/distill_digits.py: its plan of runs and its claims table (the runs themselves are the benchmark)."""
 
 import numpy as np
+import pandas as pd
 from test_report import results_row, write_run
 
 from benchmarks import distill_digits
@@ -52,3 +53,12 @@ def test_claims_pair_the_arms_by_their_directory_names(tmp_path) -> None:
     row = table.loc["Eq. 17's norm beats its square"]
     assert (row["n"], row["difference"], row["verdict"]) == (3, "0.50 ± 0.00", "holds")
     assert table.loc["KD beats the baseline", "paper"] == "+0.93"
+
+
+def test_arm_table_gives_each_arms_mean_and_std_in_order() -> None:
+    rows = [{"method": arm, "map": base + seed, "map_difficult": 50.0, "ece": 5.0, "brier": 10.0,
+             "selection_map": 60.0 + seed} for seed in range(3) for arm, base in (("teacher", 90.0), ("kd", 80.0))]
+    table = distill_digits.arm_table(pd.DataFrame(rows)).splitlines()
+    assert table[0] == "| run | n | mAP | Difficult mAP | ECE ↓ | Brier ↓ | val mAP |"
+    assert table[2] == "| teacher | 3 | 91.00 ± 1.00 | 50.00 ± 0.00 | 5.00 ± 0.00 | 10.00 ± 0.00 | 61.00 ± 1.00 |"
+    assert table[3].startswith("| kd | 3 | 81.00 ± 1.00 |")
