@@ -212,13 +212,12 @@ def drop_labels(dataset: MultiLabelDataset, fraction: float, seed: int) -> Multi
     if not 0 <= fraction < 1:
         raise DatasetError(f"--drop-labels is the part of each class's training labels hidden, in [0, 1): got "
                            f"{fraction}")
-    order = sorted(range(len(dataset)), key=lambda index: dataset.samples[index].image_id)
-    targets = np.stack([s.target for s in dataset.samples]) if dataset.samples else np.zeros((0, len(dataset.classes)))
-    hidden = np.zeros(targets.shape, dtype=bool)
+    order = np.array(sorted(range(len(dataset)), key=lambda index: dataset.samples[index].image_id), dtype=int)
+    hidden = np.zeros((len(dataset), len(dataset.classes)), dtype=bool)
     count = round(fraction * len(order))
     rng = np.random.default_rng(seed)
     for column in range(len(dataset.classes)):
-        hidden[np.asarray(order)[rng.permutation(len(order))[:count]], column] = True
+        hidden[order[rng.permutation(len(order))[:count]], column] = True
     samples = [Sample(s.image_id, s.path, np.where(hide, np.float32(UNKNOWN), s.target), s.difficult & ~hide)
                for s, hide in zip(dataset.samples, hidden, strict=True)]
     return MultiLabelDataset(samples, dataset.classes, dataset.transform, f"{dataset.name} with labels dropped")
