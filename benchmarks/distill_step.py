@@ -1,7 +1,8 @@
 """Time distill.py's training step, --method kd against --method ud, on one random batch.
 
 Both objectives are built as distill.py builds them (distill.make_objective, distill.py's defaults: the default
---att-variant, alpha and beta at full weight after the warm-up) and stepped by the training loop distill.py runs
+--att-variant, alpha and beta at full weight after the warm-up; beta is the paper's 0.5, since distill.py's default
+0 would time UD without attention) and stepped by the training loop distill.py runs
 (engine.train_one_epoch with timm's optimizer and schedule), so the ratio is the cost of what distill.py runs:
 
   kd   teacher forward (no grad) + student forward + Eq. 13
@@ -59,7 +60,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def distill_args(method: str, args: argparse.Namespace) -> argparse.Namespace:
     """distill.py's flags for `method`: its defaults, with this benchmark's model, size and precision."""
     flags = ["--teacher-ckpt", "random-init", "--method", method, "--model", args.student, "--img-size",
-             str(args.img_size), "--batch-size", str(args.batch_size), "--mixed-precision", args.mixed_precision]
+             str(args.img_size), "--batch-size", str(args.batch_size), "--mixed-precision", args.mixed_precision,
+             "--att-weight", "0.5"]
     return distill.parse_args(flags + ["--channels-last"] * args.channels_last)
 
 

@@ -32,11 +32,12 @@ def teachers(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> dict
 
 
 @pytest.mark.parametrize(("flags", "method", "terms"), [
-    (["--method", "ud"], "ud-gradcam", ("train_kd", "train_kd_cal", "train_attention")),
-    (["--method", "ud", "--att-variant", "paper"], "ud", ("train_kd", "train_kd_cal", "train_attention")),
-    (["--method", "ud", "--att-variant", "paper", "--att-distance", "norm"], "ud-norm",
+    (["--method", "ud", "--att-weight", "0.5"], "ud-gradcam", ("train_kd", "train_kd_cal", "train_attention")),
+    (["--method", "ud", "--att-variant", "paper", "--att-weight", "0.5"], "ud",
      ("train_kd", "train_kd_cal", "train_attention")),
-    (["--method", "ud", "--att-weight", "0"], "ud-noatt", ("train_kd", "train_kd_cal")),
+    (["--method", "ud", "--att-variant", "paper", "--att-distance", "norm", "--att-weight", "0.5"], "ud-norm",
+     ("train_kd", "train_kd_cal", "train_attention")),
+    (["--method", "ud"], "ud-noatt", ("train_kd", "train_kd_cal")),  # the default: no attention
     (["--method", "kd"], "kd", ("train_kd",)),
 ])
 @pytest.mark.slow
@@ -82,14 +83,15 @@ def test_a_teacher_with_another_class_list_is_refused_naming_the_classes(tiny_di
 
 def test_token_pooled_vit_student_is_refused_for_attention(tiny_digits, teachers, tmp_path) -> None:
     args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment", "x",
-                           "--model", "test_vit", "--global-pool", "token")
+                           "--model", "test_vit", "--global-pool", "token", "--att-weight", "0.5")
     with pytest.raises(ValueError, match="global-pool avg"):
         distill.main(args)
 
 
 @pytest.mark.slow
 def test_self_distillation_switches_teacher_at_the_half(tiny_digits, tmp_path) -> None:
-    args = tiny_train_args(tiny_digits, str(tmp_path), "--self-distill", "--epochs", "4", "--experiment", "self")
+    args = tiny_train_args(tiny_digits, str(tmp_path), "--self-distill", "--epochs", "4", "--experiment", "self",
+                           "--att-weight", "0.5")
     distill.main(args)
     run_dir = tmp_path / "self"
     summary = read_rows(str(run_dir / "summary.csv"))
@@ -105,8 +107,9 @@ def test_self_distillation_switches_teacher_at_the_half(tiny_digits, tmp_path) -
 
 def test_torchcompile_with_uncertainty_attention_is_refused_up_front() -> None:
     with pytest.raises(ConfigError, match="--torchcompile"):
-        distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile"])
+        distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile", "--att-weight", "0.5"])
     assert distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile", "--method", "kd"]).torchcompile
+    assert distill.parse_args(["--teacher-ckpt", "t.safetensors", "--torchcompile"]).torchcompile  # no attention
 
 
 def test_self_distill_refuses_another_method_naming_both_flags() -> None:
@@ -126,9 +129,10 @@ def test_the_python_api_builds_attention_maps_as_distill_py_does_by_default() ->
 
 
 @pytest.mark.parametrize(("flags", "method"), [
-    ([], "ud-gradcam"), (["--att-distance", "norm"], "ud-gradcam-norm"),
-    (["--att-distance", "norm", "--att-weight", "0"], "ud-noatt"),
-    (["--self-distill", "--att-variant", "paper", "--att-distance", "norm"], "self-ud-norm"),
+    ([], "ud-noatt"), (["--att-weight", "0.5"], "ud-gradcam"), (["--att-distance", "norm", "--att-weight", "1"],
+                                                                 "ud-gradcam-norm"),
+    (["--self-distill"], "self-ud-noatt"),
+    (["--self-distill", "--att-variant", "paper", "--att-distance", "norm", "--att-weight", "0.5"], "self-ud-norm"),
 ])
 def test_the_method_column_names_the_attention_distance(flags, method) -> None:
     teacher = [] if "--self-distill" in flags else ["--teacher-ckpt", "t.safetensors"]

@@ -123,8 +123,10 @@ def test_self_distillation_switches_to_its_teacher_once() -> None:
     student = create_model("test_resnet", num_classes=4, cal=True).eval()
     images, target, difficult = batch()
     built = []
+    with_attention = DistillOptions(att_weight=0.5)
     objective = SelfDistillationObjective(SupervisedObjective("bce", cal=True), 2,
-                                          lambda: built.append(DistillationObjective(teacher)) or built[-1])
+                                          lambda: built.append(DistillationObjective(teacher, with_attention))
+                                          or built[-1])
     assert objective.term_names == ("bce", "partial_softmax", "kd", "kd_cal", "attention")
     for epoch in range(4):
         objective.start_epoch(epoch)
@@ -170,7 +172,8 @@ def test_the_teacher_sees_the_batch_in_its_own_normalisation() -> None:
     pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     student_norm, teacher_norm = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]), ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     images = NormalizeImage(*student_norm)(pixels)
-    objective = DistillationObjective(teacher, teacher_input=Renormalize(*student_norm, *teacher_norm))
+    objective = DistillationObjective(teacher, DistillOptions(att_weight=0.5),
+                                      teacher_input=Renormalize(*student_norm, *teacher_norm))
     logits, cal_logits, maps = objective.teacher_outputs(images)
     expected = teacher(NormalizeImage(*teacher_norm)(pixels), with_attention=True)
     torch.testing.assert_close(logits, expected.logits, rtol=1e-4, atol=1e-5)
