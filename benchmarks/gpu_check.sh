@@ -27,7 +27,7 @@ torchvision.__version__, 'timm', timm.__version__, 'accelerate', a.__version__)"
        --channels-last --no-progress --output "$RUNS")
   timeout 60 python3 train.py "${RUN[@]}" --model resnet18 --cal --gpu-decode --experiment teacher
   timeout 60 python3 distill.py "${RUN[@]}" --model resnet18 --teacher-ckpt "$RUNS/teacher/best.safetensors" \
-    --experiment student
+    --att-weight 0.5 --experiment student
   timeout 60 python3 validate.py --checkpoint "$RUNS/student/best.safetensors" --data-dir "$VOC" -b 64 \
     --workers 16 --mixed-precision bf16 --gpu-decode --no-progress
   timeout 30 python3 - "$VOC" <<'EOF'

@@ -5,7 +5,7 @@ Pipelines, each timed in the steady state (after --warmup batches):
   cpu-decode  the loop on a DataLoader over JPEG files, the loader workers decoding and augmenting (the default)
   gpu-decode  the same with --gpu-decode: the workers read bytes, the GPU decodes (nvJPEG) and augments (CUDA only)
 Workloads: train (train.py's step: engine.train_one_epoch, SupervisedObjective, timm optimizer, --cal as given),
-distill (distill.py --method ud from a random-init --teacher to --student) and predict (validate.py's
+distill (distill.py --method ud --att-weight 0.5 from a random-init --teacher to --student) and predict (validate.py's
 engine.predict). The JPEGs are a synthetic VOC2007 folder at VOC's image sizes (--synthetic-voc).
 
 Prints img/s, real/ceiling per pipeline (docs/design.md#speed: >= 0.90), the calibration branch's cost (the median of
@@ -208,7 +208,9 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
     device = accelerator.device
     gpu_decode = ["--gpu-decode"] * (pipeline == "gpu-decode")
     if workload == "distill":
-        run = script_args(distill, args, root, "--model", args.student, "--teacher-ckpt", "random-init", *gpu_decode)
+        # Full UD, with the attention term (the paper's beta; distill.py's default 0 leaves Eq. 17 out).
+        run = script_args(distill, args, root, "--model", args.student, "--teacher-ckpt", "random-init",
+                          "--att-weight", "0.5", *gpu_decode)
     else:
         run = script_args(train, args, root, "--model", args.model, *["--cal"] * cal, *gpu_decode)
     settings = config.training_settings(run)
