@@ -49,7 +49,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(add_help=False)
     parser.add_argument("--batches", type=int, default=4)
     own, rest = parser.parse_known_args(argv)
-    args = distill.parse_args([*rest, "--method", "ud", "--workers", "0", "--no-progress"])
+    # beta defaults to the paper's 0.5 here (distill.py's default 0 has no attention term to measure).
+    args = distill.parse_args(["--att-weight", "0.5", *rest, "--method", "ud", "--workers", "0", "--no-progress"])
     settings = config.training_settings(args)
     accelerator = devices.make_accelerator()
     train_set, eval_set, _ = loaders.load_datasets(settings.data, accelerator)

@@ -180,7 +180,7 @@ def student_results(run_dirs: Sequence[str]) -> pd.DataFrame:
     """results.csv of the student runs, each with its arm (its directory's name less `-seed<N>`) as its method."""
     results = load_results(run_dirs)
     results["method"] = [os.path.basename(run_dir).rsplit("-seed", 1)[0] for run_dir in results["run_dir"]]
-    for column in ("brier", "selection_map", "best_epoch", "last_map"):  # columns the report keeps as text
+    for column in {"brier", "selection_map", "best_epoch", "last_map"} & set(results.columns):  # kept as text
         results[column] = pd.to_numeric(results[column])
     return results
 
