@@ -1,0 +1,142 @@
+#!/usr/bin/env python3
+"""The heads benchmark: linear, ML-Decoder and CSRA heads, each alone and with Mixup/CutMix, on train.py's digits.
+
+    python benchmarks/heads_digits.py              # about 50 minutes on a 2-core CPU
+    python benchmarks/heads_digits.py --seeds 0 1 2 3 4 --out output/heads-digits-5
+
+For each seed, six train.py runs with its defaults (resnet10t from scratch, 48 px, 15 epochs on the embedded digits
+set, BCE, best.safetensors chosen on `val`, reported on `test`): every head of HEADS, with and without MIXING.
+Runs go two at a time with one thread each (`--jobs`); a finished run is skipped and an interrupted one resumed
+(benchmarks/common.py), so the command can be stopped and started again. It first times one training step of each
+head against the linear head, in this one process, on one batch of train.py's digits shape (`step_times.md`),
+then writes `report.md` (every arm, mean ± std over seeds) and `claims.md` (paired differences over seeds,
+udtimm.claims) into `--out`. The design, registered before the runs: docs/recipe.md#heads-and-mixing-measured.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+import torch
+from accelerate.utils import set_seed
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
+
+import train  # noqa: E402
+from benchmarks.common import ROOT, Job, run_in  # noqa: E402
+from benchmarks.distill_digits import arm_table, student_results  # noqa: E402
+from udtimm import config, devices, optimization  # noqa: E402
+from udtimm.claims import Claim, claims_table, to_markdown  # noqa: E402
+from udtimm.data.digits import DIGIT_CLASSES  # noqa: E402
+from udtimm.engine import train_one_epoch  # noqa: E402
+from udtimm.io import atomic_write_text  # noqa: E402
+from udtimm.objectives import LossOptions, SupervisedObjective  # noqa: E402
+
+COMMON = ("--dataset", "digits", "--workers", "0", "--no-progress")
+HEADS = {
+    "linear": (),
+    "ml-decoder": ("--head", "ml-decoder"),
+    "csra": ("--head", "csra"),
+}
+MIXING = ("--mixup", "0.8", "--cutmix", "1.0")  # timm's ImageNet recipe: both on, switched half the time
+CLAIMS = (
+    *(Claim(f"`--head {head}` beats the linear head", head, "linear", metric)
+      for head in HEADS if head != "linear" for metric in ("map", "map_difficult")),
+    *(Claim(f"Mixup/CutMix helps the {head} head", f"{head}+mix", head, "map") for head in HEADS),
+    *(Claim(f"Mixup/CutMix lowers the {head} head's classwise ECE", f"{head}+mix", head, "ece",
+            lower_is_better=True) for head in HEADS),
+)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", default="output/heads-digits", help="folder of the runs and the tables")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="one run of every arm each")
+    parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
+    parser.add_argument("--steps", type=int, default=10, help="timed training steps per head (after 3 untimed)")
+    parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
+                        help="more flags for every run, last on the command line (e.g. --extra --epochs 5)")
+    return parser.parse_args(argv)
+
+
+def arms() -> dict[str, tuple[str, ...]]:
+    """Every head alone and with MIXING, by name."""
+    return {name: flags for head, head_flags in HEADS.items()
+            for name, flags in ((head, head_flags), (f"{head}+mix", (*head_flags, *MIXING)))}
+
+
+def plan(args: argparse.Namespace) -> list[Job]:
+    """Every run, seed by seed, so that the first seeds' comparisons are complete first."""
+    out = os.path.abspath(args.out)
+    jobs = []
+    for seed in args.seeds:
+        for arm, flags in arms().items():
+            experiment = f"{arm}-seed{seed}"
+            command = [sys.executable, os.path.join(ROOT, "train.py"), *COMMON, "--output", out, "--experiment",
+                       experiment, "--seed", str(seed), *flags, *args.extra]
+            jobs.append(Job(experiment, command, os.path.join(out, experiment)))
+    return jobs
+
+
+def step_seconds(flags: Sequence[str], steps: int, extra: Sequence[str]) -> float:
+    """Seconds per training step of train.py's model and objective for `flags` (its defaults otherwise), on one
+    random batch of its digits shape, in this process."""
+    run = train.parse_args([*COMMON, *flags, *extra])
+    settings = config.training_settings(run)
+    accelerator = devices.make_accelerator("no", cpu=True)
+    img_size = settings.data.img_size or 48
+    set_seed(0)
+    model = devices.build_model(settings.model, img_size, list(DIGIT_CLASSES), False, accelerator)
+    optimizer, scheduler = optimization.build_optimization(settings.optim, model, steps + 3)
+    objective = SupervisedObjective(run.loss, False, run.cal_weight, settings.data.difficult,
+                                    config.settings_from(LossOptions, run), settings.data.unknown)
+    generator = torch.Generator().manual_seed(0)
+    size = settings.data.batch_size
+    images = torch.randn(size, 3, img_size, img_size, generator=generator)
+    target = (torch.rand(size, len(DIGIT_CLASSES), generator=generator) < 0.2).float()
+    batch = (images, target, torch.zeros_like(target, dtype=torch.bool), torch.arange(size))
+
+    def train_steps(count: int) -> None:
+        train_one_epoch(model, [batch] * count, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0,
+                        show_progress=False)
+
+    train_steps(3)
+    begin = time.perf_counter()
+    train_steps(steps)
+    return (time.perf_counter() - begin) / steps
+
+
+def step_time_table(args: argparse.Namespace) -> str:
+    """Markdown: ms per training step of each head, and its ratio to the linear head timed in the same run."""
+    threads = torch.get_num_threads()
+    seconds = {head: step_seconds(flags, args.steps, args.extra) for head, flags in HEADS.items()}
+    lines = [f"One process, {threads} thread(s), CPU; train.py's digits defaults, one batch, {args.steps} steps.\n",
+             "| head | ms / step | vs linear |", "|---|---|---|"]
+    lines += [f"| {head} | {value * 1e3:.1f} | {value / seconds['linear']:.2f}x |" for head, value in seconds.items()]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    args = parse_args(argv)
+    out = os.path.abspath(args.out)
+    os.makedirs(out, exist_ok=True)
+    step_times = step_time_table(args)
+    atomic_write_text(os.path.join(out, "step_times.md"), step_times)
+    print(step_times)
+    jobs = plan(args)
+    minutes = run_in(out, jobs, args.jobs)
+    runs = student_results([job.run_dir for job in jobs])
+    report = f"## Heads and mixing (test split; val mAP chose the checkpoint)\n\n{arm_table(runs)}"
+    atomic_write_text(os.path.join(out, "report.md"), report)
+    claims = to_markdown(claims_table(runs, CLAIMS))
+    atomic_write_text(os.path.join(out, "claims.md"), claims)
+    print(f"\n{step_times}\n{report}\n{claims}\nbenchmark: {minutes:.1f} min of runs (finished runs skipped); "
+          f"tables in {out}")
+
+
+if __name__ == "__main__":
+    main()
