@@ -21,6 +21,7 @@ from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attentio
 from udtimm.data.transforms import Renormalize
 from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
+from udtimm.heads import head_suffix
 from udtimm.losses import ATTENTION_DISTANCES
 from udtimm.model import CalibratedModel
 from udtimm.objectives import (
@@ -85,7 +86,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def method_name(args: argparse.Namespace) -> str:
     """The method column of results.csv: kd, ud-noatt or self-ud-noatt (beta = 0), else ud or self-ud with an
     --att-variant other than paper appended (ud-const-weights, self-ud-gradcam), then -norm with --att-distance norm;
-    +ema with --model-ema."""
+    +<head> with a spatial --head, +ema with --model-ema."""
     if args.method == "kd" and not args.self_distill:
         method = "kd"
     elif args.att_weight == 0:
@@ -93,7 +94,7 @@ def method_name(args: argparse.Namespace) -> str:
     else:
         method = f"self-{ud_method(args.att_variant)}" if args.self_distill else ud_method(args.att_variant)
         method += "-norm" if args.att_distance == "norm" else ""
-    return method + method_suffix(args.model_ema)
+    return method + head_suffix(args.head) + method_suffix(args.model_ema)
 
 
 def load_teacher(path: str, class_names: list[str], method: str, accelerator: Accelerator,

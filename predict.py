@@ -7,9 +7,10 @@
 
 INPUT is an image file, a folder (its files of every image format PIL reads, recursively: .jpg, .png, .webp, .bmp,
 .tif, ...; the others are left out with a warning naming them) or a glob pattern (quoted, ** recurses).
-The probabilities are calibrated by the temperatures stored beside the checkpoint by `validate.py --calibrate`
-when there are some. A class is predicted when its probability reaches its threshold: --threshold for all classes
-when given, else the per-class thresholds stored beside the checkpoint by `validate.py --tune-thresholds`, else 0.5.
+The probabilities are calibrated, sigmoid(logit / T + b), by the temperatures (and, for `--calibrate platt`, biases)
+stored beside the checkpoint by `validate.py --calibrate` when there are some. A class is predicted when its
+probability reaches its threshold: --threshold for all classes when given, else the per-class thresholds stored
+beside the checkpoint by `validate.py --tune-thresholds`, else 0.5.
 """
 
 from __future__ import annotations
@@ -88,8 +89,10 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     print(format_table((IMAGE_COLUMN, LABELS_COLUMN), table[[IMAGE_COLUMN, LABELS_COLUMN]].head(PREVIEW_ROWS)
                        .itertuples(index=False)))
     more = f" ({len(table) - PREVIEW_ROWS} more rows there)" if len(table) > PREVIEW_ROWS else ""
-    calibrated = "" if predictor.temperatures is None else \
-        ", probabilities calibrated by the stored temperatures (validate.py --calibrate)"
+    calibrated = ""
+    if predictor.calibration is not None:
+        stored = "temperatures and biases" if predictor.calibration.biases.any() else "temperatures"
+        calibrated = f", probabilities calibrated by the stored {stored} (validate.py --calibrate)"
     print(f"{len(table)} image(s) labelled with {rule}{' and --topk ' + str(args.topk) if args.topk else ''}"
           f"{calibrated}: {args.out}{more}")
     return table

@@ -17,6 +17,7 @@ from udtimm import cli, config, devices, loaders, optimization, runs
 from udtimm.checkpoint import model_metadata
 from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
+from udtimm.heads import LINEAR, head_suffix
 from udtimm.objectives import CLASSIFICATION_LOSSES, LossOptions, SupervisedObjective
 from udtimm.trainer import RunSetup
 
@@ -39,18 +40,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def method_name(loss: str, cal: bool, model_ema: bool = False) -> str:
-    """The method column of results.csv: baseline, cal, or the Table 5 loss (or asl), +ema with --model-ema."""
+def method_name(loss: str, cal: bool, model_ema: bool = False, head: str = LINEAR) -> str:
+    """The method column of results.csv: baseline, cal, or the Table 5 loss (or asl), +<head> with a spatial --head,
+    +ema with --model-ema."""
     name = "baseline" if loss == "bce" else loss
     method = "cal" if cal and loss == "bce" else f"{name}+cal" if cal else name
-    return method + method_suffix(model_ema)
+    return method + head_suffix(head) + method_suffix(model_ema)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     settings = config.training_settings(args)
     data, runtime = settings.data, settings.runtime
-    method = method_name(args.loss, args.cal, settings.optim.model_ema)
+    method = method_name(args.loss, args.cal, settings.optim.model_ema, args.head)
     run_dir = runs.run_dir_path(runtime, args.model, method)
     accelerator = devices.make_training_accelerator(settings, run_dir)
     train_set, eval_set, test_set = loaders.load_datasets(data, accelerator)

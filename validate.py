@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Evaluate a checkpoint on a dataset split; fit temperatures and choose per-class thresholds on a held-out split.
+"""Evaluate a checkpoint on a dataset split; fit temperatures (and Platt's biases) and choose per-class thresholds
+on a held-out split.
 
     python validate.py --checkpoint output/<run>/best.safetensors     # its dataset's test split
     python validate.py --checkpoint best.safetensors --subset difficult --results-file results.csv
     python validate.py --checkpoint best.safetensors --per-class      # AP, P, R, F1, ECE of every class
     python validate.py --checkpoint best.safetensors --tune-thresholds f1 --tune-split val
     python validate.py --checkpoint best.safetensors --calibrate per-class --tune-split val
+    python validate.py --checkpoint best.safetensors --calibrate platt       # sigmoid(logit / T + b) per class
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 validate.py --checkpoint best.safetensors
 
 The model, its classes, input size and normalisation come from the checkpoint's metadata (udtimm.Predictor loads
@@ -60,8 +62,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                  "the checkpoint)")
     tuning = parser.add_argument_group("post-hoc calibration and per-class thresholds")
     tuning.add_argument("--calibrate", default=None, choices=calibration.METHODS,
-                        help="fit one temperature for all classes, or one per class, on --tune-split (the BCE of "
-                             "sigmoid(logit / T) minimised), store them in <checkpoint stem>.thresholds.json and "
+                        help="fit one temperature for all classes, one per class, or per class a temperature and "
+                             "a bias (platt: Platt scaling) on --tune-split (the BCE of sigmoid(logit / T + b) "
+                             "minimised; b = 0 but for platt), store them in <checkpoint stem>.thresholds.json and "
                              "print ECE, pooled ECE and Brier of --split before and after; with --tune-thresholds "
                              "the thresholds are chosen on the calibrated scores")
     tuning.add_argument("--tune-thresholds", default=None, metavar="OBJECTIVE",
@@ -70,7 +73,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "Predictor and udtimm.export) and compare the metrics of --split with them and with "
                              "--threshold")
     tuning.add_argument("--tune-split", default="val",
-                        help="held-out split to fit the temperatures and choose the thresholds on, never the test "
+                        help="held-out split to fit the calibration and choose the thresholds on, never the test "
                              "split nor --split (digits writes its val split on first use)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast dtype")
@@ -108,7 +111,7 @@ def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator
 def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: Predictions,
              predictor: Predictor, accelerator: Accelerator, calibrated_by: str = "") -> dict[str, float]:
     """Metrics of the split (or its difficult subset), printed and written by the main process, on the calibrated
-    scores when the predictor has temperatures (`calibrated_by` names them; ECE, pooled ECE and Brier before are
+    scores when the predictor has a calibration (`calibrated_by` names it; ECE, pooled ECE and Brier before are
     the `_uncalibrated` entries); with per-class thresholds, CP..OF1 with them too (the `_tuned` entries)."""
     metadata = predictor.metadata
     if args.subset == "difficult":
@@ -116,8 +119,8 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
         if len(predictions.indices) == 0:
             raise ConfigError(f"--subset difficult: no image of {dataset.name} has a difficult label")
     raw, uncalibrated = predictions, {}
-    if predictor.temperatures is not None:
-        predictions = calibration.calibrate_predictions(raw, predictor.temperatures)
+    if predictor.calibration is not None:
+        predictions = calibration.calibrate_predictions(raw, predictor.calibration)
         before_after, uncalibrated = calibration.compare(raw, predictions)
     values = metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult, args.threshold,
                                      args.topk, difficult_as_negative=args.eval_difficult_negative)
@@ -171,16 +174,16 @@ def write_per_class(args: argparse.Namespace, predictions: Predictions, dataset:
 def tune(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Predictions, stored: dict | None,
          accelerator: Accelerator) -> dict:
     """--calibrate, then --tune-thresholds on the calibrated scores, on the held-out split; returns the record
-    stored beside the checkpoint: what this run tuned, and the stored temperatures when it did not calibrate."""
+    stored beside the checkpoint: what this run tuned, and the stored calibration when it did not calibrate."""
     thresholds_entries = stored and thresholds.stored_thresholds_entries(stored)
     calibration_entry = stored and stored.get("calibration")
     names, count, main_process = tune_set.classes, len(predictions.indices), accelerator.is_main_process
     if args.calibrate:
-        fitted = calibration.fit_temperatures(predictions.logits, predictions.target, predictions.difficult,
-                                              args.calibrate, tune_set.name)
+        fitted = calibration.fit_calibration(predictions.logits, predictions.target, predictions.difficult,
+                                             args.calibrate, tune_set.name)
         calibration_entry = calibration.calibration_entry(names, fitted, args.calibrate, tune_set.name, count)
         if main_process:
-            print(f"{args.calibrate} temperatures fitted on {tune_set.name} ({count} images):\n"
+            print(f"{calibration.fitted_name(args.calibrate)} fitted on {tune_set.name} ({count} images):\n"
                   f"{calibration.summary_table(predictions, names, fitted, args.calibrate)}")
             if thresholds_entries and not args.objective:
                 print("the per-class thresholds stored before were chosen on other scores and are dropped: give "
@@ -188,7 +191,7 @@ def tune(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Pre
         thresholds_entries = None
     if calibration_entry:
         predictions = calibration.calibrate_predictions(
-            predictions, calibration.temperatures_tensor(calibration_entry, names, thresholds.thresholds_path(
+            predictions, calibration.stored_calibration(calibration_entry, names, thresholds.thresholds_path(
                 args.checkpoint)))
     if args.objective:
         result = thresholds.tune_thresholds(predictions.scores, predictions.target, predictions.difficult,
@@ -237,9 +240,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         record = tune(args, tune_set, run_predictions(args, model, tune_set, predictor, accelerator), record,
                       accelerator)
     path = thresholds.thresholds_path(args.checkpoint)
-    predictor.thresholds, predictor.temperatures = thresholds.tuning_tensors(record, predictor.class_names, path)
+    predictor.thresholds, predictor.calibration = thresholds.tuning_tensors(record, predictor.class_names, path)
     entry = (record or {}).get("calibration")
-    calibrated_by = f"{entry['method']} temperatures fitted on {entry['split']}" if entry else ""
+    calibrated_by = f"{calibration.fitted_name(entry['method'])} fitted on {entry['split']}" if entry else ""
     result = evaluate(args, dataset, run_predictions(args, model, dataset, predictor, accelerator), predictor,
                       accelerator, calibrated_by)
     accelerator.wait_for_everyone()

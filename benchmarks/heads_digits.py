@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The heads benchmark: linear, ML-Decoder and CSRA heads, each alone and with Mixup/CutMix, on train.py's digits.
 
-    python benchmarks/heads_digits.py              # about 50 minutes on a 2-core CPU
+    python benchmarks/heads_digits.py              # about 60 minutes on a 2-core CPU
     python benchmarks/heads_digits.py --seeds 0 1 2 3 4 --out output/heads-digits-5
 
 For each seed, six train.py runs with its defaults (resnet10t from scratch, 48 px, 15 epochs on the embedded digits

@@ -49,6 +49,30 @@ def tiny_train_args(data_dir: str, output: str, *extra: str) -> list[str]:
     ]
 
 
+def model_labelled_csv(checkpoint_path: str, data_dir: str, folder: str) -> list[str]:
+    """validate.py's data flags for the tiny digits val and test images as a CSV set in `folder` whose labels are
+    drawn from sigmoid(2 u), u the checkpoint's logit standardised per class over the split: a set that Platt scaling
+    fits whatever the tiny model learnt (with the digits labels it ranks the val images backwards, pooled)."""
+    from udtimm import Predictor
+    from udtimm.data import build_dataset
+
+    predictor = Predictor.from_checkpoint(checkpoint_path, stored_tuning=False)
+    generator = torch.Generator().manual_seed(0)
+    for split in ("val", "test"):
+        paths = [sample.path for sample in build_dataset("digits", data_dir, split, **TINY_DIGITS).samples]
+        probabilities = predictor.predict(paths)[predictor.class_names].to_numpy()
+        logits = torch.logit(torch.tensor(probabilities, dtype=torch.float64))
+        standardised = (logits - logits.mean(0)) / logits.std(0)
+        labels = torch.rand(logits.shape, generator=generator, dtype=torch.float64) < torch.sigmoid(2 * standardised)
+        rows = [",".join(["image", *predictor.class_names])]
+        rows += [",".join([path, *map(str, row)]) for path, row in zip(paths, labels.int().tolist(), strict=True)]
+        with open(os.path.join(folder, f"{split}.csv"), "w") as handle:
+            handle.write("\n".join(rows) + "\n")
+    with open(os.path.join(folder, "classes.txt"), "w") as handle:
+        handle.write("\n".join(predictor.class_names) + "\n")
+    return ["--dataset", "csv", "--data-dir", folder, "--workers", "0", "--no-progress"]
+
+
 def read_rows(path: str) -> list[dict[str, str]]:
     """The rows of a CSV written by udtimm (summary.csv, results.csv, ...)."""
     with open(path, newline="") as handle:

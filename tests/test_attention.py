@@ -11,6 +11,7 @@ from udtimm.attention import (
     uncertainty_attention,
     uncertainty_per_class,
 )
+from udtimm.heads import HEADS
 from udtimm.losses import attention_distillation_loss
 from udtimm.model import create_model
 
@@ -124,6 +125,23 @@ def test_check_attention_support():
             maps = uncertainty_attention(vit, vit.forward_features(_images(32)), create_graph=False, form=PAPER)
         assert maps.shape == (3, 2, 2) and maps.abs().min() > 0
     check_attention_support(_model("test_resnet"))
+
+
+@pytest.mark.parametrize("head", HEADS)
+def test_spatial_heads_keep_the_map_on_the_last_feature_map(head):
+    """dD/dZ reaches Z through a spatial head (and the calibration branch's pooling) as a whole-network Grad-CAM
+    finds it; a token-pooled ViT, refused with the linear head, gets a map from the patch tokens the head reads."""
+    options = {"ml-decoder": {"embed_dim": 16, "num_heads": 2, "ff_dim": 32}}.get(head, {})
+    model = _model("test_resnet", head=head, head_kwargs=options).eval()
+    expected, features = _naive_gradcam(model, model.backbone.layer4, _images())
+    maps = uncertainty_attention(model, features, create_graph=False, form=PAPER)
+    assert expected.abs().max() > 0
+    torch.testing.assert_close(maps, expected, rtol=1e-4, atol=1e-6 * expected.abs().max().item())
+    token_vit = _model("test_vit", img_size=32, head=head, head_kwargs=options).eval()
+    check_attention_support(token_vit)
+    with torch.no_grad():
+        maps = uncertainty_attention(token_vit, token_vit.forward_features(_images(32)), create_graph=False, form=PAPER)
+    assert maps.shape == (3, 2, 2) and maps.abs().min() > 0
 
 
 class _FakeModel(nn.Module):

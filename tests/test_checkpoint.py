@@ -30,6 +30,26 @@ def test_roundtrip_rebuilds_the_model_from_metadata_alone(tmp_path) -> None:
     assert json.loads(metadata["std"]) == [0.25] * 3 and metadata["cal_width"] == "512"
 
 
+def test_a_spatial_head_and_its_options_come_back_from_the_metadata(tmp_path) -> None:
+    """The head and every option (defaults included) are stored; a checkpoint written before the heads existed
+    (no `head` entries) is a linear one."""
+    model = create_model("test_resnet", num_classes=3, head="csra", head_kwargs={"num_heads": 2, "lam": 0.5}).eval()
+    metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b", "c"], None, 64, [0.5] * 3, [0.25] * 3)
+    assert (metadata["head"], json.loads(metadata["head_kwargs"])) == \
+        ("csra", {"lam": 0.5, "num_heads": 2, "temperatures": None})
+    path = str(tmp_path / "csra.safetensors")
+    checkpoint.save_checkpoint(path, model, metadata)
+    loaded = checkpoint.load_for_inference(path).model
+    x = torch.randn(2, 3, 64, 64)
+    assert loaded.head_name == "csra" and loaded.head.temperatures == (1.0, float("inf"))
+    torch.testing.assert_close(loaded(x).logits, model(x).logits, rtol=0, atol=0)
+    old = str(tmp_path / "old.safetensors")
+    linear = save_tiny(old, ["a", "b"])
+    checkpoint.save_checkpoint(old, linear, {key: value for key, value in checkpoint.read_metadata(old).items()
+                                             if not key.startswith("head")})
+    assert checkpoint.load_for_inference(old).model.head_name == "linear"
+
+
 def test_load_for_inference_gives_the_model_in_eval_mode_with_its_input(tmp_path) -> None:
     path = str(tmp_path / "m.safetensors")
     model = save_tiny(path, ["a", "b", "c"]).eval()

@@ -154,6 +154,17 @@ def test_resuming_md_lists_exactly_the_settings_a_resume_may_not_change() -> Non
     assert listed == set(RESUME_FIXED) | set(RESUME_FIXED_WITH) | set(RESUME_FIXED_WITH.values())
 
 
+def test_head_options_parse_as_yaml_and_may_not_change_on_resume(tmp_path) -> None:
+    args = train.parse_args(["--head", "csra", "--head-kwargs", "num_heads=2", "temperatures=[1,.inf]"])
+    assert (args.head, args.head_kwargs) == ("csra", {"num_heads": 2, "temperatures": [1, float("inf")]})
+    assert distill.parse_args(["--teacher-ckpt", "t.safetensors"]).head == "linear"
+    (tmp_path / "args.yaml").write_text("head: csra\nhead_kwargs: {num_heads: 2}\n")
+    with pytest.raises(ConfigError, match=r"--head-kwargs: the run has \{'num_heads': 2\}, now \{'num_heads': 4\}"):
+        train.parse_args(["--resume", str(tmp_path), "--head-kwargs", "num_heads=4"])
+    with pytest.raises(ConfigError, match="--head: the run has 'csra', now 'ml-decoder'"):
+        train.parse_args(["--resume", str(tmp_path), "--head", "ml-decoder"])
+
+
 def test_epochs_may_change_on_resume_except_with_self_distillation(tmp_path) -> None:
     (tmp_path / "args.yaml").write_text("teacher_ckpt: t.safetensors\nepochs: 4\nlr: 0.002\n")
     args = distill.parse_args(["--resume", str(tmp_path), "--epochs", "6", "--lr", "0.001"])

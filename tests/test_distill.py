@@ -54,6 +54,23 @@ def test_students_learn_from_a_calibrated_teacher(tiny_digits, teachers, tmp_pat
     assert read_metadata(str(tmp_path / "s" / "best.safetensors"))["cal"] == ("true" if method != "kd" else "false")
 
 
+@pytest.mark.slow
+def test_ud_with_spatial_heads_on_both_sides(tiny_digits, tmp_path) -> None:
+    """A CSRA teacher teaches an ML-Decoder student by Eq. 18 with the attention term, at 64 px (2 x 2 maps): both
+    maps come from the last feature map through the heads, and the student's result names its head."""
+    teacher = create_model("test_resnet", num_classes=10, cal=True, head="csra", head_kwargs={"num_heads": 2})
+    path = str(tmp_path / "csra.safetensors")
+    save_checkpoint(path, teacher, model_metadata("test_resnet", teacher, list(DIGITS), None, 64, [0.5] * 3,
+                                                  [0.5] * 3))
+    row = distill.main(tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", path, "--experiment", "s",
+                                       "--img-size", "64", "--method", "ud", "--att-weight", "0.5", "--head",
+                                       "ml-decoder", "--head-kwargs", "embed_dim=16", "num_heads=2", "ff_dim=32"))
+    summary = read_rows(str(tmp_path / "s" / "summary.csv"))
+    assert all(0 < float(epoch["train_attention"]) < math.inf for epoch in summary)
+    assert row["method"] == "ud-gradcam+ml-decoder"
+    assert read_metadata(str(tmp_path / "s" / "best.safetensors"))["head"] == "ml-decoder"
+
+
 def test_a_student_with_model_ema(tiny_digits, teachers, tmp_path) -> None:
     row = distill.main(tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment",
                                        "s", "--method", "kd", "--epochs", "1", "--model-ema"))

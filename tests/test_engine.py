@@ -41,7 +41,7 @@ class CountingObjective:
     def __init__(self, nan_steps: set[int]) -> None:
         self.calls, self.nan_steps = 0, nan_steps
 
-    def __call__(self, model, images, target, difficult) -> dict[str, torch.Tensor]:
+    def __call__(self, model, images, target, difficult, mix=None) -> dict[str, torch.Tensor]:
         loss = torch.nn.functional.binary_cross_entropy_with_logits(model(images).logits, target)
         loss = loss * math.nan if self.calls in self.nan_steps else loss
         self.calls += 1

@@ -1,5 +1,5 @@
 """udtimm.Predictor: the same scores from paths, PIL images and tensors (and validate.py's: test_validate.py),
-stored thresholds and temperatures, bad inputs named before any work."""
+stored thresholds, temperatures and biases, bad inputs named before any work."""
 
 import shutil
 
@@ -13,7 +13,7 @@ from PIL import Image
 import udtimm
 from udtimm import Predictor, checkpoint, thresholds
 from udtimm import predictor as predictor_module
-from udtimm.calibration import FittedTemperatures, calibration_entry
+from udtimm.calibration import FittedCalibration, ScoreCalibration, calibration_entry
 from udtimm.checkpoint import CheckpointError
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, DatasetError, read_image
@@ -130,21 +130,24 @@ def test_api_and_class_names_that_clash_with_the_columns(predictor: Predictor) -
         predictor.predict(torch.zeros(1, 3, 8, 8, dtype=torch.uint8), batch_size=0)
 
 
-def test_stored_temperatures_calibrate_the_scores(tiny_checkpoint: str, png_images: list[str], tmp_path) -> None:
+def test_stored_temperatures_and_biases_calibrate_the_scores(tiny_checkpoint: str, png_images: list[str],
+                                                             tmp_path) -> None:
     checkpoint_copy = str(tmp_path / "best.safetensors")
     shutil.copy(tiny_checkpoint, checkpoint_copy)
     names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
     temperatures = torch.linspace(0.5, 3.0, len(names), dtype=torch.float64)
-    fitted = FittedTemperatures(temperatures, torch.ones(len(names), dtype=torch.bool), 1.5)
-    entry = calibration_entry(names, fitted, "per-class", "digits:val", 20)
+    biases = torch.linspace(-2.0, 1.0, len(names), dtype=torch.float64)
+    fitted = FittedCalibration(ScoreCalibration(temperatures, biases), torch.ones(len(names), dtype=torch.bool), 1.5)
+    entry = calibration_entry(names, fitted, "platt", "digits:val", 20)
     thresholds.save_thresholds(checkpoint_copy, thresholds.tuning_record(checkpoint_copy, calibration=entry))
 
     calibrated = Predictor.from_checkpoint(checkpoint_copy)
     plain = Predictor.from_checkpoint(checkpoint_copy, stored_tuning=False)
-    assert torch.equal(calibrated.temperatures, temperatures) and calibrated.thresholds is None
-    assert plain.temperatures is None
+    assert torch.equal(calibrated.calibration.temperatures, temperatures) and calibrated.thresholds is None
+    assert torch.equal(calibrated.calibration.biases, biases) and plain.calibration is None
     found = scores_of(calibrated.predict(png_images), calibrated)
     raw = scores_of(plain.predict(png_images), plain).double()
     # float32 probabilities: the logits recovered from them carry ~1e-7 relative error.
-    torch.testing.assert_close(found.double(), torch.sigmoid(torch.logit(raw) / temperatures), rtol=0, atol=1e-5)
+    torch.testing.assert_close(found.double(), torch.sigmoid(torch.logit(raw) / temperatures + biases), rtol=0,
+                               atol=1e-5)
     assert (found.double() - raw).abs().max() > 1e-2

@@ -418,13 +418,8 @@ def test_an_output_path_that_is_a_file_is_refused_before_any_work(tiny_digits: s
         train.main(tiny_train_args(tiny_digits, str(blocker), "--experiment", "x"))
 
 
-@pytest.mark.slow
-def test_an_interrupted_ema_run_resumes_to_the_same_raw_and_ema_weights(tiny_digits: str, tmp_path,
-                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """--model-ema: the EMA weights come back from state/, so a run stopped after epoch 0 ends as an uninterrupted one
-    (both weights bit for bit, the *_ema columns, the choice of best.safetensors)."""
-    flags = ("--model-ema", "--loss", "asl")
-    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "whole", *flags))
+def stopped_and_resumed(args: list[str], run_dir: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train.main(args) stopped as epoch 1 begins (SystemExit stands in for a kill), then resumed to its end."""
     real = trainer.train_one_epoch
 
     def stop_at_epoch_1(*args, **kwargs):
@@ -435,9 +430,37 @@ def test_an_interrupted_ema_run_resumes_to_the_same_raw_and_ema_weights(tiny_dig
     with monkeypatch.context() as patch:
         patch.setattr(trainer, "train_one_epoch", stop_at_epoch_1)
         with pytest.raises(SystemExit):
-            train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "stopped", *flags))
-    train.main(["--resume", str(tmp_path / "stopped"), "--no-progress"])
+            train.main(args)
+    train.main(["--resume", run_dir, "--no-progress"])
+
+
+@pytest.mark.slow
+def test_an_interrupted_ema_run_resumes_to_the_same_raw_and_ema_weights(tiny_digits: str, tmp_path,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--model-ema: the EMA weights come back from state/, so a run stopped after epoch 0 ends as an uninterrupted one
+    (both weights bit for bit, the *_ema columns, the choice of best.safetensors)."""
+    flags = ("--model-ema", "--loss", "asl")
+    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "whole", *flags))
+    stopped_and_resumed(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "stopped", *flags),
+                        str(tmp_path / "stopped"), monkeypatch)
     assert_same_run(str(tmp_path / "stopped"), str(tmp_path / "whole"))
     got, want = (load_file(str(tmp_path / name / "state" / "ema.safetensors")) for name in ("stopped", "whole"))
     assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want)
     assert "map_ema" in read_rows(str(tmp_path / "whole" / "summary.csv"))[0]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("head", "options"), [("ml-decoder", ("embed_dim=16", "num_heads=2", "ff_dim=32")),
+                                               ("csra", ("num_heads=2", "lam=0.5"))])
+def test_an_interrupted_run_with_a_spatial_head_resumes_bit_identically(tiny_digits: str, tmp_path, head: str,
+                                                                        options: tuple[str, ...],
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """--head with its --head-kwargs (ML-Decoder's dropout and fixed queries included), --cal, --model-ema and
+    --channels-last at 64 px (a 2 x 2 map): stopped after epoch 0 and resumed, the run ends as an uninterrupted one."""
+    flags = ("--head", head, "--head-kwargs", *options, "--cal", "--model-ema", "--channels-last", "--img-size", "64")
+    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "whole", *flags))
+    stopped_and_resumed(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "stopped", *flags),
+                        str(tmp_path / "stopped"), monkeypatch)
+    assert_same_run(str(tmp_path / "stopped"), str(tmp_path / "whole"))
+    metadata = checkpoint.read_metadata(str(tmp_path / "stopped" / "best.safetensors"))
+    assert metadata["head"] == head and metadata["method"] == f"cal+{head}+ema"

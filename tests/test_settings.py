@@ -16,7 +16,8 @@ def test_training_settings_carry_every_shared_flag_with_its_value() -> None:
     assert built.optim.lr == 0.1 and built.runtime.seed == 4 and built.model.model == args.model
     assert built.data.crop_scales == tuple(args.crop_scales) and built.saved_args["lr"] == 0.1
     shared = {field.name for part in (settings.DataSettings, settings.ModelSettings, settings.OptimSettings,
-                                      settings.RuntimeSettings) for field in dataclasses.fields(part)}
+                                      settings.RuntimeSettings, settings.MixingSettings)
+              for field in dataclasses.fields(part)}
     flags = set(vars(distill.parse_args(["--self-distill"]))) & set(vars(args))
     assert shared - {"source"} <= flags  # every field is a flag both scripts have
 

@@ -1,5 +1,5 @@
 """Per-class thresholds: the choice against a brute-force search with scikit-learn, the file beside the checkpoint
-(with the temperatures of udtimm.calibration)."""
+(with the temperatures and biases of udtimm.calibration)."""
 
 import json
 
@@ -9,7 +9,7 @@ import torch
 from sklearn.metrics import f1_score, precision_recall_fscore_support, precision_score, recall_score
 
 from udtimm import thresholds
-from udtimm.calibration import FittedTemperatures, calibration_entry
+from udtimm.calibration import FittedCalibration, ScoreCalibration, calibration_entry
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.predictions import Predictions
@@ -147,15 +147,17 @@ def test_temperatures_share_the_file_with_the_thresholds(tmp_path) -> None:
     result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
     entries = thresholds.thresholds_entries(CLASSES, result, ThresholdObjective("f1"), "digits:val", 90)
     temperatures = torch.tensor([0.5, 1.25, 2.0, 3.5, 1.0], dtype=torch.float64)
-    fitted = FittedTemperatures(temperatures, torch.tensor([True, True, True, True, False]), 1.0)
+    fitted = FittedCalibration(ScoreCalibration.of_temperatures(temperatures),
+                               torch.tensor([True, True, True, True, False]), 1.0)
     calibration = calibration_entry(CLASSES, fitted, "per-class", "digits:val", 90)
     path = thresholds.save_thresholds(str(checkpoint), thresholds.tuning_record(str(checkpoint), entries,
                                                                                 calibration))
     loaded = thresholds.read_thresholds_file(str(checkpoint))
     assert loaded["calibration"] == calibration and loaded["calibration"]["unfitted_classes"] == ["e"]
     assert thresholds.stored_thresholds_entries(loaded) == entries
-    values, stored_temperatures = thresholds.tuning_tensors(loaded, CLASSES, path)
-    assert torch.equal(values, result.values) and torch.equal(stored_temperatures, temperatures)
+    values, stored = thresholds.tuning_tensors(loaded, CLASSES, path)
+    assert torch.equal(values, result.values) and torch.equal(stored.temperatures, temperatures)
+    assert "biases" not in loaded["calibration"] and not stored.biases.any()  # as files written before platt
     # Temperatures alone, and a file written before calibration existed (no `calibration`), read back too.
     alone = thresholds.tuning_record(str(checkpoint), calibration=calibration)
     assert thresholds.stored_thresholds_entries(alone) is None
@@ -170,3 +172,24 @@ def test_temperatures_share_the_file_with_the_thresholds(tmp_path) -> None:
     assert thresholds.read_thresholds_file(str(checkpoint), other_checkpoint_ok=True) is None
     with pytest.raises(CheckpointError, match=r"--tune-thresholds \(or --calibrate\) again"):
         thresholds.read_thresholds_file(str(checkpoint))
+
+
+def test_platt_biases_share_the_file_and_are_checked(tmp_path) -> None:
+    checkpoint = tmp_path / "best.safetensors"
+    checkpoint.write_bytes(b"weights")
+    temperatures = torch.tensor([0.5, 1.25, 2.0, 3.5, 0.8], dtype=torch.float64)
+    biases = torch.tensor([-2.5, 0.125, 1.0, -0.75, -0.2], dtype=torch.float64)
+    fitted = FittedCalibration(ScoreCalibration(temperatures, biases), torch.tensor([True] * 4 + [False]), 0.8, -0.2)
+    entry = calibration_entry(CLASSES, fitted, "platt", "digits:val", 90)
+    path = thresholds.save_thresholds(str(checkpoint), thresholds.tuning_record(str(checkpoint), calibration=entry))
+    loaded = thresholds.read_thresholds_file(str(checkpoint))
+    assert loaded["calibration"]["biases"] == dict(zip(CLASSES, biases.tolist(), strict=True))
+    assert (loaded["calibration"]["global_bias"], loaded["calibration"]["unfitted_classes"]) == (-0.2, ["e"])
+    values, stored = thresholds.tuning_tensors(loaded, CLASSES, path)
+    assert values is None and torch.equal(stored.temperatures, temperatures) and torch.equal(stored.biases, biases)
+    loaded["calibration"]["biases"]["c"] = float("inf")
+    with pytest.raises(CheckpointError, match="best.thresholds.json: biases must be finite"):
+        thresholds.tuning_tensors(loaded, CLASSES, path)
+    del loaded["calibration"]["biases"]["c"]
+    with pytest.raises(CheckpointError, match="best.thresholds.json: biases for classes"):
+        thresholds.tuning_tensors(loaded, CLASSES, path)

@@ -253,6 +253,26 @@ def test_two_cpu_processes_write_one_consistent_run(tiny_digits: str, tmp_path) 
             assert float(summary[-1][name + suffix]) == pytest.approx(alone[name], abs=1e-6), name + suffix
 
 
+@pytest.mark.slow
+def test_two_cpu_processes_train_a_spatial_head_that_validate_and_predictor_rebuild(tiny_digits: str,
+                                                                                    tmp_path) -> None:
+    """ML-Decoder (a buffer of fixed queries, dropout) under DDP: validate.py, in one process, rebuilds the head from
+    the checkpoint alone and measures what the two processes did; Predictor rebuilds it too."""
+    flags = ("--head", "ml-decoder", "--head-kwargs", "embed_dim=16", "num_heads=2", "ff_dim=32", "--cal",
+             "--epochs", "1")
+    result = run_two_cpu_processes("train.py", *tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "ddp",
+                                                                *flags))
+    assert result.returncode == 0, result.stderr[-3000:]
+    best = str(tmp_path / "ddp" / "best.safetensors")
+    (row,) = read_rows(str(tmp_path / "ddp" / "results.csv"))
+    assert row["method"] == "cal+ml-decoder" and read_metadata(best)["head"] == "ml-decoder"
+    alone = validate.main(["--checkpoint", best, *validate_flags(tiny_digits)])
+    for name in ("map", "map_difficult", "ece"):
+        assert float(row[name]) == pytest.approx(alone[name], abs=1e-6), name
+    predictor = Predictor.from_checkpoint(best)
+    assert predictor.predict(torch.zeros(2, 3, 32, 32, dtype=torch.uint8)).shape == (2, 2 + len(predictor.class_names))
+
+
 def validate_flags(data_dir: str, split: str = "test") -> list[str]:
     return ["--data-dir", data_dir, "--digits-trainval", str(TINY_DIGITS["num_trainval"]), "--digits-test",
             str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress", "--split", split]

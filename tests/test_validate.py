@@ -11,14 +11,14 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_DIGITS, run_two_cpu_processes
+from conftest import TINY_DIGITS, model_labelled_csv, run_two_cpu_processes
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
 import validate
 from udtimm import Predictor, checkpoint
-from udtimm.calibration import CALIBRATION_METRICS, calibrate_predictions, fit_temperatures
+from udtimm.calibration import CALIBRATION_METRICS, CalibrationError, calibrate_predictions, fit_calibration
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, load_voc
 from udtimm.data.loader import make_loader
@@ -201,7 +201,7 @@ def test_nothing_is_tuned_on_the_test_or_evaluated_split(tuning: tuple[str, str]
     with pytest.raises(ConfigError, match="--tune-thresholds 'f2'"):
         validate.main([*flags, "--tune-thresholds", "f2"])
     with pytest.raises(SystemExit):  # argparse's choices
-        validate.parse_args([*flags, "--calibrate", "platt"])
+        validate.parse_args([*flags, "--calibrate", "isotonic"])
 
 
 @pytest.mark.slow
@@ -259,13 +259,14 @@ def test_calibration_is_fitted_on_val_stored_reported_and_kept_by_later_tuning(b
     found = validate.main([*flags, "--calibrate", "per-class", "--results-file", results, "--plots", plots])
     printed = capsys.readouterr().out
     val_set, val_predictions = reference_predictions(best, tiny_digits, "val")
-    fitted = fit_temperatures(val_predictions.logits, val_predictions.target, val_predictions.difficult, "per-class")
+    fitted = fit_calibration(val_predictions.logits, val_predictions.target, val_predictions.difficult, "per-class")
     record = json.loads((tmp_path / "best.thresholds.json").read_text())
     assert "thresholds" not in record and record["calibration"]["split"] == "digits:val"
-    assert list(record["calibration"]["temperatures"].values()) == pytest.approx(fitted.values.tolist(), rel=1e-6)
+    assert list(record["calibration"]["temperatures"].values()) == pytest.approx(
+        fitted.calibration.temperatures.tolist(), rel=1e-6)
     # The metrics of test are those of the calibrated scores; before, the plain ones; the ranking (mAP) stays.
     _, test_predictions = reference_predictions(best, tiny_digits)
-    calibrated = calibrate_predictions(test_predictions, fitted.values)
+    calibrated = calibrate_predictions(test_predictions, fitted.calibration)
     expected = compute_metrics(calibrated.scores, calibrated.target, calibrated.difficult)
     assert_same_metrics(found, expected, ("ece", "ece_pooled", "brier", "map", "cf1", "of1"))
     assert found["map"] == pytest.approx(single_process["map"], abs=1e-9)
@@ -282,7 +283,7 @@ def test_calibration_is_fitted_on_val_stored_reported_and_kept_by_later_tuning(b
     assert validate.main(flags)["ece"] == pytest.approx(found["ece"], abs=1e-9)
     validate.main([*flags, "--tune-thresholds", "f1"])
     record = json.loads((tmp_path / "best.thresholds.json").read_text())
-    on_calibrated = tune_thresholds(*(calibrate_predictions(val_predictions, fitted.values).scores,
+    on_calibrated = tune_thresholds(*(calibrate_predictions(val_predictions, fitted.calibration).scores,
                                       val_predictions.target, val_predictions.difficult), ThresholdObjective("f1"))
     assert list(record["thresholds"].values()) == pytest.approx(on_calibrated.values.tolist(), abs=1e-6)
     assert record["calibration"]["method"] == "per-class"
@@ -292,6 +293,47 @@ def test_calibration_is_fitted_on_val_stored_reported_and_kept_by_later_tuning(b
     record = json.loads((tmp_path / "best.thresholds.json").read_text())
     assert "thresholds" not in record and len(set(record["calibration"]["temperatures"].values())) == 1
     assert "are dropped" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_platt_scaling_is_fitted_on_val_stored_printed_and_applied_as_predictor_does(best: str, tiny_digits: str,
+                                                                                    tmp_path, capsys) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    # With the digits labels the tiny model ranks the val images backwards, even pooled: refused, nothing stored.
+    with pytest.raises(CalibrationError, match="--tune-split digits:val: no Platt scaling can be fitted there"):
+        validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--calibrate", "platt"])
+    assert os.listdir(tmp_path) == ["best.safetensors"]
+    folder = tmp_path / "csv"
+    folder.mkdir()
+    flags = ["--checkpoint", checkpoint_copy, *model_labelled_csv(best, tiny_digits, str(folder))]
+    results = str(tmp_path / "r.csv")
+    found = validate.main([*flags, "--calibrate", "platt", "--results-file", results])
+    printed = capsys.readouterr().out
+    entry = json.loads((tmp_path / "best.thresholds.json").read_text())["calibration"]
+    assert (entry["method"], entry["split"]) == ("platt", "csv:val")
+    assert list(entry["biases"]) == list(entry["temperatures"])
+    # The printed table: each class's temperature and bias.
+    table = printed.split("platt temperatures and biases fitted on csv:val (20 images):\n")[1].splitlines()
+    assert table[0].split()[:3] == ["class", "temperature", "bias"]
+    name, temperature, bias = table[2].split()[:3]
+    assert float(temperature) == pytest.approx(entry["temperatures"][name], abs=1e-4)
+    assert float(bias) == pytest.approx(entry["biases"][name], abs=1e-4)
+    # Predictor applies the stored temperatures and biases as validate.py did; the ranking (mAP) stays.
+    samples = build_dataset("csv", str(folder), "test").samples
+    target, difficult = (torch.from_numpy(np.stack([getattr(sample, key) for sample in samples]))
+                         for key in ("target", "difficult"))
+    calibrated, plain = (Predictor.from_checkpoint(checkpoint_copy, stored_tuning=stored) for stored in (True, False))
+    assert calibrated.calibration.biases.abs().max() > 0.1
+    scores, raw = (torch.tensor(predictor.predict([sample.path for sample in samples])[
+        predictor.class_names].to_numpy()) for predictor in (calibrated, plain))
+    assert_same_metrics(found, compute_metrics(scores, target, difficult), ("ece", "ece_pooled", "brier", "map", "cf1"))
+    uncalibrated = compute_metrics(raw, target, difficult)
+    assert found["map"] == pytest.approx(uncalibrated["map"], abs=1e-9)
+    assert found["ece_uncalibrated"] == pytest.approx(uncalibrated["ece"], abs=1e-6)
+    with open(results, newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert row["calibration"] == "platt temperatures and biases fitted on csv:val"
 
 
 @pytest.mark.slow

@@ -51,6 +51,22 @@ def test_another_class_list_loads_the_backbone_and_leaves_the_heads(tmp_path) ->
     assert "left at random: the classifier (the file was trained on other classes)" in message
 
 
+def test_the_backbone_passes_between_a_linear_and_a_spatial_head(tmp_path) -> None:
+    """A linear checkpoint starts a CSRA model (backbone and calibration branch; the head stays at random), a CSRA
+    checkpoint starts another CSRA model whole, and a linear one from its backbone."""
+    linear = _trained()
+    csra = create_model("test_resnet", len(CLASSES), cal=True, head="csra")
+    message = load_initial_checkpoint(csra, _save_udtimm(tmp_path / "linear.safetensors", linear), CLASSES)
+    assert _equal(csra, linear, "backbone.") and _equal(csra, linear, "cal_head.")
+    assert "loaded the backbone" in message and "left at random: the csra head (not in the file)" in message
+    whole = create_model("test_resnet", len(CLASSES), cal=True, head="csra")
+    message = load_initial_checkpoint(whole, _save_udtimm(tmp_path / "csra.safetensors", csra), CLASSES)
+    assert _equal(whole, csra, "") and "the csra head" in message and "left at random: nothing" in message
+    back = _trained(seed=2)
+    message = load_initial_checkpoint(back, str(tmp_path / "csra.safetensors"), CLASSES)
+    assert _equal(back, csra, "backbone.layer") and "left at random: the classifier (not in the file)" in message
+
+
 def test_plain_timm_weights_load_into_the_backbone(tmp_path) -> None:
     torch.manual_seed(3)
     plain = timm.create_model("test_resnet", num_classes=1000)

@@ -104,9 +104,9 @@ def check_attention_support(model: CalibratedModel) -> None:
 
     Refused: a model without the calibration branch (there is no D); a token model whose head reads the class
     token only (`global_pool` 'token', the timm ViT/DeiT default: the head never sees the patch tokens, so dD/dZ
-    is zero on every grid position) or pools nothing ('': logits per token); and channels-last (NHWC) feature maps
-    (Swin, MambaOut), which `CalibratedModel.feature_grid` would read as NCHW. Average, max and 'map' attention
-    pooling all see the patch tokens and are accepted.
+    is zero on every grid position; a spatial head reads them, and is accepted with it) or pools nothing ('': logits
+    per token); and channels-last (NHWC) feature maps (Swin, MambaOut), which `CalibratedModel.feature_grid` would
+    read as NCHW. Average, max and 'map' attention pooling all see the patch tokens and are accepted.
     """
     if not model.has_cal:
         raise ValueError(
@@ -116,7 +116,8 @@ def check_attention_support(model: CalibratedModel) -> None:
     backbone = model.backbone
     # Transformers name their pool with a string; CNNs hold a pooling module, which always sees every position.
     pool = getattr(backbone, "global_pool", None)
-    if isinstance(pool, str) and pool in _UNUSABLE_POOLS:
+    spatial_head_reads_patches = pool == "token" and model.head is not None
+    if isinstance(pool, str) and pool in _UNUSABLE_POOLS and not spatial_head_reads_patches:
         raise ValueError(
             f"{type(backbone).__name__} with global_pool={pool!r}: its head {_UNUSABLE_POOLS[pool]}. "
             "Build the model with --global-pool avg (or max / map) to use uncertainty attention."

@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import udtimm
+from udtimm.heads import LINEAR
 from udtimm.io import atomic_write, atomic_write_text
 from udtimm.model import CalibratedModel, create_model
 
@@ -46,6 +47,8 @@ def model_metadata(
         "class_names": json.dumps(class_names),
         "cal": str(model.has_cal).lower(),
         "cal_width": str(cal_width),
+        "head": model.head_name,
+        "head_kwargs": json.dumps(model.head_kwargs),
         "global_pool": global_pool or "",
         "img_size": str(img_size),
         "mean": json.dumps(list(mean)),
@@ -128,6 +131,9 @@ def model_from_checkpoint(path: str, **overrides: object) -> tuple[CalibratedMod
         "global_pool": metadata.get("global_pool") or None,
         "img_size": int(metadata["img_size"]) if metadata.get("img_size") else None,
         "model_kwargs": json.loads(metadata.get("model_kwargs") or "{}"),
+        # Checkpoints written before the heads existed have timm's classifier: the linear head.
+        "head": metadata.get("head") or LINEAR,
+        "head_kwargs": json.loads(metadata.get("head_kwargs") or "{}"),
     }
     options.update(overrides)
     model = create_model(metadata["model"], int(metadata["num_classes"]), **options)

@@ -13,9 +13,17 @@ import yaml
 from timm.data.auto_augment import rand_augment_transform
 
 from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, HOLDOUT, DataSource
+from udtimm.heads import HEAD_NAMES, LINEAR
 from udtimm.io import atomic_write_text
 from udtimm.losses import DIFFICULT_POLICIES, UNKNOWN_POLICIES
-from udtimm.settings import DataSettings, ModelSettings, OptimSettings, RuntimeSettings, TrainingSettings
+from udtimm.settings import (
+    DataSettings,
+    MixingSettings,
+    ModelSettings,
+    OptimSettings,
+    RuntimeSettings,
+    TrainingSettings,
+)
 
 Settings = TypeVar("Settings")
 
@@ -26,9 +34,9 @@ class ConfigError(ValueError):
 
 # A resumed run must be the same experiment: these may not change between the first start and --resume
 # (docs/resuming.md#what-may-not-change lists them; tests/test_config.py checks that it does).
-RESUME_FIXED = ("model", "model_kwargs", "dataset", "cal", "loss", "global_pool", "img_size", "batch_size", "seed",
-                "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs", "difficult",
-                "asl_gamma_neg", "asl_gamma_pos", "asl_clip",
+RESUME_FIXED = ("model", "model_kwargs", "head", "head_kwargs", "dataset", "cal", "loss", "global_pool", "img_size",
+                "batch_size", "seed", "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs",
+                "difficult", "asl_gamma_neg", "asl_gamma_pos", "asl_clip",
                 # the state holds the EMA weights (or none), and the optimizer's state and parameter groups
                 "model_ema", "model_ema_decay", "opt", "momentum", "weight_decay",
                 # the schedule's position is a count of optimizer steps; its length and rates may change, its kind not
@@ -166,6 +174,12 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
                        help="extra timm.create_model arguments, e.g. output_stride=16 (kept in the checkpoint)")
     group.add_argument("--global-pool", default=None, help="timm global pooling: avg, max, avgmax, token, ...")
+    group.add_argument("--head", default=LINEAR, choices=HEAD_NAMES,
+                       help="classification head: linear (timm's classifier on the pooled features), ml-decoder or "
+                            "csra on the last feature map (docs/method.md#classification-heads)")
+    group.add_argument("--head-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+                       help="options of --head, e.g. embed_dim=256 (ml-decoder) or num_heads=4 lam=0.5 (csra); kept "
+                            "in the checkpoint")
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
 
 
@@ -198,6 +212,18 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--cutout", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
                        help="ASL's Cutout on every training image: a box of FRACTION of the image side (0.5 when "
                             "given alone) at a random centre, filled with a random colour; 0: off")
+    group.add_argument("--mixup", type=float, default=0.0, metavar="ALPHA",
+                       help="multi-label Mixup of the training batches with lam ~ Beta(ALPHA, ALPHA), timm's batch "
+                            "mode; targets mix into soft multi-hot vectors (docs/method.md#mixup-and-cutmix); 0: off")
+    group.add_argument("--cutmix", type=float, default=0.0, metavar="ALPHA",
+                       help="CutMix of the training batches, a box of area 1 - lam, lam ~ Beta(ALPHA, ALPHA) corrected "
+                            "to the box cut; 0: off")
+    group.add_argument("--mixup-prob", type=float, default=1.0,
+                       help="probability that a batch is mixed (--mixup or --cutmix)")
+    group.add_argument("--mixup-switch-prob", type=float, default=0.5,
+                       help="probability of CutMix instead of Mixup for a batch when both are on")
+    group.add_argument("--mixup-off-epoch", type=int, default=0, metavar="EPOCH",
+                       help="no mixing from this epoch on (counted from 0); 0: mix every epoch")
     group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
                        help="accumulate the gradients of N batches per optimizer step (the schedule counts steps)")
     group.add_argument("--sync-bn", action="store_true",
@@ -257,6 +283,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     if hasattr(args, "test_split"):
         resolve_selection(args)
     check_augmentation(args)
+    check_mixing(args)
     if args.resume:
         fixed = {key: "" for key in RESUME_FIXED}
         fixed.update({key: f" (fixed with {flag_name(condition)})" for key, condition in RESUME_FIXED_WITH.items()
@@ -303,6 +330,19 @@ def check_augmentation(args: argparse.Namespace) -> None:
     if args.gpu_decode and (args.aa or args.cutout):
         raise ConfigError("--aa and --cutout run in the loader workers (PIL), and --gpu-decode augments on the GPU "
                           "without them: drop --gpu-decode, or the two flags")
+
+
+def check_mixing(args: argparse.Namespace) -> None:
+    """--mixup, --cutmix and their probabilities: alphas of a Beta distribution (>= 0), probabilities in [0, 1]."""
+    for flag, value, valid, what in (
+            ("--mixup", args.mixup, args.mixup >= 0, ">= 0 (0: off)"),
+            ("--cutmix", args.cutmix, args.cutmix >= 0, ">= 0 (0: off)"),
+            ("--mixup-prob", args.mixup_prob, 0 <= args.mixup_prob <= 1, "a probability in [0, 1]"),
+            ("--mixup-switch-prob", args.mixup_switch_prob, 0 <= args.mixup_switch_prob <= 1,
+             "a probability in [0, 1]"),
+            ("--mixup-off-epoch", args.mixup_off_epoch, args.mixup_off_epoch >= 0, "an epoch >= 0 (0: never off)")):
+        if not valid:
+            raise ConfigError(f"{flag} must be {what}: got {value}")
 
 
 def load_yaml(path: str) -> dict:
@@ -366,5 +406,6 @@ def training_settings(args: argparse.Namespace) -> TrainingSettings:
         model=settings_from(ModelSettings, args),
         optim=settings_from(OptimSettings, args),
         runtime=settings_from(RuntimeSettings, args),
+        mixing=settings_from(MixingSettings, args),
         saved_args={key: value for key, value in sorted(vars(args).items()) if key not in ("config", "resume")},
     )

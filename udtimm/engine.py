@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from udtimm.data.loader import report_unreadable
+from udtimm.mixing import Mixer
 from udtimm.objectives import NonFiniteLossError, Objective
 from udtimm.predictions import Predictions
 
@@ -80,13 +81,15 @@ def train_one_epoch(
     skip_nonfinite: bool = False,
     show_progress: bool = True,
     ema: ModelEmaV3 | None = None,
+    mixer: Mixer | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns the mean of each loss term, the skipped-step and -image counts and images/s.
 
     `loader` yields batches ready for the model (udtimm.data.feed.DeviceFeeder). A NaN/inf loss term stops the
     epoch with NonFiniteLossError naming its step; with `skip_nonfinite` that step is skipped instead (its batch
     adds nothing; when it ends a --grad-accum-steps group, the group makes no update). With `ema`, the EMA
-    weights follow every optimizer step.
+    weights follow every optimizer step. With `mixer` (--mixup, --cutmix), each batch is mixed on its device
+    before the objective, which gets the mixed images and the Mix to mix the labels with.
     """
     model.train()
     sums: dict[str, Tensor] = {}
@@ -102,9 +105,12 @@ def train_one_epoch(
             # BatchNorm cannot train on one sample; such a rare leftover batch is passed over.
             if smallest_batch(len(target), accelerator) < 2:
                 continue
+        mix = mixer.draw(epoch, step, images.shape[-2:]) if mixer is not None else None
+        if mix is not None:  # distill.py's teacher sees these mixed images too
+            images = mix.images(images)
         group_end = (step + 1) % accumulation == 0 or step + 1 == batches
         with accumulation_step(accelerator, model, group_end):
-            terms = objective(model, images, target, difficult)
+            terms = objective(model, images, target, difficult, mix)
             readout = LossReadout(step, terms, accelerator)
             if skip_nonfinite and readout.first_nonfinite() is not None:  # known before the update: waits for it
                 skipped += 1

@@ -9,14 +9,19 @@ outside udtimm.
 Every format writes DIR/config.json in timm's Hugging Face layout: architecture, num_classes, label_names,
 model_args (the checkpoint's --model-kwargs and --global-pool) and pretrained_cfg (input_size, mean, std, and the
 eval resize: crop_pct 1, crop_mode squash, bilinear), plus `udtimm` (version, source checkpoint, and the record of
-per-class thresholds and temperatures that `validate.py --tune-thresholds` / `--calibrate` stored beside the
+per-class thresholds, temperatures and biases that `validate.py --tune-thresholds` / `--calibrate` stored beside the
 checkpoint when there is one). `timm` adds DIR/model.safetensors, which plain timm loads:
-timm.create_model("local-dir:DIR", pretrained=True); it gives logits, so its temperatures live in config.json only
-(udtimm.calibration_in_graph false: divide the logits by them, as udtimm.Predictor does). `onnx` and `torchscript`
-take normalised images [N, 3, S, S] (any N) and return sigmoid scores [N, C], calibrated in the graph
-(sigmoid(logits / T), udtimm.calibration_in_graph true) when there are temperatures. Each export is checked
+timm.create_model("local-dir:DIR", pretrained=True); it gives logits, so its calibration lives in config.json only
+(udtimm.calibration_in_graph false: divide the logits by the temperatures and add the biases, which only
+`--calibrate platt` stores, before the sigmoid, as udtimm.Predictor does). `onnx` and `torchscript` take normalised
+images [N, 3, S, S] (any N) and return sigmoid scores [N, C], calibrated in the graph (sigmoid(logits / T + b),
+udtimm.calibration_in_graph true) when there are temperatures. Each export is checked
 against udtimm's model before its files are moved into DIR (the largest difference is printed); --push-to-hub
 uploads the timm format through timm's push_to_hf_hub.
+
+A checkpoint with a spatial head (--head ml-decoder or csra) exports as onnx or torchscript: plain timm cannot build
+the head, and --format timm refuses it. Its config.json describes the backbone without timm's classifier
+(num_classes 0), and `udtimm` names the head and its options (head, head_kwargs), as for every checkpoint.
 """
 
 from __future__ import annotations
@@ -39,14 +44,14 @@ from torch import Tensor, nn
 
 import udtimm
 from udtimm import checkpoint, cli
-from udtimm.calibration import calibrated_scores
+from udtimm.calibration import ScoreCalibration, calibrated_scores, fitted_name
 from udtimm.config import ConfigError
 from udtimm.io import current_umask
 from udtimm.predictor import CONFIG_FILE, WEIGHTS_FILE
 from udtimm.thresholds import read_thresholds_file, thresholds_path, tuning_tensors
 
 FORMATS = ("timm", "onnx", "torchscript")
-CALIBRATED_GRAPHS = ("onnx", "torchscript")  # formats whose graph divides the logits by the temperatures
+CALIBRATED_GRAPHS = ("onnx", "torchscript")  # formats whose graph calibrates the logits: sigmoid(logits / T + b)
 FILES = {"timm": WEIGHTS_FILE, "onnx": "model.onnx", "torchscript": "model.pt"}
 # What each format needs beyond udtimm's requirements: onnxscript drives torch's ONNX exporter, onnxruntime checks.
 NEEDS = {"onnx": ("onnx", "onnxscript", "onnxruntime")}
@@ -67,12 +72,13 @@ class ExportMismatchError(RuntimeError):
 class Exportable:
     """A checkpoint's inference model and what its config.json says about it."""
 
-    model: nn.Module  # the timm backbone, its pretrained_cfg set to the checkpoint's preprocessing
+    model: nn.Module  # images to logits: the timm backbone, or the backbone and its spatial head (--head)
     reference: nn.Module  # udtimm's model, calibration branch included, to check the export against
     img_size: int
     model_config: dict  # timm's model_config: label_names and udtimm's own entries
     model_args: dict  # timm.create_model arguments that rebuild the architecture
-    temperatures: Tensor | None  # [C], to divide the logits by in the graph; None: the plain sigmoid
+    calibration: ScoreCalibration | None  # temperatures and biases [C] for the graph; None: the plain sigmoid
+    backbone: nn.Module  # the timm backbone, its pretrained_cfg set to the checkpoint's preprocessing (config.json)
 
 
 def require(fmt: str) -> None:
@@ -89,10 +95,15 @@ def require(fmt: str) -> None:
 
 
 def load_exportable(path: str, fmt: str = "timm") -> Exportable:
-    """The checkpoint's model, with the thresholds and temperatures stored beside it (validate.py
-    --tune-thresholds, --calibrate) if any; the temperatures go into `fmt`'s graph if it is a CALIBRATED_GRAPHS."""
+    """The checkpoint's model, with the thresholds, temperatures and biases stored beside it (validate.py
+    --tune-thresholds, --calibrate) if any; the temperatures and biases go into `fmt`'s graph if it is a
+    CALIBRATED_GRAPHS."""
     loaded = checkpoint.load_for_inference(path)
-    backbone, metadata, img_size = loaded.model.classifier_only(), loaded.metadata, loaded.img_size
+    if fmt == "timm" and loaded.model.head is not None:
+        others = " or ".join(f"--format {name}" for name in FORMATS if name != "timm")
+        raise ConfigError(f"{path} has the {loaded.model.head_name} head, which plain timm cannot build: export it "
+                          f"with {others} (--format timm and --push-to-hub need the linear head)")
+    backbone, metadata, img_size = loaded.model.backbone, loaded.metadata, loaded.img_size
     # timm writes config.json's pretrained_cfg from the model's own. Of the architecture's defaults only what
     # describes the network stays: the tag, license and pool size of timm's ImageNet weights do not apply, and
     # udtimm's eval preprocessing (resize straight to img_size, the checkpoint's normalisation) replaces theirs.
@@ -109,35 +120,38 @@ def load_exportable(path: str, fmt: str = "timm") -> Exportable:
     if "img_size" in inspect.signature(type(backbone).__init__).parameters:
         model_args["img_size"] = img_size
     udtimm_entries: dict[str, object] = {"version": udtimm.__version__, "checkpoint": os.path.basename(path),
-                                         "dataset": metadata.get("dataset", ""), "method": metadata.get("method", "")}
+                                         "dataset": metadata.get("dataset", ""), "method": metadata.get("method", ""),
+                                         "head": loaded.model.head_name, "head_kwargs": loaded.model.head_kwargs}
     record = read_thresholds_file(path)
-    temperatures = tuning_tensors(record, loaded.class_names, thresholds_path(path))[1]
+    calibration = tuning_tensors(record, loaded.class_names, thresholds_path(path))[1]
     if record:
         udtimm_entries["thresholds"] = record
-    if temperatures is not None:
+    if calibration is not None:
         udtimm_entries["calibration_in_graph"] = fmt in CALIBRATED_GRAPHS
-    return Exportable(backbone, loaded.model, img_size, {"label_names": loaded.class_names, "udtimm": udtimm_entries},
-                      model_args, temperatures if fmt in CALIBRATED_GRAPHS else None)
+    return Exportable(loaded.model.classifier_only(), loaded.model, img_size,
+                      {"label_names": loaded.class_names, "udtimm": udtimm_entries}, model_args,
+                      calibration if fmt in CALIBRATED_GRAPHS else None, backbone)
 
 
 class ScoresModel(nn.Module):
-    """The classifier with its sigmoid: normalised images [N, 3, S, S] to probabilities [N, C], sigmoid(logits / T)
-    with per-class temperatures T [C] (udtimm.calibration.calibrated_scores)."""
+    """The classifier with its sigmoid: normalised images [N, 3, S, S] to probabilities [N, C], sigmoid(logits / T + b)
+    with per-class temperatures T and biases b [C] (udtimm.calibration.calibrated_scores)."""
 
-    def __init__(self, model: nn.Module, temperatures: Tensor | None = None) -> None:
+    def __init__(self, model: nn.Module, calibration: ScoreCalibration | None = None) -> None:
         super().__init__()
         self.model = model
-        self.calibrated = temperatures is not None
-        if temperatures is not None:
-            self.register_buffer("temperatures", temperatures.to(torch.float32))
+        self.calibrated = calibration is not None
+        if calibration is not None:
+            self.register_buffer("temperatures", calibration.temperatures.to(torch.float32))
+            self.register_buffer("biases", calibration.biases.to(torch.float32))
 
     def forward(self, images: Tensor) -> Tensor:
         logits = self.model(images)
-        return torch.sigmoid(logits / self.temperatures if self.calibrated else logits)
+        return torch.sigmoid(logits / self.temperatures + self.biases if self.calibrated else logits)
 
 
 def write_timm(item: Exportable, directory: str) -> None:
-    save_for_hf(item.model, directory, model_config=item.model_config, model_args=item.model_args,
+    save_for_hf(item.backbone, directory, model_config=item.model_config, model_args=item.model_args,
                 safe_serialization=True)
 
 
@@ -146,7 +160,7 @@ def write_onnx(item: Exportable, directory: str) -> None:
     example = check_images(item.img_size)
     batch = torch.export.Dim("batch")
     # The dynamo exporter (torch's default; the TorchScript-based one is deprecated), one file with the weights.
-    scores_model = ScoresModel(item.model, item.temperatures).eval()
+    scores_model = ScoresModel(item.model, item.calibration).eval()
     torch.onnx.export(scores_model, (example,), os.path.join(directory, FILES["onnx"]),
                       input_names=["images"], output_names=["scores"], dynamic_shapes={"images": {0: batch}},
                       dynamo=True, external_data=False, verbose=False)
@@ -156,7 +170,7 @@ def write_torchscript(item: Exportable, directory: str) -> None:
     write_config(item, directory)
     with torch.no_grad(), torchscript_without_deprecation_warnings():
         # check_trace=False: export() compares the saved file with udtimm's model itself.
-        traced = torch.jit.trace(ScoresModel(item.model, item.temperatures).eval(), check_images(item.img_size),
+        traced = torch.jit.trace(ScoresModel(item.model, item.calibration).eval(), check_images(item.img_size),
                                  check_trace=False)
         torch.jit.save(traced, os.path.join(directory, FILES["torchscript"]))
 
@@ -170,7 +184,7 @@ def torchscript_without_deprecation_warnings() -> Iterator[None]:
 
 
 def write_config(item: Exportable, directory: str) -> None:
-    save_config_for_hf(item.model, os.path.join(directory, CONFIG_FILE), model_config=item.model_config,
+    save_config_for_hf(item.backbone, os.path.join(directory, CONFIG_FILE), model_config=item.model_config,
                        model_args=item.model_args)
 
 
@@ -201,11 +215,11 @@ def exported_scores(fmt: str, directory: str, images: Tensor) -> Tensor:
 
 
 def largest_difference(fmt: str, directory: str, reference: nn.Module, images: Tensor,
-                       temperatures: Tensor | None = None) -> float:
-    """max |exported - udtimm| over the probabilities of `images` (calibrated by `temperatures` when given)."""
+                       calibration: ScoreCalibration | None = None) -> float:
+    """max |exported - udtimm| over the probabilities of `images` (calibrated by `calibration` when given)."""
     with torch.no_grad():
         logits = reference(images).logits
-        expected = torch.sigmoid(logits) if temperatures is None else calibrated_scores(logits, temperatures)
+        expected = torch.sigmoid(logits) if calibration is None else calibrated_scores(logits, calibration)
     return (exported_scores(fmt, directory, images) - expected).abs().max().item()
 
 
@@ -222,7 +236,7 @@ def export(path: str, out: str, fmt: str) -> tuple[list[str], float]:
     os.makedirs(out, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as staging:
         WRITERS[fmt](item, staging)
-        difference = largest_difference(fmt, staging, item.reference, check_images(item.img_size), item.temperatures)
+        difference = largest_difference(fmt, staging, item.reference, check_images(item.img_size), item.calibration)
         if not difference <= TOLERANCE:
             raise ExportMismatchError(f"the {fmt} export of {path} gives scores up to {difference:.3g} away from "
                                       f"udtimm's (more than {TOLERANCE:g}); nothing was written to {out}")
@@ -239,6 +253,7 @@ def model_card(item: Exportable) -> dict:
     entries = item.model_config["udtimm"]
     record = entries.get("thresholds") or {}
     calibration = record.get("calibration")
+    formula = "sigmoid(logits / T + b)" if calibration and "biases" in calibration else "sigmoid(logits / T)"
     return {
         "description": f"Multi-label image classifier trained with udtimm {entries['version']} "
                        f"({entries['method'] or 'baseline'} on {entries['dataset'] or 'an unnamed dataset'}).",
@@ -248,8 +263,8 @@ def model_card(item: Exportable) -> dict:
             "Image size": f"{item.img_size} x {item.img_size}",
             "Decision thresholds": (f"per class ({record['objective']}, tuned on {record['split']}), "
                                     "in config.json under udtimm.thresholds") if "thresholds" in record else "0.5",
-            "Calibration": (f"{calibration['method']} temperatures fitted on {calibration['split']}, in config.json "
-                            "under udtimm.thresholds.calibration: sigmoid(logits / T)") if calibration else "none",
+            "Calibration": (f"{fitted_name(calibration['method'])} fitted on {calibration['split']}, in config.json "
+                            f"under udtimm.thresholds.calibration: {formula}") if calibration else "none",
         },
         "usage": "```python\nimport timm, torch\nmodel = timm.create_model('hf-hub:REPO', pretrained=True).eval()\n"
                  "scores = torch.sigmoid(model(images))  # images normalised as pretrained_cfg says\n```",
@@ -261,7 +276,7 @@ def push(path: str, repo: str, private: bool) -> object:
     item = load_exportable(path)
     card = model_card(item)
     card["usage"] = card["usage"].replace("REPO", repo)
-    return push_to_hf_hub(item.model, repo, model_config=item.model_config, model_args=item.model_args,
+    return push_to_hf_hub(item.backbone, repo, model_config=item.model_config, model_args=item.model_args,
                           model_card=card, private=private, safe_serialization=True)
 
 

@@ -1,13 +1,15 @@
 """Training losses: Eq. 3, 10-14, 17, the Table 5 baselines (docs/method.md) and the asymmetric loss (ASL).
 
 Every function takes logits [B, C] (any float dtype; computed in float32 so that bf16 autocast outputs do not
-lose the small differences the losses are made of) and, where labels enter, a float multi-hot `target` [B, C]
-with an optional bool `mask` [B, C] that is True where the (sample, class) pair counts. `apply_label_policies`
-turns the dataset's difficult flags and unknown labels into that pair. Masked pairs are neither positives nor
-negatives in any term.
+lose the small differences the losses are made of) and, where labels enter, a float `target` [B, C] in [0, 1]
+(multi-hot, or soft after Mixup/CutMix: docs/method.md#mixup-and-cutmix) with an optional bool `mask` [B, C] that is
+True where the (sample, class) pair counts. `apply_label_policies` turns the dataset's difficult flags and unknown
+labels into that pair. Masked pairs are neither positives nor negatives in any term.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -47,13 +49,22 @@ def apply_label_policies(target: Tensor, difficult: Tensor, policy: str,
 
 
 def _split(logits: Tensor, target: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Float32 logits and the bool masks of the counted positive and negative pairs."""
+    """Float32 logits and the bool masks of the counted positive pairs (target > 0: a soft target is a positive) and
+    negative pairs (target 0)."""
     z = logits.float()
-    present = target > 0.5
+    present = target > 0
     if mask is None:
         return z, present, ~present
     mask = mask.bool()
     return z, present & mask, ~present & mask
+
+
+def _positive_weights(target: Tensor, positive: Tensor) -> tuple[Tensor, Tensor]:
+    """Each pair's weight as a positive (its target y_i; 0 off the positives) and the divisor of a sample's sum over
+    them, max(1, sum of y_i): |positives| for hard targets; a sample holding less than one whole positive is not
+    scaled back up (docs/method.md#mixup-and-cutmix)."""
+    weights = torch.where(positive, target.float(), 0.0)
+    return weights, weights.sum(dim=1).clamp_min(1.0)
 
 
 def _masked_mean(values: Tensor, mask: Tensor | None) -> Tensor:
@@ -80,14 +91,15 @@ def bce_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tens
 
 
 def partial_softmax_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Eq. 10-11 (PAL-N): -mean over positives of log f_i, f_i = softmax of z_i against the negatives only."""
+    """Eq. 10-11 (PAL-N): -mean over positives of log f_i, f_i = softmax of z_i against the negatives only; a soft
+    positive weighs its target y_i (docs/method.md#mixup-and-cutmix)."""
     z, positive, negative = _split(logits, target, mask)
     lse_neg = torch.logsumexp(z.masked_fill(~negative, _MASKED_LOGIT), dim=1, keepdim=True)
     # -log f_i = log(1 + exp(lse_neg - z_i)); without negatives lse_neg is _MASKED_LOGIT and the term is 0 (f_i = 1).
     nll = F.softplus(lse_neg - z)
-    num_pos = positive.sum(dim=1)
-    per_sample = (nll * positive).sum(dim=1) / num_pos.clamp_min(1)
-    return _masked_mean(per_sample, num_pos > 0)
+    weights, divisor = _positive_weights(target, positive)
+    per_sample = (nll * weights).sum(dim=1) / divisor
+    return _masked_mean(per_sample, positive.any(dim=1))
 
 
 def temperature_bce_loss(
@@ -98,25 +110,31 @@ def temperature_bce_loss(
 
 
 def label_smoothing_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, margin: float = 9.0) -> Tensor:
-    """Table 5 baseline: binary KL to the soft targets sigmoid(+-margin), mean over the counted pairs."""
-    soft_logits = (target.float() * 2 - 1) * margin
+    """Table 5 baseline: binary KL to the smoothed targets q = sigmoid(+-margin) of 1 and 0, q linear in between for a
+    soft target y (the Mixup of the two images' smoothed targets); mean over the counted pairs."""
+    low = 1 / (1 + math.exp(margin))  # sigmoid(-margin); sigmoid(margin) = 1 - low
+    y = target.float()
+    # logit(q) = log q - log(1 - q), with q = low + y (1 - 2 low) and 1 - q = low + (1 - y)(1 - 2 low): neither log
+    # loses q's small distance to 0 or 1.
+    soft_logits = torch.log(low + y * (1 - 2 * low)) - torch.log(low + (1 - y) * (1 - 2 * low))
     return _masked_mean(_binary_kl(soft_logits, logits.float()), mask)
 
 
 def one_over_k_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None) -> Tensor:
-    """Table 5 baseline [28]: softmax cross-entropy towards 1/k on each of a sample's k positives."""
+    """Table 5 baseline [28]: softmax cross-entropy towards 1/k on each of a sample's k positives; y_i / max(1, sum of
+    y) on soft positives (docs/method.md#mixup-and-cutmix)."""
     z, positive, negative = _split(logits, target, mask)
     # Masked pairs leave the softmax entirely, like they leave every other term.
     log_p = torch.log_softmax(z.masked_fill(~(positive | negative), _MASKED_LOGIT), dim=1)
-    num_pos = positive.sum(dim=1)
-    per_sample = -(log_p * positive).sum(dim=1) / num_pos.clamp_min(1)
-    return _masked_mean(per_sample, num_pos > 0)
+    weights, divisor = _positive_weights(target, positive)
+    per_sample = -(log_p * weights).sum(dim=1) / divisor
+    return _masked_mean(per_sample, positive.any(dim=1))
 
 
 def asymmetric_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, gamma_neg: float = 4.0,
                     gamma_pos: float = 0.0, clip: float = 0.05) -> Tensor:
     """ASL (Ben-Baruch et al. 2021): -y (1-p)^g+ log p - (1-y) p_m^g- log(1-p_m), p_m = max(p-m, 0); mean."""
-    z, positive, negative = _split(logits, target, mask)
+    z, y = logits.float(), target.float()
     # 1 - p as sigmoid(-z) and log p as logsigmoid(z): exact where p rounds to 0 or 1 in float32.
     one_minus_p = torch.sigmoid(-z)
     positive_term = one_minus_p.pow(gamma_pos) * F.logsigmoid(z)
@@ -124,8 +142,9 @@ def asymmetric_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, 
     one_minus_shifted = (one_minus_p + clip).clamp(max=1.0) if clip > 0 else one_minus_p
     log_one_minus_shifted = torch.log(one_minus_shifted) if clip > 0 else F.logsigmoid(-z)
     negative_term = (1 - one_minus_shifted).pow(gamma_neg) * log_one_minus_shifted
-    values = -torch.where(positive, positive_term, negative_term)
-    return _masked_mean(values, positive | negative if mask is not None else None)
+    # y * a + (1 - y) * b is exactly a or b for the targets 1 and 0, and linear in between (soft targets).
+    values = -(y * positive_term + (1 - y) * negative_term)
+    return _masked_mean(values, mask)
 
 
 def binary_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:

@@ -1,4 +1,5 @@
-"""Any timm backbone with its classification branch and the optional calibration branch (Sec. 4.2.2)."""
+"""Any timm backbone with its classification branch (timm's classifier, or a spatial head: udtimm.heads) and the
+optional calibration branch (Sec. 4.2.2)."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
+from udtimm.heads import LINEAR, SpatialClassifier, create_head, head_options, spatial_tokens
 from udtimm.weights import backbone_weights, check_pretrained_loaded, read_weights
 
 CAL_WIDTH = 512
@@ -40,12 +42,20 @@ def calibration_head(in_features: int, num_classes: int, width: int = CAL_WIDTH)
 
 
 class CalibratedModel(nn.Module):
-    """A timm backbone whose forward returns the feature map and the logits of both branches."""
+    """A timm backbone whose forward returns the feature map and the logits of both branches.
 
-    def __init__(self, backbone: nn.Module, num_classes: int, cal: bool, cal_width: int = CAL_WIDTH) -> None:
+    The classification branch is the backbone's own classifier on the pooled features (the linear head), or `head`,
+    a spatial head (udtimm.heads) on the last feature map, built with the options `head_kwargs`; the calibration
+    branch always reads the pooled features.
+    """
+
+    def __init__(self, backbone: nn.Module, num_classes: int, cal: bool, cal_width: int = CAL_WIDTH,
+                 head: nn.Module | None = None, head_kwargs: Mapping[str, Any] | None = None) -> None:
         super().__init__()
         self.backbone = backbone
         self.num_classes = num_classes
+        self.head = head
+        self.head_kwargs = dict(head_kwargs or {})
         # head_hidden_size is the width forward_head(pre_logits=True) returns; num_features is the
         # width of the feature map, and the two differ for VGG, MobileNetV3 and others.
         width = getattr(backbone, "head_hidden_size", None) or backbone.num_features
@@ -56,6 +66,11 @@ class CalibratedModel(nn.Module):
         return self.cal_head is not None
 
     @property
+    def head_name(self) -> str:
+        """--head: linear (timm's classifier) or the registered name of the spatial head."""
+        return LINEAR if self.head is None else self.head.name
+
+    @property
     def num_prefix_tokens(self) -> int:
         return int(getattr(self.backbone, "num_prefix_tokens", 0) or 0)
 
@@ -63,8 +78,14 @@ class CalibratedModel(nn.Module):
         return self.backbone.forward_features(x)
 
     def forward_head(self, features: Tensor) -> tuple[Tensor, Tensor | None]:
-        pooled = self.backbone.forward_head(features, pre_logits=True)
-        logits = self.backbone.get_classifier()(pooled)
+        """The logits of both branches from the last feature map (cal_logits None without the calibration branch)."""
+        # A spatial head without the calibration branch leaves the pooled features unread: no pooling then.
+        pooled = None if self.head is not None and self.cal_head is None else \
+            self.backbone.forward_head(features, pre_logits=True)
+        if self.head is None:
+            logits = self.backbone.get_classifier()(pooled)
+        else:
+            logits = self.head(spatial_tokens(self.backbone, features))
         cal_logits = self.cal_head(pooled) if self.cal_head is not None else None
         return logits, cal_logits
 
@@ -99,8 +120,9 @@ class CalibratedModel(nn.Module):
         return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
     def classifier_only(self) -> nn.Module:
-        """The inference model: the backbone alone, the calibration branch dropped."""
-        return self.backbone
+        """The inference model, images to logits, the calibration branch dropped: the backbone alone (linear head),
+        or the backbone and its spatial head."""
+        return self.backbone if self.head is None else SpatialClassifier(self.backbone, self.head)
 
 
 def suggest_models(name: str, count: int = 5) -> list[str]:
@@ -118,16 +140,21 @@ def create_model(
     img_size: int | None = None,
     drop_rate: float = 0.0,
     model_kwargs: Mapping[str, Any] | None = None,
+    head: str = LINEAR,
+    head_kwargs: Mapping[str, Any] | None = None,
 ) -> CalibratedModel:
     """Build a CalibratedModel from a timm model name; `pretrained_path` loads local weights (no network).
 
-    `model_kwargs` go to timm.create_model as they are (--model-kwargs, e.g. output_stride=16).
+    `model_kwargs` go to timm.create_model as they are (--model-kwargs, e.g. output_stride=16). `head` (--head) is
+    linear (timm's classifier) or a spatial head of udtimm.heads built with `head_kwargs` (--head-kwargs); a spatial
+    head replaces timm's classifier, which is then built with no classes.
     """
     if not timm.is_model(name):
         close = suggest_models(name)
         hint = f" Close timm names: {', '.join(close)}." if close else ""
         raise ModelConfigError(f"unknown --model {name!r}.{hint} `timm.list_models('*pattern*')` lists them all.")
-    kwargs: dict = {"num_classes": num_classes, "drop_rate": drop_rate}
+    options = head_options(head, head_kwargs)  # before any work: HeadConfigError names the key at fault
+    kwargs: dict = {"num_classes": num_classes if head == LINEAR else 0, "drop_rate": drop_rate}
     if global_pool:
         kwargs["global_pool"] = global_pool
     clashes = sorted(set(model_kwargs or {}) & {*kwargs, "global_pool", "pretrained", "img_size"})
@@ -154,7 +181,8 @@ def create_model(
         raise
     if weights is not None:
         check_pretrained_loaded(backbone, weights, pretrained_path)
-    return CalibratedModel(backbone, num_classes, cal=cal, cal_width=cal_width)
+    spatial = None if head == LINEAR else create_head(head, backbone.num_features, num_classes, **options)
+    return CalibratedModel(backbone, num_classes, cal=cal, cal_width=cal_width, head=spatial, head_kwargs=options)
 
 
 def _create_backbone(name: str, pretrained: bool, img_size: int | None, kwargs: dict) -> nn.Module:

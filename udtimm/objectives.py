@@ -16,6 +16,7 @@ from udtimm import losses
 from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
 from udtimm.checkpoint import check_classes
 from udtimm.config import ConfigError
+from udtimm.mixing import Mix
 from udtimm.model import CalibratedModel, ModelOutput
 
 
@@ -61,14 +62,15 @@ CLASSIFICATION_LOSSES: dict[str, Callable[[LossOptions], LossFunction]] = {
 
 class Objective(Protocol):
     """What one batch costs: named loss terms, the total under "loss"; `term_names` are the train_* columns of
-    summary.csv, fixed for the whole run; `start_epoch` lets an objective change over the epochs."""
+    summary.csv, fixed for the whole run; `start_epoch` lets an objective change over the epochs. With `mix`
+    (--mixup, --cutmix) the images are mixed already, and the labels are to be mixed with it."""
 
     term_names: tuple[str, ...]
 
     def start_epoch(self, epoch: int) -> None: ...
 
-    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor,
-                 difficult: Tensor) -> dict[str, Tensor]: ...
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor,
+                 mix: Mix | None = None) -> dict[str, Tensor]: ...
 
 
 class SupervisedObjective:
@@ -99,9 +101,15 @@ class SupervisedObjective:
         terms["loss"] = total
         return terms
 
-    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
+    def labels(self, target: Tensor, difficult: Tensor, mix: Mix | None = None) -> tuple[Tensor, Tensor]:
+        """(target, mask) of a batch under --difficult and --unknown, image by image, then mixed as the images were
+        (docs/method.md#mixup-and-cutmix)."""
         target, mask = losses.apply_label_policies(target, difficult, self.difficult, self.unknown)
-        return self.terms(model(images), target, mask)
+        return (target, mask) if mix is None else mix.labels(target, mask)
+
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor,
+                 mix: Mix | None = None) -> dict[str, Tensor]:
+        return self.terms(model(images), *self.labels(target, difficult, mix))
 
 
 def ud_method(variant: str) -> str:
@@ -170,7 +178,8 @@ class DistillationObjective:
                 if self.uses_attention else None
         return logits, cal_logits, maps
 
-    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor,
+                 mix: Mix | None = None) -> dict[str, Tensor]:
         teacher_logits, teacher_cal, teacher_maps = self.teacher_outputs(images)
         out = model(images, with_attention=self.uses_attention, attention_form=self.attention_form)
         terms = {"kd": losses.binary_kd_loss(out.logits, teacher_logits, self.temperature)}
@@ -182,12 +191,12 @@ class DistillationObjective:
                 terms["attention"] = losses.attention_distillation_loss(out.attention, teacher_maps, self.att_distance)
                 total = total + self.ramp * self.att_weight * terms["attention"]
         if self.gt_weight > 0:
-            hard, mask = losses.apply_label_policies(target, difficult, self.supervised.difficult,
-                                                     self.supervised.unknown)
+            hard, mask = self.supervised.labels(target, difficult, mix)
             if self.unknown == "teacher":
                 # Known pairs keep their labels; an unknown pair's target is the teacher's probability. PAL-N reads
-                # the known positives only (docs/method.md#unknown-labels-and-the-teacher).
-                not_annotated = target < 0
+                # the known positives only (docs/method.md#unknown-labels-and-the-teacher). Mixed, a pair unknown in
+                # either image is unknown.
+                not_annotated = target < 0 if mix is None else mix.in_either(target < 0)
                 soft = torch.where(not_annotated, torch.sigmoid(teacher_logits.detach().float()), hard)
                 terms["gt"] = self.supervised.terms(out, soft, mask | not_annotated, cal_target=(hard, mask))["loss"]
             else:
@@ -225,5 +234,6 @@ class SelfDistillationObjective:
             self.current = self.make_distillation()
         self.current.start_epoch(epoch)
 
-    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor) -> dict[str, Tensor]:
-        return self.current(model, images, target, difficult)
+    def __call__(self, model: CalibratedModel, images: Tensor, target: Tensor, difficult: Tensor,
+                 mix: Mix | None = None) -> dict[str, Tensor]:
+        return self.current(model, images, target, difficult, mix)

@@ -5,10 +5,11 @@
     table = predictor.predict(["photo.jpg", "folder/"])      # or PIL images, or a uint8 tensor [N, 3, H, W]
 
 The preprocessing is validate.py's: the image resized straight to the checkpoint's input size (udtimm.data.transforms
-eval_pixels), normalised with its mean and std. The probabilities are sigmoid(logit / T) with the temperatures stored
-beside the checkpoint by `validate.py --calibrate` when there are some (predictor.temperatures), else the plain
-sigmoid. A class is predicted when its probability reaches its threshold: the per-class thresholds stored beside the
-checkpoint by `validate.py --tune-thresholds` when there are some, else one threshold for all (0.5 unless given).
+eval_pixels), normalised with its mean and std. The probabilities are sigmoid(logit / T + b) with the temperatures
+(and, after `--calibrate platt`, biases; else b = 0) stored beside the checkpoint by `validate.py --calibrate` when
+there are some (predictor.calibration), else the plain sigmoid. A class is predicted when its probability reaches
+its threshold: the per-class thresholds stored beside the checkpoint by `validate.py --tune-thresholds` when there
+are some, else one threshold for all (0.5 unless given).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from udtimm import checkpoint
-from udtimm.calibration import calibrated_scores
+from udtimm.calibration import ScoreCalibration, calibrated_scores
 from udtimm.checkpoint import CheckpointError
 from udtimm.data.base import pil_pixels
 from udtimm.data.images import ImageFolderDataset, list_images
@@ -41,13 +42,14 @@ CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"  # timm's Hugging
 
 
 class Predictor:
-    """A model in eval mode with its classes, preprocessing, temperatures and decision thresholds."""
+    """A model in eval mode with its classes, preprocessing, calibration and decision thresholds."""
 
     def __init__(self, model: nn.Module, class_names: Sequence[str], img_size: int, mean: Sequence[float],
                  std: Sequence[float], thresholds: Tensor | None = None, device: str | torch.device = "cpu",
-                 metadata: dict[str, str] | None = None, temperatures: Tensor | None = None) -> None:
+                 metadata: dict[str, str] | None = None, calibration: ScoreCalibration | None = None) -> None:
         """`model` maps normalised images [N, 3, img_size, img_size] to logits [N, C]; `thresholds` [C] per class
-        (None: one threshold for all); `temperatures` [C] divide the logits (None: the plain sigmoid)."""
+        (None: one threshold for all); `calibration`: per-class temperatures and biases, sigmoid(logits / T + b)
+        (None: the plain sigmoid)."""
         self.class_names = list(class_names)
         clashes = {IMAGE_COLUMN, LABELS_COLUMN} & set(self.class_names)
         if clashes:
@@ -56,7 +58,7 @@ class Predictor:
         self.model = model.eval().to(self.device)
         self.img_size, self.mean, self.std = int(img_size), list(mean), list(std)
         self.thresholds = thresholds
-        self.temperatures = temperatures
+        self.calibration = calibration
         self.metadata = dict(metadata or {})
         self.pixels = eval_pixels(self.img_size)
         self.normalize = NormalizeImage(self.mean, self.std).to(self.device)
@@ -67,21 +69,22 @@ class Predictor:
         """From a udtimm checkpoint (.safetensors), or from an export directory in the timm format (udtimm.export).
 
         The calibration branch is left out: it plays no part in the predictions. `stored_tuning`: use the per-class
-        thresholds and temperatures stored beside the checkpoint (or in the export's config.json) when there are some.
+        thresholds and calibration (temperatures, biases) stored beside the checkpoint (or in the export's
+        config.json) when there are some.
         """
         if os.path.isdir(path):
             return cls.from_export(path, device, stored_tuning)
         loaded = checkpoint.load_for_inference(path, device)
         record = read_thresholds_file(path) if stored_tuning else None
-        thresholds, temperatures = tuning_tensors(record, loaded.class_names, thresholds_path(path))
+        thresholds, calibration = tuning_tensors(record, loaded.class_names, thresholds_path(path))
         return cls(loaded.model.classifier_only(), loaded.class_names, loaded.img_size, loaded.mean, loaded.std,
-                   thresholds, device, loaded.metadata, temperatures)
+                   thresholds, device, loaded.metadata, calibration)
 
     @classmethod
     def from_export(cls, directory: str, device: str | torch.device = "cpu",
                     stored_tuning: bool = True) -> Predictor:
         """From a directory written by `python -m udtimm.export --format timm`, loaded by timm itself (its weights
-        give logits: the temperatures in config.json are applied here)."""
+        give logits: the temperatures and biases in config.json are applied here)."""
         config_path = os.path.join(directory, CONFIG_FILE)
         if not os.path.isfile(config_path) or not os.path.isfile(os.path.join(directory, WEIGHTS_FILE)):
             raise CheckpointError(f"{directory} holds no {CONFIG_FILE} and {WEIGHTS_FILE}: not an export in the timm "
@@ -95,9 +98,9 @@ class Predictor:
             raise CheckpointError(f"{config_path} lacks what a udtimm export holds ({err!r})") from err
         model = timm.create_model(f"local-dir:{directory}", pretrained=True)
         record = config.get("udtimm", {}).get("thresholds") if stored_tuning else None
-        thresholds, temperatures = tuning_tensors(record, class_names, config_path)
+        thresholds, calibration = tuning_tensors(record, class_names, config_path)
         metadata = {"model": config["architecture"], "source": directory}
-        return cls(model, class_names, img_size, mean, std, thresholds, device, metadata, temperatures)
+        return cls(model, class_names, img_size, mean, std, thresholds, device, metadata, calibration)
 
     def decision_thresholds(self, threshold: float | None = None) -> float | Tensor:
         """`threshold` when given, else the stored per-class thresholds, else DEFAULT_THRESHOLD."""
@@ -108,10 +111,10 @@ class Predictor:
     @torch.inference_mode()
     def scores(self, pixels: Tensor) -> Tensor:
         """Probabilities [N, C] (float32, on the CPU) of a batch already resized: uint8 [N, 3, img_size, img_size],
-        calibrated by the temperatures when there are some."""
+        calibrated (sigmoid(logits / T + b)) when there is a calibration."""
         logits = self.model(self.normalize(pixels.to(self.device)))
-        if self.temperatures is not None:
-            return calibrated_scores(logits, self.temperatures).cpu()
+        if self.calibration is not None:
+            return calibrated_scores(logits, self.calibration).cpu()
         return torch.sigmoid(logits.float()).cpu()
 
     def predict(self, images: ImageInput, batch_size: int = 32, topk: int | None = None,

@@ -45,6 +45,8 @@ class ModelSettings:
     pretrained_path: str | None
     initial_checkpoint: str | None
     model_kwargs: dict
+    head: str  # linear (timm's classifier) or a spatial head of udtimm.heads
+    head_kwargs: dict
     global_pool: str | None
     drop: float
     sync_bn: bool
@@ -89,6 +91,18 @@ class RuntimeSettings:
 
 
 @dataclass(frozen=True)
+class MixingSettings:
+    """Multi-label Mixup and CutMix of the training batches (the --mixup and --cutmix flags, timm's names and meanings;
+    docs/method.md#mixup-and-cutmix). The defaults are the flags': no mixing."""
+
+    mixup: float = 0.0  # alpha of Mixup's Beta(alpha, alpha); 0: off
+    cutmix: float = 0.0  # alpha of CutMix's Beta(alpha, alpha); 0: off
+    mixup_prob: float = 1.0  # probability that a batch is mixed
+    mixup_switch_prob: float = 0.5  # probability of CutMix rather than Mixup when both are on
+    mixup_off_epoch: int = 0  # no mixing from this epoch on; 0: never off
+
+
+@dataclass(frozen=True)
 class TrainingSettings:
     """Everything train.py and distill.py share; each script keeps its method's own flags."""
 
@@ -96,4 +110,5 @@ class TrainingSettings:
     model: ModelSettings
     optim: OptimSettings
     runtime: RuntimeSettings
+    mixing: MixingSettings
     saved_args: dict  # the resolved arguments, written to args.yaml (enough to rerun with -c)

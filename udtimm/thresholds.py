@@ -5,8 +5,8 @@ F1 on the held-out split; `precision@R` the lowest threshold whose precision the
 that precision). Difficult (image, class) pairs are left out, as in the metrics (docs/method.md#difficult-labels).
 The thresholds are written to `<checkpoint stem>.thresholds.json` beside the checkpoint, with the checkpoint's
 sha256, so that they are never applied to another model; Predictor, predict.py and the export read them from there.
-The same file holds the temperatures of `validate.py --calibrate` (udtimm.calibration) under `calibration`: the
-thresholds stored with them were tuned on the calibrated scores.
+The same file holds the temperatures (and, for `platt`, the biases) of `validate.py --calibrate` (udtimm.calibration)
+under `calibration`: the thresholds stored with them were tuned on the calibrated scores.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
-from udtimm.calibration import temperatures_tensor
+from udtimm.calibration import ScoreCalibration, stored_calibration
 from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.base import MultiLabelDataset
@@ -150,9 +150,9 @@ def thresholds_entries(class_names: Sequence[str], result: TunedThresholds, obje
 
 def tuning_record(checkpoint: str, thresholds: dict | None = None, calibration: dict | None = None) -> dict:
     """What the file beside the checkpoint holds (and an export's config.json, under udtimm.thresholds): the
-    checkpoint's name and sha256, the thresholds_entries when there are thresholds, and the temperatures'
-    udtimm.calibration.calibration_entry under `calibration` when there are some. Files written before calibration
-    existed have no `calibration`."""
+    checkpoint's name and sha256, the thresholds_entries when there are thresholds, and the temperatures' (and
+    biases') udtimm.calibration.calibration_entry under `calibration` when there are some. Files written before
+    calibration existed have no `calibration`."""
     record = {"checkpoint": os.path.basename(checkpoint), "checkpoint_sha256": file_sha256(checkpoint),
               **(thresholds or {})}
     if calibration is not None:
@@ -168,15 +168,15 @@ def stored_thresholds_entries(record: dict) -> dict | None:
             if key not in ("checkpoint", "checkpoint_sha256", "calibration")}
 
 
-def tuning_tensors(record: dict | None, class_names: Sequence[str], source: str) -> tuple[Tensor | None,
-                                                                                         Tensor | None]:
-    """(per-class thresholds, temperatures) of a stored record, each None when it has none; CheckpointError naming
-    `source` when they do not fit the model's classes."""
+def tuning_tensors(record: dict | None, class_names: Sequence[str],
+                   source: str) -> tuple[Tensor | None, ScoreCalibration | None]:
+    """(per-class thresholds, calibration: temperatures and biases) of a stored record, each None when it has none;
+    CheckpointError naming `source` when they do not fit the model's classes."""
     if record is None:
         return None, None
     values = thresholds_tensor(record, class_names, source) if "thresholds" in record else None
     calibration = record.get("calibration")
-    return values, temperatures_tensor(calibration, class_names, source) if calibration is not None else None
+    return values, stored_calibration(calibration, class_names, source) if calibration is not None else None
 
 
 def save_thresholds(checkpoint: str, record: dict) -> str:

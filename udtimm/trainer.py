@@ -21,6 +21,7 @@ from udtimm.data.loader import seed_loader
 from udtimm.ema import EMA, EMA_COLUMNS, RAW
 from udtimm.engine import bare_model, broadcast_buffers, optimizer_steps, predict, train_one_epoch
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
+from udtimm.mixing import Mixer
 from udtimm.objectives import Objective
 from udtimm.plots import reliability_diagram
 from udtimm.predictions import Predictions
@@ -144,6 +145,7 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
     epochs, runtime = settings.optim.epochs, settings.runtime
     show_progress, difficult_as_negative = not runtime.no_progress, settings.data.eval_difficult_negative
     summary_path = os.path.join(run_dir, "summary.csv")
+    mixer = Mixer(settings.mixing, runtime.seed)
     for epoch in range(start_epoch, epochs):
         seed_epoch(runtime.seed + epoch, setup.train_loader)
         objective.start_epoch(epoch)
@@ -152,7 +154,7 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
         stats = train_one_epoch(
             model, setup.train_batches(accelerator.device), setup.optimizer, setup.scheduler, accelerator,
             objective, epoch, num_updates, clip_grad=settings.optim.clip_grad,
-            skip_nonfinite=runtime.skip_nonfinite, show_progress=show_progress, ema=setup.ema,
+            skip_nonfinite=runtime.skip_nonfinite, show_progress=show_progress, ema=setup.ema, mixer=mixer,
         )
         num_updates += optimizer_steps(len(setup.train_loader), accelerator.gradient_accumulation_steps)
         row: dict[str, object] = {"epoch": epoch, "lr": lr,

@@ -83,7 +83,8 @@ def check_map_support(model: CalibratedModel, path: str) -> None:
     """Refuse a model whose map would be identically zero or misread, naming the checkpoint."""
     # The top-label Grad-CAM drawn for a model without the branch has the same needs (the head sees the patch
     # tokens, NCHW maps), so such a backbone is checked as if it had the branch.
-    candidate = model if model.has_cal else CalibratedModel(model.backbone, model.num_classes, cal=True)
+    candidate = model if model.has_cal else CalibratedModel(model.backbone, model.num_classes, cal=True,
+                                                            head=model.head)
     try:
         check_attention_support(candidate)
     except ValueError as err:

@@ -1,8 +1,9 @@
 """Starting weights from a local file: --pretrained-path (a backbone) and --initial-checkpoint (a whole model).
 
-Both read a udtimm checkpoint (keys `backbone.*`, `cal_head.*`, class list in the metadata) or timm weights (timm's
-own keys: a hub `model.safetensors`, a `.pth` of `model.state_dict()` or of a timm training checkpoint). Either the
-weights load, or the file is refused with the keys at fault: a model is never left at random without a word.
+Both read a udtimm checkpoint (keys `backbone.*`, `head.*` with a spatial head, `cal_head.*`, class list in the
+metadata) or timm weights (timm's own keys: a hub `model.safetensors`, a `.pth` of `model.state_dict()` or of a timm
+training checkpoint). Either the weights load, or the file is refused with the keys at fault: a model is never left
+at random without a word.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from collections.abc import Mapping, Sequence
 import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
+
+from udtimm.heads import HEAD_PREFIX
 
 BACKBONE_PREFIX = "backbone."
 CAL_PREFIX = "cal_head."
@@ -52,11 +55,12 @@ def read_weights(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:
 
 
 def is_udtimm_weights(tensors: Mapping[str, Tensor]) -> bool:
-    return all(key.startswith((BACKBONE_PREFIX, CAL_PREFIX)) for key in tensors)
+    return all(key.startswith((BACKBONE_PREFIX, HEAD_PREFIX, CAL_PREFIX)) for key in tensors)
 
 
 def backbone_weights(tensors: Mapping[str, Tensor]) -> dict[str, Tensor]:
-    """The backbone's tensors under timm's own keys: a udtimm checkpoint loses its prefix and calibration branch."""
+    """The backbone's tensors under timm's own keys: a udtimm checkpoint loses its prefix, spatial head and
+    calibration branch."""
     if not is_udtimm_weights(tensors):
         return dict(tensors)
     return {key.removeprefix(BACKBONE_PREFIX): value for key, value in tensors.items()
@@ -118,9 +122,13 @@ def load_initial_checkpoint(model: nn.Module, path: str, class_names: Sequence[s
         tensors = {BACKBONE_PREFIX + key: value for key, value in tensors.items()}
     file_classes = json.loads(metadata["class_names"]) if "class_names" in metadata else None
     expected = model.state_dict()
-    heads = {"the classifier": BACKBONE_PREFIX + classifier_prefix(model.backbone),
-             "the calibration branch": CAL_PREFIX}
-    in_head = tuple(heads.values())
+    timm_classifier = BACKBONE_PREFIX + classifier_prefix(model.backbone)
+    classifier = ("the classifier", timm_classifier) if model.head is None else \
+        (f"the {model.head_name} head", HEAD_PREFIX)
+    heads = dict([classifier, ("the calibration branch", CAL_PREFIX)])
+    # timm's classifier and a spatial head are both classifiers, never backbone: the backbone of a checkpoint with
+    # either starts a model with the other.
+    in_head = (timm_classifier, HEAD_PREFIX, CAL_PREFIX)
     body = [key for key in expected if not key.startswith(in_head)]
     unexpected = sorted(key for key in tensors if key not in expected and not key.startswith(in_head))
     what = f"{type(model.backbone).__name__}'s backbone"

@@ -1,0 +1,41 @@
+"""benchmarks/heads_digits.py: its plan of runs, its step-time table and its claims (the runs themselves are
+train.py's, tested in test_train.py and test_reliability.py)."""
+
+import pandas as pd
+import pytest
+
+from benchmarks import heads_digits
+from udtimm.claims import claims_table
+
+
+def test_every_head_runs_alone_and_mixed_for_every_seed() -> None:
+    args = heads_digits.parse_args(["--out", "bench", "--seeds", "0", "3", "--extra", "--epochs", "2"])
+    jobs = heads_digits.plan(args)
+    assert [job.name for job in jobs[:6]] == ["linear-seed0", "linear+mix-seed0", "ml-decoder-seed0",
+                                              "ml-decoder+mix-seed0", "csra-seed0", "csra+mix-seed0"]
+    assert len(jobs) == 12
+    commands = {job.name: " ".join(job.command) for job in jobs}
+    assert "--head" not in commands["linear-seed3"] and "--mixup" not in commands["linear-seed3"]
+    assert "--head csra --mixup 0.8 --cutmix 1.0" in commands["csra+mix-seed3"]
+    assert all(command.endswith("--epochs 2") and "--seed" in command for command in commands.values())
+
+
+def test_every_claim_compares_two_arms_of_the_plan() -> None:
+    arms = list(heads_digits.arms())
+    rows = [{"method": arm, "seed": seed, "map": 80.0 + index + seed, "map_difficult": 70.0 + index, "ece": 3.0}
+            for index, arm in enumerate(arms) for seed in range(3)]
+    table = claims_table(pd.DataFrame(rows), heads_digits.CLAIMS)
+    assert set(table["n"]) == {3}  # every claim found both of its arms in every seed
+    assert {claim.method for claim in heads_digits.CLAIMS} | {claim.against for claim in heads_digits.CLAIMS} \
+        <= set(arms)
+
+
+@pytest.mark.slow
+def test_step_times_give_each_head_against_the_linear_head() -> None:
+    args = heads_digits.parse_args(["--steps", "1", "--extra", "--model", "test_resnet", "--img-size", "32", "-b",
+                                    "4"])
+    lines = heads_digits.step_time_table(args).splitlines()
+    rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "ms / step" not in line]
+    assert [row[0].strip() for row in rows] == list(heads_digits.HEADS)
+    assert rows[0][2].strip() == "1.00x"
+    assert all(float(row[1]) > 0 for row in rows)
