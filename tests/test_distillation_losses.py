@@ -43,22 +43,28 @@ def ref_attention(a_s, a_t, distance="squared"):
 # --- tests ---------------------------------------------------------------------------------------------------------
 
 
+def check_kd_loss(loss_fn, reference_fn, s: torch.Tensor, t: torch.Tensor) -> None:
+    """float32 value and gradient against the float64 reference, zero (and no gradient) at the teacher, float32
+    output from bfloat16 inputs."""
+    loss, grad = _value_and_grad(loss_fn, s.float(), t.float(), temperature=3.0)
+    ref_loss, ref_grad = _value_and_grad(reference_fn, s, t)
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    same, same_grad = _value_and_grad(loss_fn, t.float(), t.float())
+    assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
+    loss16, _ = _value_and_grad(loss_fn, s.bfloat16(), t.bfloat16())
+    assert loss16.dtype == torch.float32
+    # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
+    torch.testing.assert_close(loss16, reference_fn(s.bfloat16().double(), t.bfloat16().double()).float())
+
+
 def test_binary_kd_matches_reference_and_is_zero_at_teacher():
     g = torch.Generator().manual_seed(4)
     s = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
     t = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
     t[0, :3] = torch.tensor([50.0, -50.0, 50.0])
     s[0, :3] = torch.tensor([-50.0, 50.0, 50.0])
-    loss, grad = _value_and_grad(binary_kd_loss, s.float(), t.float(), temperature=3.0)
-    ref_loss, ref_grad = _value_and_grad(ref_binary_kd, s, t)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    same, same_grad = _value_and_grad(binary_kd_loss, t.float(), t.float())
-    assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
-    loss16, _ = _value_and_grad(binary_kd_loss, s.bfloat16(), t.bfloat16())
-    assert loss16.dtype == torch.float32
-    # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
-    torch.testing.assert_close(loss16, ref_binary_kd(s.bfloat16().double(), t.bfloat16().double()).float())
+    check_kd_loss(binary_kd_loss, ref_binary_kd, s, t)
 
 
 def test_softmax_kd_matches_reference_and_is_zero_at_teacher():
@@ -66,16 +72,7 @@ def test_softmax_kd_matches_reference_and_is_zero_at_teacher():
     s = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
     t = torch.randn(4, 6, generator=g, dtype=torch.float64) * 3
     t[1] = torch.tensor([50.0, -50.0, 0.0, 10.0, -10.0, 50.0])
-    loss, grad = _value_and_grad(softmax_kd_loss, s.float(), t.float(), temperature=3.0)
-    ref_loss, ref_grad = _value_and_grad(ref_softmax_kd, s, t)
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    same, same_grad = _value_and_grad(softmax_kd_loss, t.float(), t.float())
-    assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
-    loss16, _ = _value_and_grad(softmax_kd_loss, s.bfloat16(), t.bfloat16())
-    assert loss16.dtype == torch.float32
-    # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
-    torch.testing.assert_close(loss16, ref_softmax_kd(s.bfloat16().double(), t.bfloat16().double()).float())
+    check_kd_loss(softmax_kd_loss, ref_softmax_kd, s, t)
 
 
 @pytest.mark.parametrize("fn", [binary_kd_loss, softmax_kd_loss])
