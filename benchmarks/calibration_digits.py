@@ -23,13 +23,13 @@ import pandas as pd
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
 from benchmarks import distill_digits  # noqa: E402
-from benchmarks.common import ROOT, Job, run_in  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ROOT, Job, add_run_args, run_in, write_long_table  # noqa: E402
 from udtimm.calibration import METHODS  # noqa: E402
 from udtimm.claims import Claim, claims_table, to_markdown  # noqa: E402
 from udtimm.io import atomic_write_text  # noqa: E402
 
 ARMS = {"baseline": distill_digits.ARMS["baseline"], "cal": distill_digits.ARMS["cal"],
-        "asl": ("train.py", ("--loss", "asl"))}
+        "asl": ("train.py", ("--loss", "asl", "--asl-gamma-neg", "4", "--asl-gamma-pos", "0", "--asl-clip", "0.05"))}
 COLUMNS = ("map", "ece", "ece_pooled", "brier")
 
 
@@ -54,7 +54,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(12)), help="one student of each arm each")
     parser.add_argument("--calibrate", default="per-class", choices=METHODS, help="validate.py --calibrate")
     distill_digits.add_setting_args(parser)
-    return parser.parse_args(argv)
+    add_run_args(parser, None)
+    args = parser.parse_args(argv)
+    args.results = args.results or os.path.join(RESULTS_DIR, f"calibration_digits_{args.calibrate}.csv")
+    return args
 
 
 def calibration_jobs(args: argparse.Namespace, students: Sequence[Job]) -> list[Job]:
@@ -66,7 +69,8 @@ def calibration_jobs(args: argparse.Namespace, students: Sequence[Job]) -> list[
         "--checkpoint", os.path.join(job.run_dir, "best.safetensors"), *distill_digits.MAIN_DATA,
         "--split", "test", "--calibrate", args.calibrate, "--tune-split", "val",
         "--workers", "0", "--no-progress", "--results-file", os.path.join(folder, job.name, "results.csv"),
-    ], os.path.join(folder, job.name), (job.name,)) for job in students]
+    ], os.path.join(folder, job.name), (job.name,), labels={**job.labels, "calibrate": args.calibrate})
+        for job in students]
 
 
 def before_and_after(rows: Sequence[tuple[str, int, pd.Series]], method: str) -> pd.DataFrame:
@@ -97,12 +101,13 @@ def means_table(results: pd.DataFrame, method: str) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    training = distill_digits.plan(args, ARMS)
-    students = [job for job in training if not job.name.startswith("pretrain-")]
+    students = distill_digits.plan(args, ARMS)
     calibrations = calibration_jobs(args, students)
-    for job in calibrations:
-        os.makedirs(job.run_dir, exist_ok=True)  # validate.py appends its row there
-    minutes = run_in(out, [*training, *calibrations], args.jobs)
+    if not args.print_commands:
+        for job in calibrations:
+            os.makedirs(job.run_dir, exist_ok=True)  # validate.py appends its row there
+    minutes = run_in(out, [*students, *calibrations], args)
+    write_long_table(args.results, calibrations)
     rows = [(job.name.rsplit("-seed", 1)[0], int(job.name.rsplit("-seed", 1)[1]),
              pd.read_csv(os.path.join(out, f"calibration-{args.calibrate}", job.name, "results.csv")).iloc[-1])
             for job in students]

@@ -27,8 +27,8 @@ from accelerate.utils import set_seed
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
 import train  # noqa: E402
-from benchmarks.common import ROOT, Job, run_in  # noqa: E402
-from benchmarks.distill_digits import arm_table, student_results  # noqa: E402
+from benchmarks.common import ROOT, Job, add_run_args, run_in, write_long_table  # noqa: E402
+from benchmarks.distill_digits import arm_results, arm_table  # noqa: E402
 from udtimm import config, devices, optimization  # noqa: E402
 from udtimm.claims import Claim, claims_table, to_markdown  # noqa: E402
 from udtimm.data.digits import DIGIT_CLASSES  # noqa: E402
@@ -60,6 +60,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--steps", type=int, default=10, help="timed training steps per head (after 3 untimed)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="more flags for every run, last on the command line (e.g. --extra --epochs 5)")
+    add_run_args(parser, "heads_digits")
     return parser.parse_args(argv)
 
 
@@ -78,7 +79,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
             experiment = f"{arm}-seed{seed}"
             command = [sys.executable, os.path.join(ROOT, "train.py"), *COMMON, "--output", out, "--experiment",
                        experiment, "--seed", str(seed), *flags, *args.extra]
-            jobs.append(Job(experiment, command, os.path.join(out, experiment)))
+            jobs.append(Job(experiment, command, os.path.join(out, experiment), labels={"arm": arm, "seed": seed}))
     return jobs
 
 
@@ -123,13 +124,15 @@ def step_time_table(args: argparse.Namespace) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
+    jobs = plan(args)
+    if args.print_commands:
+        run_in(out, jobs, args)
     os.makedirs(out, exist_ok=True)
     step_times = step_time_table(args)
     atomic_write_text(os.path.join(out, "step_times.md"), step_times)
     print(step_times)
-    jobs = plan(args)
-    minutes = run_in(out, jobs, args.jobs)
-    runs = student_results([job.run_dir for job in jobs])
+    minutes = run_in(out, jobs, args)
+    runs = arm_results(write_long_table(args.results, jobs))
     report = f"## Heads and mixing (test split; val mAP chose the checkpoint)\n\n{arm_table(runs)}"
     atomic_write_text(os.path.join(out, "report.md"), report)
     claims = to_markdown(claims_table(runs, CLAIMS))

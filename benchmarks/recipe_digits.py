@@ -27,7 +27,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
-from benchmarks.common import ROOT, Job, report_table, run_in  # noqa: E402
+from benchmarks.common import ROOT, Job, add_run_args, report_table, run_in, write_long_table  # noqa: E402
 from udtimm.claims import Claim, claims_table, to_markdown  # noqa: E402
 from udtimm.io import atomic_write_text  # noqa: E402
 from udtimm.report import load_results  # noqa: E402
@@ -61,6 +61,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=2, help="runs at once (each uses one thread)")
     parser.add_argument("--extra", nargs=argparse.REMAINDER, default=[],
                         help="more flags for every run, last on the command line (e.g. --extra --epochs 5)")
+    add_run_args(parser, "recipe_digits")
     return parser.parse_args(argv)
 
 
@@ -73,7 +74,7 @@ def plan(args: argparse.Namespace) -> list[Job]:
             experiment = f"{method}-seed{seed}"
             command = [sys.executable, os.path.join(ROOT, "train.py"), *COMMON, "--output", out, "--experiment",
                        experiment, "--seed", str(seed), *flags, *args.extra]
-            jobs.append(Job(experiment, command, os.path.join(out, experiment)))
+            jobs.append(Job(experiment, command, os.path.join(out, experiment), labels={"arm": method, "seed": seed}))
     return jobs
 
 
@@ -93,7 +94,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
     jobs = plan(args)
-    minutes = run_in(out, jobs, args.jobs)
+    minutes = run_in(out, jobs, args)
+    write_long_table(args.results, jobs)
     run_dirs = [job.run_dir for job in jobs]
     report = report_table(run_dirs)
     atomic_write_text(os.path.join(out, "report.md"), report)

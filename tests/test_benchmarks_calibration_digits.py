@@ -6,25 +6,26 @@ from benchmarks import calibration_digits
 
 
 def test_plan_reuses_the_distillation_benchmarks_students_and_needs_no_teacher() -> None:
-    args = calibration_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"])
+    args = calibration_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x"])
+    assert args.results.endswith("benchmarks/results/calibration_digits_per-class.csv")
     training = calibration_digits.distill_digits.plan(args, calibration_digits.ARMS)
     names = [job.name for job in training]
-    assert names == ["pretrain-student", "baseline-seed0", "cal-seed0", "asl-seed0", "baseline-seed1", "cal-seed1",
-                     "asl-seed1"]
+    assert names == ["baseline-seed0", "cal-seed0", "asl-seed0", "baseline-seed1", "cal-seed1", "asl-seed1"]
     distill = {job.name: job.command for job in calibration_digits.distill_digits.plan(
-        calibration_digits.distill_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"]))}
-    for job in training[1:]:
+        calibration_digits.distill_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x"]))}
+    for job in training:
         if not job.name.startswith("asl"):
             assert job.command == distill[job.name]  # the same run, so a finished one is reused
-    asl = training[3].command
+    asl = training[2].command
     assert asl[asl.index("--loss") + 1] == "asl" and asl[asl.index("--seed") + 1] == "0"
-    calibrations = calibration_digits.calibration_jobs(args, training[1:])
+    calibrations = calibration_digits.calibration_jobs(args, training)
     command = calibrations[0].command
     assert command[command.index("--checkpoint") + 1] == "/tmp/x/baseline-seed0/best.safetensors"
     assert command[command.index("--tune-split") + 1] == "val" and command[command.index("--split") + 1] == "test"
     assert command[command.index("--calibrate") + 1] == "per-class" and "--digits-ambiguous" in command
     assert calibrations[0].run_dir == "/tmp/x/calibration-per-class/baseline-seed0"
     assert calibrations[0].needs == ("baseline-seed0",)
+    assert calibrations[0].labels == {"arm": "baseline", "seed": 0, "calibrate": "per-class"}
 
 
 def test_tables_pair_before_and_after_by_seed() -> None:

@@ -10,13 +10,13 @@ def _flag(command: list[str], flag: str) -> str:
 
 
 def test_plan_hides_the_same_labels_from_every_run_of_a_fraction_and_seed() -> None:
-    args = missing_labels_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"])
+    args = missing_labels_digits.parse_args(["--seeds", "0", "1", "--out", "/tmp/x"])
     jobs = missing_labels_digits.plan(args)
     names = [job.name for job in jobs]
-    assert names[:4] == ["pretrain-teacher", "pretrain-student", "baseline-seed0", "baseline-seed1"]
-    assert len(names) == len(set(names)) == 4 + 2 * 2 * (1 + len(missing_labels_digits.ARMS))
+    assert names[:2] == ["baseline-seed0", "baseline-seed1"]
+    assert len(names) == len(set(names)) == 2 + 2 * 2 * (1 + len(missing_labels_digits.ARMS))
     full = {job.name: job.command for job in distill_digits.plan(distill_digits.parse_args(
-        ["--seeds", "0", "1", "--out", "/tmp/x", "--cache", "/tmp/c"]))}
+        ["--seeds", "0", "1", "--out", "/tmp/x"]))}
     for job in jobs:
         assert all(names.index(need) < names.index(job.name) for need in job.needs)
         if job.name.startswith("baseline-"):
@@ -25,17 +25,25 @@ def test_plan_hides_the_same_labels_from_every_run_of_a_fraction_and_seed() -> N
             fraction, seed = job.name.rsplit("-drop", 1)[1].split("-seed")
             assert _flag(job.command, "--drop-labels") == str(int(fraction) / 100)
             assert _flag(job.command, "--drop-labels-seed") == _flag(job.command, "--seed") == seed
+            assert job.labels["dropped"] == int(fraction) / 100 and job.labels["seed"] == int(seed)
             if "--teacher-ckpt" in job.command:
                 teacher = f"teacher-drop{fraction}-seed{seed}"
                 assert _flag(job.command, "--teacher-ckpt") == f"/tmp/x/{teacher}/best.safetensors"
     commands = {job.name: job.command for job in jobs}
-    assert _flag(commands["ud-fill-drop80-seed1"], "--unknown") == "teacher"
+    assert _flag(commands["ud-gradcam-warmup-fill-drop80-seed1"], "--unknown") == "teacher"
     assert _flag(commands["negative-drop50-seed0"], "--unknown") == "negative"
+    # UD as registered (distill.py's defaults of then, Eq. 17 on) and UD without Eq. 17, each by its own name.
+    registered = commands["ud-gradcam-warmup-drop50-seed0"]
+    assert [_flag(registered, flag) for flag in ("--att-weight", "--att-variant", "--att-distance",
+                                                 "--distill-warmup-epochs")] == ["0.5", "gradcam", "squared", "4"]
+    assert _flag(commands["ud-noatt-drop50-seed0"], "--att-weight") == "0"
 
 
 def test_gap_closed_is_the_part_of_the_gap_between_negative_and_full_labels() -> None:
     rows = [{"method": method, "seed": seed, "map": value + seed}
             for seed in range(2) for method, value in (("baseline", 90.0), ("negative", 80.0), ("ignore", 85.0),
-                                                      ("kd", 88.0), ("ud", 88.0), ("ud-fill", 92.0))]
+                                                      ("kd", 88.0), ("ud-noatt", 88.0), ("ud-gradcam-warmup", 86.0),
+                                                      ("ud-gradcam-warmup-fill", 92.0))]
     gap = missing_labels_digits.gap_closed(pd.DataFrame(rows)).set_index("arm")["gap closed"]
-    assert gap.to_dict() == {"negative": 0.0, "ignore": 0.5, "kd": 0.8, "ud": 0.8, "ud-fill": 1.2}
+    assert gap.to_dict() == {"negative": 0.0, "ignore": 0.5, "kd": 0.8, "ud-noatt": 0.8, "ud-gradcam-warmup": 0.6,
+                             "ud-gradcam-warmup-fill": 1.2}

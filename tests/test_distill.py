@@ -15,11 +15,11 @@ import distill
 import train
 from udtimm.attention import ATTENTION_VARIANTS, uncertainty_attention
 from udtimm.checkpoint import CheckpointError, model_metadata, read_metadata, save_checkpoint
-from udtimm.config import ConfigError
+from udtimm.config import ConfigError, settings_from
 from udtimm.data.digits import DIGIT_CLASSES as DIGITS
 from udtimm.data.transforms import Renormalize
 from udtimm.model import CalibratedModel, create_model
-from udtimm.objectives import DistillationObjective
+from udtimm.objectives import DistillationObjective, DistillOptions
 from udtimm.weights import WeightsError
 
 
@@ -35,7 +35,7 @@ def teachers(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -> dict
     (["--method", "ud", "--att-weight", "0.5"], "ud-gradcam", ("train_kd", "train_kd_cal", "train_attention")),
     (["--method", "ud", "--att-variant", "paper", "--att-weight", "0.5"], "ud",
      ("train_kd", "train_kd_cal", "train_attention")),
-    (["--method", "ud", "--att-variant", "paper", "--att-distance", "norm", "--att-weight", "0.5"], "ud-norm",
+    (["--method", "ud", "--att-variant", "paper", "--att-distance", "squared", "--att-weight", "0.5"], "ud-squared",
      ("train_kd", "train_kd_cal", "train_attention")),
     (["--method", "ud"], "ud-noatt", ("train_kd", "train_kd_cal")),  # the default: no attention
     (["--method", "kd"], "kd", ("train_kd",)),
@@ -146,14 +146,20 @@ def test_the_python_api_builds_attention_maps_as_distill_py_does_by_default() ->
 
 
 @pytest.mark.parametrize(("flags", "method"), [
-    ([], "ud-noatt"), (["--att-weight", "0.5"], "ud-gradcam"), (["--att-distance", "norm", "--att-weight", "1"],
-                                                                 "ud-gradcam-norm"),
+    ([], "ud-noatt"), (["--att-weight", "0.5"], "ud-gradcam"), (["--att-distance", "squared", "--att-weight", "1"],
+                                                                 "ud-gradcam-squared"),
     (["--self-distill"], "self-ud-noatt"),
-    (["--self-distill", "--att-variant", "paper", "--att-distance", "norm", "--att-weight", "0.5"], "self-ud-norm"),
+    (["--self-distill", "--att-variant", "paper", "--att-weight", "0.5"], "self-ud"),
 ])
 def test_the_method_column_names_the_attention_distance(flags, method) -> None:
     teacher = [] if "--self-distill" in flags else ["--teacher-ckpt", "t.safetensors"]
     assert distill.method_name(distill.parse_args([*teacher, *flags])) == method
+
+
+def test_eq17_defaults_to_the_norm_the_paper_writes() -> None:
+    args = distill.parse_args(["--teacher-ckpt", "t.safetensors", "--att-weight", "0.5"])
+    assert args.att_distance == "norm" == DistillOptions().att_distance
+    assert settings_from(DistillOptions, args).att_distance == "norm"
 
 
 def test_distill_needs_a_teacher_or_self_distill() -> None:

@@ -25,8 +25,8 @@ EPOCHS = {"voc2007": 20, "coco2014": 40}
 # Smaller than conftest's tiny set: two training steps of 16 per epoch keep ~35 runs within seconds each.
 SMOKE_DIGITS = {"num_trainval": 32, "num_test": 16}
 # File name suffix -> the method column results.csv gets (and report.PAPER_MAP is keyed by).
-METHODS = {"baseline": "baseline", "cal": "cal", "kd": "kd", "ud": "ud-norm", "ud_noatt": "ud-noatt",
-           "self_ud": "self-ud-norm",
+METHODS = {"baseline": "baseline", "cal": "cal", "kd": "kd", "ud": "ud", "ud_noatt": "ud-noatt",
+           "self_ud": "self-ud",
            "temperature": "temperature", "label_smoothing": "label-smoothing", "one_over_k": "one-over-k",
            "tricks_none": "baseline", "tricks_erasing": "baseline", "tricks_cosine": "baseline",
            "asl_recipe": "asl+ema", "asl_recipe_cal": "asl+cal+ema"}

@@ -26,7 +26,8 @@ RESULT_KEYS = tuple(runs.result_fields(config.training_settings(train.parse_args
 def results_row(seed: int, rng: np.random.Generator, **keys: object) -> dict[str, object]:
     row: dict[str, object] = {"dataset": "voc2007", "split": "test", "selection_split": "holdout",
                               "model": "resnet18", "method": "baseline", "teacher": "", "seed": seed, "epochs": 20,
-                              "img_size": 448, "difficult": "positive", "eval_difficult": "ignore"}
+                              "img_size": 448, "difficult": "positive", "eval_difficult": "ignore",
+                              "commit": "0" * 40, "dirty": "no"}
     row.update(keys)
     row.update({name: float(rng.uniform(10, 95)) for name in METRIC_NAMES})
     row.update(best_epoch=3, checkpoint=f"/runs/{seed}/{keys.get('method', 'baseline')}/best.safetensors")
@@ -128,12 +129,12 @@ def test_teacher_is_named_by_its_checkpoint_model_and_tags_do_not_hide_paper_num
     save_file({"w": torch.zeros(1)}, str(teacher), metadata={"model": "resnet101.tv_in1k"})
     rng = np.random.default_rng(1)
     gone = "/gone/r101_cal_s0/best.safetensors"
-    dirs = [write_run(str(tmp_path), "ud", results_row(0, rng, model="resnet18.tv_in1k", method="ud-norm",
+    dirs = [write_run(str(tmp_path), "ud", results_row(0, rng, model="resnet18.tv_in1k", method="ud",
                                                        teacher=str(teacher))),
             write_run(str(tmp_path), "kd", results_row(0, rng, method="kd", teacher=gone))]
     summary = report.add_paper(report.summarise(report.load_results(dirs)))
     by_method = summary.set_index("method")
-    assert by_method.loc["ud-norm", "teacher"] == "resnet101.tv_in1k" and by_method.loc["ud-norm", "paper_map"] == 91.67
+    assert by_method.loc["ud", "teacher"] == "resnet101.tv_in1k" and by_method.loc["ud", "paper_map"] == 91.67
     assert by_method.loc["kd", "teacher"] == "r101_cal_s0" and math.isnan(by_method.loc["kd", "paper_map"])
 
 

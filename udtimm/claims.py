@@ -33,6 +33,10 @@ class Claim:
     metric: str  # results.csv's metric column
     lower_is_better: bool = False
     paper: str = "-"  # the paper's own effect on its benchmark, as printed in the table
+    against_metric: str | None = None  # `against`'s column, when not `metric` (a last epoch against a chosen one)
+    # Self-distillation: the claim is about the distilled half, so a seed whose chosen epoch (best_epoch) comes
+    # before half of its epochs measures nothing about it.
+    needs_distilled_epoch: bool = False
 
 
 def paper_claims(variant: str = DEFAULT_VARIANT, other_variants: Sequence[str] = ()) -> tuple[Claim, ...]:
@@ -50,10 +54,19 @@ def paper_claims(variant: str = DEFAULT_VARIANT, other_variants: Sequence[str] =
 
 
 def paired_differences(results: pd.DataFrame, claim: Claim) -> pd.Series:
-    """method - against on claim.metric, one value per seed that both methods ran (index: seed)."""
-    by_method = {method: results[results["method"] == method].groupby("seed")[claim.metric].mean()
-                 for method in (claim.method, claim.against)}
-    return (by_method[claim.method] - by_method[claim.against]).dropna()
+    """method's claim.metric - against's (claim.against_metric or claim.metric), one value per seed that both
+    methods ran (index: seed)."""
+    method = results[results["method"] == claim.method].groupby("seed")[claim.metric].mean()
+    against = results[results["method"] == claim.against].groupby("seed")[claim.against_metric or claim.metric].mean()
+    return (method - against).dropna()
+
+
+def undistilled_seeds(results: pd.DataFrame, claim: Claim) -> int:
+    """With claim.needs_distilled_epoch, the number of claim.method's runs whose chosen epoch is not distilled."""
+    if not claim.needs_distilled_epoch:
+        return 0
+    runs = results[results["method"] == claim.method]
+    return int((runs["best_epoch"].astype(int) < runs["epochs"].astype(int) // 2).sum())
 
 
 def interval(differences: Sequence[float], confidence: float = 0.95) -> tuple[float, float]:
@@ -93,14 +106,19 @@ def _mean_std(values: pd.Series) -> str:
 
 def claims_table(results: pd.DataFrame, claims: Sequence[Claim]) -> pd.DataFrame:
     """One row per claim: the paper's effect, both methods' mean ± std over seeds, the paired difference's
-    mean ± std, its 95 % interval, the smallest effect detected with 80 % power, n, verdict."""
+    mean ± std, its 95 % interval, the smallest effect detected with 80 % power, n, verdict ("not measured" when a
+    self-distillation claim's chosen epoch is undistilled in any seed)."""
     rows = []
     for claim in claims:
         differences = paired_differences(results, claim)
         seeds = differences.index
-        values = {method: results[(results["method"] == method) & results["seed"].isin(seeds)][claim.metric]
-                  for method in (claim.method, claim.against)}
+        values = {method: results[(results["method"] == method) & results["seed"].isin(seeds)][metric]
+                  for method, metric in ((claim.method, claim.metric),
+                                         (claim.against, claim.against_metric or claim.metric))}
         measured = len(differences) > 1
+        undistilled = undistilled_seeds(results, claim)
+        not_measured = (f"not measured: val chose an epoch before distillation in {undistilled} of "
+                        f"{len(differences)} seeds") if undistilled else ""
         mean, half_width = interval(differences.tolist()) if measured else (math.nan, math.nan)
         rows.append({
             "claim": claim.text, "metric": claim.metric, "paper": claim.paper,
@@ -109,7 +127,7 @@ def claims_table(results: pd.DataFrame, claims: Sequence[Claim]) -> pd.DataFrame
             "difference": _mean_std(differences),
             "95 % interval": f"[{mean - half_width:.2f}, {mean + half_width:.2f}]" if measured else "-",
             "detectable": f"{detectable_effect(differences.tolist()):.2f}" if measured else "-",
-            "n": len(differences), "verdict": verdict(differences.tolist(), claim.lower_is_better),
+            "n": len(differences), "verdict": not_measured or verdict(differences.tolist(), claim.lower_is_better),
         })
     return pd.DataFrame(rows)
 

@@ -16,6 +16,7 @@ from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, HOL
 from udtimm.heads import HEAD_NAMES, LINEAR
 from udtimm.io import atomic_write_text
 from udtimm.losses import DIFFICULT_POLICIES, UNKNOWN_POLICIES
+from udtimm.provenance import file_sha256
 from udtimm.settings import (
     DataSettings,
     MixingSettings,
@@ -168,6 +169,8 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                        help="start from timm's pretrained weights")
     group.add_argument("--pretrained-path", default=None, metavar="FILE",
                        help="local pretrained weights (.safetensors/.pth); implies --pretrained, no network")
+    group.add_argument("--pretrained-sha256", default=None, metavar="HEX",
+                       help="refuse --pretrained-path unless its sha256 is this (as a download is checked)")
     group.add_argument("--initial-checkpoint", default=None, metavar="FILE",
                        help="start from these weights (a udtimm checkpoint or timm weights): the backbone always, "
                             "the classifier and calibration branch when the file's class list is the dataset's")
@@ -259,6 +262,20 @@ def training_parser(description: str | None) -> argparse.ArgumentParser:
     return parser
 
 
+def check_pretrained_sha256(args: argparse.Namespace) -> None:
+    """--pretrained-sha256: the --pretrained-path file is the one named, before any work."""
+    if args.pretrained_sha256 is None:
+        return
+    if not args.pretrained_path:
+        raise ConfigError("--pretrained-sha256 checks the --pretrained-path file: give that file, or drop the flag")
+    if not os.path.isfile(args.pretrained_path):
+        raise ConfigError(f"--pretrained-path {args.pretrained_path} does not exist")
+    found = file_sha256(args.pretrained_path)
+    if found != args.pretrained_sha256.lower():
+        raise ConfigError(f"--pretrained-path {args.pretrained_path} has sha256 {found}, not the "
+                          f"--pretrained-sha256 {args.pretrained_sha256}: the file changed, or is another one")
+
+
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: -c YAML (or the args.yaml of the --resume run) sets the defaults, then the flags win.
 
@@ -279,6 +296,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     args.config, args.resume = cfg_args.config, cfg_args.resume
     if args.pretrained_path:
         args.pretrained = True
+    check_pretrained_sha256(args)
     fill_dataset_defaults(args)
     if hasattr(args, "test_split"):
         resolve_selection(args)

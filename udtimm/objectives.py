@@ -44,7 +44,7 @@ class DistillOptions:
     temperature: float = 3.0  # --temperature: T of Eq. 13-14
     dist_weight: float = 0.5  # --dist-weight: alpha, the weight of Eq. 14
     att_weight: float = 0.0  # --att-weight: beta, the weight of Eq. 17 (0: UD without attention, distill.py's default)
-    att_distance: str = "squared"  # --att-distance: Eq. 17's norm as written, or its square
+    att_distance: str = "norm"  # --att-distance: Eq. 17's norm as written, or its square
     gt_weight: float = 0.0  # --gt-weight: the weight of a ground-truth L_b + lambda L_ps
     cal_weight: float = 0.1  # --cal-weight: lambda of that ground-truth term
 

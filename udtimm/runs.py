@@ -13,6 +13,7 @@ from udtimm.checkpoint import find_training_state
 from udtimm.config import ConfigError, experiment_name, save_args
 from udtimm.io import check_writable
 from udtimm.metrics import METRIC_COLUMNS
+from udtimm.provenance import source_state
 from udtimm.settings import RuntimeSettings, TrainingSettings
 from udtimm.trackers import start_trackers
 from udtimm.trainer import RunSetup, fit
@@ -52,13 +53,14 @@ def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerato
 
 def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict[str, object]:
     """The columns of results.csv that say which experiment a row is (the report groups by them): `split` reports,
-    `selection_split` chose best.safetensors (the test split itself with --select-on-test)."""
+    `selection_split` chose best.safetensors (the test split itself with --select-on-test); `commit` and `dirty`
+    say which code ran (read when the run starts or resumes)."""
     data = settings.data
     return {"dataset": data.source.name, "split": data.test_split, "selection_split": data.val_split,
             "model": settings.model.model, "method": method,
             "teacher": teacher, "seed": settings.runtime.seed, "epochs": settings.optim.epochs,
             "img_size": data.img_size, "difficult": data.difficult,
-            "eval_difficult": "negative" if data.eval_difficult_negative else "ignore"}
+            "eval_difficult": "negative" if data.eval_difficult_negative else "ignore", **source_state()}
 
 
 def fit_and_report(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:

@@ -1,0 +1,138 @@
+"""The README's and docs' result tables, made from the committed long tables in benchmarks/results/.
+
+    python -m benchmarks.tables              # print every table
+    python -m benchmarks.tables --write      # rewrite the generated blocks of README.md and docs/*.md in place
+
+A generated block is the lines between `<!-- table: NAME -->` and `<!-- end table -->`, NAME a key of TABLES;
+tests/test_benchmarks_tables.py checks that every block equals what its function makes from the committed files,
+so no number in those tables can drift from the runs it came from.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+from collections.abc import Callable, Sequence
+
+import pandas as pd
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
+
+from benchmarks import distill_digits, missing_labels_digits  # noqa: E402
+from benchmarks.common import RESULTS_DIR, ROOT  # noqa: E402
+from udtimm.claims import Claim, claims_table, interval, paired_differences, to_markdown  # noqa: E402
+from udtimm.io import atomic_write_text  # noqa: E402
+
+DOCUMENTS = ("README.md", *(os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(ROOT, "docs")))
+                            if name.endswith(".md")))
+BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
+
+
+def long_table(name: str) -> pd.DataFrame:
+    """benchmarks/results/<name>.csv with each run's arm as its method, numbers as numbers."""
+    return distill_digits.arm_results(pd.read_csv(os.path.join(RESULTS_DIR, f"{name}.csv"), dtype=str,
+                                                  keep_default_na=False))
+
+
+def signed(value: float) -> str:
+    return f"{value:+.2f}".replace("-", "−")
+
+
+def short_claims(results: pd.DataFrame, claims: Sequence[Claim]) -> str:
+    """Markdown: claim, the paper's effect, the measured paired difference with its 95 % interval, the verdict."""
+    lines = ["| claim | paper (ResNet-18, VOC) | measured [95 % interval] | verdict |", "|---|---|---|---|"]
+    verdicts = claims_table(results, claims).set_index("claim")["verdict"]
+    for claim in claims:
+        mean, half = interval(paired_differences(results, claim).tolist())
+        lines.append(f"| {claim.text} | {claim.paper} | {signed(mean)} [{signed(mean - half)}, "
+                     f"{signed(mean + half)}] | {verdicts[claim.text]} |")
+    return "\n".join(lines) + "\n"
+
+
+def distill_claims_short() -> str:
+    return short_claims(long_table("distill_digits"), (*distill_digits.CLAIMS, *distill_digits.POST_HOC))
+
+
+def distill_arms() -> str:
+    return distill_digits.arm_table(long_table("distill_digits"))
+
+
+def distill_claims() -> str:
+    return to_markdown(claims_table(long_table("distill_digits"), (*distill_digits.CLAIMS, *distill_digits.POST_HOC)))
+
+
+def distill_defaults() -> str:
+    return to_markdown(claims_table(long_table("distill_digits"), distill_digits.DEFAULT_CHOICE))
+
+
+def missing_labels_short() -> str:
+    """Markdown: per dropped fraction, each arm's test mAP and the part of the gap it closes."""
+    results = long_table("missing_labels_digits")
+    arms = list(missing_labels_digits.ARMS)
+    lines = ["| dropped | " + " | ".join(f"`{arm}`" for arm in arms) + " |", "|---|" + "---|" * len(arms)]
+    for fraction in sorted(set(results["dropped"].dropna())):
+        full = results[results["arm"] == missing_labels_digits.FULL]
+        gap = missing_labels_digits.gap_closed(pd.concat([full, results[results["dropped"] == fraction]]))
+        cells = [f"{row['map']:.2f}" + ("" if arm == "negative" else f" ({100 * row['gap closed']:.0f} %)")
+                 for arm, row in gap.set_index("arm").iterrows()]
+        lines.append(f"| {100 * fraction:.0f} % | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def missing_labels() -> str:
+    results = long_table("missing_labels_digits")
+    return "".join(missing_labels_digits.fraction_tables(results, fraction)
+                   for fraction in sorted(set(results["dropped"].dropna())))
+
+
+TABLES: dict[str, Callable[[], str]] = {
+    "distill-claims-short": distill_claims_short,
+    "distill-arms": distill_arms,
+    "distill-claims": distill_claims,
+    "distill-defaults": distill_defaults,
+    "missing-labels-short": missing_labels_short,
+    "missing-labels": missing_labels,
+}
+
+
+def fill_blocks(text: str, tables: dict[str, str]) -> str:
+    """`text` with each generated block's body replaced by its table; an unknown NAME is an error."""
+    def body(match: re.Match) -> str:
+        if match["name"] not in tables:
+            raise KeyError(f"<!-- table: {match['name']} -->: no such table (known: {', '.join(TABLES)})")
+        return match.group(1) + tables[match["name"]] + match.group(4)
+    return BLOCK.sub(body, text)
+
+
+def used_tables() -> dict[str, str]:
+    """The tables that some document's block names, made once each."""
+    names = {match["name"] for path in DOCUMENTS for match in BLOCK.finditer(read(path))}
+    return {name: TABLES[name]() for name in sorted(names) if name in TABLES}
+
+
+def read(path: str) -> str:
+    with open(os.path.join(ROOT, path)) as handle:
+        return handle.read()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--write", action="store_true", help="rewrite the blocks of README.md and docs/*.md")
+    args = parser.parse_args(argv)
+    if not args.write:
+        for name, make in TABLES.items():
+            print(f"<!-- table: {name} -->\n{make()}<!-- end table -->\n")
+        return
+    tables = used_tables()
+    for path in DOCUMENTS:
+        text = read(path)
+        filled = fill_blocks(text, tables)
+        if filled != text:
+            atomic_write_text(os.path.join(ROOT, path), filled)
+            print(f"rewrote {path}")
+
+
+if __name__ == "__main__":
+    main()
