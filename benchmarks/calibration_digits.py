@@ -88,8 +88,7 @@ def means_table(results: pd.DataFrame, method: str) -> str:
     lines = ["| student | mAP | classwise ECE | pooled ECE | Brier |", "|---|---|---|---|---|"]
 
     def cell(name: str, metric: str) -> str:
-        values = results[results["method"] == name][metric]
-        return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+        return distill_digits.mean_std(results[results["method"] == name][metric])
 
     for arm in ARMS:
         after = f"{arm}+{method}"

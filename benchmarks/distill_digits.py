@@ -174,12 +174,16 @@ def arm_results(table: pd.DataFrame) -> pd.DataFrame:
     return results
 
 
+def mean_std(values: pd.Series) -> str:
+    return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
+
+
 def arm_table(results: pd.DataFrame) -> str:
     """Markdown: per arm (results' method column, in its order), each of SUMMARY's test metrics and the val mAP that
     chose the checkpoint, mean ± std over the seeds, and their number."""
     lines = ["| run | n | " + " | ".join(heading for _, heading in SUMMARY) + " |", "|---|---|" + "---|" * len(SUMMARY)]
     for arm, rows in results.groupby("method", sort=False):
-        cells = [f"{rows[name].mean():.2f} ± {rows[name].std(ddof=1):.2f}" for name, _ in SUMMARY]
+        cells = [mean_std(rows[name]) for name, _ in SUMMARY]
         lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

@@ -36,8 +36,8 @@ from udtimm.io import atomic_write_text  # noqa: E402
 UD_REGISTERED = distill_digits.ARMS["ud-gradcam-warmup"][1]
 # Student arms: script, flags, and whether they learn from the fraction's teacher.
 ARMS: dict[str, tuple[str, tuple[str, ...], bool]] = {
-    "negative": ("train.py", ("--unknown", "negative"), False),
-    "ignore": ("train.py", ("--unknown", "ignore"), False),
+    "negative": ("train.py", ("--loss", "bce", "--unknown", "negative"), False),
+    "ignore": ("train.py", ("--loss", "bce", "--unknown", "ignore"), False),
     "kd": distill_digits.ARMS["kd"] + (True,),
     "ud-noatt": distill_digits.ARMS["ud-noatt"] + (True,),
     "ud-gradcam-warmup": ("distill.py", UD_REGISTERED, True),
@@ -120,7 +120,7 @@ def fraction_tables(results: pd.DataFrame, fraction: float) -> str:
     """Markdown for one dropped fraction: the full-label mAP, each arm's mean and gap closed, the claims."""
     full = results[results["arm"] == FULL]
     chosen = pd.concat([full, results[(results["arm"] != FULL) & (results["dropped"] == fraction)]])
-    return (f"## {round(100 * fraction)} % of the training labels dropped\n\n"
+    return (f"**{round(100 * fraction)} % of the training labels dropped.**\n\n"
             f"Full labels ({FULL}): {full['map'].mean():.2f} mAP.\n\n"
             + to_markdown(gap_closed(chosen).round(3)) + "\n" + to_markdown(claims_table(chosen, CLAIMS)) + "\n")
 

@@ -20,7 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
-from benchmarks import distill_digits, missing_labels_digits  # noqa: E402
+from benchmarks import calibration_digits, distill_digits, missing_labels_digits  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ROOT  # noqa: E402
 from udtimm.claims import Claim, claims_table, interval, paired_differences, to_markdown  # noqa: E402
 from udtimm.io import atomic_write_text  # noqa: E402
@@ -87,6 +87,32 @@ def missing_labels() -> str:
                    for fraction in sorted(set(results["dropped"].dropna())))
 
 
+def calibrated(method: str) -> pd.DataFrame:
+    """calibration_digits' rows before and after `--calibrate method`, from its long table."""
+    table = pd.read_csv(os.path.join(RESULTS_DIR, f"calibration_digits_{method}.csv"))
+    return calibration_digits.before_and_after([(row["arm"], int(row["seed"]), row) for _, row in table.iterrows()],
+                                               method)
+
+
+def calibration_short() -> str:
+    """Markdown: per student, classwise ECE before and after each calibration, and mAP (which none changes)."""
+    after = {method: calibrated(method) for method in ("per-class", "platt")}
+    lines = ["| student | classwise ECE | per-class temperatures | Platt | mAP |", "|---|---|---|---|---|"]
+    for arm in calibration_digits.ARMS:
+        before = after["platt"][after["platt"]["method"] == arm]
+        cells = [distill_digits.mean_std(results[results["method"] == f"{arm}+{method}"]["ece"])
+                 for method, results in after.items()]
+        lines.append(f"| {arm} | {distill_digits.mean_std(before['ece'])} | " + " | ".join(cells)
+                     + f" | {distill_digits.mean_std(before['map'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def calibration(method: str) -> str:
+    results = calibrated(method)
+    return (calibration_digits.means_table(results, method) + "\n"
+            + to_markdown(claims_table(results, calibration_digits.claims(method))))
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "distill-claims-short": distill_claims_short,
     "distill-arms": distill_arms,
@@ -94,7 +120,15 @@ TABLES: dict[str, Callable[[], str]] = {
     "distill-defaults": distill_defaults,
     "missing-labels-short": missing_labels_short,
     "missing-labels": missing_labels,
+    "calibration-short": calibration_short,
+    "calibration-per-class": lambda: calibration("per-class"),
+    "calibration-platt": lambda: calibration("platt"),
 }
+# The long table (benchmarks/results/<name>.csv) each table is made from.
+SOURCES = {**{name: "distill_digits" for name in TABLES if name.startswith("distill")},
+           **{name: "missing_labels_digits" for name in TABLES if name.startswith("missing")},
+           "calibration-short": "calibration_digits_platt", "calibration-per-class": "calibration_digits_per-class",
+           "calibration-platt": "calibration_digits_platt"}
 
 
 def fill_blocks(text: str, tables: dict[str, str]) -> str:

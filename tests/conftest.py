@@ -88,3 +88,19 @@ def run_two_cpu_processes(script: str, *args: str, timeout: int = 300) -> subpro
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
                script, *args]
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def assert_arm_ignores_moved_defaults(job, moved: dict, folder) -> None:
+    """A benchmark job's command, parsed by its script as it is and with the defaults of `moved` changed (through
+    -c, as a changed default in the script would do), gives the same values for those settings: the arm names them."""
+    import yaml
+
+    import distill
+    import train
+
+    script = {"train.py": train, "distill.py": distill}[os.path.basename(job.command[1])]
+    config = os.path.join(str(folder), f"{job.name}.yaml")
+    with open(config, "w") as handle:
+        yaml.safe_dump(moved, handle)
+    as_is, with_moved = (vars(script.parse_args([*before, *job.command[2:]])) for before in ((), ("-c", config)))
+    assert {key: with_moved[key] for key in moved} == {key: as_is[key] for key in moved}, job.name

@@ -3,7 +3,7 @@ themselves are the benchmark)."""
 
 import pandas as pd
 import pytest
-import yaml
+from conftest import assert_arm_ignores_moved_defaults
 
 import distill
 import train
@@ -62,8 +62,8 @@ def test_plan_runs_each_seed_with_its_own_teacher_after_what_it_needs() -> None:
             assert f"teacher-seed{seed}" in job.needs
 
 
-def _parsed(job, *before: str) -> dict:
-    return vars(SCRIPTS[job.script].parse_args([*before, *job.command[2:]]))
+def _parsed(job) -> dict:
+    return vars(SCRIPTS[job.script].parse_args(job.command[2:]))
 
 
 def test_every_arm_carries_the_flags_its_design_names() -> None:
@@ -79,11 +79,7 @@ def test_every_arm_carries_the_flags_its_design_names() -> None:
 def test_no_arm_moves_when_a_scripts_default_moves(tmp_path) -> None:
     for job in _jobs(0):
         named = {*COMMON_DESIGN, *DESIGN[job.name.rsplit("-seed", 1)[0]], "seed"} & set(MOVED_DEFAULTS)
-        config = tmp_path / f"{job.name}.yaml"
-        config.write_text(yaml.safe_dump({key: MOVED_DEFAULTS[key] for key in named}))
-        # -c sets the defaults, as a changed default in the script would; the arm's own flags must win.
-        known, with_moved = _parsed(job), _parsed(job, "-c", str(config))
-        assert {key: with_moved[key] for key in named} == {key: known[key] for key in named}, job.name
+        assert_arm_ignores_moved_defaults(job, {key: MOVED_DEFAULTS[key] for key in named}, tmp_path)
 
 
 def test_print_commands_runs_nothing(tmp_path, capsys) -> None:

@@ -3,6 +3,7 @@ train.py's, tested in test_train.py and test_reliability.py)."""
 
 import pandas as pd
 import pytest
+from conftest import assert_arm_ignores_moved_defaults
 
 from benchmarks import heads_digits
 from udtimm.claims import claims_table
@@ -15,9 +16,19 @@ def test_every_head_runs_alone_and_mixed_for_every_seed() -> None:
                                               "ml-decoder+mix-seed0", "csra-seed0", "csra+mix-seed0"]
     assert len(jobs) == 12
     commands = {job.name: " ".join(job.command) for job in jobs}
-    assert "--head" not in commands["linear-seed3"] and "--mixup" not in commands["linear-seed3"]
+    assert "--head linear --mixup 0 --cutmix 0" in commands["linear-seed3"]
     assert "--head csra --mixup 0.8 --cutmix 1.0" in commands["csra+mix-seed3"]
     assert all(command.endswith("--epochs 2") and "--seed" in command for command in commands.values())
+
+
+def test_every_run_names_the_setting_of_its_design_and_prints_without_running(tmp_path, capsys) -> None:
+    moved = {"model": "resnet18", "img_size": 64, "epochs": 3, "loss": "asl", "head": "csra", "mixup": 0.5,
+             "cutmix": 0.5}
+    for job in heads_digits.plan(heads_digits.parse_args(["--out", str(tmp_path / "out"), "--seeds", "0"])):
+        assert_arm_ignores_moved_defaults(job, moved, tmp_path)
+    with pytest.raises(SystemExit):
+        heads_digits.main(["--print-commands", "--seeds", "0", "--out", str(tmp_path / "out")])
+    assert len(capsys.readouterr().out.splitlines()) == 2 * 6 and not (tmp_path / "out").exists()
 
 
 def test_every_claim_compares_two_arms_of_the_plan() -> None:

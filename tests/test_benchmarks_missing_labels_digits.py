@@ -1,7 +1,10 @@
 """benchmarks/missing_labels_digits.py: its plan and its gap table (the runs themselves are the benchmark)."""
 
 import pandas as pd
+from conftest import assert_arm_ignores_moved_defaults
 
+import distill
+import train
 from benchmarks import distill_digits, missing_labels_digits
 
 
@@ -47,3 +50,28 @@ def test_gap_closed_is_the_part_of_the_gap_between_negative_and_full_labels() ->
     gap = missing_labels_digits.gap_closed(pd.DataFrame(rows)).set_index("arm")["gap closed"]
     assert gap.to_dict() == {"negative": 0.0, "ignore": 0.5, "kd": 0.8, "ud-noatt": 0.8, "ud-gradcam-warmup": 0.6,
                              "ud-gradcam-warmup-fill": 1.2}
+
+
+def test_every_arm_names_the_flags_of_its_design(tmp_path) -> None:
+    distill_flags = {"temperature": 3.0, "dist_weight": 0.5}
+    ud = {**distill_flags, "method": "ud", "att_weight": 0.5, "att_variant": "gradcam", "att_distance": "squared",
+          "distill_warmup_epochs": 4}
+    design = {
+        "teacher": {"loss": "bce", "cal": True, "cal_weight": 0.1, "unknown": "ignore"},
+        "negative": {"loss": "bce", "unknown": "negative"}, "ignore": {"loss": "bce", "unknown": "ignore"},
+        "kd": {**distill_flags, "method": "kd"},
+        "ud-noatt": {**distill_flags, "method": "ud", "att_weight": 0.0, "distill_warmup_epochs": 0},
+        "ud-gradcam-warmup": {**ud, "gt_weight": 0.0},
+        "ud-gradcam-warmup-fill": {**ud, "gt_weight": 0.5, "cal_weight": 0.1, "unknown": "teacher"},
+        "baseline": {"loss": "bce", "cal": False},
+    }
+    moved = {"temperature": 7.0, "dist_weight": 0.9, "att_weight": 0.7, "att_variant": "paper", "att_distance": "norm",
+             "distill_warmup_epochs": 2, "gt_weight": 0.3, "cal_weight": 0.6, "unknown": "negative", "loss": "asl",
+             "drop_labels": 0.3, "drop_labels_seed": 7, "epochs": 3}
+    jobs = missing_labels_digits.plan(missing_labels_digits.parse_args(["--seeds", "2", "--out", str(tmp_path)]))
+    for job in jobs:
+        arm = job.labels["arm"]
+        named = {*design[arm], "epochs", *(("drop_labels", "drop_labels_seed") if arm != "baseline" else ())}
+        assert_arm_ignores_moved_defaults(job, {key: moved[key] for key in named if key in moved}, tmp_path)
+        parsed = vars((distill if job.command[1].endswith("distill.py") else train).parse_args(job.command[2:]))
+        assert {key: parsed[key] for key in design[arm]} == design[arm], arm

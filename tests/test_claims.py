@@ -64,6 +64,26 @@ def test_claims_table_pairs_runs_by_seed() -> None:
     assert table.loc["UD beats UD without attention", "n"] == 0
 
 
+def test_a_claim_can_compare_a_last_epoch_with_a_chosen_one() -> None:
+    results = _results()
+    results["last_map"] = results["map"] - 2.0
+    claim = claims.Claim("kd's last epoch beats the baseline", "kd", "baseline", "last_map", against_metric="map")
+    row = claims.claims_table(results, [claim]).iloc[0]
+    assert row["difference"] == f"{np.mean([-1.0, -0.5, -1.0]):.2f} ± {np.std([1, 0.5, 1], ddof=1):.2f}"
+    assert row["method"] == "kd: 80.17 ± 1.26" and row["against"] == "baseline: 81.00 ± 1.00"
+
+
+def test_self_distillation_chosen_before_its_distilled_half_is_not_measured() -> None:
+    results = _results()
+    results["epochs"], results["best_epoch"] = 16, [9, 9, 9, 9, 9, 6, 9, 9, 12]  # the second seed's kd: epoch 6
+    claim = claims.Claim("kd stands in for self-distillation", "kd", "baseline", "map", needs_distilled_epoch=True)
+    row = claims.claims_table(results, [claim]).iloc[0]
+    assert row["verdict"] == "not measured: val chose an epoch before distillation in 1 of 3 seeds"
+    assert row["95 % interval"] != "-"  # the numbers stay, for what they are
+    results["best_epoch"] = 8
+    assert claims.claims_table(results, [claim]).iloc[0]["verdict"] == "holds"
+
+
 def test_variants_name_their_own_runs() -> None:
     names = [claim.method for claim in claims.paper_claims("const-weights", ("paper", "const-weights", "gradcam"))]
     assert "ud-const-weights" in names and "self-ud-const-weights" in names and names[-2:] == ["ud", "ud-gradcam"]

@@ -1,4 +1,5 @@
 import argparse
+import hashlib
 import re
 from pathlib import Path
 
@@ -53,6 +54,20 @@ def test_pretrained_path_implies_pretrained_and_no_pretrained_exists(tmp_path) -
     config = tmp_path / "c.yaml"
     config.write_text("pretrained: true\n")
     assert not train.parse_args(["-c", str(config), "--no-pretrained"]).pretrained
+
+
+def test_pretrained_sha256_checks_the_file_before_any_work(tmp_path) -> None:
+    weights = tmp_path / "w.safetensors"
+    weights.write_bytes(b"not really weights, but a file with a hash")
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    args = train.parse_args(["--pretrained-path", str(weights), "--pretrained-sha256", digest.upper()])
+    assert args.pretrained_sha256 == digest.upper() and args.pretrained
+    with pytest.raises(ConfigError, match=f"{re.escape(str(weights))} has sha256 {digest}, not the"):
+        distill.parse_args(["--teacher-ckpt", "t", "--pretrained-path", str(weights), "--pretrained-sha256", "0" * 64])
+    with pytest.raises(ConfigError, match="--pretrained-sha256 checks the --pretrained-path file"):
+        train.parse_args(["--pretrained-sha256", digest])
+    with pytest.raises(ConfigError, match="does not exist"):
+        train.parse_args(["--pretrained-path", str(tmp_path / "gone.pth"), "--pretrained-sha256", digest])
 
 
 def test_config_and_resume_together_are_refused(tmp_path) -> None:

@@ -79,6 +79,9 @@ def test_config_parses_as_written_and_documents_its_row(path: str) -> None:
     assert args.select_on_test and args.val_split == args.test_split and "select_on_test" in header
     assert args.epochs == (80 if config.get("self_distill") else EPOCHS[config["dataset"]])
     assert header.startswith("# Table") and "Paper: mAP" in header
+    if script is distill and args.method == "ud":  # the distance and form of Eq. 17, never left to a default
+        assert {"att_weight", "att_variant", "att_distance", "distill_warmup_epochs"} <= set(config), path
+        assert config["att_distance"] == "norm" and "att_distance norm" in header
     if "tricks" not in path:  # Table 1 rows share the method "baseline" with Table 2: no entry of their own
         teacher = "resnet101.tv_in1k" if method in report.TEACHER_KEYED_METHODS else ""
         assert report.paper_number(config["dataset"], config["model"], method, teacher) is not None

@@ -1,0 +1,28 @@
+"""udtimm.provenance: the commit and the state of the tree that a run records, and file hashes."""
+
+import hashlib
+import subprocess
+
+from udtimm import provenance
+
+
+def test_source_state_names_this_checkouts_commit_and_whether_it_changed() -> None:
+    state = provenance.source_state()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=provenance.ROOT, capture_output=True, text=True)
+    if head.returncode != 0:  # an exported copy without .git
+        assert state == {"commit": "unknown", "dirty": "unknown"}
+        return
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=provenance.ROOT, capture_output=True, text=True)
+    assert state == {"commit": head.stdout.strip(), "dirty": "yes" if status.stdout.strip() else "no"}
+
+
+def test_source_state_without_git_says_unknown(monkeypatch) -> None:
+    monkeypatch.setenv("PATH", "")  # no git to be found
+    assert provenance.source_state() == {"commit": "unknown", "dirty": "unknown"}
+
+
+def test_file_sha256_reads_the_whole_file_in_blocks(tmp_path) -> None:
+    data = bytes(range(256)) * 9000  # more than one block
+    path = tmp_path / "weights.bin"
+    path.write_bytes(data)
+    assert provenance.file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
