@@ -18,6 +18,7 @@ from accelerate.utils import set_seed
 
 from udtimm import checkpoint, cli, config, devices, loaders, optimization, runs
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attention_support
+from udtimm.config import add_fixed
 from udtimm.data.transforms import Renormalize
 from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
@@ -37,31 +38,36 @@ from udtimm.objectives import (
 from udtimm.trainer import RunSetup
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = config.training_parser(__doc__)
+def build_parser() -> argparse.ArgumentParser:
+    parser = config.training_parser(__doc__, distillation=True)
     group = parser.add_argument_group("distillation")
-    group.add_argument("--teacher-ckpt", default=None, metavar="FILE", help="teacher: best.safetensors of train.py")
-    group.add_argument("--method", default="ud", choices=tuple(DISTILL_METHODS),
-                       help="kd: Eq. 13 only; ud: Eq. 18")
+    add_fixed(group, "--teacher-ckpt", default=None, metavar="FILE", help="teacher: best.safetensors of train.py")
+    add_fixed(group, "--method", default="ud", choices=tuple(DISTILL_METHODS),
+              help="kd: Eq. 13 only; ud: Eq. 18")
     group.add_argument("--temperature", type=float, default=3.0, help="T of Eq. 13-14")
     group.add_argument("--dist-weight", type=float, default=0.5, help="alpha: weight of Eq. 14")
-    group.add_argument("--att-weight", type=float, default=0.0,
-                       help="beta: weight of Eq. 17 (0: no attention, chosen on val by the digits benchmark; the "
-                            "paper's 0.5 in hparams/; docs/distillation.md)")
-    group.add_argument("--att-variant", default=DEFAULT_VARIANT, choices=tuple(ATTENTION_VARIANTS),
-                       help="how Eq. 16's maps are built: paper (as written), const-weights (w_c held as "
-                            "constants), gradcam (constants and ReLU); docs/distillation.md has the measured table")
-    group.add_argument("--att-distance", default="norm", choices=ATTENTION_DISTANCES,
-                       help="Eq. 17 between the normalised maps: norm (as the paper writes it; measured 3 mAP above "
-                            "the square by the digits benchmark), or squared; docs/distillation.md")
-    group.add_argument("--distill-warmup-epochs", type=int, default=0, metavar="N",
-                       help="alpha and beta grow linearly from 0 over the first N distilled epochs (0: the paper); "
-                            "docs/distillation.md has the measured table")
-    group.add_argument("--gt-weight", type=float, default=0.0, help="weight of a ground-truth L_b + lambda L_ps")
+    add_fixed(group, "--att-weight", type=float, default=0.0,
+              help="beta: weight of Eq. 17 (0: no attention, chosen on val by the digits benchmark; the "
+                   "paper's 0.5 in hparams/; docs/distillation.md)")
+    add_fixed(group, "--att-variant", default=DEFAULT_VARIANT, choices=tuple(ATTENTION_VARIANTS),
+              help="how Eq. 16's maps are built: paper (as written), const-weights (w_c held as "
+                   "constants), gradcam (constants and ReLU); docs/distillation.md has the measured table")
+    add_fixed(group, "--att-distance", default="norm", choices=ATTENTION_DISTANCES,
+              help="Eq. 17 between the normalised maps: norm (as the paper writes it; measured 3 mAP above "
+                   "the square by the digits benchmark), or squared; docs/distillation.md")
+    add_fixed(group, "--distill-warmup-epochs", type=int, default=0, metavar="N",
+              help="alpha and beta grow linearly from 0 over the first N distilled epochs (0: the paper); "
+                   "docs/distillation.md has the measured table")
+    add_fixed(group, "--gt-weight", type=float, default=0.0, help="weight of a ground-truth L_b + lambda L_ps")
     group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of the ground-truth term")
-    group.add_argument("--self-distill", action="store_true",
-                       help="first half: hard labels; second half: the best model so far teaches itself by "
-                            "--method ud (the paper's self-UD; --method kd is refused)")
+    add_fixed(group, "--self-distill", action="store_true",
+              help="first half: hard labels; second half: the best model so far teaches itself by "
+                   "--method ud (the paper's self-UD; --method kd is refused)")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = build_parser()
     args = config.parse_with_config(parser, argv)
     if args.self_distill and args.teacher_ckpt:
         raise config.ConfigError("--self-distill makes its own teacher: drop --teacher-ckpt")
@@ -80,7 +86,29 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                  "and a --teacher-ckpt, not --self-distill")
     if args.self_distill and args.epochs < 2:
         raise config.ConfigError("--self-distill needs --epochs >= 2: half with labels, half distilled")
+    for line in inert_flags(args, parser):
+        config.warn(line)
     return args
+
+
+def inert_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> list[str]:
+    """A line for each group of flags set away from their default that this run would not read."""
+    lines = []
+    if args.method == "kd" and not args.self_distill:
+        unread = config.changed_from_default(args, parser, ("dist_weight", "att_weight", "att_variant",
+                                                            "att_distance", "distill_warmup_epochs"))
+        if unread:
+            lines.append(f"{', '.join(unread)} do(es) nothing with --method kd (Eq. 13 alone has neither alpha, "
+                         "beta nor a warm-up of them)")
+    elif args.att_weight == 0:
+        unread = config.changed_from_default(args, parser, ("att_variant", "att_distance"))
+        if unread:
+            lines.append(f"{', '.join(unread)} do(es) nothing with --att-weight 0 (no Eq. 17): give --att-weight "
+                         "0.5 to distil the attention maps")
+    if args.unknown == "negative" and args.gt_weight == 0 and not args.self_distill:
+        lines.append("--unknown negative does nothing without --gt-weight: Eq. 18 reads no label, only the "
+                     "teacher's scores")
+    return lines
 
 
 def method_name(args: argparse.Namespace) -> str:

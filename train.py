@@ -15,6 +15,7 @@ from accelerate.utils import set_seed
 
 from udtimm import cli, config, devices, loaders, optimization, runs
 from udtimm.checkpoint import model_metadata
+from udtimm.config import add_fixed
 from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
 from udtimm.heads import LINEAR, head_suffix
@@ -22,22 +23,22 @@ from udtimm.objectives import CLASSIFICATION_LOSSES, LossOptions, SupervisedObje
 from udtimm.trainer import RunSetup
 
 
-def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = config.training_parser(__doc__)
     group = parser.add_argument_group("method")
-    group.add_argument("--cal", action="store_true", help="add the calibration branch trained with PAL-N (Eq. 12)")
+    add_fixed(group, "--cal", action="store_true", help="add the calibration branch trained with PAL-N (Eq. 12)")
     group.add_argument("--cal-weight", type=float, default=0.1, help="lambda of Eq. 12")
-    group.add_argument("--loss", default="bce", choices=tuple(CLASSIFICATION_LOSSES),
-                       help="classification loss (Table 5 baselines)")
+    add_fixed(group, "--loss", default="bce", choices=tuple(CLASSIFICATION_LOSSES),
+              help="classification loss (Table 5 baselines)")
     group.add_argument("--temperature", type=float, default=3.0, help="T of --loss temperature")
-    group.add_argument("--asl-gamma-neg", type=float, default=4.0, help="--loss asl: focusing of the negatives")
-    group.add_argument("--asl-gamma-pos", type=float, default=0.0, help="--loss asl: focusing of the positives")
-    group.add_argument("--asl-clip", type=float, default=0.05, help="--loss asl: probability margin m of the negatives")
-    args = config.parse_with_config(parser, argv)
-    if args.unknown == "teacher":
-        raise config.ConfigError("--unknown teacher fills unknown labels with a teacher's probabilities: it is a "
-                                 "distill.py flag (with --gt-weight > 0); train.py takes ignore or negative")
-    return args
+    add_fixed(group, "--asl-gamma-neg", type=float, default=4.0, help="--loss asl: focusing of the negatives")
+    add_fixed(group, "--asl-gamma-pos", type=float, default=0.0, help="--loss asl: focusing of the positives")
+    add_fixed(group, "--asl-clip", type=float, default=0.05, help="--loss asl: probability margin m of the negatives")
+    return parser
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    return config.parse_with_config(build_parser(), argv)
 
 
 def method_name(loss: str, cal: bool, model_ema: bool = False, head: str = LINEAR) -> str:

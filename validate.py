@@ -87,6 +87,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.topk < 1:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
+    if not 0 <= args.threshold <= 1:
+        raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    if args.tune_split != parser.get_default("tune_split") and not (args.calibrate or args.tune_thresholds):
+        config.warn(f"--tune-split {args.tune_split} does nothing without --calibrate or --tune-thresholds")
     args.objective = thresholds.parse_objective(args.tune_thresholds) if args.tune_thresholds else None
     return args
 

@@ -47,8 +47,9 @@ STUDENT = ARCHITECTURES["student"]
 COMMON = ("--img-size", "56", "--workers", "0", "--no-progress")
 MAIN_DATA = ("--dataset", "digits", "--digits-ambiguous", "--digits-trainval", "1500", "--digits-test", "1000")
 TEACHER_FLAGS = ("--loss", "bce", "--cal", "--cal-weight", "0.1")  # the paper's lambda
-# Eq. 13-14's temperature and alpha, the paper's; every distillation arm names them.
-DISTILL = ("--temperature", "3", "--dist-weight", "0.5", "--gt-weight", "0")
+# Eq. 13's temperature, no ground-truth term; UD adds alpha, Eq. 14's weight (the paper's values).
+KD = ("--temperature", "3", "--gt-weight", "0")
+DISTILL = (*KD, "--dist-weight", "0.5")
 NO_ATTENTION = ("--att-weight", "0", "--distill-warmup-epochs", "0")
 # UD as the paper writes it: Eq. 16's signed map with its weights' graph, Eq. 17's norm, beta 0.5, no warm-up.
 PAPER_UD = ("--method", "ud", *DISTILL, "--att-weight", "0.5", "--att-variant", "paper", "--att-distance", "norm",
@@ -60,7 +61,7 @@ ARMS: dict[str, tuple[str, tuple[str, ...]]] = {
     "cal": ("train.py", ("--loss", "bce", "--cal", "--cal-weight", "0.1")),
     "cal-lambda1": ("train.py", ("--loss", "bce", "--cal", "--cal-weight", "1")),
     "self-ud-paper": ("distill.py", ("--self-distill", "--cal-weight", "0.1", *PAPER_UD)),
-    "kd": ("distill.py", ("--method", "kd", *DISTILL)),
+    "kd": ("distill.py", ("--method", "kd", *KD)),
     "ud-noatt": ("distill.py", ("--method", "ud", *DISTILL, *NO_ATTENTION)),
     "ud-paper": ("distill.py", PAPER_UD),
     "ud-paper-squared": ("distill.py", ("--method", "ud", *DISTILL, "--att-weight", "0.5", "--att-variant", "paper",

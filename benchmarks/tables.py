@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__)))) 
 from benchmarks import calibration_digits, distill_digits, missing_labels_digits  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ROOT  # noqa: E402
 from udtimm.claims import Claim, claims_table, interval, paired_differences, to_markdown  # noqa: E402
-from udtimm.io import atomic_write_text  # noqa: E402
+from udtimm.io import atomic_write_text, read_text  # noqa: E402
 
 DOCUMENTS = ("README.md", *(os.path.join("docs", name) for name in sorted(os.listdir(os.path.join(ROOT, "docs")))
                             if name.endswith(".md")))
@@ -147,8 +147,7 @@ def used_tables() -> dict[str, str]:
 
 
 def read(path: str) -> str:
-    with open(os.path.join(ROOT, path)) as handle:
-        return handle.read()
+    return read_text(os.path.join(ROOT, path))
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -50,6 +50,7 @@ def test_a_truncated_jpeg_is_an_error_naming_the_file(corrupt_digits: tuple[str,
         train.main(tiny_train_args(root, str(tmp_path), "--epochs", "1"))
 
 
+@pytest.mark.slow
 def test_skip_corrupt_leaves_truncated_jpegs_out_logs_each_once_and_counts_them(
         corrupt_digits: tuple[str, list[str]], tmp_path, caplog: pytest.LogCaptureFixture) -> None:
     root, paths = corrupt_digits

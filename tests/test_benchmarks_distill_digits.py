@@ -20,7 +20,7 @@ DESIGN = {
     "baseline": {"loss": "bce", "cal": False, "channels": [16, 32, 64, 128]},
     "cal": {"loss": "bce", "cal": True, "cal_weight": 0.1},
     "cal-lambda1": {"loss": "bce", "cal": True, "cal_weight": 1.0},
-    "kd": {"method": "kd", **DISTILL_DESIGN},
+    "kd": {"method": "kd", "temperature": 3.0, "gt_weight": 0.0},
     "ud-noatt": {"method": "ud", **DISTILL_DESIGN, "att_weight": 0.0, "distill_warmup_epochs": 0},
     "ud-paper": PAPER_UD,
     "ud-paper-squared": {**PAPER_UD, "att_distance": "squared"},

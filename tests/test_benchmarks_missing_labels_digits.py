@@ -59,7 +59,7 @@ def test_every_arm_names_the_flags_of_its_design(tmp_path) -> None:
     design = {
         "teacher": {"loss": "bce", "cal": True, "cal_weight": 0.1, "unknown": "ignore"},
         "negative": {"loss": "bce", "unknown": "negative"}, "ignore": {"loss": "bce", "unknown": "ignore"},
-        "kd": {**distill_flags, "method": "kd"},
+        "kd": {"temperature": 3.0, "method": "kd"},
         "ud-noatt": {**distill_flags, "method": "ud", "att_weight": 0.0, "distill_warmup_epochs": 0},
         "ud-gradcam-warmup": {**ud, "gt_weight": 0.0},
         "ud-gradcam-warmup-fill": {**ud, "gt_weight": 0.5, "cal_weight": 0.1, "unknown": "teacher"},

@@ -4,13 +4,14 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 
 import distill
 import predict
 import train
 import validate
 from udtimm import visualize
-from udtimm.config import RESUME_FIXED, RESUME_FIXED_WITH, ConfigError, data_source, fill_dataset_defaults
+from udtimm.config import ConfigError, data_source, fill_dataset_defaults, resume_fixed
 from udtimm.data import default_data_dir
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -166,7 +167,62 @@ def test_resuming_md_lists_exactly_the_settings_a_resume_may_not_change() -> Non
     text = (ROOT / "docs" / "resuming.md").read_text(encoding="utf-8")
     section = text.split("### What may not change", 1)[1].split("\n#", 1)[0]
     listed = {flag[2:].replace("-", "_") for flag in re.findall(r"`(--[a-z][\w-]*)`", section)}
-    assert listed == set(RESUME_FIXED) | set(RESUME_FIXED_WITH) | set(RESUME_FIXED_WITH.values())
+    fixed = {**resume_fixed(train.build_parser()), **resume_fixed(distill.build_parser())}
+    assert listed == set(fixed) | {condition for condition in fixed.values() if condition}
+
+
+# Runs the flags are changed from, and a valid other value for the flags whose type alone does not give one.
+RESUMED_RUN = {train: [], distill: ["--teacher-ckpt", "t.safetensors"]}
+OTHER_VALUES = {"model": "resnet18", "crop_scales": ["1", "0.5"], "model_kwargs": ["drop_path_rate=0.1"],
+                "head_kwargs": ["num_heads=2"], "aa": "rand-m9", "opt": "sgd", "sched": "step", "global_pool": "max",
+                "dataset": "csv", "val_split": "other", "test_split": "other", "train_split": "other"}
+
+
+def _other_value(action: argparse.Action, tmp_path: Path) -> list[str]:
+    """The command-line words that give `action` a valid value other than its default."""
+    flag = action.option_strings[-1]
+    if isinstance(action, argparse.BooleanOptionalAction):
+        return [flag if not action.default else f"--no-{flag[2:]}"]
+    if action.dest == "select_on_test":  # the run chose on val: test must become the selection split too
+        return [flag, "--val-split", "test"]
+    if action.nargs == 0:
+        return [flag]
+    if action.dest == "pretrained_sha256":
+        weights = tmp_path / "w.safetensors"
+        weights.write_bytes(b"weights")
+        return ["--pretrained-path", str(weights), flag, hashlib.sha256(b"weights").hexdigest()]
+    if action.dest in OTHER_VALUES:
+        value = OTHER_VALUES[action.dest]
+        return [flag, *(value if isinstance(value, list) else [value])]
+    if action.choices:
+        return [flag, next(str(choice) for choice in action.choices if choice != action.default)]
+    if action.type is int:
+        return [flag, str((action.default or 0) + 1)]
+    if action.type is float:
+        return [flag, "0.25"]
+    return [flag, "other"]
+
+
+@pytest.mark.parametrize("script", [train, distill], ids=["train", "distill"])
+def test_every_flag_declared_fixed_is_refused_on_resume_and_every_other_may_change(script, tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    saved = {key: value for key, value in vars(script.parse_args(RESUMED_RUN[script])).items()
+             if key not in ("config", "resume")}
+    (run / "args.yaml").write_text(yaml.safe_dump(saved))
+    parser = script.build_parser()
+    fixed = resume_fixed(parser)
+    assert {"att_weight", "gt_weight", "att_distance", "unknown", "drop_labels", "digits_ambiguous"} & set(saved) \
+        <= set(fixed)
+    for action in parser._actions:
+        if action.dest in ("help", "config", "resume") or not action.option_strings:
+            continue
+        words = ["--resume", str(run), *_other_value(action, tmp_path)]
+        if fixed.get(action.dest) == "":
+            with pytest.raises(ConfigError, match=f"cannot --resume .*{action.option_strings[-1]}: the run has"):
+                script.parse_args(words)
+        else:
+            script.parse_args(words)  # goes on (a conditionally fixed flag, its condition off: too)
 
 
 def test_head_options_parse_as_yaml_and_may_not_change_on_resume(tmp_path) -> None:

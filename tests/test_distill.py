@@ -71,6 +71,7 @@ def test_ud_with_spatial_heads_on_both_sides(tiny_digits, tmp_path) -> None:
     assert read_metadata(str(tmp_path / "s" / "best.safetensors"))["head"] == "ml-decoder"
 
 
+@pytest.mark.slow
 def test_a_student_with_model_ema(tiny_digits, teachers, tmp_path) -> None:
     row = distill.main(tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", teachers["cal"], "--experiment",
                                        "s", "--method", "kd", "--epochs", "1", "--model-ema"))
@@ -212,3 +213,22 @@ def test_a_student_fills_dropped_labels_from_its_teacher(tiny_digits, teachers, 
     assert float(summary["train_gt"]) > 0 and math.isfinite(float(summary["train_loss"]))
     saved = yaml.safe_load((tmp_path / "s" / "args.yaml").read_text())
     assert (saved["drop_labels"], saved["unknown"], saved["gt_weight"]) == (0.5, "teacher", 0.5)
+
+
+@pytest.mark.parametrize(("flags", "said"), [
+    (["--method", "kd", "--att-variant", "paper", "--dist-weight", "0.2"], "--dist-weight, --att-variant do(es) "
+                                                                           "nothing with --method kd"),
+    (["--att-distance", "squared"], "--att-distance do(es) nothing with --att-weight 0"),
+    (["--unknown", "negative"], "--unknown negative does nothing without --gt-weight"),
+])
+def test_a_distillation_flag_that_would_do_nothing_says_so(flags, said, capsys) -> None:
+    distill.parse_args(["--teacher-ckpt", "t.safetensors", *flags])
+    err = capsys.readouterr().err
+    assert err.startswith(f"warning: {said}") and err.count("\n") == 1  # one line
+
+
+def test_flags_that_are_read_say_nothing(capsys) -> None:
+    distill.parse_args(["--teacher-ckpt", "t.safetensors", "--att-weight", "0.5", "--att-distance", "squared",
+                        "--unknown", "negative", "--gt-weight", "0.5"])
+    distill.parse_args(["--teacher-ckpt", "t.safetensors", "--method", "kd", "--temperature", "2"])
+    assert capsys.readouterr().err == ""

@@ -1,6 +1,7 @@
 """runs.py: the run directory and the results.csv fields."""
 
 import pytest
+from accelerate import Accelerator
 from conftest import tiny_train_args
 
 import train
@@ -13,6 +14,23 @@ def test_result_fields_name_the_experiment() -> None:
     fields = runs.result_fields(config.training_settings(args), "cal", "")
     assert fields["dataset"] == "voc2007" and fields["seed"] == 3 and fields["eval_difficult"] == "negative"
     assert fields["img_size"] == 448 and fields["method"] == "cal"
+    assert set(fields) >= {"commit", "dirty"}  # which code ran (udtimm.provenance)
+
+
+def test_a_resume_refused_before_training_leaves_args_yaml_as_it_was(tmp_path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "args.yaml").write_text("epochs: 4\nlr: 0.002\n")
+    accelerator = Accelerator(cpu=True)
+    with pytest.raises(ConfigError, match="loss terms"):
+        with runs.run_directory(str(run), str(run), {"epochs": 8, "lr": 0.001}, accelerator):
+            assert "epochs: 8" in (run / "args.yaml").read_text()  # the new flags, while the run goes on
+            raise ConfigError("loss terms differ")
+    assert (run / "args.yaml").read_text() == "epochs: 4\nlr: 0.002\n"
+    with pytest.raises(RuntimeError):  # a failure while training keeps the flags it trained with
+        with runs.run_directory(str(run), str(run), {"epochs": 8}, accelerator):
+            raise RuntimeError("step failed")
+    assert (run / "args.yaml").read_text() == "epochs: 8\n"
 
 
 def test_a_run_refused_after_its_directory_was_made_removes_it(tiny_digits: str, tmp_path) -> None:

@@ -11,6 +11,7 @@ from udtimm import trackers
 from udtimm.config import ConfigError
 
 
+@pytest.mark.slow
 def test_tensorboard_gets_every_number_of_summary_csv(tiny_digits: str, tmp_path) -> None:
     train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "tb", "--epochs", "1", "--model-ema",
                                "--log-with", "tensorboard"))

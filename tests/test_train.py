@@ -200,6 +200,7 @@ def test_unknown_model_is_a_clean_error_from_the_command_line(tiny_digits: str, 
     assert result.returncode != 0 and "resnet18" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_sixteen_bit_png_bmp_and_tiff_train_and_predict(tmp_path) -> None:
     """A CSV set of the formats users' scans come in (docs/datasets.md#image-files): one epoch, then predictions."""
     rng = np.random.default_rng(0)
@@ -309,6 +310,7 @@ def test_model_ema_evaluates_both_weights_and_keeps_the_better_as_best(ema_run: 
     assert float(summary[-1]["map_ema"]) != float(summary[-1]["map"])  # other weights than the raw ones
 
 
+@pytest.mark.slow
 def test_best_checkpoint_holds_the_ema_weights_when_they_are_better(tiny_digits: str, tmp_path,
                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
     real = trainer.evaluate_ema

@@ -70,6 +70,7 @@ def test_checkpoint_alone_reproduces_the_results_of_train(best: str, single_proc
     assert single_process["num_images"] == TINY_DIGITS["num_test"]
 
 
+@pytest.mark.slow
 def test_torchcompile_gives_the_metrics_of_the_eager_model(best: str, tiny_digits: str,
                                                           single_process: dict[str, float]) -> None:
     compiled = validate.main(["--checkpoint", best, *data_flags(tiny_digits), "--torchcompile"])
@@ -359,3 +360,13 @@ def test_unknown_labels_give_the_same_metrics_in_two_processes_as_in_one(best: s
     with open(results, newline="") as handle:
         (row,) = csv.DictReader(handle)
     assert_same_metrics(row, one)
+
+
+def test_a_threshold_outside_0_1_is_refused_and_a_lone_tune_split_says_it_does_nothing(capsys) -> None:
+    with pytest.raises(ConfigError, match=r"--threshold must lie in \[0, 1\], got 1.5"):
+        validate.parse_args(["--checkpoint", "c.safetensors", "--threshold", "1.5"])
+    validate.parse_args(["--checkpoint", "c.safetensors", "--tune-split", "trainval"])
+    assert capsys.readouterr().err == ("warning: --tune-split trainval does nothing without --calibrate or "
+                                       "--tune-thresholds\n")
+    validate.parse_args(["--checkpoint", "c.safetensors", "--tune-split", "val", "--calibrate", "per-class"])
+    assert capsys.readouterr().err == ""

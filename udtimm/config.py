@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime
 import os
+import sys
 from collections.abc import Sequence
 from typing import TypeVar
 
@@ -33,20 +34,36 @@ class ConfigError(ValueError):
     """A configuration file or flag combination that cannot be used."""
 
 
-# A resumed run must be the same experiment: these may not change between the first start and --resume
-# (docs/resuming.md#what-may-not-change lists them; tests/test_config.py checks that it does).
-RESUME_FIXED = ("model", "model_kwargs", "head", "head_kwargs", "dataset", "cal", "loss", "global_pool", "img_size",
-                "batch_size", "seed", "method", "teacher_ckpt", "self_distill", "att_variant", "distill_warmup_epochs",
-                "difficult", "asl_gamma_neg", "asl_gamma_pos", "asl_clip",
-                # the state holds the EMA weights (or none), and the optimizer's state and parameter groups
-                "model_ema", "model_ema_decay", "opt", "momentum", "weight_decay",
-                # the schedule's position is a count of optimizer steps; its length and rates may change, its kind not
-                "grad_accum_steps", "sched",
-                # the images trained on, and those that choose best.safetensors (its saved best mAP is theirs)
-                "train_split", "val_split", "test_split", "select_on_test", "holdout_fraction", "holdout_seed")
-# Fixed only while the other setting is on: self-distillation takes its teacher, and restarts its cosine cycle,
-# at half the epochs.
-RESUME_FIXED_WITH = {"epochs": "self_distill"}
+# A resumed run must be the same experiment: the flags that define it are declared with add_fixed, and
+# parse_with_config reads the tags (docs/resuming.md#what-may-not-change lists them; tests/test_config.py checks
+# that it does, that each is refused on resume, and that every other flag may change).
+FIXED_ON_RESUME = "udtimm_fixed_on_resume"
+
+
+def add_fixed(group: argparse._ActionsContainer, *names: str, while_on: str = "", **options: object) -> argparse.Action:
+    """add_argument for a flag that defines the experiment: a --resume with another value is refused (with
+    `while_on`, only while that setting is on). These are the flags that change what the run learns, the images it
+    trains on or chooses with, or what its saved state, schedule position or summary.csv columns mean."""
+    action = group.add_argument(*names, **options)
+    setattr(action, FIXED_ON_RESUME, while_on)
+    return action
+
+
+def warn(line: str) -> None:
+    """One `warning:` line on stderr: a flag that does nothing, said before any work."""
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def changed_from_default(args: argparse.Namespace, parser: argparse.ArgumentParser, names: Sequence[str]) -> list[str]:
+    """The flags among `names` (settings' names) whose value is not their default, as written on a command line."""
+    return [flag_name(name) for name in names if getattr(args, name) != parser.get_default(name)]
+
+
+def resume_fixed(parser: argparse.ArgumentParser) -> dict[str, str]:
+    """The settings of `parser` declared with add_fixed: name -> the setting that must be on for it to be fixed
+    ("" for always)."""
+    return {action.dest: getattr(action, FIXED_ON_RESUME) for action in parser._actions
+            if hasattr(action, FIXED_ON_RESUME)}
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -85,43 +102,43 @@ def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, datase
     """The flags that say which images (read by data_source): --dataset, --data-dir, the split(s) and the digits
     set. `training`: --train-split, the splits that choose and report (docs/design.md#selection) and --holdout-*;
     else the one --split to evaluate."""
-    group.add_argument("--dataset", default=default, choices=tuple(DATASETS), help=dataset_help)
+    add_fixed(group, "--dataset", default=default, choices=tuple(DATASETS), help=dataset_help)
     group.add_argument("--data-dir", default=None,
                        help="dataset root (digits: generated there on first use; without it, in the cache folder)")
     if training:
-        group.add_argument("--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
-        group.add_argument("--val-split", default=None,
-                           help=f"split evaluated every epoch, whose mAP chooses best.safetensors (default: digits "
-                                f"val; voc2007, coco2014: {HOLDOUT}, the --holdout-fraction of --train-split left out "
-                                f"of training; csv: val.csv when there is a test.csv, else {HOLDOUT})")
-        group.add_argument("--test-split", default="test",
-                           help="split that reports: best.safetensors and the last epoch are evaluated on it once, at "
-                                "the end, for results.csv (test = VOC test, COCO val2014)")
-        group.add_argument("--select-on-test", action="store_true",
-                           help="choose best.safetensors on --test-split, as the paper does (its tables report the "
-                                "best test epoch); results.csv's selection_split says so")
-        group.add_argument("--holdout-fraction", type=float, default=0.1,
-                           help=f"--val-split {HOLDOUT}: the part of --train-split held out of training")
-        group.add_argument("--holdout-seed", type=int, default=0,
-                           help=f"--val-split {HOLDOUT}: the seed that draws the held-out images (not --seed: every "
-                                "run of a comparison holds the same images out)")
+        add_fixed(group, "--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
+        add_fixed(group, "--val-split", default=None,
+                  help=f"split evaluated every epoch, whose mAP chooses best.safetensors (default: digits "
+                       f"val; voc2007, coco2014: {HOLDOUT}, the --holdout-fraction of --train-split left out "
+                       f"of training; csv: val.csv when there is a test.csv, else {HOLDOUT})")
+        add_fixed(group, "--test-split", default="test",
+                  help="split that reports: best.safetensors and the last epoch are evaluated on it once, at "
+                       "the end, for results.csv (test = VOC test, COCO val2014)")
+        add_fixed(group, "--select-on-test", action="store_true",
+                  help="choose best.safetensors on --test-split, as the paper does (its tables report the "
+                       "best test epoch); results.csv's selection_split says so")
+        add_fixed(group, "--holdout-fraction", type=float, default=0.1,
+                  help=f"--val-split {HOLDOUT}: the part of --train-split held out of training")
+        add_fixed(group, "--holdout-seed", type=int, default=0,
+                  help=f"--val-split {HOLDOUT}: the seed that draws the held-out images (not --seed: every "
+                       "run of a comparison holds the same images out)")
     else:
         group.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
-    group.add_argument("--digits-trainval", type=int, default=DIGITS_TRAINVAL, help="digits: number of trainval images")
-    group.add_argument("--digits-test", type=int, default=DIGITS_TEST, help="digits: number of test images")
-    group.add_argument("--digits-seed", type=int, default=DIGITS_SEED,
-                       help="digits: scene seed; any seed but 0 makes a pretraining set whose glyphs are all "
-                            "trainval glyphs of the default (seed 0) set, never its test glyphs")
-    group.add_argument("--digits-ambiguous", action="store_true",
-                       help="digits: a set whose difficult digits are ambiguous (tiny, blurred, faint or covered; "
-                            "docs/datasets.md#digits), in a folder of its own")
+    add_fixed(group, "--digits-trainval", type=int, default=DIGITS_TRAINVAL, help="digits: number of trainval images")
+    add_fixed(group, "--digits-test", type=int, default=DIGITS_TEST, help="digits: number of test images")
+    add_fixed(group, "--digits-seed", type=int, default=DIGITS_SEED,
+              help="digits: scene seed; any seed but 0 makes a pretraining set whose glyphs are all "
+                   "trainval glyphs of the default (seed 0) set, never its test glyphs")
+    add_fixed(group, "--digits-ambiguous", action="store_true",
+              help="digits: a set whose difficult digits are ambiguous (tiny, blurred, faint or covered; "
+                   "docs/datasets.md#digits), in a folder of its own")
 
 
-def add_data_args(parser: argparse.ArgumentParser) -> None:
+def add_data_args(parser: argparse.ArgumentParser, distillation: bool) -> None:
     group = parser.add_argument_group("data")
     add_dataset_args(group, "digits", "dataset (digits: embedded, generated)", training=True)
-    group.add_argument("--img-size", type=int, default=None, help="square input size (default: per dataset)")
-    group.add_argument("-b", "--batch-size", type=int, default=32, help="images per process and step")
+    add_fixed(group, "--img-size", type=int, default=None, help="square input size (default: per dataset)")
+    add_fixed(group, "-b", "--batch-size", type=int, default=32, help="images per process and step")
     add_workers_arg(group)
     group.add_argument("--reprob", type=float, default=None,
                        help="random erasing probability (default: 0.5, the paper's; digits: 0)")
@@ -130,16 +147,17 @@ def add_data_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--crop-scales", type=float, nargs="+", default=None, metavar="S",
                        help="multi-scale crop sides as fractions of the short side (default: 1 .875 .75 .66 .5, "
                             "the paper's; digits: 1 .875, since smaller crops cut whole digits out)")
-    group.add_argument("--difficult", default="positive", choices=DIFFICULT_POLICIES,
-                       help="how the training losses treat VOC difficult labels")
-    group.add_argument("--unknown", default="ignore", choices=(*UNKNOWN_POLICIES, "teacher"),
-                       help="how the training losses treat labels nobody annotated (docs/datasets.md#missing-labels): "
-                            "ignore leaves them out, negative counts them as absent, teacher (distill.py, "
-                            "--gt-weight > 0) takes the teacher's probability as their target")
-    group.add_argument("--drop-labels", type=float, default=0.0, metavar="FRACTION",
-                       help="make this part of each class's training labels unknown, positives and negatives alike, "
-                            "to simulate partial annotation (the splits that choose and report keep theirs)")
-    group.add_argument("--drop-labels-seed", type=int, default=0, help="the seed that draws the dropped labels")
+    add_fixed(group, "--difficult", default="positive", choices=DIFFICULT_POLICIES,
+              help="how the training losses treat VOC difficult labels")
+    teacher = ", teacher (with --gt-weight > 0) takes the teacher's probability as their target" if distillation else ""
+    choices = (*UNKNOWN_POLICIES, "teacher") if distillation else UNKNOWN_POLICIES
+    add_fixed(group, "--unknown", default="ignore", choices=choices,
+              help="how the training losses treat labels nobody annotated (docs/datasets.md#missing-labels): ignore "
+                   f"leaves them out, negative counts them as absent{teacher}")
+    add_fixed(group, "--drop-labels", type=float, default=0.0, metavar="FRACTION",
+              help="make this part of each class's training labels unknown, positives and negatives alike, "
+                   "to simulate partial annotation (the splits that choose and report keep theirs)")
+    add_fixed(group, "--drop-labels-seed", type=int, default=0, help="the seed that draws the dropped labels")
     group.add_argument("--eval-difficult-negative", action="store_true",
                        help="CP..OF1 count difficult pairs as negatives (ML-GCN's code) instead of leaving them out")
     group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")
@@ -163,7 +181,7 @@ def add_prefetch_arg(group: argparse._ArgumentGroup) -> None:
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
-    group.add_argument("--model", default="resnet10t", help="any timm model name")
+    add_fixed(group, "--model", default="resnet10t", help="any timm model name")
     # --no-pretrained lets a command line switch off a YAML's `pretrained: true` (offline smoke tests).
     group.add_argument("--pretrained", action=argparse.BooleanOptionalAction, default=False,
                        help="start from timm's pretrained weights")
@@ -174,26 +192,26 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--initial-checkpoint", default=None, metavar="FILE",
                        help="start from these weights (a udtimm checkpoint or timm weights): the backbone always, "
                             "the classifier and calibration branch when the file's class list is the dataset's")
-    group.add_argument("--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
-                       help="extra timm.create_model arguments, e.g. output_stride=16 (kept in the checkpoint)")
-    group.add_argument("--global-pool", default=None, help="timm global pooling: avg, max, avgmax, token, ...")
-    group.add_argument("--head", default=LINEAR, choices=HEAD_NAMES,
-                       help="classification head: linear (timm's classifier on the pooled features), ml-decoder or "
-                            "csra on the last feature map (docs/method.md#classification-heads)")
-    group.add_argument("--head-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
-                       help="options of --head, e.g. embed_dim=256 (ml-decoder) or num_heads=4 lam=0.5 (csra); kept "
-                            "in the checkpoint")
+    add_fixed(group, "--model-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+              help="extra timm.create_model arguments, e.g. output_stride=16 (kept in the checkpoint)")
+    add_fixed(group, "--global-pool", default=None, help="timm global pooling: avg, max, avgmax, token, ...")
+    add_fixed(group, "--head", default=LINEAR, choices=HEAD_NAMES,
+              help="classification head: linear (timm's classifier on the pooled features), ml-decoder or "
+                   "csra on the last feature map (docs/method.md#classification-heads)")
+    add_fixed(group, "--head-kwargs", nargs="*", default={}, action=ParseKwargs, metavar="KEY=VALUE",
+              help="options of --head, e.g. embed_dim=256 (ml-decoder) or num_heads=4 lam=0.5 (csra); kept "
+                   "in the checkpoint")
     group.add_argument("--drop", type=float, default=0.0, help="dropout before the classifier")
 
 
 def add_optim_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("optimisation")
-    group.add_argument("--epochs", type=int, default=15, help="training epochs")
-    group.add_argument("--opt", default="adamw", help="timm optimizer name (sgd, momentum, adamw, ...)")
+    add_fixed(group, "--epochs", type=int, default=15, help="training epochs", while_on="self_distill")
+    add_fixed(group, "--opt", default="adamw", help="timm optimizer name (sgd, momentum, adamw, ...)")
     group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
-    group.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (momentum, sgd)")
-    group.add_argument("--weight-decay", type=float, default=0.05, help="weight decay")
-    group.add_argument("--sched", default="cosine", help="timm scheduler name (cosine, step, ...)")
+    add_fixed(group, "--momentum", type=float, default=0.9, help="SGD momentum (momentum, sgd)")
+    add_fixed(group, "--weight-decay", type=float, default=0.05, help="weight decay")
+    add_fixed(group, "--sched", default="cosine", help="timm scheduler name (cosine, step, ...)")
     group.add_argument("--decay-epochs", type=float, default=90, help="--sched step: epochs between decays")
     group.add_argument("--decay-rate", type=float, default=0.1, help="--sched step: factor of each decay")
     group.add_argument("--warmup-epochs", type=int, default=1, help="linear warm-up epochs from --warmup-lr")
@@ -206,10 +224,10 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
     """The multi-label recipe of ASL and timm (docs/recipe.md): EMA, RandAugment + Cutout, accumulation, SyncBN,
     experiment trackers."""
     group = parser.add_argument_group("recipe (docs/recipe.md)")
-    group.add_argument("--model-ema", action="store_true",
-                       help="also keep an exponential moving average of the weights (timm ModelEmaV3 with warm-up), "
-                            "evaluated every epoch; best.safetensors holds the better of the two")
-    group.add_argument("--model-ema-decay", type=float, default=0.9997, help="EMA decay (ASL's and Q2L's)")
+    add_fixed(group, "--model-ema", action="store_true",
+              help="also keep an exponential moving average of the weights (timm ModelEmaV3 with warm-up), "
+                   "evaluated every epoch; best.safetensors holds the better of the two")
+    add_fixed(group, "--model-ema-decay", type=float, default=0.9997, help="EMA decay (ASL's and Q2L's)")
     group.add_argument("--aa", default=None, metavar="CONFIG",
                        help="timm RandAugment config on each training image, e.g. rand-m9-mstd0.5 (off when unset)")
     group.add_argument("--cutout", type=float, nargs="?", const=0.5, default=0.0, metavar="FRACTION",
@@ -227,8 +245,8 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
                        help="probability of CutMix instead of Mixup for a batch when both are on")
     group.add_argument("--mixup-off-epoch", type=int, default=0, metavar="EPOCH",
                        help="no mixing from this epoch on (counted from 0); 0: mix every epoch")
-    group.add_argument("--grad-accum-steps", type=int, default=1, metavar="N",
-                       help="accumulate the gradients of N batches per optimizer step (the schedule counts steps)")
+    add_fixed(group, "--grad-accum-steps", type=int, default=1, metavar="N",
+              help="accumulate the gradients of N batches per optimizer step (the schedule counts steps)")
     group.add_argument("--sync-bn", action="store_true",
                        help="with several processes, BatchNorm statistics over the global batch (SyncBatchNorm); "
                             "one process: plain BatchNorm, nothing changes")
@@ -238,7 +256,7 @@ def add_recipe_args(parser: argparse.ArgumentParser) -> None:
 
 def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("runtime")
-    group.add_argument("--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
+    add_fixed(group, "--seed", type=int, default=0, help="seed of initialisation, shuffling and augmentation")
     group.add_argument("--output", default="output", help="parent folder of the run directories")
     group.add_argument("--experiment", default=None, help="run directory name (default: date-time-model-method)")
     group.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast dtype")
@@ -251,10 +269,11 @@ def add_runtime_args(parser: argparse.ArgumentParser) -> None:
     add_debug_arg(group)
 
 
-def training_parser(description: str | None) -> argparse.ArgumentParser:
-    """The flags train.py and distill.py share (data, model, optimisation, runtime), -c and --resume included."""
+def training_parser(description: str | None, distillation: bool = False) -> argparse.ArgumentParser:
+    """The flags train.py and distill.py (`distillation`) share (data, model, optimisation, runtime), -c and --resume
+    included."""
     parser = argparse.ArgumentParser(description=description, parents=[config_parser()], formatter_class=HelpFormatter)
-    add_data_args(parser)
+    add_data_args(parser, distillation)
     add_model_args(parser)
     add_optim_args(parser)
     add_recipe_args(parser)
@@ -279,7 +298,7 @@ def check_pretrained_sha256(args: argparse.Namespace) -> None:
 def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Two-stage parse: -c YAML (or the args.yaml of the --resume run) sets the defaults, then the flags win.
 
-    Unknown YAML keys are an error; a --resume whose flags change RESUME_FIXED settings is refused.
+    Unknown YAML keys are an error; a --resume whose flags change a setting declared with add_fixed is refused.
     """
     cfg_args, remaining = config_parser().parse_known_args(argv)
     if cfg_args.config and cfg_args.resume:
@@ -303,9 +322,8 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
     check_augmentation(args)
     check_mixing(args)
     if args.resume:
-        fixed = {key: "" for key in RESUME_FIXED}
-        fixed.update({key: f" (fixed with {flag_name(condition)})" for key, condition in RESUME_FIXED_WITH.items()
-                      if getattr(args, condition, False)})
+        fixed = {key: f" (fixed with {flag_name(condition)})" if condition else ""
+                 for key, condition in resume_fixed(parser).items() if not condition or getattr(args, condition, False)}
         differences = [
             f"{flag_name(key)}: the run has {saved[key]!r}, now {getattr(args, key)!r}{reason}"
             for key, reason in fixed.items()

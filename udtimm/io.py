@@ -77,3 +77,8 @@ def check_writable(directory: str) -> None:
         raise OSError(f"output directory {directory} is not writable: {err.strerror}") from err
     os.close(fd)
     os.remove(probe)
+
+
+def read_text(path: str) -> str:
+    with open(path) as handle:
+        return handle.read()

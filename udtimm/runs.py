@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from udtimm.checkpoint import find_training_state
 from udtimm.config import ConfigError, experiment_name, save_args
-from udtimm.io import check_writable
+from udtimm.io import atomic_write_text, check_writable, read_text
 from udtimm.metrics import METRIC_COLUMNS
 from udtimm.provenance import source_state
 from udtimm.settings import RuntimeSettings, TrainingSettings
@@ -31,7 +31,8 @@ def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerato
     run's flags (--epochs to train longer, a new --lr, ...) become the run's, so a later --resume keeps them.
 
     A directory made here that an error leaves without any saved epoch (the run was refused before its first
-    epoch ended) is removed again, so a refused run leaves nothing behind.
+    epoch ended) is removed again, so a refused run leaves nothing behind; a resumed run refused before it trains
+    (ConfigError) gets its args.yaml back as it was.
     """
     if resume:
         if not os.path.isfile(os.path.join(run_dir, "args.yaml")):
@@ -39,15 +40,19 @@ def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerato
     elif os.path.exists(os.path.join(run_dir, "summary.csv")):
         raise ConfigError(f"{run_dir} already holds a run: use --resume {run_dir} or another --experiment")
     made_here = not os.path.exists(run_dir)
+    args_path = os.path.join(run_dir, "args.yaml")
+    previous_args = read_text(args_path) if resume else None
     if accelerator.is_main_process:
         check_writable(run_dir)
-        save_args(saved_args, os.path.join(run_dir, "args.yaml"))
+        save_args(saved_args, args_path)
     accelerator.wait_for_everyone()
     try:
         yield
-    except Exception:
+    except Exception as err:
         if made_here and accelerator.is_main_process and find_training_state(run_dir) is None:
             shutil.rmtree(run_dir, ignore_errors=True)
+        if previous_args is not None and isinstance(err, ConfigError) and accelerator.is_main_process:
+            atomic_write_text(args_path, previous_args)
         raise
 
 

@@ -11,7 +11,6 @@ under `calibration`: the thresholds stored with them were tuned on the calibrate
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -29,6 +28,7 @@ from udtimm.data.base import MultiLabelDataset
 from udtimm.io import atomic_write_text
 from udtimm.metrics import evaluated_pairs, threshold_metrics
 from udtimm.predictions import Predictions, format_table, frame_table, per_class_metrics
+from udtimm.provenance import file_sha256
 
 DEFAULT_THRESHOLD = 0.5
 OBJECTIVES = "f1 | precision@R (0 < R <= 1, e.g. precision@0.9)"
@@ -125,14 +125,6 @@ def summary_table(predictions: Predictions, class_names: Sequence[str], result: 
 def thresholds_path(checkpoint: str) -> str:
     """`<dir>/<stem>.thresholds.json` for `<dir>/<stem>.safetensors`."""
     return os.path.splitext(checkpoint)[0] + ".thresholds.json"
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def thresholds_entries(class_names: Sequence[str], result: TunedThresholds, objective: ThresholdObjective,

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from udtimm import checkpoint, metrics
+from udtimm.config import ConfigError
 from udtimm.data.feed import BatchTransform, DeviceFeeder
 from udtimm.data.loader import seed_loader
 from udtimm.ema import EMA, EMA_COLUMNS, RAW
@@ -80,6 +81,21 @@ def truncate_summary(path: str, last_epoch: int) -> None:
     atomic_write_text(path, "".join(csv_line(row) for row in kept))
 
 
+def check_summary_columns(path: str, term_names: tuple[str, ...]) -> None:
+    """Before a resumed run trains: its objective writes the loss-term columns that summary.csv already has (a
+    resume that adds or drops a term would otherwise fail after a whole epoch, at the first row)."""
+    if not os.path.isfile(path):
+        return
+    with open(path, newline="") as handle:
+        header = next(csv.reader(handle), [])
+    written = [name for name in header if name.startswith("train_") and name != "train_loss"]
+    expected = [f"train_{name}" for name in term_names]
+    if written and written != expected:
+        raise ConfigError(f"{path} has the loss terms {written}, this run's objective writes {expected}: the "
+                          "resume changed which terms exist (a distillation or calibration weight to or from 0?); "
+                          "resume with the run's own flags, or start a new run")
+
+
 def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]:
     """Load the newest complete state of the run: (next epoch, optimizer updates so far, best metric).
 
@@ -95,6 +111,7 @@ def restore(setup: RunSetup, accelerator: Accelerator) -> tuple[int, int, float]
         if accelerator.is_main_process:
             truncate_summary(summary_path, -1)
         return 0, 0, -math.inf
+    check_summary_columns(summary_path, setup.objective.term_names)
     tensors, optimizer_state, progress = checkpoint.load_training_state(state_dir)
     checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, state_dir)
     if setup.ema is not None:
