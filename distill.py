@@ -35,6 +35,7 @@ from udtimm.objectives import (
     check_teacher,
     ud_method,
 )
+from udtimm.provenance import provenance_record
 from udtimm.trainer import RunSetup
 
 
@@ -174,7 +175,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     settings = config.training_settings(args)
     data, runtime = settings.data, settings.runtime
-    method = method_name(args)
+    method = method_name(args) + runs.data_suffix(data, settings.mixing)
     run_dir = runs.run_dir_path(runtime, args.model, method)
     accelerator = devices.make_training_accelerator(settings, run_dir)
     train_set, eval_set, test_set = loaders.load_datasets(data, accelerator)
@@ -204,7 +205,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                           f"{accelerator.num_processes} process(es) on {accelerator.device}")
         metadata = checkpoint.model_metadata(args.model, bare_model(accelerator, student), train_set.classes,
                                              args.global_pool, data.img_size, mean, std, dataset=data.source.name,
-                                             method=method, teacher=teacher_name, model_kwargs=args.model_kwargs)
+                                             method=method, teacher=teacher_name, model_kwargs=args.model_kwargs,
+                                             provenance=provenance_record(data))
         objective = self_distillation(args, run_dir, train_set.classes, student_norm, accelerator) \
             if args.self_distill else make_objective(args, teacher, teacher_metadata, student_norm, accelerator,
                                                      args.method)

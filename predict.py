@@ -18,6 +18,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
+import warnings
 from collections.abc import Sequence
 
 import pandas as pd
@@ -81,8 +83,13 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     args = parse_args(argv)
     check_writable(os.path.dirname(os.path.abspath(args.out)))
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
-    table = predictor.predict(args.inputs, batch_size=args.batch_size, topk=args.topk, threshold=args.threshold,
-                              workers=args.workers, progress=not args.no_progress)
+    line = predictor.default_threshold_warning(args.threshold)
+    if line:
+        print(f"warning: {line}", file=sys.stderr)
+    with warnings.catch_warnings():  # said once, above, as a line
+        warnings.filterwarnings("ignore", message=".*whose scores are not probabilities")
+        table = predictor.predict(args.inputs, batch_size=args.batch_size, topk=args.topk, threshold=args.threshold,
+                                  workers=args.workers, progress=not args.no_progress)
     write_predictions(args.out, table, predictor.class_names)
     rule = "per-class thresholds" if args.threshold is None and predictor.thresholds is not None else \
         f"threshold {predictor.decision_thresholds(args.threshold)}"

@@ -20,6 +20,7 @@ from udtimm.ema import make_ema, method_suffix
 from udtimm.engine import bare_model
 from udtimm.heads import LINEAR, head_suffix
 from udtimm.objectives import CLASSIFICATION_LOSSES, LossOptions, SupervisedObjective
+from udtimm.provenance import provenance_record
 from udtimm.trainer import RunSetup
 
 
@@ -53,7 +54,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     settings = config.training_settings(args)
     data, runtime = settings.data, settings.runtime
-    method = method_name(args.loss, args.cal, settings.optim.model_ema, args.head)
+    method = method_name(args.loss, args.cal, settings.optim.model_ema, args.head) + \
+        runs.data_suffix(data, settings.mixing)
     run_dir = runs.run_dir_path(runtime, args.model, method)
     accelerator = devices.make_training_accelerator(settings, run_dir)
     train_set, eval_set, test_set = loaders.load_datasets(data, accelerator)
@@ -75,7 +77,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                           f"{accelerator.device}")
         metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
                                   data.img_size, mean, std, dataset=data.source.name, method=method, teacher="",
-                                  model_kwargs=args.model_kwargs)
+                                  model_kwargs=args.model_kwargs, provenance=provenance_record(data))
         objective = SupervisedObjective(args.loss, args.cal, args.cal_weight, data.difficult,
                                         config.settings_from(LossOptions, args), data.unknown)
         setup = RunSetup(

@@ -34,6 +34,7 @@ from udtimm.io import append_csv_row, atomic_write_text
 from udtimm.plots import reliability_diagram
 from udtimm.predictions import Predictions, frame_table, metrics_table, select, write_scores_csv
 from udtimm.predictor import Predictor
+from udtimm.provenance import data_variant_mismatch
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -230,6 +231,10 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     predictor = Predictor.from_checkpoint(args.checkpoint, stored_tuning=False)
     # A file about to be rewritten may belong to an earlier checkpoint of that name: it is then not read.
     record = thresholds.read_thresholds_file(args.checkpoint, other_checkpoint_ok=retune)
+    mismatch = data_variant_mismatch(args.checkpoint, predictor.metadata,
+                                     config.data_source(args, dataset_name(args, predictor.metadata)))
+    if mismatch:
+        accelerator.print(f"warning: {mismatch}")
     dataset = load_dataset(args, predictor.metadata, accelerator, args.split)
     tune_set = None
     if retune:

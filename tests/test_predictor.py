@@ -151,3 +151,17 @@ def test_stored_temperatures_and_biases_calibrate_the_scores(tiny_checkpoint: st
     torch.testing.assert_close(found.double(), torch.sigmoid(torch.logit(raw) / temperatures + biases), rtol=0,
                                atol=1e-5)
     assert (found.double() - raw).abs().max() > 1e-2
+
+
+def test_asl_scores_cut_at_the_default_threshold_are_warned_about(predictor: Predictor) -> None:
+    images = torch.zeros(1, 3, 8, 8, dtype=torch.uint8)
+    asl = Predictor(predictor.model, predictor.class_names, predictor.img_size, predictor.mean, predictor.std,
+                    metadata={"method": "asl+cal", "source": "run/best.safetensors"})
+    with pytest.warns(UserWarning, match=r"run/best.safetensors was trained with --loss asl, whose scores are not "
+                                         r"probabilities: 0.5 labels by an arbitrary cut. Calibrate it first \(python "
+                                         r"validate.py --checkpoint run/best.safetensors --calibrate platt\)"):
+        asl.predict(images)
+    assert asl.default_threshold_warning(threshold=0.7) is None  # a threshold of the user's own
+    asl.calibration = ScoreCalibration(torch.ones(len(asl.class_names)), torch.zeros(len(asl.class_names)))
+    assert asl.default_threshold_warning() is None  # calibrated: the scores are probabilities again
+    assert predictor.default_threshold_warning() is None  # BCE

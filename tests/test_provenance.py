@@ -1,9 +1,12 @@
 """udtimm.provenance: the commit and the state of the tree that a run records, and file hashes."""
 
 import hashlib
+import json
 import subprocess
 
-from udtimm import provenance
+import train
+import validate
+from udtimm import config, provenance
 
 
 def test_source_state_names_this_checkouts_commit_and_whether_it_changed() -> None:
@@ -26,3 +29,20 @@ def test_file_sha256_reads_the_whole_file_in_blocks(tmp_path) -> None:
     path = tmp_path / "weights.bin"
     path.write_bytes(data)
     assert provenance.file_sha256(str(path)) == hashlib.sha256(data).hexdigest()
+
+
+def test_the_record_names_the_data_variant_and_a_mismatch_names_both() -> None:
+    args = train.parse_args(["--digits-ambiguous", "--digits-trainval", "1500", "--drop-labels", "0.5"])
+    record = provenance.provenance_record(config.training_settings(args).data)
+    assert record["dataset"] == "digits" and record["options"]["ambiguous"] is True
+    assert (record["val_split"], record["drop_labels"], record["commit"]) == ("val", 0.5,
+                                                                             provenance.source_state()["commit"])
+    metadata = {"provenance": json.dumps(record)}
+    plain = config.data_source(validate.parse_args(["--checkpoint", "c", "--digits-trainval", "1500"]), "digits")
+    line = provenance.data_variant_mismatch("c.safetensors", metadata, plain)
+    assert line == ("c.safetensors was trained on digits with ambiguous=True; evaluated here with ambiguous=False "
+                    "(another variant of the data)")
+    same = config.data_source(validate.parse_args(["--checkpoint", "c", "--digits-trainval", "1500",
+                                                   "--digits-ambiguous"]), "digits")
+    assert provenance.data_variant_mismatch("c.safetensors", metadata, same) is None
+    assert provenance.data_variant_mismatch("c.safetensors", {}, plain) is None  # written before the record

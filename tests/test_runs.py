@@ -17,6 +17,16 @@ def test_result_fields_name_the_experiment() -> None:
     assert set(fields) >= {"commit", "dirty"}  # which code ran (udtimm.provenance)
 
 
+@pytest.mark.parametrize(("flags", "suffix"), [
+    ([], ""), (["--unknown", "negative"], "+unknown-negative"), (["--drop-labels", "0.5"], "+drop50"),
+    (["--mixup", "0.8", "--cutmix", "1.0"], "+mixup+cutmix"),
+    (["--drop-labels", "0.8", "--mixup", "0.2"], "+drop80+mixup"),
+])
+def test_the_method_names_the_labels_and_batches_trained_on(flags, suffix) -> None:
+    settings = config.training_settings(train.parse_args(flags))
+    assert runs.data_suffix(settings.data, settings.mixing) == suffix
+
+
 def test_a_resume_refused_before_training_leaves_args_yaml_as_it_was(tmp_path) -> None:
     run = tmp_path / "run"
     run.mkdir()

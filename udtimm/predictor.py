@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Iterator, Sequence
 
 import pandas as pd
@@ -38,6 +39,9 @@ from udtimm.thresholds import DEFAULT_THRESHOLD, read_thresholds_file, threshold
 
 ImageInput = str | os.PathLike | Image.Image | Tensor | Sequence[str | os.PathLike | Image.Image]
 IMAGE_COLUMN, LABELS_COLUMN = "image", "labels"
+# Losses whose sigmoid scores are not probabilities (ASL's shifted negatives sit near 0.5: docs/deployment.md), by
+# the first part of a checkpoint's method name.
+NOT_PROBABILITIES = ("asl",)
 CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"  # timm's Hugging Face layout (udtimm.export)
 
 
@@ -60,6 +64,7 @@ class Predictor:
         self.thresholds = thresholds
         self.calibration = calibration
         self.metadata = dict(metadata or {})
+        self.source = self.metadata.get("source", "<checkpoint>")  # the file or directory, for messages
         self.pixels = eval_pixels(self.img_size)
         self.normalize = NormalizeImage(self.mean, self.std).to(self.device)
 
@@ -77,8 +82,10 @@ class Predictor:
         loaded = checkpoint.load_for_inference(path, device)
         record = read_thresholds_file(path) if stored_tuning else None
         thresholds, calibration = tuning_tensors(record, loaded.class_names, thresholds_path(path))
-        return cls(loaded.model.classifier_only(), loaded.class_names, loaded.img_size, loaded.mean, loaded.std,
-                   thresholds, device, loaded.metadata, calibration)
+        predictor = cls(loaded.model.classifier_only(), loaded.class_names, loaded.img_size, loaded.mean, loaded.std,
+                        thresholds, device, loaded.metadata, calibration)
+        predictor.source = path
+        return predictor
 
     @classmethod
     def from_export(cls, directory: str, device: str | torch.device = "cpu",
@@ -101,6 +108,18 @@ class Predictor:
         thresholds, calibration = tuning_tensors(record, class_names, config_path)
         metadata = {"model": config["architecture"], "source": directory}
         return cls(model, class_names, img_size, mean, std, thresholds, device, metadata, calibration)
+
+    def default_threshold_warning(self, threshold: float | None = None) -> str | None:
+        """A line when labels would come from DEFAULT_THRESHOLD on scores that are not probabilities: a model trained
+        with a loss of NOT_PROBABILITIES, with neither a stored calibration nor stored thresholds."""
+        loss = self.metadata.get("method", "").split("+")[0]
+        if threshold is not None or self.thresholds is not None or self.calibration is not None \
+                or loss not in NOT_PROBABILITIES:
+            return None
+        source = self.source
+        return (f"{source} was trained with --loss {loss}, whose scores are not probabilities: {DEFAULT_THRESHOLD} "
+                f"labels by an arbitrary cut. Calibrate it first (python validate.py --checkpoint {source} "
+                "--calibrate platt) or tune thresholds (--tune-thresholds f1), or pass --threshold")
 
     def decision_thresholds(self, threshold: float | None = None) -> float | Tensor:
         """`threshold` when given, else the stored per-class thresholds, else DEFAULT_THRESHOLD."""
@@ -137,6 +156,9 @@ class Predictor:
     def table(self, names: Sequence[str], scores: Tensor, topk: int | None = None,
               threshold: float | None = None) -> pd.DataFrame:
         """The DataFrame predict() returns, from probabilities [N, C]."""
+        line = self.default_threshold_warning(threshold)
+        if line:
+            warnings.warn(line, UserWarning, stacklevel=3)
         predicted = predicted_labels(scores, self.decision_thresholds(threshold), topk)
         table = pd.DataFrame(scores.numpy(), columns=self.class_names)
         table.insert(0, LABELS_COLUMN, [joined_names(row, self.class_names) for row in predicted])

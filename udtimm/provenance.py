@@ -1,10 +1,15 @@
-"""Where a run's code came from: the git commit of this checkout, and whether its tree had uncommitted changes."""
+"""Where a run came from: the git commit of this checkout (and whether its tree had uncommitted changes), and the
+data a checkpoint was trained on."""
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import subprocess
+
+from udtimm.data import DataSource
+from udtimm.settings import DataSettings
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 UNKNOWN = "unknown"  # not a git checkout (an installed copy), or no git on the machine
@@ -36,3 +41,27 @@ def file_sha256(path: str) -> str:
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
+
+
+def provenance_record(data: DataSettings) -> dict[str, object]:
+    """The checkpoint's `provenance` entry: the data it was trained on (the dataset with its options, the training
+    split and the held-out images, the labels hidden) and the code (commit, dirty)."""
+    return {"dataset": data.source.name, "options": data.source.options, "train_split": data.train_split,
+            "val_split": data.val_split, "holdout_fraction": data.holdout_fraction,
+            "holdout_seed": data.holdout_seed, "drop_labels": data.drop_labels,
+            "drop_labels_seed": data.drop_labels_seed, **source_state()}
+
+
+def data_variant_mismatch(checkpoint: str, metadata: dict[str, str], source: DataSource) -> str | None:
+    """A line naming both when `source` is the checkpoint's dataset with other options than it was trained on
+    (digits without --digits-ambiguous, say); None when they agree or the checkpoint predates the record."""
+    if "provenance" not in metadata:
+        return None
+    trained = json.loads(metadata["provenance"])
+    if trained["dataset"] != source.name or trained["options"] == source.options:
+        return None
+    differ = sorted(key for key in {**trained["options"], **source.options}
+                    if trained["options"].get(key) != source.options.get(key))
+    return (f"{checkpoint} was trained on {source.name} with " + ", ".join(
+        f"{key}={trained['options'].get(key)!r}" for key in differ) + "; evaluated here with " + ", ".join(
+        f"{key}={source.options.get(key)!r}" for key in differ) + " (another variant of the data)")

@@ -14,7 +14,7 @@ from udtimm.config import ConfigError, experiment_name, save_args
 from udtimm.io import atomic_write_text, check_writable, read_text
 from udtimm.metrics import METRIC_COLUMNS
 from udtimm.provenance import source_state
-from udtimm.settings import RuntimeSettings, TrainingSettings
+from udtimm.settings import DataSettings, MixingSettings, RuntimeSettings, TrainingSettings
 from udtimm.trackers import start_trackers
 from udtimm.trainer import RunSetup, fit
 
@@ -54,6 +54,15 @@ def run_directory(run_dir: str, resume: str | None, saved_args: dict, accelerato
         if previous_args is not None and isinstance(err, ConfigError) and accelerator.is_main_process:
             atomic_write_text(args_path, previous_args)
         raise
+
+
+def data_suffix(data: DataSettings, mixing: MixingSettings) -> str:
+    """What the label and mixing settings add to the method column of results.csv (+unknown-negative, +drop50,
+    +mixup, +cutmix), so that the report never pools runs trained on other labels or batches."""
+    parts = [f"unknown-{data.unknown}" if data.unknown != "ignore" else "",
+             f"drop{round(100 * data.drop_labels)}" if data.drop_labels > 0 else "",
+             "mixup" if mixing.mixup > 0 else "", "cutmix" if mixing.cutmix > 0 else ""]
+    return "".join(f"+{part}" for part in parts if part)
 
 
 def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict[str, object]:
