@@ -17,6 +17,7 @@ them). Labelling your own images, without annotations, is predict.py's job.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from collections.abc import Sequence
 
@@ -73,9 +74,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                              "in <checkpoint stem>.thresholds.json beside the checkpoint (read by predict.py, "
                              "Predictor and udtimm.export) and compare the metrics of --split with them and with "
                              "--threshold")
-    tuning.add_argument("--tune-split", default="val",
+    tuning.add_argument("--tune-split", default=None,
                         help="held-out split to fit the calibration and choose the thresholds on, never the test "
-                             "split nor --split (digits writes its val split on first use)")
+                             "split, --split nor an image the checkpoint trained on; holdout: the part of the "
+                             "training split its run held out (default: the split that chose the checkpoint, as its "
+                             "provenance record says, else val)")
     runtime = parser.add_argument_group("runtime")
     runtime.add_argument("--mixed-precision", default="no", choices=("no", "fp16", "bf16"), help="autocast dtype")
     runtime.add_argument("--channels-last", action="store_true", help="NHWC memory layout (faster on tensor cores)")
@@ -90,7 +93,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     if not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
-    if args.tune_split != parser.get_default("tune_split") and not (args.calibrate or args.tune_thresholds):
+    if args.tune_split is not None and not (args.calibrate or args.tune_thresholds):
         config.warn(f"--tune-split {args.tune_split} does nothing without --calibrate or --tune-thresholds")
     args.objective = thresholds.parse_objective(args.tune_thresholds) if args.tune_thresholds else None
     return args
@@ -238,7 +241,12 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     dataset = load_dataset(args, predictor.metadata, accelerator, args.split)
     tune_set = None
     if retune:
-        tune_set = load_dataset(args, predictor.metadata, accelerator, args.tune_split)
+        trained = json.loads(predictor.metadata["provenance"]) if "provenance" in predictor.metadata else None
+        tune_split = args.tune_split or (trained or {}).get("val_split", "val")
+        with accelerator.main_process_first():
+            tune_set = loaders.tuning_dataset(config.data_source(args, dataset_name(args, predictor.metadata)),
+                                              tune_split, trained)
+        checkpoint.check_classes(args.checkpoint, predictor.class_names, tune_set.classes, tune_set.name)
         name = dataset_name(args, predictor.metadata)
         test_split = f"{name}:{DATASETS[name].own_split(args.data_dir or '', 'test')}"
         thresholds.check_held_out(tune_set, dataset, test_split)

@@ -4,10 +4,10 @@ import os
 import shutil
 import subprocess
 import sys
-import tomllib
 import venv
 
 import pytest
+import tomllib
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -11,16 +11,18 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_DIGITS, model_labelled_csv, run_two_cpu_processes
+from conftest import TINY_DIGITS, model_labelled_csv, run_two_cpu_processes, tiny_train_args
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
+import train
 import validate
 from udtimm import Predictor, checkpoint
 from udtimm.calibration import CALIBRATION_METRICS, CalibrationError, calibrate_predictions, fit_calibration
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, load_voc
+from udtimm.data.base import hold_out
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
@@ -370,3 +372,25 @@ def test_a_threshold_outside_0_1_is_refused_and_a_lone_tune_split_says_it_does_n
                                        "--tune-thresholds\n")
     validate.parse_args(["--checkpoint", "c.safetensors", "--tune-split", "val", "--calibrate", "per-class"])
     assert capsys.readouterr().err == ""
+
+
+@pytest.mark.slow
+def test_tuning_defaults_to_the_images_that_chose_the_checkpoint_and_refuses_training_images(
+        best: str, tiny_digits: str, tmp_path) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--calibrate", "temperature"]
+    with pytest.raises(ConfigError, match=r"--tune-split train shares \d+ image\(s\) with the images the checkpoint "
+                                          r"was trained on \(train\).*--tune-split val, which chose"):
+        validate.main([*flags, "--tune-split", "train"])
+    with pytest.raises(ConfigError, match="--tune-split holdout: its run held no images out"):
+        validate.main([*flags, "--tune-split", "holdout"])
+    # A run that chose on a part of its training split held out: validate.py draws the same part again.
+    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "held", "--epochs", "1", "--val-split",
+                               "holdout", "--holdout-fraction", "0.25", "--holdout-seed", "3"))
+    held = str(tmp_path / "held" / "best.safetensors")
+    validate.main(["--checkpoint", held, *data_flags(tiny_digits), "--calibrate", "temperature"])
+    record = json.loads(open(thresholds_path(held)).read())
+    held_out = hold_out(build_dataset("digits", tiny_digits, "train", **TINY_DIGITS), 0.25, 3)[1]
+    assert record["calibration"]["split"] == held_out.name == "digits:trainval holdout"
+    assert record["calibration"]["num_images"] == len(held_out)

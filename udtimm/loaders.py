@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from udtimm.config import ConfigError
-from udtimm.data import HOLDOUT
+from udtimm.data import HOLDOUT, DataSource
 from udtimm.data.base import MultiLabelDataset, drop_labels, hold_out, unknown_only_classes
 from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
@@ -46,6 +46,32 @@ def load_datasets(data: DataSettings, accelerator: Accelerator,
                                      ("--test-split", data.test_split, test_set)):
             check_disjoint(eval_set, dataset, f"--val-split {data.val_split} and {flag} {split}")
     return train_set, eval_set, test_set
+
+
+def tuning_dataset(source: DataSource, split: str, trained: dict | None) -> MultiLabelDataset:
+    """The split that validate.py fits calibrations and thresholds on: a named split of `source`, or `holdout`, the
+    images of the training split that the checkpoint's run held out (`trained`: its provenance record). Refused,
+    naming an image, when it shares one with the images that run trained on."""
+    same_data = trained is not None and trained["dataset"] == source.name
+    if split == HOLDOUT:
+        if not same_data or trained["val_split"] != HOLDOUT:
+            held = "its run held no images out" if same_data else "the checkpoint records no run on this dataset"
+            raise ConfigError(f"--tune-split {HOLDOUT}: {held}; name a held-out split (e.g. val)")
+        tune_set = hold_out(source.load(trained["train_split"]), trained["holdout_fraction"],
+                            trained["holdout_seed"])[1]
+    else:
+        tune_set = source.load(split)
+    if same_data:
+        training = source.load(trained["train_split"])
+        if trained["val_split"] == HOLDOUT:
+            training = hold_out(training, trained["holdout_fraction"], trained["holdout_seed"])[0]
+        shared = {sample.path for sample in tune_set.samples} & {sample.path for sample in training.samples}
+        if shared:
+            raise ConfigError(f"--tune-split {split} shares {len(shared)} image(s) with the images the checkpoint "
+                              f"was trained on ({trained['train_split']}), e.g. {min(shared)}: calibrations and "
+                              f"thresholds are fitted on held-out images (--tune-split {trained['val_split']}, which "
+                              "chose the checkpoint)")
+    return tune_set
 
 
 def describe_splits(data: DataSettings, train_set: MultiLabelDataset, eval_set: MultiLabelDataset,
