@@ -235,8 +235,10 @@ def test_calibrated_checkpoint_round_trip_gives_predictor_scores_in_every_format
         logits = Predictor.from_checkpoint(checkpoint_copy, stored_tuning=False).model(digit_batch)
     torch.testing.assert_close(expected, torch.sigmoid(logits.double() / temperatures + biases).float(), rtol=0,
                                atol=1e-6)
-    card = export.model_card(export.load_exportable(checkpoint_copy))["details"]["Calibration"]
-    assert card.startswith("platt temperatures and biases fitted on csv:val") and card.endswith("(logits / T + b)")
+    card = export.model_card(export.load_exportable(checkpoint_copy))
+    assert card["details"]["Calibration"].startswith("platt temperatures and biases fitted on csv:val")
+    assert card["details"]["Calibration"].endswith("(logits / T + b)")
+    assert "scores = torch.sigmoid(model(images) / T + b)" in card["usage"]  # the scores its thresholds were tuned on
     for fmt in export.FORMATS:
         out = str(tmp_path / fmt)
         export.export(checkpoint_copy, out, fmt)

@@ -193,3 +193,11 @@ def test_platt_biases_share_the_file_and_are_checked(tmp_path) -> None:
     del loaded["calibration"]["biases"]["c"]
     with pytest.raises(CheckpointError, match="best.thresholds.json: biases for classes"):
         thresholds.tuning_tensors(loaded, CLASSES, path)
+
+
+def test_a_thresholds_file_with_a_non_number_is_refused_naming_it() -> None:
+    record = {"thresholds": {"a": 0.5, "b": "high"}}
+    with pytest.raises(CheckpointError, match=r"t.json: thresholds must be numbers, got \[0.5, 'high'\]"):
+        thresholds.thresholds_tensor(record, ["a", "b"], "t.json")
+    with pytest.raises(CheckpointError, match="must be numbers"):
+        thresholds.thresholds_tensor({"thresholds": {"a": True, "b": 0.2}}, ["a", "b"], "t.json")

@@ -9,7 +9,8 @@ import torch
 from conftest import TINY_DIGITS
 from PIL import Image
 
-from udtimm import checkpoint, plots, visualize
+import validate
+from udtimm import Predictor, checkpoint, plots, visualize
 from udtimm.config import ConfigError
 from udtimm.data.digits import DIGIT_CLASSES
 from udtimm.model import create_model
@@ -105,6 +106,26 @@ def test_compare_draws_two_reliability_curves_on_one_axes(tmp_path, tiny_digits)
                     "--data-dir", tiny_digits, "--digits-trainval", str(TINY_DIGITS["num_trainval"]),
                     "--digits-test", str(TINY_DIGITS["num_test"]), "--workers", "0", "-b", "16"])
     assert pixel_size(out) == (5 * plots.DPI, 5 * plots.DPI)
+
+
+@pytest.mark.slow
+def test_compare_draws_a_calibrated_checkpoint_with_its_calibrated_scores(tmp_path, tiny_digits, monkeypatch) -> None:
+    data = ["--data-dir", tiny_digits, "--digits-trainval", str(TINY_DIGITS["num_trainval"]), "--digits-test",
+            str(TINY_DIGITS["num_test"]), "--workers", "0"]
+    base = save_random(str(tmp_path / "base.safetensors"), cal=False, method="baseline")
+    calibrated = shutil.copy(base, tmp_path / "calibrated.safetensors")
+    validate.main(["--checkpoint", str(calibrated), *data, "--calibrate", "temperature", "--no-progress"])
+    drawn = {}
+    real = plots.reliability_figure
+    monkeypatch.setattr(plots, "reliability_figure", lambda curves, title: drawn.update(
+        (label, scores) for label, scores, *_ in curves) or real(curves, title))
+    visualize.main(["--compare", base, str(calibrated), "--labels", "raw", "same", "--out",
+                    str(tmp_path / "c.png"), *data])
+    temperature = Predictor.from_checkpoint(str(calibrated)).calibration.temperatures
+    assert set(drawn) == {"raw", "same (calibrated)"} and not torch.allclose(temperature, torch.ones_like(temperature))
+    logits = torch.logit(drawn["raw"].double())
+    torch.testing.assert_close(drawn["same (calibrated)"].double(), torch.sigmoid(logits / temperature), rtol=0,
+                               atol=1e-4)
 
 
 def test_a_vit_pooled_by_its_class_token_is_refused(tmp_path, digit_images) -> None:

@@ -267,8 +267,17 @@ def model_card(item: Exportable) -> dict:
                             f"under udtimm.thresholds.calibration: {formula}") if calibration else "none",
         },
         "usage": "```python\nimport timm, torch\nmodel = timm.create_model('hf-hub:REPO', pretrained=True).eval()\n"
-                 "scores = torch.sigmoid(model(images))  # images normalised as pretrained_cfg says\n```",
+                 f"scores = {usage_scores(calibration)}  # images normalised as pretrained_cfg says\n```",
     }
+
+
+def usage_scores(calibration: dict | None) -> str:
+    """The model card's line that turns logits into the scores the stored thresholds were tuned on."""
+    if not calibration:
+        return "torch.sigmoid(model(images))"
+    bias = " + b" if "biases" in calibration else ""
+    return (f"torch.sigmoid(model(images) / T{bias})  # T{', b' if bias else ''}: per class, config.json "
+            "udtimm.thresholds.calibration")
 
 
 def push(path: str, repo: str, private: bool) -> object:

@@ -35,9 +35,11 @@ def load_datasets(data: DataSettings, accelerator: Accelerator,
         train_set = drop_labels(train_set, data.drop_labels, data.drop_labels_seed)
     unlabelled = unknown_only_classes(train_set)
     if unlabelled:
+        effect = {"ignore": "--unknown ignore gives them no supervised loss",
+                  "negative": "--unknown negative trains them as absent everywhere",
+                  "teacher": "--unknown teacher trains them on the teacher's probabilities alone"}[data.unknown]
         accelerator.print(f"warning: no training image has a known label of class(es) {', '.join(unlabelled)}: "
-                          + ("--unknown ignore gives them no supervised loss" if data.unknown == "ignore" else
-                             "--unknown negative trains them as absent everywhere"))
+                          f"{effect}")
     for split, dataset in ((data.val_split, eval_set), (data.test_split, test_set)):
         if dataset.classes != train_set.classes:
             raise ConfigError(f"splits {data.train_split} and {split} have different class lists")

@@ -203,7 +203,10 @@ def thresholds_tensor(record: dict, class_names: Sequence[str], source: str) -> 
     if not isinstance(stored, dict) or list(stored) != list(class_names):
         found = list(stored) if isinstance(stored, dict) else stored
         raise CheckpointError(f"{source}: thresholds for classes {found}, but the model has {list(class_names)}")
-    values = torch.tensor([float(value) for value in stored.values()], dtype=torch.float64)
+    numbers = [value for value in stored.values() if isinstance(value, (int, float)) and not isinstance(value, bool)]
+    if len(numbers) != len(stored):
+        raise CheckpointError(f"{source}: thresholds must be numbers, got {list(stored.values())}")
+    values = torch.tensor([float(value) for value in numbers], dtype=torch.float64)
     if not ((values >= 0) & (values <= 1)).all():
         raise CheckpointError(f"{source}: thresholds must lie in [0, 1], got {values.tolist()}")
     return values

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from udtimm import checkpoint, cli, plots
 from udtimm.attention import ATTENTION_VARIANTS, check_attention_support, uncertainty_per_class
+from udtimm.calibration import calibrated_scores
 from udtimm.config import ConfigError, HelpFormatter, add_dataset_args, add_workers_arg, data_source
 from udtimm.data import DataSource
 from udtimm.data.base import read_image
@@ -34,6 +35,7 @@ from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
 from udtimm.model import CalibratedModel, ModelOutput
+from udtimm.thresholds import read_thresholds_file, thresholds_path, tuning_tensors
 
 
 @dataclass
@@ -169,7 +171,8 @@ def draw_attention_maps(checkpoint_path: str, inputs: Sequence[str], out_dir: st
 
 def compare_reliability(paths: Sequence[str], source: DataSource, split: str, out: str,
                         labels: Sequence[str] | None = None, batch_size: int = 64, workers: int = 2) -> list[str]:
-    """Every checkpoint evaluated on the same split, one reliability curve each on shared axes, written to `out`."""
+    """Every checkpoint evaluated on the same split, one reliability curve each on shared axes, written to `out`;
+    a checkpoint with a stored calibration (validate.py --calibrate) is drawn with its calibrated scores."""
     accelerator = Accelerator()
     with accelerator.main_process_first():  # the main process generates digits before the others read it
         dataset = source.load(split)
@@ -181,7 +184,11 @@ def compare_reliability(paths: Sequence[str], source: DataSource, split: str, ou
         loader = accelerator.prepare(make_loader(dataset, batch_size, False, workers))
         predictions = predict(loaded.model, loader, accelerator, show_progress=False)
         label = labels[number] if labels else loaded.method
-        curves.append((label, predictions.scores, predictions.target, predictions.difficult))
+        # The scores the checkpoint is used with: calibrated when validate.py --calibrate stored a calibration.
+        calibration = tuning_tensors(read_thresholds_file(path), loaded.class_names, thresholds_path(path))[1]
+        scores = predictions.scores if calibration is None else calibrated_scores(predictions.logits, calibration)
+        curves.append((label if calibration is None else f"{label} (calibrated)", scores, predictions.target,
+                       predictions.difficult))
     if accelerator.is_main_process:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         figure = plots.reliability_figure(curves, f"reliability on {dataset.name} ({len(dataset)} images)")
