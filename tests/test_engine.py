@@ -13,8 +13,9 @@ from udtimm.engine import (
     optimizer_steps,
     train_one_epoch,
 )
+from udtimm.errors import NonFiniteLossError
 from udtimm.model import create_model
-from udtimm.objectives import NonFiniteLossError, SupervisedObjective
+from udtimm.objectives import SupervisedObjective
 
 
 @pytest.mark.slow

@@ -18,8 +18,8 @@ from safetensors.torch import load_file
 import train
 from udtimm import checkpoint, losses, trainer
 from udtimm.data.loader import make_loader
+from udtimm.errors import NonFiniteLossError
 from udtimm.metrics import METRIC_NAMES
-from udtimm.objectives import NonFiniteLossError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STEPS_PER_EPOCH = 6  # 96 tiny digits in batches of 16

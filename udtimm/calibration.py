@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from udtimm.checkpoint import CheckpointError
-from udtimm.config import ConfigError
+from udtimm.errors import ConfigError
 from udtimm.metrics import brier_score, evaluated_pairs, expected_calibration_error
 from udtimm.predictions import Predictions, format_table
 

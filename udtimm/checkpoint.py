@@ -14,6 +14,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 import udtimm
+from udtimm.errors import CheckpointError
 from udtimm.heads import LINEAR
 from udtimm.io import atomic_write, atomic_write_text
 from udtimm.model import CalibratedModel, create_model
@@ -23,10 +24,6 @@ PROGRESS_FILE = "progress.json"
 EMA_FILE = "ema.safetensors"  # --model-ema: the EMA weights in state/
 REBUILD_METADATA = ("model", "num_classes", "class_names", "cal")
 INPUT_METADATA = ("img_size", "mean", "std")  # what inference needs besides the model: the eval preprocessing
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used as asked; the message says what differs."""
 
 
 def model_metadata(

@@ -7,17 +7,7 @@ import sys
 import traceback
 from collections.abc import Callable
 
-from udtimm.checkpoint import CheckpointError
-from udtimm.config import ConfigError
-from udtimm.data.base import DatasetError
-from udtimm.heads import HeadConfigError
-from udtimm.model import ModelConfigError
-from udtimm.objectives import NonFiniteLossError
-from udtimm.weights import WeightsError
-
-# Errors caused by the user's input: the scripts print their message alone, without a traceback.
-USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, HeadConfigError, WeightsError,
-               NonFiniteLossError, OSError)
+from udtimm.errors import USER_ERRORS
 
 
 def run_script(main: Callable[[], object], debug: Callable[[], bool] | None = None) -> None:

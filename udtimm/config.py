@@ -14,6 +14,7 @@ import yaml
 from timm.data.auto_augment import rand_augment_transform
 
 from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, HOLDOUT, DataSource
+from udtimm.errors import ConfigError
 from udtimm.heads import HEAD_NAMES, LINEAR
 from udtimm.io import atomic_write_text
 from udtimm.losses import DIFFICULT_POLICIES, UNKNOWN_POLICIES
@@ -28,10 +29,6 @@ from udtimm.settings import (
 )
 
 Settings = TypeVar("Settings")
-
-
-class ConfigError(ValueError):
-    """A configuration file or flag combination that cannot be used."""
 
 
 # A resumed run must be the same experiment: the flags that define it are declared with add_fixed, and

@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from accelerate.utils import DataLoaderConfiguration
 from torch import nn
 
-from udtimm.config import ConfigError
+from udtimm.errors import ConfigError
 from udtimm.model import CalibratedModel, create_model
 from udtimm.settings import ModelSettings, TrainingSettings
 from udtimm.trackers import tracker_names

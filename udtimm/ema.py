@@ -12,7 +12,7 @@ from __future__ import annotations
 from timm.utils import ModelEmaV3
 from torch import nn
 
-from udtimm.config import ConfigError
+from udtimm.errors import ConfigError
 from udtimm.settings import OptimSettings
 
 RAW, EMA = "raw", "ema"  # the metadata "weights" of a checkpoint: which of the two it holds

@@ -15,8 +15,9 @@ from torch import Tensor, nn
 from tqdm import tqdm
 
 from udtimm.data.loader import report_unreadable
+from udtimm.errors import NonFiniteLossError
 from udtimm.mixing import Mixer
-from udtimm.objectives import NonFiniteLossError, Objective
+from udtimm.objectives import Objective
 from udtimm.predictions import Predictions
 
 

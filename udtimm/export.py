@@ -45,7 +45,7 @@ from torch import Tensor, nn
 import udtimm
 from udtimm import checkpoint, cli
 from udtimm.calibration import ScoreCalibration, calibrated_scores, fitted_name
-from udtimm.config import ConfigError
+from udtimm.errors import ConfigError
 from udtimm.io import current_umask
 from udtimm.predictor import CONFIG_FILE, WEIGHTS_FILE
 from udtimm.thresholds import read_thresholds_file, thresholds_path, tuning_tensors

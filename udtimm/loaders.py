@@ -8,13 +8,13 @@ from accelerate import Accelerator
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from udtimm.config import ConfigError
 from udtimm.data import HOLDOUT, DataSource
 from udtimm.data.base import MultiLabelDataset, drop_labels, hold_out, unknown_only_classes
 from udtimm.data.feed import BatchTransform
 from udtimm.data.gpu import DeviceTransform
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import NormalizeBatch, TrainPixels, eval_pixels
+from udtimm.errors import ConfigError
 from udtimm.settings import DataSettings
 
 

@@ -13,14 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
+from udtimm.errors import ModelConfigError
 from udtimm.heads import LINEAR, SpatialClassifier, create_head, head_options, spatial_tokens
 from udtimm.weights import backbone_weights, check_pretrained_loaded, read_weights
 
 CAL_WIDTH = 512
-
-
-class ModelConfigError(ValueError):
-    """A model that cannot be built as asked (unknown name, unreachable weights, ...)."""
 
 
 @dataclass

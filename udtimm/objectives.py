@@ -15,14 +15,9 @@ from torch import Tensor
 from udtimm import losses
 from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
 from udtimm.checkpoint import check_classes
-from udtimm.config import ConfigError
+from udtimm.errors import ConfigError
 from udtimm.mixing import Mix
 from udtimm.model import CalibratedModel, ModelOutput
-
-
-class NonFiniteLossError(FloatingPointError):
-    """A NaN/inf loss term; the message names the epoch, step and term."""
-
 
 LossFunction = Callable[[Tensor, Tensor, Tensor], Tensor]  # (logits, target, mask) -> scalar
 

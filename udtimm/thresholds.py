@@ -23,8 +23,8 @@ from torch import Tensor
 
 from udtimm.calibration import ScoreCalibration, stored_calibration
 from udtimm.checkpoint import CheckpointError
-from udtimm.config import ConfigError
 from udtimm.data.base import MultiLabelDataset
+from udtimm.errors import ConfigError
 from udtimm.io import atomic_write_text
 from udtimm.metrics import evaluated_pairs, threshold_metrics
 from udtimm.predictions import Predictions, format_table, frame_table, per_class_metrics

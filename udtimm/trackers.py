@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from accelerate import Accelerator
 from accelerate.utils import is_mlflow_available, is_tensorboard_available, is_wandb_available
 
-from udtimm.config import ConfigError
+from udtimm.errors import ConfigError
 
 PROJECT = "udtimm"
 # --log-with name -> the package to install, and accelerate's check that it is there.

@@ -16,11 +16,11 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from udtimm import checkpoint, metrics
-from udtimm.config import ConfigError
 from udtimm.data.feed import BatchTransform, DeviceFeeder
 from udtimm.data.loader import seed_loader
 from udtimm.ema import EMA, EMA_COLUMNS, RAW
 from udtimm.engine import bare_model, broadcast_buffers, optimizer_steps, predict, train_one_epoch
+from udtimm.errors import ConfigError
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
 from udtimm.mixing import Mixer
 from udtimm.objectives import Objective

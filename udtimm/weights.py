@@ -17,6 +17,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from torch import Tensor, nn
 
+from udtimm.errors import WeightsError
 from udtimm.heads import HEAD_PREFIX
 
 BACKBONE_PREFIX = "backbone."
@@ -24,10 +25,6 @@ CAL_PREFIX = "cal_head."
 # A timm training checkpoint (.pth.tar) nests its weights under one of these, the EMA first, as timm reads them.
 _NESTED_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 _LISTED = 5
-
-
-class WeightsError(ValueError):
-    """A weights file that cannot be read or does not fit the model; the message names the file and the keys."""
 
 
 def read_weights(path: str) -> tuple[dict[str, Tensor], dict[str, str]]:

@@ -13,17 +13,11 @@ from torch import Tensor
 from torchvision.io import ImageReadMode, decode_image, read_file
 from torchvision.transforms.v2 import functional as F
 
+from udtimm.errors import CorruptImageError, DatasetError
+
 # The first bytes of the formats torchvision decodes (JPEG, PNG, GIF, WEBP at offset 8); PIL reads the others.
 SIGNATURES = ((0, b"\xff\xd8\xff"), (0, b"\x89PNG\r\n\x1a\n"), (0, b"GIF8"), (8, b"WEBP"))
 INTEGER_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # read as 16-bit values (pil_pixels)
-
-
-class DatasetError(ValueError):
-    """Bad dataset input; the message names the file (and line, row or id) at fault."""
-
-
-class CorruptImageError(DatasetError):
-    """An image file that cannot be read or decoded; the message names the file."""
 
 
 # The target value of a label that nobody annotated (docs/datasets.md#missing-labels): neither present nor absent.

@@ -16,6 +16,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from udtimm.errors import HeadConfigError
 from udtimm.heads.csra import CSRAHead
 from udtimm.heads.ml_decoder import MLDecoderHead
 
@@ -26,10 +27,6 @@ HEADS: dict[str, type[nn.Module]] = {
     CSRAHead.name: CSRAHead,
 }
 HEAD_NAMES = (LINEAR, *HEADS)
-
-
-class HeadConfigError(ValueError):
-    """A head that cannot be built as asked (unknown name, options it does not take, values out of range)."""
 
 
 def head_suffix(name: str) -> str:
