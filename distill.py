@@ -16,12 +16,11 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from udtimm import checkpoint, cli, config, devices, loaders, optimization, runs
+from udtimm import checkpoint, cli, config, devices, loaders, runs
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attention_support
 from udtimm.config import add_fixed
 from udtimm.data.transforms import Renormalize
-from udtimm.ema import make_ema, method_suffix
-from udtimm.engine import bare_model
+from udtimm.ema import method_suffix
 from udtimm.heads import head_suffix
 from udtimm.losses import ATTENTION_DISTANCES
 from udtimm.model import CalibratedModel
@@ -35,8 +34,6 @@ from udtimm.objectives import (
     check_teacher,
     ud_method,
 )
-from udtimm.provenance import provenance_record
-from udtimm.trainer import RunSetup
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,7 +175,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
     method = method_name(args) + runs.data_suffix(data, settings.mixing)
     run_dir = runs.run_dir_path(runtime, args.model, method)
     accelerator = devices.make_training_accelerator(settings, run_dir)
-    train_set, eval_set, test_set = loaders.load_datasets(data, accelerator)
+    datasets = loaders.load_datasets(data, accelerator)
+    train_set = datasets[0]
     # Every check on the teacher happens before the run directory exists and before any step.
     teacher, teacher_metadata = (None, {}) if args.self_distill else load_teacher(
         args.teacher_ckpt, train_set.classes, args.method, accelerator, runtime.channels_last)
@@ -189,36 +187,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         for model in (student, teacher):
             if model is not None:
                 check_attention_support(model)
-    with runs.run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
-        mean, std = student_norm = loaders.normalisation(student.backbone)
-        train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
-            data, train_set, eval_set, mean, std, accelerator.device)
-        test_loader, test_transform = loaders.build_eval_loader(data, test_set, mean, std, accelerator.device)
-        optimizer, scheduler = optimization.build_optimization(settings.optim, student, len(train_loader),
-                                                               cycles=2 if args.self_distill else 1)
-        student, optimizer, train_loader, eval_loader, test_loader = accelerator.prepare(
-            devices.place_model(student, accelerator.device, runtime.channels_last), optimizer, train_loader,
-            eval_loader, test_loader)
-        teacher_name = "self" if args.self_distill else args.teacher_ckpt
-        accelerator.print(f"{run_dir}: {args.model} ({method}) from {teacher_name} on {data.source.name}, "
-                          f"{loaders.describe_splits(data, train_set, eval_set, test_set)}, "
-                          f"{accelerator.num_processes} process(es) on {accelerator.device}")
-        metadata = checkpoint.model_metadata(args.model, bare_model(accelerator, student), train_set.classes,
-                                             args.global_pool, data.img_size, mean, std, dataset=data.source.name,
-                                             method=method, teacher=teacher_name, model_kwargs=args.model_kwargs,
-                                             provenance=provenance_record(data))
-        objective = self_distillation(args, run_dir, train_set.classes, student_norm, accelerator) \
-            if args.self_distill else make_objective(args, teacher, teacher_metadata, student_norm, accelerator,
-                                                     args.method)
-        setup = RunSetup(
-            run_dir=run_dir, model=student, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-            eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
-            eval_transform=eval_transform, prefetch=data.prefetch,
-            test_loader=test_loader, test_transform=test_transform,
-            result_fields=runs.result_fields(settings, method, teacher_name),
-            ema=make_ema(settings.optim, bare_model(accelerator, student)),
-        )
-        return runs.fit_and_report(settings, setup, accelerator)
+    teacher_name = "self" if args.self_distill else args.teacher_ckpt
+
+    def objective(student_norm: tuple[list[float], list[float]]) -> Objective:
+        if args.self_distill:
+            return self_distillation(args, run_dir, train_set.classes, student_norm, accelerator)
+        return make_objective(args, teacher, teacher_metadata, student_norm, accelerator, args.method)
+
+    return runs.train_model(settings, run_dir, method, teacher_name, student, datasets, accelerator, objective,
+                            cycles=2 if args.self_distill else 1)
 
 
 if __name__ == "__main__":

@@ -13,15 +13,11 @@ from collections.abc import Sequence
 
 from accelerate.utils import set_seed
 
-from udtimm import cli, config, devices, loaders, optimization, runs
-from udtimm.checkpoint import model_metadata
+from udtimm import cli, config, devices, loaders, runs
 from udtimm.config import add_fixed
-from udtimm.ema import make_ema, method_suffix
-from udtimm.engine import bare_model
+from udtimm.ema import method_suffix
 from udtimm.heads import LINEAR, head_suffix
 from udtimm.objectives import CLASSIFICATION_LOSSES, LossOptions, SupervisedObjective
-from udtimm.provenance import provenance_record
-from udtimm.trainer import RunSetup
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -58,37 +54,14 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
         runs.data_suffix(data, settings.mixing)
     run_dir = runs.run_dir_path(runtime, args.model, method)
     accelerator = devices.make_training_accelerator(settings, run_dir)
-    train_set, eval_set, test_set = loaders.load_datasets(data, accelerator)
+    datasets = loaders.load_datasets(data, accelerator)
     set_seed(runtime.seed)
-    model = devices.build_model(settings.model, data.img_size, train_set.classes, args.cal, accelerator)
-    # After every check on the data and the weights; removed again if the run fails before saving an epoch.
-    with runs.run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
-        mean, std = loaders.normalisation(model.backbone)
-        train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
-            data, train_set, eval_set, mean, std, accelerator.device)
-        test_loader, test_transform = loaders.build_eval_loader(data, test_set, mean, std, accelerator.device)
-        optimizer, scheduler = optimization.build_optimization(settings.optim, model, len(train_loader))
-        model, optimizer, train_loader, eval_loader, test_loader = accelerator.prepare(
-            devices.place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader,
-            test_loader)
-        accelerator.print(f"{run_dir}: {args.model} ({method}) on {data.source.name}, "
-                          f"{loaders.describe_splits(data, train_set, eval_set, test_set)}, "
-                          f"{len(train_set.classes)} classes, {accelerator.num_processes} process(es) on "
-                          f"{accelerator.device}")
-        metadata = model_metadata(args.model, bare_model(accelerator, model), train_set.classes, args.global_pool,
-                                  data.img_size, mean, std, dataset=data.source.name, method=method, teacher="",
-                                  model_kwargs=args.model_kwargs, provenance=provenance_record(data))
-        objective = SupervisedObjective(args.loss, args.cal, args.cal_weight, data.difficult,
-                                        config.settings_from(LossOptions, args), data.unknown)
-        setup = RunSetup(
-            run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
-            eval_loader=eval_loader, objective=objective, metadata=metadata, train_transform=train_transform,
-            eval_transform=eval_transform, prefetch=data.prefetch,
-            test_loader=test_loader, test_transform=test_transform,
-            result_fields=runs.result_fields(settings, method, ""),
-            ema=make_ema(settings.optim, bare_model(accelerator, model)),
-        )
-        return runs.fit_and_report(settings, setup, accelerator)
+    model = devices.build_model(settings.model, data.img_size, datasets[0].classes, args.cal, accelerator)
+    objective = SupervisedObjective(args.loss, args.cal, args.cal_weight, data.difficult,
+                                    config.settings_from(LossOptions, args), data.unknown)
+    # The run directory is made after every check on the data and the weights (removed again if the run fails
+    # before saving an epoch).
+    return runs.train_model(settings, run_dir, method, "", model, datasets, accelerator, lambda norm: objective)
 
 
 if __name__ == "__main__":

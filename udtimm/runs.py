@@ -1,19 +1,28 @@
-"""A training run's frame: its directory (new or resumed), and its results at the end."""
+"""A training run's frame: its directory (new or resumed), what train.py and distill.py set up alike, and its
+results at the end."""
 
 from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 from accelerate import Accelerator
 
-from udtimm.checkpoint import find_training_state
+from udtimm import loaders
+from udtimm.checkpoint import find_training_state, model_metadata
 from udtimm.config import ConfigError, experiment_name, save_args
+from udtimm.data.base import MultiLabelDataset
+from udtimm.devices import place_model
+from udtimm.ema import make_ema
+from udtimm.engine import bare_model
 from udtimm.io import atomic_write_text, check_writable, read_text
 from udtimm.metrics import METRIC_COLUMNS
-from udtimm.provenance import source_state
+from udtimm.model import CalibratedModel
+from udtimm.objectives import Objective
+from udtimm.optimization import build_optimization
+from udtimm.provenance import provenance_record, source_state
 from udtimm.settings import DataSettings, MixingSettings, RuntimeSettings, TrainingSettings
 from udtimm.trackers import start_trackers
 from udtimm.trainer import RunSetup, fit
@@ -75,6 +84,44 @@ def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict
             "teacher": teacher, "seed": settings.runtime.seed, "epochs": settings.optim.epochs,
             "img_size": data.img_size, "difficult": data.difficult,
             "eval_difficult": "negative" if data.eval_difficult_negative else "ignore", **source_state()}
+
+
+def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: str, model: CalibratedModel,
+                datasets: tuple[MultiLabelDataset, MultiLabelDataset, MultiLabelDataset], accelerator: Accelerator,
+                make_objective: Callable[[tuple[list[float], list[float]]], Objective],
+                cycles: int = 1) -> dict[str, object]:
+    """What train.py and distill.py share once the model and the data are checked: the run directory, the loaders
+    and the optimisation on the device, the checkpoint's metadata, then every epoch (fit_and_report). `teacher`
+    names the teacher ("" for none); `make_objective` gets the model's normalisation (mean, std); `cycles` of the
+    cosine schedule (2 for self-distillation)."""
+    data, runtime, model_settings = settings.data, settings.runtime, settings.model
+    train_set, eval_set, test_set = datasets
+    with run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
+        mean, std = normalisation = loaders.normalisation(model.backbone)
+        train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
+            data, train_set, eval_set, mean, std, accelerator.device)
+        test_loader, test_transform = loaders.build_eval_loader(data, test_set, mean, std, accelerator.device)
+        optimizer, scheduler = build_optimization(settings.optim, model, len(train_loader), cycles=cycles)
+        model, optimizer, train_loader, eval_loader, test_loader = accelerator.prepare(
+            place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader,
+            test_loader)
+        accelerator.print(f"{run_dir}: {model_settings.model} ({method}){f' from {teacher}' if teacher else ''} on "
+                          f"{data.source.name}, {loaders.describe_splits(data, train_set, eval_set, test_set)}, "
+                          f"{len(train_set.classes)} classes, {accelerator.num_processes} process(es) on "
+                          f"{accelerator.device}")
+        metadata = model_metadata(model_settings.model, bare_model(accelerator, model), train_set.classes,
+                                  model_settings.global_pool, data.img_size, mean, std, dataset=data.source.name,
+                                  method=method, teacher=teacher, model_kwargs=model_settings.model_kwargs,
+                                  provenance=provenance_record(data))
+        setup = RunSetup(
+            run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
+            eval_loader=eval_loader, objective=make_objective(normalisation), metadata=metadata,
+            train_transform=train_transform, eval_transform=eval_transform, prefetch=data.prefetch,
+            test_loader=test_loader, test_transform=test_transform,
+            result_fields=result_fields(settings, method, teacher),
+            ema=make_ema(settings.optim, bare_model(accelerator, model)),
+        )
+        return fit_and_report(settings, setup, accelerator)
 
 
 def fit_and_report(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:
