@@ -2,11 +2,14 @@
 
 import hashlib
 import json
+import os
 import subprocess
+import tempfile
 
 import train
 import validate
 from udtimm import config, provenance
+from udtimm.data import DataSource
 
 
 def test_source_state_names_this_checkouts_commit_and_whether_it_changed() -> None:
@@ -46,3 +49,17 @@ def test_the_record_names_the_data_variant_and_a_mismatch_names_both() -> None:
                                                    "--digits-ambiguous"]), "digits")
     assert provenance.data_variant_mismatch("c.safetensors", metadata, same) is None
     assert provenance.data_variant_mismatch("c.safetensors", {}, plain) is None  # written before the record
+
+
+def test_a_csv_set_edited_after_training_is_named() -> None:
+    with tempfile.TemporaryDirectory() as root:
+        with open(os.path.join(root, "train.csv"), "w") as handle:
+            handle.write("image,labels\na.jpg,cat\n")
+        source = DataSource("csv", root, {})
+        trained = {"dataset": "csv", "options": {}, "files": provenance.label_files(source)}
+        metadata = {"provenance": json.dumps(trained)}
+        assert provenance.data_variant_mismatch("c.safetensors", metadata, source) is None
+        with open(os.path.join(root, "train.csv"), "a") as handle:
+            handle.write("b.jpg,dog\n")
+        assert provenance.data_variant_mismatch("c.safetensors", metadata, source) == (
+            "c.safetensors was trained on other contents of train.csv (their sha256 changed since)")

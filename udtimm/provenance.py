@@ -46,10 +46,19 @@ def file_sha256(path: str) -> str:
 def provenance_record(data: DataSettings) -> dict[str, object]:
     """The checkpoint's `provenance` entry: the data it was trained on (the dataset with its options, the training
     split and the held-out images, the labels hidden) and the code (commit, dirty)."""
-    return {"dataset": data.source.name, "options": data.source.options, "train_split": data.train_split,
-            "val_split": data.val_split, "holdout_fraction": data.holdout_fraction,
-            "holdout_seed": data.holdout_seed, "drop_labels": data.drop_labels,
-            "drop_labels_seed": data.drop_labels_seed, **source_state()}
+    return {"dataset": data.source.name, "options": data.source.options, "files": label_files(data.source),
+            "train_split": data.train_split, "val_split": data.val_split,
+            "holdout_fraction": data.holdout_fraction, "holdout_seed": data.holdout_seed,
+            "drop_labels": data.drop_labels, "drop_labels_seed": data.drop_labels_seed, **source_state()}
+
+
+def label_files(source: DataSource) -> dict[str, str]:
+    """The sha256 of a CSV set's label files (`<root>/*.csv`, classes.txt) by name: a set edited after training
+    evaluates as another one. Other formats: {} (their annotations are releases that do not change)."""
+    if source.name != "csv" or not source.root or not os.path.isdir(source.root):
+        return {}
+    return {name: file_sha256(os.path.join(source.root, name)) for name in sorted(os.listdir(source.root))
+            if name.endswith(".csv") or name == "classes.txt"}
 
 
 def data_variant_mismatch(checkpoint: str, metadata: dict[str, str], source: DataSource) -> str | None:
@@ -58,7 +67,13 @@ def data_variant_mismatch(checkpoint: str, metadata: dict[str, str], source: Dat
     if "provenance" not in metadata:
         return None
     trained = json.loads(metadata["provenance"])
-    if trained["dataset"] != source.name or trained["options"] == source.options:
+    if trained["dataset"] != source.name:
+        return None
+    now = label_files(source)
+    edited = sorted(name for name, digest in trained.get("files", {}).items() if name in now and now[name] != digest)
+    if edited:
+        return f"{checkpoint} was trained on other contents of {', '.join(edited)} (their sha256 changed since)"
+    if trained["options"] == source.options:
         return None
     differ = sorted(key for key in {**trained["options"], **source.options}
                     if trained["options"].get(key) != source.options.get(key))
