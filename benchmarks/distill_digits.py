@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """The digits distillation benchmark: the paper's claims, registered before the runs, 12 seeds, chosen on val.
 
-    python benchmarks/distill_digits.py                           # seeds 0-11, about 70 minutes on a 2-core CPU
+    python benchmarks/distill_digits.py                           # seeds 0-11, about 75 minutes on a 2-core CPU
     python benchmarks/distill_digits.py --print-commands          # every run's command line, nothing run
     python benchmarks/distill_digits.py --seeds 0 1 --out output/distill-digits-2 --results output/trial.csv
 
