@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import warnings
 from collections.abc import Sequence
 
@@ -26,7 +25,7 @@ import pandas as pd
 import torch
 
 from udtimm import cli
-from udtimm.config import ConfigError
+from udtimm.config import ConfigError, warn
 from udtimm.io import atomic_write_text, check_writable
 from udtimm.predictions import format_table
 from udtimm.predictor import IMAGE_COLUMN, LABELS_COLUMN, Predictor
@@ -85,7 +84,7 @@ def main(argv: Sequence[str] | None = None) -> pd.DataFrame:
     predictor = Predictor.from_checkpoint(args.checkpoint, device=args.device)
     line = predictor.default_threshold_warning(args.threshold)
     if line:
-        print(f"warning: {line}", file=sys.stderr)
+        warn(line)
     with warnings.catch_warnings():  # said once, above, as a line
         warnings.filterwarnings("ignore", message=".*whose scores are not probabilities")
         table = predictor.predict(args.inputs, batch_size=args.batch_size, topk=args.topk, threshold=args.threshold,

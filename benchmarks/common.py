@@ -73,6 +73,11 @@ def planned_args(job: Job) -> dict:
     return yaml.safe_load(yaml.safe_dump(values, sort_keys=False))
 
 
+def last_results_row(run_dir: str) -> pd.Series:
+    """The finished run's results.csv row (the last: a run finished again after --resume appends one), as text."""
+    return pd.read_csv(os.path.join(run_dir, "results.csv"), dtype=str, keep_default_na=False).iloc[-1]
+
+
 def check_reusable(jobs: Sequence[Job], current_commit: str, other_commits: bool) -> None:
     """Refuse, before anything runs, a run in --out whose args.yaml differs from its planned command, or (unless
     `other_commits`) a finished one made by another commit than `current_commit` or from a changed tree."""
@@ -89,7 +94,7 @@ def check_reusable(jobs: Sequence[Job], current_commit: str, other_commits: bool
             raise ReuseError(f"{job.run_dir} was made with other flags than this benchmark plans ("
                              + "; ".join(differences) + "): give another --out, or remove that run to redo it")
         if job.done and not other_commits:
-            made = pd.read_csv(os.path.join(job.run_dir, "results.csv"), dtype=str, keep_default_na=False).iloc[-1]
+            made = last_results_row(job.run_dir)
             commit, dirty = made.get("commit", ""), made.get("dirty", "")
             if commit != current_commit or dirty != "no":
                 changes = "" if dirty == "no" else " with uncommitted changes" if dirty == "yes" else \
@@ -158,7 +163,7 @@ def long_table(jobs: Sequence[Job]) -> pd.DataFrame:
     and of the last epoch."""
     rows = []
     for job in jobs:
-        results = pd.read_csv(os.path.join(job.run_dir, "results.csv"), dtype=str, keep_default_na=False).iloc[-1]
+        results = last_results_row(job.run_dir)
         rest = [column for column in results.index if column not in (*RUN_COLUMNS, *PATH_COLUMNS, "seed")]
         rows.append({**job.labels, "run": os.path.basename(job.run_dir),
                      **{column: results[column] for column in (*RUN_COLUMNS, *rest) if column in results.index}})

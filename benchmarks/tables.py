@@ -30,7 +30,7 @@ DOCUMENTS = ("README.md", *(os.path.join("docs", name) for name in sorted(os.lis
 BLOCK = re.compile(r"(<!-- table: (?P<name>[\w-]+) -->\n)(?P<body>.*?)(<!-- end table -->)", re.DOTALL)
 
 
-def long_table(name: str) -> pd.DataFrame:
+def results_table(name: str) -> pd.DataFrame:
     """benchmarks/results/<name>.csv with each run's arm as its method, numbers as numbers."""
     return distill_digits.arm_results(pd.read_csv(os.path.join(RESULTS_DIR, f"{name}.csv"), dtype=str,
                                                   keep_default_na=False))
@@ -52,24 +52,25 @@ def short_claims(results: pd.DataFrame, claims: Sequence[Claim]) -> str:
 
 
 def distill_claims_short() -> str:
-    return short_claims(long_table("distill_digits"), (*distill_digits.CLAIMS, *distill_digits.POST_HOC))
+    return short_claims(results_table("distill_digits"), (*distill_digits.CLAIMS, *distill_digits.POST_HOC))
 
 
 def distill_arms() -> str:
-    return distill_digits.arm_table(long_table("distill_digits"))
+    return distill_digits.arm_table(results_table("distill_digits"))
 
 
 def distill_claims() -> str:
-    return to_markdown(claims_table(long_table("distill_digits"), (*distill_digits.CLAIMS, *distill_digits.POST_HOC)))
+    claims = (*distill_digits.CLAIMS, *distill_digits.POST_HOC)
+    return to_markdown(claims_table(results_table("distill_digits"), claims))
 
 
 def distill_defaults() -> str:
-    return to_markdown(claims_table(long_table("distill_digits"), distill_digits.DEFAULT_CHOICE))
+    return to_markdown(claims_table(results_table("distill_digits"), distill_digits.DEFAULT_CHOICE))
 
 
 def missing_labels_short() -> str:
     """Markdown: per dropped fraction, each arm's test mAP and the part of the gap it closes."""
-    results = long_table("missing_labels_digits")
+    results = results_table("missing_labels_digits")
     arms = list(missing_labels_digits.ARMS)
     lines = ["| dropped | " + " | ".join(f"`{arm}`" for arm in arms) + " |", "|---|" + "---|" * len(arms)]
     for fraction in sorted(set(results["dropped"].dropna())):
@@ -82,7 +83,7 @@ def missing_labels_short() -> str:
 
 
 def missing_labels() -> str:
-    results = long_table("missing_labels_digits")
+    results = results_table("missing_labels_digits")
     return "".join(missing_labels_digits.fraction_tables(results, fraction)
                    for fraction in sorted(set(results["dropped"].dropna())))
 

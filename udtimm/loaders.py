@@ -55,18 +55,16 @@ def tuning_dataset(source: DataSource, split: str, trained: dict | None) -> Mult
     images of the training split that the checkpoint's run held out (`trained`: its provenance record). Refused,
     naming an image, when it shares one with the images that run trained on."""
     same_data = trained is not None and trained["dataset"] == source.name
-    if split == HOLDOUT:
-        if not same_data or trained["val_split"] != HOLDOUT:
-            held = "its run held no images out" if same_data else "the checkpoint records no run on this dataset"
-            raise ConfigError(f"--tune-split {HOLDOUT}: {held}; name a held-out split (e.g. val)")
-        tune_set = hold_out(source.load(trained["train_split"]), trained["holdout_fraction"],
-                            trained["holdout_seed"])[1]
-    else:
-        tune_set = source.load(split)
-    if same_data:
+    if split == HOLDOUT and not (same_data and trained["val_split"] == HOLDOUT):
+        held = "its run held no images out" if same_data else "the checkpoint records no run on this dataset"
+        raise ConfigError(f"--tune-split {HOLDOUT}: {held}; name a held-out split (e.g. val)")
+    training = held_out = None
+    if same_data:  # the images the run trained on, and those it held out (the train split read once)
         training = source.load(trained["train_split"])
         if trained["val_split"] == HOLDOUT:
-            training = hold_out(training, trained["holdout_fraction"], trained["holdout_seed"])[0]
+            training, held_out = hold_out(training, trained["holdout_fraction"], trained["holdout_seed"])
+    tune_set = held_out if split == HOLDOUT else source.load(split)
+    if training is not None:
         shared = {sample.path for sample in tune_set.samples} & {sample.path for sample in training.samples}
         if shared:
             raise ConfigError(f"--tune-split {split} shares {len(shared)} image(s) with the images the checkpoint "
