@@ -1,9 +1,9 @@
 #!/usr/bin/env python3
 """How hard each term of Eq. 18 pulls on the student's backbone, per --att-variant: gradient norms, not training.
 
-    python benchmarks/attention_gradients.py --teacher-ckpt output/distill-digits/teacher/best.safetensors \\
-        --model test_resnet --img-size 64 --model-kwargs output_stride=16 \\
-        --initial-checkpoint ~/.cache/udtimm/pretrained/<run>/best.safetensors
+    python benchmarks/attention_gradients.py --teacher-ckpt output/distill-digits/teacher-seed0/best.safetensors \\
+        --model resnet10t --img-size 56 --model-kwargs output_stride=8 "channels=[16,32,64,128]" stem_width=16 \\
+        --pretrained-path benchmarks/weights/digits56-student.safetensors --dataset digits --digits-ambiguous
 
 Takes distill.py's flags (the student, its start, the data) and, over the first --batches training batches,
 prints for each variant the mean L2 norm of the gradient that each weighted term (Eq. 13, alpha Eq. 14,
