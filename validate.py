@@ -5,9 +5,11 @@ on a held-out split.
     python validate.py --checkpoint output/<run>/best.safetensors     # its dataset's test split
     python validate.py --checkpoint best.safetensors --subset difficult --results-file results.csv
     python validate.py --checkpoint best.safetensors --per-class      # AP, P, R, F1, ECE of every class
+    python validate.py --checkpoint best.safetensors --per-class --per-class-rows all   # printed: 10,000 rows too
     python validate.py --checkpoint best.safetensors --tune-thresholds f1 --tune-split val
     python validate.py --checkpoint best.safetensors --calibrate per-class --tune-split val
     python validate.py --checkpoint best.safetensors --calibrate platt       # sigmoid(logit / T + b) per class
+    python validate.py --checkpoint best.safetensors --eval-memory binned    # any split size, in bounded memory
     ACCELERATE_USE_CPU=true torchrun --nproc_per_node 2 validate.py --checkpoint best.safetensors
 
 The model, its classes, input size and normalisation come from the checkpoint's metadata (udtimm.Predictor loads
@@ -30,10 +32,20 @@ from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
 from udtimm.data.loader import make_loader
-from udtimm.engine import predict
+from udtimm.engine import evaluate_streaming, predict
 from udtimm.io import append_csv_row, atomic_write_text
+from udtimm.metric_statistics import MetricStatistics, binned_evaluation, exact_size
 from udtimm.plots import reliability_diagram
-from udtimm.predictions import Predictions, frame_table, metrics_table, select, write_scores_csv
+from udtimm.predictions import (
+    MANY_CLASSES,
+    SUMMARY_ROWS,
+    Predictions,
+    class_table,
+    metrics_table,
+    select,
+    summary_rows,
+    write_scores_csv,
+)
 from udtimm.predictor import Predictor
 from udtimm.provenance import data_variant_mismatch
 
@@ -55,13 +67,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                  "of1_topK (train.py and distill.py: the paper's 3)")
     evaluation.add_argument("--eval-difficult-negative", action="store_true",
                             help="CP..OF1 count difficult pairs as negatives (ML-GCN's code), not left out")
+    config.add_evaluation_args(evaluation)
     evaluation.add_argument("--results-file", default=None, metavar="CSV", help="append one row of metrics")
     evaluation.add_argument("--save-preds", default=None, metavar="CSV", help="write every image's probabilities")
     evaluation.add_argument("--plots", default=None, metavar="DIR", help="write DIR/reliability.png")
     evaluation.add_argument("--per-class", nargs="?", const="", default=None, metavar="CSV",
-                            help="print every class's AP, precision, recall, F1, ECE, positives and difficult labels, "
-                                 "and write them to CSV (default: <checkpoint stem>-per-class-<split>.csv beside "
-                                 "the checkpoint)")
+                            help="print each class's AP, precision, recall, F1, ECE, positives and difficult labels "
+                                 f"(above {MANY_CLASSES} classes a summary: --per-class-rows), and write every "
+                                 "class's to CSV (default: <checkpoint stem>-per-class-<split>.csv beside the "
+                                 "checkpoint)")
+    evaluation.add_argument("--per-class-rows", type=summary_rows, default=SUMMARY_ROWS, metavar="N|all",
+                            help="the per-class tables printed (--per-class, --subset difficult, --tune-thresholds, "
+                                 f"--calibrate) of more than {MANY_CLASSES} classes show the N worst and N best "
+                                 "classes, quantiles and bands of positives; all: every row")
     tuning = parser.add_argument_group("post-hoc calibration and per-class thresholds")
     tuning.add_argument("--calibrate", default=None, choices=calibration.METHODS,
                         help="fit one temperature for all classes, one per class, or per class a temperature and "
@@ -93,6 +111,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     if not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
+    config.check_evaluation(args)
     if args.tune_split is not None and not (args.calibrate or args.tune_thresholds):
         config.warn(f"--tune-split {args.tune_split} does nothing without --calibrate or --tune-thresholds")
     args.objective = thresholds.parse_objective(args.tune_thresholds) if args.tune_thresholds else None
@@ -131,15 +150,15 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
         predictions = calibration.calibrate_predictions(raw, predictor.calibration)
         before_after, uncalibrated = calibration.compare(raw, predictions)
     values = metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult, args.threshold,
-                                     args.topk, difficult_as_negative=args.eval_difficult_negative)
+                                     args.topk, difficult_as_negative=args.eval_difficult_negative,
+                                     min_positives=args.min_positives)
     tuned = {}
     if predictor.thresholds is not None:
         comparison, tuned = thresholds.compare(predictions, args.threshold, predictor.thresholds,
                                                args.eval_difficult_negative)
     if not accelerator.is_main_process:
         return {**values, **tuned, **uncalibrated}
-    print(f"{args.checkpoint} ({metadata['model']}) on {dataset.name}, subset {args.subset}: "
-          f"{len(predictions.indices)} images, {accelerator.num_processes} process(es)")
+    print(heading(args, dataset, metadata, len(predictions.indices), accelerator))
     if args.subset == "difficult" or args.per_class is not None:
         write_per_class(args, predictions, dataset, predictor)
     print(metrics_table(values))
@@ -149,13 +168,8 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
         print(f"per-class thresholds ({thresholds.thresholds_path(args.checkpoint)}) against --threshold "
               f"{args.threshold:g}, on {dataset.name}:\n{comparison}")
     if args.results_file:
-        append_csv_row(args.results_file, {
-            "dataset": dataset_name(args, metadata), "split": args.split, "subset": args.subset,
-            "model": metadata["model"],
-            "method": metadata.get("method", ""), "teacher": metadata.get("teacher", ""),
-            "checkpoint": args.checkpoint, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore",
-            **values, **({"calibration": calibrated_by, **uncalibrated} if uncalibrated else {}),
-        })
+        append_results(args, metadata, {**values, **({"calibration": calibrated_by, **uncalibrated}
+                                                     if uncalibrated else {})})
     if args.save_preds:
         image_ids = [dataset.samples[index].image_id for index in predictions.indices.tolist()]
         write_scores_csv(args.save_preds, image_ids, dataset.classes, predictions.scores, predictions.target)
@@ -166,12 +180,73 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
     return {**values, **tuned, **uncalibrated}
 
 
+def heading(args: argparse.Namespace, dataset: MultiLabelDataset, metadata: dict[str, str], images: int,
+            accelerator: Accelerator) -> str:
+    """The line printed above the metrics: what was evaluated, on how many images and processes."""
+    return (f"{args.checkpoint} ({metadata['model']}) on {dataset.name}, subset {args.subset}: {images} images, "
+            f"{accelerator.num_processes} process(es)")
+
+
+def append_results(args: argparse.Namespace, metadata: dict[str, str], values: dict[str, object]) -> None:
+    """--results-file: one row, the columns that say what was evaluated, then `values`."""
+    append_csv_row(args.results_file, {
+        "dataset": dataset_name(args, metadata), "split": args.split, "subset": args.subset,
+        "model": metadata["model"],
+        "method": metadata.get("method", ""), "teacher": metadata.get("teacher", ""),
+        "checkpoint": args.checkpoint, "eval_difficult": "negative" if args.eval_difficult_negative else "ignore",
+        **values,
+    })
+
+
+# validate.py's outputs that need every image's scores, which --eval-memory binned does not keep.
+NEEDS_SCORES = (("save_preds", "--save-preds"), ("plots", "--plots"), ("per_class", "--per-class"),
+                ("calibrate", "--calibrate"), ("tune_thresholds", "--tune-thresholds"))
+
+
+def check_binned(args: argparse.Namespace, dataset: MultiLabelDataset, stored: dict | None) -> None:
+    """Before any work, when the split is evaluated from binned statistics: refuse the flags that need every score,
+    and a stored calibration or per-class thresholds, which apply to every score (its metrics would not be the ones
+    the exact path gives)."""
+    size = f"{dataset.name}: {exact_size(len(dataset), len(dataset.classes))}"
+    flags = [flag for name, flag in NEEDS_SCORES if getattr(args, name) is not None]
+    if flags:
+        named = " and ".join(flags)
+        raise ConfigError(f"{named} need{'s' if len(flags) == 1 else ''} every image's scores, which --eval-memory "
+                          f"{args.eval_memory} does not keep here ({size}): give --eval-memory exact where that "
+                          f"fits, or drop {named}")
+    if stored:
+        raise ConfigError(f"{thresholds.thresholds_path(args.checkpoint)} holds a calibration or per-class "
+                          f"thresholds, which --eval-memory {args.eval_memory} cannot apply ({size}, no score kept): "
+                          "give --eval-memory exact where that fits, or move that file away")
+
+
+def evaluate_binned(args: argparse.Namespace, dataset: MultiLabelDataset, model: nn.Module, predictor: Predictor,
+                    accelerator: Accelerator) -> dict[str, float]:
+    """Metrics of the split (or its difficult subset) from binned statistics (--eval-memory binned: AP from score
+    bins, the rest exact), printed and written by the main process."""
+    statistics = MetricStatistics(len(dataset.classes), args.threshold, args.topk,
+                                  difficult_as_negative=args.eval_difficult_negative,
+                                  min_positives=args.min_positives, ap_bins=args.eval_bins, device=accelerator.device)
+    statistics = evaluate_streaming(model, eval_batches(args, dataset, predictor, accelerator), accelerator,
+                                    statistics, not args.no_progress, difficult_subset_only=args.subset == "difficult")
+    values = statistics.compute()
+    if values["num_images"] == 0:
+        raise ConfigError(f"--subset difficult: no image of {dataset.name} has a difficult label")
+    if accelerator.is_main_process:
+        print(f"{heading(args, dataset, predictor.metadata, int(values['num_images']), accelerator)}; from binned "
+              f"statistics (--eval-memory {args.eval_memory}, {args.eval_bins} AP bins per class)")
+        print(metrics_table(values))
+        if args.results_file:
+            append_results(args, predictor.metadata, values)
+    return values
+
+
 def write_per_class(args: argparse.Namespace, predictions: Predictions, dataset: MultiLabelDataset,
                     predictor: Predictor) -> None:
     """The per-class table, printed; with --per-class also written to its CSV."""
     table = thresholds.per_class_table(predictions, dataset.classes, args.threshold, predictor.thresholds,
                                        args.eval_difficult_negative)
-    print(frame_table(table))
+    print(class_table(table, "ap", args.per_class_rows))
     if args.per_class is not None:
         subset = "-difficult" if args.subset == "difficult" else ""
         path = args.per_class or f"{os.path.splitext(args.checkpoint)[0]}-per-class-{args.split}{subset}.csv"
@@ -192,7 +267,7 @@ def tune(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Pre
         calibration_entry = calibration.calibration_entry(names, fitted, args.calibrate, tune_set.name, count)
         if main_process:
             print(f"{calibration.fitted_name(args.calibrate)} fitted on {tune_set.name} ({count} images):\n"
-                  f"{calibration.summary_table(predictions, names, fitted, args.calibrate)}")
+                  f"{calibration.summary_table(predictions, names, fitted, args.calibrate, args.per_class_rows)}")
             if thresholds_entries and not args.objective:
                 print("the per-class thresholds stored before were chosen on other scores and are dropped: give "
                       "--tune-thresholds with --calibrate to choose them on the calibrated scores")
@@ -208,21 +283,26 @@ def tune(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Pre
         if main_process:
             scores = "calibrated scores" if calibration_entry else "scores"
             print(f"thresholds for {args.objective} on {tune_set.name} ({count} images, {scores}):\n"
-                  f"{thresholds.summary_table(predictions, names, result, args.objective)}")
+                  f"{thresholds.summary_table(predictions, names, result, args.objective, args.per_class_rows)}")
     record = thresholds.tuning_record(args.checkpoint, thresholds_entries, calibration_entry)
     if main_process:
         print(f"stored: {thresholds.save_thresholds(args.checkpoint, record)}")
     return record
 
 
-def run_predictions(args: argparse.Namespace, model: nn.Module, dataset: MultiLabelDataset, predictor: Predictor,
-                    accelerator: Accelerator) -> Predictions:
-    """The model's probabilities for every image of `dataset`, in dataset order, over all processes."""
+def eval_batches(args: argparse.Namespace, dataset: MultiLabelDataset, predictor: Predictor,
+                 accelerator: Accelerator) -> DeviceFeeder:
+    """The batches of `dataset`, this process's share, ready for the model."""
     transform = loaders.eval_pipeline(dataset, predictor.img_size, predictor.mean, predictor.std, accelerator.device,
                                       args.gpu_decode)
     loader = accelerator.prepare(make_loader(dataset, args.batch_size, False, args.workers))
-    return predict(model, DeviceFeeder(loader, transform, accelerator.device, args.prefetch), accelerator,
-                   not args.no_progress)
+    return DeviceFeeder(loader, transform, accelerator.device, args.prefetch)
+
+
+def run_predictions(args: argparse.Namespace, model: nn.Module, dataset: MultiLabelDataset, predictor: Predictor,
+                    accelerator: Accelerator) -> Predictions:
+    """The model's probabilities for every image of `dataset`, in dataset order, over all processes."""
+    return predict(model, eval_batches(args, dataset, predictor, accelerator), accelerator, not args.no_progress)
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, float]:
@@ -239,6 +319,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     if mismatch:
         accelerator.print(f"warning: {mismatch}")
     dataset = load_dataset(args, predictor.metadata, accelerator, args.split)
+    binned = binned_evaluation(args.eval_memory, len(dataset), len(dataset.classes))
+    if binned:
+        check_binned(args, dataset, record)
     tune_set = None
     if retune:
         trained = json.loads(predictor.metadata["provenance"]) if "provenance" in predictor.metadata else None
@@ -260,8 +343,11 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     predictor.thresholds, predictor.calibration = thresholds.tuning_tensors(record, predictor.class_names, path)
     entry = (record or {}).get("calibration")
     calibrated_by = f"{calibration.fitted_name(entry['method'])} fitted on {entry['split']}" if entry else ""
-    result = evaluate(args, dataset, run_predictions(args, model, dataset, predictor, accelerator), predictor,
-                      accelerator, calibrated_by)
+    if binned:
+        result = evaluate_binned(args, dataset, model, predictor, accelerator)
+    else:
+        result = evaluate(args, dataset, run_predictions(args, model, dataset, predictor, accelerator), predictor,
+                          accelerator, calibrated_by)
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return result

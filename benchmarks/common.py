@@ -73,6 +73,12 @@ def planned_args(job: Job) -> dict:
     return yaml.safe_load(yaml.safe_dump(values, sort_keys=False))
 
 
+def script_defaults(script: str) -> dict:
+    """Every flag's default of a training script, as YAML reads it back."""
+    parser = importlib.import_module(script.removesuffix(".py")).build_parser()
+    return yaml.safe_load(yaml.safe_dump({action.dest: action.default for action in parser._actions}))
+
+
 def last_results_row(run_dir: str) -> pd.Series:
     """The finished run's results.csv row (the last: a run finished again after --resume appends one), as text."""
     return pd.read_csv(os.path.join(run_dir, "results.csv"), dtype=str, keep_default_na=False).iloc[-1]
@@ -87,9 +93,11 @@ def check_reusable(jobs: Sequence[Job], current_commit: str, other_commits: bool
             continue
         with open(saved_path) as handle:
             saved = yaml.safe_load(handle) or {}
-        planned = planned_args(job)
+        planned, defaults = planned_args(job), script_defaults(job.script)
+        # A flag added since the run was made does, at its default, what that run did without it.
         differences = [f"--{key.replace('_', '-')}: the run has {saved.get(key)!r}, the plan {planned.get(key)!r}"
-                       for key in sorted(set(saved) | set(planned)) if saved.get(key) != planned.get(key)]
+                       for key in sorted(set(saved) | set(planned)) if saved.get(key) != planned.get(key)
+                       and not (key not in saved and planned.get(key) == defaults.get(key))]
         if differences:
             raise ReuseError(f"{job.run_dir} was made with other flags than this benchmark plans ("
                              + "; ".join(differences) + "): give another --out, or remove that run to redo it")

@@ -26,6 +26,7 @@ from udtimm import loaders  # noqa: E402
 from udtimm.data import DataSource  # noqa: E402
 from udtimm.data.feed import DeviceFeeder  # noqa: E402
 from udtimm.engine import predict  # noqa: E402
+from udtimm.metric_statistics import AP_BINS  # noqa: E402
 from udtimm.model import create_model  # noqa: E402
 from udtimm.settings import DataSettings  # noqa: E402
 
@@ -50,7 +51,8 @@ def data_settings(args: argparse.Namespace, gpu_decode: bool) -> DataSettings:
         img_size=args.img_size, batch_size=args.batch_size, workers=args.workers, reprob=0.5, hflip=0.5,
         crop_scales=(1.0, 0.875, 0.75, 0.66, 0.5), aa=None, cutout=0.0, difficult="positive", unknown="ignore",
         drop_labels=0.0, drop_labels_seed=0, eval_difficult_negative=False, skip_corrupt=False, gpu_decode=gpu_decode,
-        prefetch=None, test_split="test", select_on_test=True, holdout_fraction=0.1, holdout_seed=0)
+        prefetch=None, test_split="test", select_on_test=True, holdout_fraction=0.1, holdout_seed=0,
+        min_positives=1, eval_memory="exact", eval_bins=AP_BINS)
 
 
 def fed(args: argparse.Namespace, gpu_decode: bool, train: bool, ahead: int, device: torch.device,

@@ -15,6 +15,7 @@ import torch  # noqa: E402
 torch.set_num_threads(2)
 
 TINY_DIGITS = {"num_trainval": 96, "num_test": 40}
+OPENIMAGES_CLASSES = 10_000  # OpenImages v6 trains about 9,600
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -37,6 +38,22 @@ def tiny_checkpoint(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) 
     output = str(tmp_path_factory.mktemp("runs"))
     train.main(tiny_train_args(tiny_digits, output, "--experiment", "tiny"))
     return os.path.join(output, "tiny", "best.safetensors")
+
+
+@pytest.fixture(scope="session")
+def many_classes_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """best.safetensors of a random-init test_resnet (32 px) with OPENIMAGES_CLASSES classes, written without training:
+    the output paths at OpenImages' scale (copy it first to write beside it)."""
+    from udtimm import checkpoint
+    from udtimm.model import create_model
+
+    names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
+    torch.manual_seed(0)
+    model = create_model("test_resnet", len(names), cal=True).eval()
+    path = str(tmp_path_factory.mktemp("many_classes") / "best.safetensors")
+    checkpoint.save_checkpoint(path, model, checkpoint.model_metadata("test_resnet", model, names, None, 32,
+                                                                      [0.5] * 3, [0.25] * 3))
+    return path
 
 
 def tiny_train_args(data_dir: str, output: str, *extra: str) -> list[str]:

@@ -9,12 +9,17 @@ import torch
 from PIL import Image
 
 from udtimm.data.base import (
+    LABELS_DTYPE,
     CorruptImageError,
     DatasetError,
+    Label,
     MultiLabelDataset,
     Sample,
     drop_labels,
     hold_out,
+    label_counts,
+    labels_from_dense,
+    make_labels,
     pil_pixels,
     read_image,
     unknown_only_classes,
@@ -84,7 +89,7 @@ def test_unreadable_files_stop_with_one_line_naming_them(tmp_path) -> None:
 
 
 def listed(ids: list[str]) -> MultiLabelDataset:
-    samples = [Sample(i, f"/images/{i}.jpg", np.ones(2, np.float32), np.zeros(2, np.bool_)) for i in ids]
+    samples = [Sample.from_dense(i, f"/images/{i}.jpg", np.ones(2, np.float32), np.zeros(2, np.bool_)) for i in ids]
     return MultiLabelDataset(samples, ["a", "b"], name="voc2007:trainval")
 
 
@@ -112,34 +117,75 @@ def test_hold_out_refuses_a_fraction_that_leaves_nothing_to_train_on() -> None:
 
 def _labelled(count: int, classes: int = 3) -> MultiLabelDataset:
     rng = np.random.default_rng(0)
-    samples = [Sample(f"{index:03d}", f"/x/{index}.jpg", (rng.random(classes) < 0.4).astype(np.float32),
-                      rng.random(classes) < 0.2) for index in range(count)]
+    samples = [Sample.from_dense(f"{index:03d}", f"/x/{index}.jpg", (rng.random(classes) < 0.4).astype(np.float32),
+                                 rng.random(classes) < 0.2) for index in range(count)]
     return MultiLabelDataset(samples, [f"c{index}" for index in range(classes)], name="t")
 
 
 def test_drop_labels_hides_the_same_share_of_every_class_whatever_the_order() -> None:
     dataset = _labelled(40)
     dropped = drop_labels(dataset, 0.25, seed=3)
-    hidden = np.stack([s.target for s in dropped.samples]) == -1
+    before, after = (d.dense_labels()[0].numpy() for d in (dataset, dropped))
+    hidden = after == -1
     assert hidden.sum(axis=0).tolist() == [10, 10, 10]  # round(0.25 * 40) per class, positives and negatives alike
-    before = np.stack([s.target for s in dataset.samples])
     assert (before[hidden] == 1).any() and (before[hidden] == 0).any()
-    after = np.stack([s.target for s in dropped.samples])
     assert np.array_equal(after[~hidden], before[~hidden])
-    assert not np.stack([s.difficult for s in dropped.samples])[hidden].any()  # nobody annotated it
+    assert not dropped.dense_labels()[1].numpy()[hidden].any()  # nobody annotated it
     # The same images whatever the order the split lists them in, another set with another seed.
     shuffled = MultiLabelDataset(dataset.samples[::-1], dataset.classes, name="t")
-    assert {s.image_id: s.target.tolist() for s in drop_labels(shuffled, 0.25, seed=3).samples} == \
-        {s.image_id: s.target.tolist() for s in dropped.samples}
-    assert not np.array_equal(np.stack([s.target for s in drop_labels(dataset, 0.25, seed=4).samples]), after)
-    assert np.array_equal(np.stack([s.target for s in drop_labels(dataset, 0.0, seed=3).samples]), before)
+    assert {s.image_id: s.labels.tolist() for s in drop_labels(shuffled, 0.25, seed=3).samples} == \
+        {s.image_id: s.labels.tolist() for s in dropped.samples}
+    assert not np.array_equal(drop_labels(dataset, 0.25, seed=4).dense_labels()[0].numpy(), after)
+    assert np.array_equal(drop_labels(dataset, 0.0, seed=3).dense_labels()[0].numpy(), before)
     with pytest.raises(DatasetError, match="--drop-labels .* in \\[0, 1\\): got 1"):
         drop_labels(dataset, 1, seed=3)
 
 
 def test_unknown_only_classes() -> None:
     dataset = _labelled(4)
-    for sample in dataset.samples:
-        sample.target[1] = -1.0
-    assert unknown_only_classes(dataset) == ["c1"]
+    hidden = [Sample(s.image_id, s.path, s.labels[s.labels["class_id"] != 1]) for s in dataset.samples]
+    unknown = [Sample(s.image_id, s.path, make_labels({**dict(s.labels.tolist()), 1: Label.UNKNOWN}))
+               for s in dataset.samples]
+    assert unknown_only_classes(dataset.with_samples(unknown, "t")) == ["c1"]
+    # Where an unlisted class is unknown, a class nobody lists has no known label.
+    assert unknown_only_classes(MultiLabelDataset(hidden, dataset.classes, unlisted="unknown")) == ["c1"]
+    assert unknown_only_classes(MultiLabelDataset(hidden, dataset.classes)) == []
     assert unknown_only_classes(MultiLabelDataset([], ["a"], name="empty")) == []
+
+
+@pytest.mark.parametrize("unlisted", ["absent", "unknown"])
+def test_sparse_labels_give_back_the_dense_rows(unlisted: str) -> None:
+    rng = np.random.default_rng(1)
+    target = rng.choice(np.array([0.0, 1.0, -1.0], np.float32), size=(30, 12))
+    difficult = (rng.random((30, 12)) < 0.3) & (target == 1)
+    samples = [Sample(str(i), f"/x/{i}.jpg", labels_from_dense(t, d, unlisted))
+               for i, (t, d) in enumerate(zip(target, difficult, strict=True))]
+    dense_target, dense_difficult = MultiLabelDataset(samples, list("abcdefghijkl"), unlisted=unlisted).dense_labels()
+    assert np.array_equal(dense_target.numpy(), target) and np.array_equal(dense_difficult.numpy(), difficult)
+    # Only the labels that differ from the unlisted state are stored.
+    stored = sum(len(s.labels) for s in samples)
+    assert stored == (target != (0.0 if unlisted == "absent" else -1.0)).sum()
+
+
+def test_label_counts_and_drop_labels_where_unlisted_is_unknown() -> None:
+    samples = [Sample("a", "/a.jpg", make_labels({0: Label.PRESENT, 2: Label.ABSENT})),
+               Sample("b", "/b.jpg", make_labels({0: Label.DIFFICULT})), Sample("c", "/c.jpg")]
+    dataset = MultiLabelDataset(samples, ["x", "y", "z"], unlisted="unknown")
+    # Columns: absent, present, difficult, unknown (Label order).
+    assert label_counts(dataset).tolist() == [[0, 1, 1, 1], [0, 0, 0, 3], [1, 0, 0, 2]]
+    dropped = drop_labels(dataset, 0.5, seed=0)  # round(0.5 * 3) = 2 labels of every class hidden
+    assert (label_counts(dropped)[:, Label.UNKNOWN] >= 2).all()
+    assert all(Label.UNKNOWN not in s.labels["state"] for s in dropped.samples)  # unknown is not stored here
+
+
+def test_a_sample_refuses_labels_out_of_order_and_a_dataset_a_class_id_beyond_its_classes() -> None:
+    with pytest.raises(TypeError, match="a: labels must be LABELS_DTYPE"):
+        Sample("a", "/a.jpg", np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="b: labels must list each class once"):
+        Sample("b", "/b.jpg", np.array([(2, 1), (1, 1)], dtype=LABELS_DTYPE))
+    with pytest.raises(DatasetError, match="t: c has a label of class id 3, expected ids 0 to 2 of 3 classes"):
+        MultiLabelDataset([Sample("c", "/c.jpg", make_labels({3: Label.PRESENT}))], ["x", "y", "z"], name="t")
+    with pytest.raises(DatasetError, match="t: d has a label of class id -1"):
+        MultiLabelDataset([Sample("d", "/d.jpg", make_labels({-1: Label.PRESENT, 0: Label.PRESENT}))], ["x"], name="t")
+    with pytest.raises(ValueError, match="e: a label state is not a Label: \\[7\\]"):
+        Sample("e", "/e.jpg", np.array([(0, 7)], dtype=LABELS_DTYPE))

@@ -58,6 +58,20 @@ def test_a_run_in_out_is_reused_only_with_the_planned_flags_and_commit(tmp_path)
     common.check_reusable([job], "d" * 40, other_commits=True)
 
 
+def test_a_flag_added_after_a_run_is_no_difference_at_its_default(tmp_path) -> None:
+    job = _train_job(tmp_path)
+    _finish(job, "c" * 40)
+    saved_path = os.path.join(job.run_dir, "args.yaml")
+    with open(saved_path) as handle:
+        saved = yaml.safe_load(handle)
+    del saved["min_positives"]  # as an args.yaml written before --min-positives existed
+    with open(saved_path, "w") as handle:
+        yaml.safe_dump(saved, handle)
+    common.check_reusable([job], "c" * 40, other_commits=False)
+    with pytest.raises(common.ReuseError, match=r"--min-positives: the run has None, the plan 5"):
+        common.check_reusable([_train_job(tmp_path, "--min-positives", "5")], "c" * 40, other_commits=False)
+
+
 def test_a_run_from_a_changed_tree_is_not_reused_as_its_commits(tmp_path) -> None:
     job = _train_job(tmp_path)
     _finish(job, "c" * 40, dirty="yes")

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import OPENIMAGES_CLASSES
 from scipy.optimize import minimize, minimize_scalar
 from sklearn.metrics import brier_score_loss, log_loss
 
@@ -288,3 +289,56 @@ def test_platt_entries_keep_the_biases_checked_like_the_temperatures() -> None:
         with pytest.raises(CheckpointError, match=f"x.json: {message}"):
             calibration.stored_calibration({"temperatures": temperatures, "biases": {"a": bad, "b": 0.0}},
                                            ["a", "b"], "x.json")
+
+
+@pytest.mark.parametrize("method", ["per-class", "platt"])
+def test_classes_fitted_in_blocks_get_the_fit_of_all_at_once(method: str, monkeypatch) -> None:
+    logits, target, difficult = platt_synthetic(seed=6, n=200)
+    logits, target, difficult = (tensor.repeat(1, 3) for tensor in (logits, target, difficult))  # 15 classes
+    whole = fit_calibration(logits, target, difficult, method)
+    monkeypatch.setattr(calibration, "FIT_COLUMNS", 4)  # blocks of 4, 4, 4 and 3 classes
+    blocks = fit_calibration(logits, target, difficult, method)
+    assert torch.equal(blocks.calibration.temperatures, whole.calibration.temperatures)
+    assert torch.equal(blocks.calibration.biases, whole.calibration.biases)
+    assert torch.equal(blocks.fitted, whole.fitted) and blocks.fitted[:4].all()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("method", ["per-class", "platt"])
+def test_ten_thousand_classes_are_fitted_summarised_and_stored(method: str) -> None:
+    names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
+    g = torch.Generator().manual_seed(8)
+    num_images = 60
+    # OpenImages' long tail: from classes without a positive to classes on a third of the images.
+    target = (torch.rand(num_images, len(names), generator=g) < torch.logspace(-2.5, -0.5, len(names))).float()
+    logits = 3 * torch.randn(target.shape, generator=g) + 2 * target - 1
+    difficult = torch.rand(target.shape, generator=g) < 0.01
+    result = fit_calibration(logits, target, difficult, method)
+    fitted = result.fitted.nonzero().flatten()
+    assert 0 < len(fitted) < len(names)  # the classes without a positive (or a fit) take the pooled one
+    # Each class as if fitted alone, to the fits' tolerances (sums over other columns round otherwise).
+    for c in fitted[[0, len(fitted) // 2, -1]].tolist():
+        alone = fit_calibration(logits[:, [c]], target[:, [c]], difficult[:, [c]], method).calibration
+        torch.testing.assert_close(alone.temperatures[0], result.calibration.temperatures[c], rtol=1e-6, atol=0)
+        torch.testing.assert_close(alone.biases[0], result.calibration.biases[c], rtol=1e-6, atol=1e-9)
+
+    raw = Predictions(torch.sigmoid(logits), target, difficult, torch.arange(num_images), logits)
+    summary = calibration.summary_table(raw, names, result, method, rows=5).splitlines()
+    assert len(summary) < 50 and summary[0].startswith(f"{OPENIMAGES_CLASSES} classes, summarised")
+    note = "global temperature (no minimum of its own)" if method == "per-class" else \
+        "pooled fit (none usable of its own)"
+    assert f"{len(names) - len(fitted)} classes: {note}" in summary
+    quantiles = {line.split()[0]: line.split()[1:] for line in summary[summary.index("quantiles over the classes:")
+                                                                       + 3:]}
+    low, high = result.calibration.temperatures.min().item(), result.calibration.temperatures.max().item()
+    assert quantiles["temperature"][0] == f"{low:.4f}" and quantiles["temperature"][4] == f"{high:.4f}"
+
+    entry = json.loads(json.dumps(calibration.calibration_entry(names, result, method, "openimages:val",
+                                                                num_images)))
+    assert len(entry["unfitted_classes"]) == len(names) - len(fitted)
+    stored = calibration.stored_calibration(entry, names, "x.json")
+    assert torch.equal(stored.temperatures, result.calibration.temperatures)
+    assert torch.equal(stored.biases, result.calibration.biases)
+    with pytest.raises(CheckpointError) as refused:  # one short line, not 20,000 class names
+        calibration.stored_calibration(entry, names[::-1], "x.json")
+    assert len(str(refused.value)) < 500 and "... 9,990 more]" in str(refused.value)

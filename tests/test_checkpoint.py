@@ -4,6 +4,7 @@ import pickle
 
 import pytest
 import torch
+from conftest import OPENIMAGES_CLASSES
 
 from udtimm import checkpoint
 from udtimm.checkpoint import CheckpointError
@@ -78,6 +79,17 @@ def test_check_classes_names_the_file_the_dataset_and_what_differs() -> None:
         checkpoint.check_classes("m.safetensors", ["a", "c"], ["a", "d"], "digits")
     with pytest.raises(CheckpointError, match="same names in another order"):
         checkpoint.check_classes("m.safetensors", ["b", "a"], ["a", "b"], "digits")
+
+
+def test_check_classes_of_ten_thousand_classes_says_what_differs_in_one_short_line() -> None:
+    names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
+    renamed = [name.upper() if index % 2 else name for index, name in enumerate(names)]
+    with pytest.raises(CheckpointError) as refused:
+        checkpoint.check_classes("m.safetensors", names, renamed, "openimages")
+    message = str(refused.value)
+    assert message.startswith("m.safetensors was trained on other classes than openimages (only in the checkpoint: "
+                              "['class00001', 'class00003', ") and len(message) < 600
+    assert message.count("... 4,990 more]") == 2
 
 
 def test_no_temporary_files_are_left_behind(tmp_path) -> None:

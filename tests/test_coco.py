@@ -56,12 +56,13 @@ def test_matches_json(tmp_path):
     assert sorted(s.image_id for s in samples) == sorted(str(i) for i in labels)  # the unannotated image is kept
     for s in samples:
         want = labels[int(s.image_id)]
-        assert {classes[i] for i in np.flatnonzero(s.target)} == want
-        assert s.target.dtype == np.float32 and not s.difficult.any()
+        target, difficult = s.dense(len(classes))
+        assert {classes[i] for i in np.flatnonzero(target)} == want
+        assert target.dtype == np.float32 and not difficult.any()
         assert os.path.isfile(s.path) and os.path.dirname(s.path) == str(tmp_path / "val2014")
     by_id = {s.image_id: s for s in samples}
-    assert by_id["100"].target.sum() == 0
-    assert by_id["5"].target.tolist() == [1, 0, 0]  # a crowd annotation counts as present
+    assert by_id["100"].dense(len(classes))[0].sum() == 0
+    assert by_id["5"].dense(len(classes))[0].tolist() == [1, 0, 0]  # a crowd annotation counts as present
 
 
 def test_build_dataset_splits(tmp_path):
@@ -69,7 +70,7 @@ def test_build_dataset_splits(tmp_path):
     make_coco(tmp_path, "train2014", images=IMAGES[:2], annotations=ANNOTATIONS[:4])
     assert build_dataset("coco2014", str(tmp_path), "test").name == "coco2014:val2014"
     train = build_dataset("coco2014", str(tmp_path), "train")
-    assert train.name == "coco2014:train2014" and len(train) == 2 and train.targets().shape == (2, 3)
+    assert train.name == "coco2014:train2014" and len(train) == 2 and train.dense_labels()[0].shape == (2, 3)
     assert build_dataset("coco2014", str(tmp_path), "val2014").name == "coco2014:val2014"
 
 

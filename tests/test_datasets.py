@@ -16,7 +16,7 @@ def test_every_registered_dataset_is_a_choice_of_the_scripts() -> None:
 
 def test_a_dataset_registered_in_one_line_is_loaded_by_name(monkeypatch: pytest.MonkeyPatch, tmp_path) -> None:
     def load_toy(root: str, split: str, size: int = 2) -> tuple[list[Sample], list[str]]:
-        samples = [Sample(f"{split}{i}", f"{root}/{i}.jpg", np.array([1, 0], np.float32), np.zeros(2, bool))
+        samples = [Sample.from_dense(f"{split}{i}", f"{root}/{i}.jpg", np.array([1, 0], np.float32), np.zeros(2, bool))
                    for i in range(size)]
         return samples, ["cat", "dog"]
 

@@ -55,8 +55,9 @@ def test_voc_layout_agrees_with_torchvision(small):
             assert 1 <= len(objects) <= 4
             easy = {o["name"] for o in objects if o["difficult"] == "0"}
             names = {o["name"] for o in objects}
-            assert {classes[i] for i in np.flatnonzero(s.target)} == names
-            assert {classes[i] for i in np.flatnonzero(s.difficult)} == names - easy
+            target, difficult = s.dense(len(classes))
+            assert {classes[i] for i in np.flatnonzero(target)} == names
+            assert {classes[i] for i in np.flatnonzero(difficult)} == names - easy
             with Image.open(s.path) as image:
                 assert image.format == "JPEG" and image.mode == "RGB"
                 assert (str(image.width), str(image.height)) == (annotation["size"]["width"],
@@ -71,12 +72,12 @@ def test_voc_layout_agrees_with_torchvision(small):
 @pytest.mark.slow
 def test_difficult_fraction(tmp_path):
     root = ensure_digits(str(tmp_path / "d"), num_trainval=300, num_test=1, seed=1)
-    samples, _ = load_voc(root, "trainval")
+    samples, classes = load_voc(root, "trainval")
     flags = [int(o.findtext("difficult")) for s in samples
              for o in ET.parse(s.path.replace("JPEGImages", "Annotations").replace(".jpg", ".xml")).iter("object")]
     assert 0.08 < np.mean(flags) < 0.25, np.mean(flags)
-    target = np.stack([s.target for s in samples])
-    difficult = np.stack([s.difficult for s in samples])
+    target = np.stack([s.dense(len(classes))[0] for s in samples])
+    difficult = np.stack([s.dense(len(classes))[1] for s in samples])
     assert ((target > 0) & ~difficult).any(1).mean() > 0.9  # nearly every image has an easy digit to learn from
     assert (target.sum(0) > 15).all()  # every class occurs
 
@@ -196,8 +197,9 @@ def test_ambiguous_set_is_a_set_of_its_own_with_more_difficult_digits(small, tmp
         ensure_digits(root, **SMALL)
     rates = {}
     for name, path in (("default", small), ("ambiguous", root)):
-        samples, _ = load_voc(path, "trainval")
-        rates[name] = sum(s.difficult.sum() for s in samples) / sum(s.target.sum() for s in samples)
+        samples, classes = load_voc(path, "trainval")
+        dense = [s.dense(len(classes)) for s in samples]
+        rates[name] = sum(difficult.sum() for _, difficult in dense) / sum(target.sum() for target, _ in dense)
     assert rates["ambiguous"] > rates["default"]
     monkeypatch.setenv("UDTIMM_CACHE", str(tmp_path / "cache"))
     assert default_data_dir("digits", ambiguous=True) == str(tmp_path / "cache" / "digits-ambiguous")

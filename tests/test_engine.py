@@ -14,6 +14,8 @@ from udtimm.engine import (
     train_one_epoch,
 )
 from udtimm.errors import NonFiniteLossError
+from udtimm.metric_statistics import MetricStatistics
+from udtimm.metrics import compute_metrics
 from udtimm.model import create_model
 from udtimm.objectives import SupervisedObjective
 
@@ -161,3 +163,36 @@ def test_predict_returns_each_image_once_in_dataset_order() -> None:
     with torch.no_grad():
         expected = torch.sigmoid(model(images).logits)
     torch.testing.assert_close(predictions.scores, expected)  # float32, batches of other sizes: its tolerance
+
+
+def test_first_sightings_keep_each_image_where_it_comes_first() -> None:
+    # Two processes' indices of a step, the second padded with -1; 3 and 7 were counted at an earlier step.
+    gathered = torch.tensor([5, 3, 9, 5, 0, 9, 7, -1])
+    assert engine.first_sightings(gathered, torch.tensor([3, 7])).tolist() == \
+        [True, False, True, False, True, False, False, False]
+    assert engine.first_sightings(torch.tensor([2, 1, 2]), torch.tensor([], dtype=torch.int64)).tolist() == \
+        [True, True, False]
+
+
+def test_streaming_evaluation_counts_each_image_once_and_gives_the_exact_metrics() -> None:
+    """The loader of test_predict_returns_each_image_once_in_dataset_order, plus an empty batch (--skip-corrupt):
+    the statistics' metrics are compute_metrics' of predict's output, AP within the binned tolerance."""
+    torch.manual_seed(0)
+    model = create_model("test_resnet", num_classes=3).eval()
+    images, target = torch.randn(6, 3, 32, 32), (torch.rand(6, 3) > 0.5).float()
+    difficult = torch.zeros(6, 3, dtype=torch.bool)
+    difficult[1, 2] = True
+    order = [[4, 1, 5], [0, 3, 2], [4]]
+    loader = [(images[i], target[i], difficult[i], torch.tensor(i)) for i in order]
+    empty = (torch.empty(0),) * 4
+    statistics = engine.evaluate_streaming(model, [*loader[:2], (*empty, ["x.jpg: unreadable"]), loader[2]],
+                                           Accelerator(cpu=True), MetricStatistics(3), show_progress=False)
+    predictions = engine.predict(model, loader, Accelerator(cpu=True), show_progress=False)
+    expected = compute_metrics(predictions.scores, predictions.target, predictions.difficult)
+    found = statistics.compute()
+    assert found["num_images"] == 6 and list(found) == list(expected)
+    for name, value in expected.items():
+        tolerance = 0.05 if name in ("map", "map_difficult") else 1e-9  # float32 scores of other batch sizes
+        assert found[name] == pytest.approx(value, abs=tolerance, nan_ok=True), name
+    with pytest.raises(ValueError, match="no images"):
+        engine.evaluate_streaming(model, [empty], Accelerator(cpu=True), MetricStatistics(3), show_progress=False)

@@ -23,3 +23,9 @@ def test_importing_the_errors_loads_no_torch() -> None:
     code = "import sys, udtimm.errors; print('torch' in sys.modules, 'udtimm.config' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.split() == ["False", "False"]
+
+
+def test_long_lists_are_shortened_to_their_first_items_and_a_count() -> None:
+    assert errors.shortened(["a", "b"]) == "['a', 'b']" and errors.shortened(None) == "None"
+    assert errors.shortened(list(range(errors.QUOTED_ITEMS))) == repr(list(range(errors.QUOTED_ITEMS)))
+    assert errors.shortened(tuple(range(10_003)), limit=3) == "[0, 1, 2, ... 10,000 more]"

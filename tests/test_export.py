@@ -11,11 +11,12 @@ import onnxruntime
 import pytest
 import timm
 import torch
-from conftest import model_labelled_csv
+from conftest import OPENIMAGES_CLASSES, model_labelled_csv
 from safetensors.torch import load_file
 
 import validate
 from udtimm import Predictor, checkpoint, export, thresholds
+from udtimm.calibration import FittedCalibration, ScoreCalibration, calibration_entry
 from udtimm.config import ConfigError
 from udtimm.data.base import read_image
 from udtimm.model import create_model
@@ -253,3 +254,56 @@ def test_calibrated_checkpoint_round_trip_gives_predictor_scores_in_every_format
         else:
             found = export.exported_scores(fmt, out, digit_batch)
         assert (found - expected).abs().max() < 1e-5, fmt
+
+
+@pytest.mark.slow
+def test_ten_thousand_classes_export_to_onnx_with_their_thresholds_and_calibration_in_the_graph(
+        many_classes_checkpoint: str, tmp_path) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(many_classes_checkpoint, checkpoint_copy)
+    names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
+    values = torch.linspace(0.3, 0.9, len(names), dtype=torch.float64)
+    tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
+                                       torch.ones(len(names), dtype=torch.bool))
+    fitted = FittedCalibration(ScoreCalibration(torch.linspace(0.5, 2.0, len(names), dtype=torch.float64),
+                                                torch.linspace(-1.0, 1.0, len(names), dtype=torch.float64)),
+                               torch.ones(len(names), dtype=torch.bool), 1.0)
+    thresholds.save_thresholds(checkpoint_copy, thresholds.tuning_record(
+        checkpoint_copy, thresholds.thresholds_entries(names, tuned, thresholds.parse_objective("f1"), "oi:val", 9),
+        calibration_entry(names, fitted, "platt", "oi:val", 9)))
+    out = str(tmp_path / "onnx")
+    written, difference = export.export(checkpoint_copy, out, "onnx")
+    assert difference < export.TOLERANCE
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    predictor = Predictor.from_checkpoint(checkpoint_copy)
+    with torch.no_grad():
+        expected = torch.sigmoid(predictor.model(images).double() / fitted.calibration.temperatures
+                                 + fitted.calibration.biases).float()
+    found = export.exported_scores("onnx", out, images)
+    assert found.shape == (3, OPENIMAGES_CLASSES) and (found - expected).abs().max() < 1e-5
+    config = json.load(open(os.path.join(out, "config.json")))
+    assert config["label_names"] == names and config["udtimm"]["calibration_in_graph"] is True
+    assert torch.equal(thresholds.thresholds_tensor(config["udtimm"]["thresholds"], names, "config.json"), values)
+    # The weights dominate the file (a 512 x 10,000 classifier in float32: 20 MB), and the card names no class.
+    assert os.path.getsize(os.path.join(out, "model.onnx")) < 30_000_000
+    assert export.model_card(export.load_exportable(checkpoint_copy))["details"]["Classes"] == \
+        "10,000 (config.json label_names)"
+
+
+@pytest.mark.slow
+def test_ml_decoder_of_ten_thousand_classes_decodes_100_groups_and_exports_to_onnx(tmp_path) -> None:
+    names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
+    model = create_model("test_vit", len(names), cal=False, head="ml-decoder", img_size=32,
+                         head_kwargs={"embed_dim": 16, "num_heads": 2, "ff_dim": 32}).eval()
+    # 100 queries (num_groups), each decoding 100 classes: the query embedding stays 100 x embed_dim.
+    assert model.head.queries.shape == (100, 16) and model.head.group_weight.shape == (100, 16, 100)
+    path = str(tmp_path / "best.safetensors")
+    checkpoint.save_checkpoint(path, model, checkpoint.model_metadata("test_vit", model, names, None, 32, [0.5] * 3,
+                                                                      [0.25] * 3))
+    out = str(tmp_path / "onnx")
+    assert export.export(path, out, "onnx")[1] < export.TOLERANCE
+    images = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        expected = torch.sigmoid(model(images).logits)
+    found = export.exported_scores("onnx", out, images)
+    assert found.shape == (3, OPENIMAGES_CLASSES) and (found - expected).abs().max() < 1e-4

@@ -44,8 +44,8 @@ def test_the_thread_gives_the_batches_prepared_inline(digits: MultiLabelDataset,
 
 def test_an_error_in_the_loader_reaches_the_consumer_with_its_message(tmp_path, digits: MultiLabelDataset) -> None:
     first = digits.samples[0]
-    broken = MultiLabelDataset([*digits.samples[:8], Sample("gone", str(tmp_path / "gone.jpg"), first.target,
-                                                             first.difficult)], digits.classes, digits.transform)
+    broken = MultiLabelDataset([*digits.samples[:8], Sample("gone", str(tmp_path / "gone.jpg"), first.labels)],
+                               digits.classes, digits.transform)
     batches = iter(DeviceFeeder(make_loader(broken, 8, False, 0), NormalizeBatch(MEAN, STD, CPU), CPU, ahead=2))
     assert next(batches)[0].shape[0] == 8
     with pytest.raises(CorruptImageError, match="gone.jpg"):

@@ -47,8 +47,9 @@ def test_eval_batch_equals_the_cpu_eval_transform(digits: MultiLabelDataset) -> 
     files, target, difficult, indices = encoded_batch(digits)
     out = DeviceTransform(SIZE, MEAN, STD, "cpu", train=False)(files)
     torch.testing.assert_close(out, cpu_path(digits, eval_transform(SIZE, MEAN, STD)), rtol=0, atol=1e-5)
-    torch.testing.assert_close(target, digits.targets()[:COUNT])
-    torch.testing.assert_close(difficult, digits.difficult_masks()[:COUNT])
+    targets, difficult_masks = digits.dense_labels()
+    torch.testing.assert_close(target, targets[:COUNT])
+    torch.testing.assert_close(difficult, difficult_masks[:COUNT])
     assert indices.tolist() == list(range(COUNT))
 
 
@@ -130,7 +131,7 @@ def test_skip_corrupt_leaves_undecodable_files_out_of_the_batch(tmp_path, digits
 
 def test_feeder_drops_the_labels_of_images_left_out_on_the_device(tmp_path, digits: MultiLabelDataset) -> None:
     samples = digits.samples[:4]
-    broken = Sample("broken", truncated_copy(samples[1].path, tmp_path), samples[1].target, samples[1].difficult)
+    broken = Sample("broken", truncated_copy(samples[1].path, tmp_path), samples[1].labels)
     dataset = MultiLabelDataset([samples[0], broken, *samples[2:]], digits.classes)
     dataset.encoded = True
     transform = DeviceTransform(SIZE, MEAN, STD, "cpu", train=False, skip_corrupt=True)
@@ -138,7 +139,8 @@ def test_feeder_drops_the_labels_of_images_left_out_on_the_device(tmp_path, digi
     images, target, difficult, indices, unreadable = next(iter(feeder))
     keep = [0, 2, 3]
     assert images.shape == (3, 3, SIZE, SIZE) and indices.tolist() == keep
-    assert torch.equal(target, dataset.targets()[keep]) and torch.equal(difficult, dataset.difficult_masks()[keep])
+    targets, difficult_masks = dataset.dense_labels()
+    assert torch.equal(target, targets[keep]) and torch.equal(difficult, difficult_masks[keep])
     assert len(unreadable) == 1 and "truncated.jpg" in unreadable[0]
 
 
@@ -150,7 +152,7 @@ def test_a_batch_with_no_decodable_file_is_empty(tmp_path, digits: MultiLabelDat
 
 def test_missing_file_is_skipped_in_the_workers(tmp_path, digits: MultiLabelDataset) -> None:
     first = digits.samples[0]
-    gone = Sample("gone", str(tmp_path / "gone.jpg"), first.target, first.difficult)
+    gone = Sample("gone", str(tmp_path / "gone.jpg"), first.labels)
     missing = MultiLabelDataset([gone, *digits.samples[:3]], digits.classes)
     missing.encoded = True
     files, target, _, indices, unreadable = next(iter(make_loader(missing, 4, False, 0, skip_corrupt=True)))

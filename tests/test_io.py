@@ -29,6 +29,14 @@ def test_append_csv_row_writes_header_once(tmp_path) -> None:
     assert rows == [{"a": "1", "b": "x,y"}, {"a": "2", "b": "z"}]
 
 
+def test_append_csv_row_adds_a_new_column_to_an_older_file(tmp_path) -> None:
+    path = str(tmp_path / "summary.csv")
+    append_csv_row(path, {"epoch": 0, "map": 50.0})
+    append_csv_row(path, {"epoch": 1, "map": 60.0, "num_classes_few_positives": 0})  # a column added since
+    assert (tmp_path / "summary.csv").read_text() == \
+        "epoch,map,num_classes_few_positives\n0,50.0,\n1,60.0,0\n"
+
+
 def test_append_csv_row_refuses_other_columns(tmp_path) -> None:
     path = str(tmp_path / "r.csv")
     append_csv_row(path, {"a": 1})

@@ -28,7 +28,8 @@ def test_eval_batches_are_the_resized_images_normalised_with_the_backbones_stati
     assert images.dtype == torch.uint8 and images.shape == (data.batch_size, 3, data.img_size, data.img_size)
     sample = eval_set.samples[int(indices[0])]
     first = resize(read_image(sample.path), [data.img_size] * 2, antialias=True)
-    assert torch.equal(images[0], first) and torch.equal(target[0], torch.from_numpy(sample.target))
+    expected_target = torch.from_numpy(sample.dense(len(eval_set.classes))[0])
+    assert torch.equal(images[0], first) and torch.equal(target[0], expected_target)
     expected = (first.float() / 255 - torch.tensor(mean)[:, None, None]) / torch.tensor(std)[:, None, None]
     torch.testing.assert_close(eval_transform(images)[0], expected)  # float32 arithmetic: its default tolerance
     train_images = next(iter(train_loader))[0]
@@ -67,8 +68,8 @@ def test_drop_labels_hides_training_labels_only(tiny_digits: str, capsys) -> Non
     for selection in ((), ("--val-split", "holdout")):
         train_set, eval_set, test_set = loaders.load_datasets(
             tiny_settings(tiny_digits, "--drop-labels", "0.5", "--drop-labels-seed", "2", *selection), accelerator)
-        hidden = (torch.stack([torch.from_numpy(s.target) for s in train_set.samples]) == -1).sum(0)
+        hidden = (train_set.dense_labels()[0] == -1).sum(0)
         assert hidden.tolist() == [round(0.5 * len(train_set))] * len(train_set.classes)
         for dataset in (eval_set, test_set):  # the splits that choose and report keep every label
-            assert all((s.target >= 0).all() for s in dataset.samples)
+            assert (dataset.dense_labels()[0] >= 0).all()
     assert "warning" not in capsys.readouterr().out

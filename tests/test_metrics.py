@@ -111,6 +111,39 @@ def test_classes_without_positive_are_skipped():
     assert metrics["map"] == pytest.approx(100 * ap[:2].mean().item())
 
 
+def reference_map(scores, target, difficult, min_positives):
+    """mAP over the classes with at least `min_positives` evaluated positives (sklearn's AP of each), and the
+    numbers of classes averaged and left out for having fewer, by a plain loop."""
+    aps, few = [], 0
+    for c in range(scores.shape[1]):
+        rows = ~difficult[:, c] & (target[:, c] >= 0)
+        positives = int((target[rows, c] > 0.5).sum())
+        if positives >= min_positives:
+            aps.append(average_precision_score(target[rows, c].numpy() > 0.5, scores[rows, c].numpy()))
+        elif positives > 0:
+            few += 1
+    return (100 * sum(aps) / len(aps) if aps else math.nan), len(aps), few
+
+
+@pytest.mark.parametrize("min_positives", [1, 25, 30])
+def test_min_positives_leaves_out_classes_with_fewer_evaluated_positives(min_positives):
+    scores, target, difficult = make_data(n=120, c=6, seed=15)
+    target[60:, 2] = 0.0  # classes with fewer positives than the others
+    target[90:, 4] = -1.0  # unknown labels are no positives
+    expected, classes, few = reference_map(scores, target, difficult, min_positives)
+    subset = difficult_subset(difficult)
+    expected_difficult = reference_map(scores[subset], target[subset], difficult[subset], min_positives)[0]
+    metrics = compute_metrics(scores, target, difficult, min_positives=min_positives)
+    assert metrics["map"] == pytest.approx(expected, abs=1e-9)
+    assert metrics["map_difficult"] == pytest.approx(expected_difficult, abs=1e-9, nan_ok=True)
+    assert (metrics["num_classes_evaluated"], metrics["num_classes_few_positives"]) == (classes, few)
+    assert mean_average_precision(scores, target, difficult, min_positives) == metrics["map"]
+    if min_positives == 1:
+        assert few == 0 and metrics == compute_metrics(scores, target, difficult)  # the default
+    else:
+        assert 0 < few and 0 < classes  # some classes left out, some kept: the option is measured
+
+
 def test_shape_mismatch_raises():
     with pytest.raises(ValueError):
         per_class_average_precision(torch.rand(3, 2), torch.zeros(3, 3), torch.zeros(3, 2).bool())

@@ -9,6 +9,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import OPENIMAGES_CLASSES
 from PIL import Image
 
 import predict
@@ -105,3 +106,39 @@ def test_bad_inputs_and_flags_are_clear_errors(tiny_checkpoint: str, photos: str
         with pytest.raises(error, match=message):
             run(tiny_checkpoint, *flags)
     assert not (tmp_path / "o.csv").exists()
+
+
+@pytest.mark.slow
+def test_ten_thousand_classes_write_and_print_the_predicted_ones_only(many_classes_checkpoint: str, tmp_path,
+                                                                     capsys) -> None:
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        Image.fromarray(rng.integers(0, 256, (40, 40, 3), dtype=np.uint8)).save(tmp_path / name)
+    out = str(tmp_path / "predictions.csv")
+    table = run(many_classes_checkpoint, str(tmp_path), "--out", out)  # --scores auto: predicted above 100 classes
+    written = pd.read_csv(out, keep_default_na=False)
+    assert list(written.columns) == ["image", "labels", "scores"] and len(written) == 2
+    predictor = Predictor.from_checkpoint(many_classes_checkpoint)
+    every = predictor.predict([str(tmp_path / "a.png"), str(tmp_path / "b.png")])
+    assert written["labels"].tolist() == every["labels"].tolist() == table["labels"].tolist()
+    counts = written["labels"].str.count(";") + 1
+    assert counts.min() > predict.PREVIEW_LABELS  # a random model of 10,000 classes predicts thousands
+    printed = capsys.readouterr().out.splitlines()
+    preview = [line for line in printed if line.startswith(str(tmp_path))]
+    assert [line.split()[-2:] for line in preview] == [[f"{count - predict.PREVIEW_LABELS:,}", "more"]
+                                                       for count in counts]
+    assert max(len(line) for line in printed) < 400
+    assert printed[-1].endswith(f"with the probabilities of the predicted classes only: {out}")
+
+    top = str(tmp_path / "top.json")
+    run(many_classes_checkpoint, str(tmp_path / "a.png"), "--out", top, "--topk", "5", "--threshold", "0")
+    (record,) = json.loads(open(top).read())
+    ranked = every.iloc[0][predictor.class_names].astype(np.float32).sort_values(ascending=False, kind="stable")
+    assert set(record["labels"]) == set(record["scores"]) == set(ranked.index[:5])
+    assert [np.float32(record["scores"][name]) for name in record["labels"]] == [
+        np.float32(every.iloc[0][name]) for name in record["labels"]]  # exact float32, as in "all"
+
+    everything = run(many_classes_checkpoint, str(tmp_path / "b.png"), "--out", str(tmp_path / "all.csv"),
+                     "--scores", "all")
+    assert everything.shape == (1, 2 + OPENIMAGES_CLASSES)
+    assert len(pd.read_csv(tmp_path / "all.csv").columns) == 2 + OPENIMAGES_CLASSES

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import TINY_DIGITS
+from conftest import OPENIMAGES_CLASSES, TINY_DIGITS
 from PIL import Image
 
 import udtimm
@@ -165,3 +165,45 @@ def test_asl_scores_cut_at_the_default_threshold_are_warned_about(predictor: Pre
     asl.calibration = ScoreCalibration(torch.ones(len(asl.class_names)), torch.zeros(len(asl.class_names)))
     assert asl.default_threshold_warning() is None  # calibrated: the scores are probabilities again
     assert predictor.default_threshold_warning() is None  # BCE
+
+
+def test_ten_thousand_classes_keep_the_predicted_ones_with_stored_thresholds_and_calibration(
+        many_classes_checkpoint: str, tmp_path) -> None:
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(many_classes_checkpoint, checkpoint_copy)
+    names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
+    assert len(names) == OPENIMAGES_CLASSES
+    values = torch.linspace(0.3, 0.99, len(names), dtype=torch.float64)
+    tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
+                                       torch.ones(len(names), dtype=torch.bool))
+    temperatures = torch.linspace(0.5, 2.0, len(names), dtype=torch.float64)
+    biases = torch.linspace(-1.0, 1.0, len(names), dtype=torch.float64)
+    fitted = FittedCalibration(ScoreCalibration(temperatures, biases), torch.ones(len(names), dtype=torch.bool), 1.0)
+    thresholds.save_thresholds(checkpoint_copy, thresholds.tuning_record(
+        checkpoint_copy, thresholds.thresholds_entries(names, tuned, thresholds.parse_objective("f1"), "oi:val", 9),
+        calibration_entry(names, fitted, "platt", "oi:val", 9)))
+
+    predictor = Predictor.from_checkpoint(checkpoint_copy)
+    images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    every = predictor.predict(images, batch_size=2)
+    assert every.shape == (5, 2 + OPENIMAGES_CLASSES)
+    scores = scores_of(every, predictor)
+    raw = scores_of(Predictor.from_checkpoint(checkpoint_copy, stored_tuning=False).predict(images), predictor)
+    torch.testing.assert_close(scores.double(), torch.sigmoid(torch.logit(raw.double()) / temperatures + biases),
+                               rtol=0, atol=1e-5)
+    assert every["labels"].tolist() == labels_of(scores >= values, names)
+    assert 0 < every["labels"].str.count(";").min()  # several classes per image, not all of them
+    assert every["labels"].str.count(";").max() < OPENIMAGES_CLASSES - 1
+
+    predicted = predictor.predict(images, batch_size=2, scores="predicted")
+    assert list(predicted.columns) == ["image", "labels", "scores"]
+    assert predicted["labels"].tolist() == every["labels"].tolist()
+    index = {name: c for c, name in enumerate(names)}
+    for labels, cell, row in zip(predicted["labels"], predicted["scores"], scores, strict=True):
+        found = np.array(cell.split(";"), dtype=np.float32)  # float32 written exactly, in the order of the labels
+        assert np.array_equal(found, row[[index[name] for name in labels.split(";")]].numpy())
+    top = predictor.predict(images, threshold=0.0, topk=3, scores="predicted")
+    assert top["labels"].tolist() == [";".join(names[c] for c in sorted(row.topk(3).indices.tolist()))
+                                      for row in scores]
+    with pytest.raises(ValueError, match="scores must be one of all, predicted, got 'some'"):
+        predictor.predict(images, scores="some")

@@ -2,10 +2,12 @@
 (with the temperatures and biases of udtimm.calibration)."""
 
 import json
+import os
 
 import numpy as np
 import pytest
 import torch
+from conftest import OPENIMAGES_CLASSES
 from sklearn.metrics import f1_score, precision_recall_fscore_support, precision_score, recall_score
 
 from udtimm import thresholds
@@ -201,3 +203,48 @@ def test_a_thresholds_file_with_a_non_number_is_refused_naming_it() -> None:
         thresholds.thresholds_tensor(record, ["a", "b"], "t.json")
     with pytest.raises(CheckpointError, match="must be numbers"):
         thresholds.thresholds_tensor({"thresholds": {"a": True, "b": 0.2}}, ["a", "b"], "t.json")
+
+
+@pytest.mark.slow
+def test_ten_thousand_classes_are_tuned_summarised_stored_and_read_back(tmp_path) -> None:
+    checkpoint = tmp_path / "best.safetensors"
+    checkpoint.write_bytes(b"weights")
+    names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
+    g = torch.Generator().manual_seed(7)
+    num_images = 60
+    # OpenImages' long tail: from classes without a positive to classes on a third of the images.
+    target = (torch.rand(num_images, len(names), generator=g) < torch.logspace(-2.5, -0.5, len(names))).float()
+    scores = (0.3 * target + 0.7 * torch.rand(target.shape, generator=g)).mul(50).round().div(50)
+    difficult = torch.rand(target.shape, generator=g) < 0.01
+    objective = ThresholdObjective("f1")
+    result = tune_thresholds(scores, target, difficult, objective)
+    for c in (0, 4_321, 9_999):  # each class as if tuned alone
+        alone = tune_thresholds(scores[:, [c]], target[:, [c]], difficult[:, [c]], objective)
+        assert alone.values.item() == result.values[c].item()
+
+    table = thresholds.summary_table(Predictions(scores, target, difficult, torch.arange(num_images)), names,
+                                     result, objective, rows=5).splitlines()
+    assert len(table) < 50 and table[0].startswith(f"{OPENIMAGES_CLASSES} classes, summarised")
+    assert f"{int((~result.tuned).sum())} classes: no positive: default kept" in table
+    # F1 at each tuned threshold, written apart from udtimm: the worst five named.
+    keep, positive = ~difficult.numpy(), target.numpy() > 0.5
+    predicted = (scores.double().numpy() >= result.values.numpy()) & keep
+    tp, n_positive = (predicted & positive).sum(0), (positive & keep).sum(0)
+    with np.errstate(invalid="ignore"):
+        f1 = np.where(n_positive > 0, 2 * tp / (predicted.sum(0) + n_positive), np.nan)
+    order = np.argsort(np.where(np.isnan(f1), np.inf, f1), kind="stable")[:5]
+    start = table.index("worst 5 by f1:") + 3
+    assert [line.split()[0] for line in table[start:start + 5]] == [names[c] for c in order]
+
+    record = thresholds.tuning_record(str(checkpoint), thresholds.thresholds_entries(names, result, objective,
+                                                                                     "openimages:val", num_images))
+    path = thresholds.save_thresholds(str(checkpoint), record)
+    assert os.path.getsize(path) < 1_000_000  # one JSON entry per class
+    loaded = thresholds.read_thresholds_file(str(checkpoint))
+    assert torch.equal(thresholds.thresholds_tensor(loaded, names, path), result.values)
+    # A file of other classes, or of values out of range, is refused in one short line.
+    for bad_names, bad_file in (([*names[:-1], "other"], loaded),
+                                (names, {"thresholds": dict.fromkeys(names, 1.5)})):
+        with pytest.raises(CheckpointError) as refused:
+            thresholds.thresholds_tensor(bad_file, bad_names, path)
+        assert len(str(refused.value)) < 500 and "... 9,990 more]" in str(refused.value)

@@ -348,3 +348,22 @@ def test_a_csv_set_with_unknown_labels_trains_and_reports_a_class_nobody_annotat
         (row,) = read_rows(str(output / unknown / "results.csv"))
         assert float(row["num_images"]) == 12 and np.isfinite(float(row["map"]))
         assert yaml.safe_load((output / unknown / "args.yaml").read_text())["unknown"] == unknown
+
+
+@pytest.mark.slow
+def test_binned_evaluation_chooses_and_reports_from_statistics(tiny_digits: str, tmp_path) -> None:
+    """--eval-memory binned: every epoch and the final results from MetricStatistics (reliability.png from its
+    bins), the flags kept in args.yaml, and the numbers those of validate.py's binned evaluation."""
+    flags = ["--eval-memory", "binned", "--min-positives", "3"]
+    row = train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "binned", "--epochs", "1", *flags))
+    run_dir = tmp_path / "binned"
+    saved = yaml.safe_load((run_dir / "args.yaml").read_text())
+    assert (saved["eval_memory"], saved["eval_bins"], saved["min_positives"]) == ("binned", 4096, 3)
+    assert (run_dir / "reliability.png").stat().st_size > 0
+    (summary,) = read_rows(str(run_dir / "summary.csv"))
+    assert float(summary["map"]) == pytest.approx(row["selection_map"])
+    alone = validate.main(["--checkpoint", str(run_dir / "best.safetensors"), *validate_flags(tiny_digits), "-b",
+                           "16", *flags])
+    for name in METRIC_NAMES:
+        assert float(row[name]) == pytest.approx(alone[name], rel=0, abs=1e-6, nan_ok=True), name
+    assert row["num_classes_few_positives"] > 0 and row["num_images"] == TINY_DIGITS["num_test"]

@@ -18,7 +18,7 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 
 import train
 import validate
-from udtimm import Predictor, checkpoint
+from udtimm import Predictor, checkpoint, predictions
 from udtimm.calibration import CALIBRATION_METRICS, CalibrationError, calibrate_predictions, fit_calibration
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, load_voc
@@ -26,6 +26,7 @@ from udtimm.data.base import hold_out
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
+from udtimm.metric_statistics import MetricStatistics
 from udtimm.metrics import METRIC_NAMES, compute_metrics, metric_names, threshold_metrics
 from udtimm.predictions import PER_CLASS_COLUMNS
 from udtimm.thresholds import ThresholdObjective, thresholds_path, tune_thresholds
@@ -83,9 +84,10 @@ def test_torchcompile_gives_the_metrics_of_the_eager_model(best: str, tiny_digit
 def test_difficult_subset_matches_metrics_on_the_subset(best: str, tiny_digits: str, capsys) -> None:
     found = validate.main(["--checkpoint", best, "--subset", "difficult", *data_flags(tiny_digits)])
     dataset, predictions = reference_predictions(best, tiny_digits)
-    keep = dataset.difficult_masks().any(dim=1)
+    targets, difficult = dataset.dense_labels()
+    keep = difficult.any(dim=1)
     assert 0 < keep.sum() < len(dataset)
-    expected = compute_metrics(predictions.scores[keep], dataset.targets()[keep], dataset.difficult_masks()[keep])
+    expected = compute_metrics(predictions.scores[keep], targets[keep], difficult[keep])
     assert_same_metrics(found, expected)
     printed = capsys.readouterr().out
     assert "positives" in printed and all(name in printed for name in dataset.classes)
@@ -125,7 +127,7 @@ def test_topk_names_the_columns_after_k(best: str, tiny_digits: str, tmp_path, c
         (row,) = csv.DictReader(handle)
     assert list(row)[8:] == list(found) == list(metric_names(5))
     dataset, predictions = reference_predictions(best, tiny_digits)
-    expected = compute_metrics(predictions.scores, dataset.targets(), dataset.difficult_masks(), topk=5)
+    expected = compute_metrics(predictions.scores, *dataset.dense_labels(), topk=5)
     assert_same_metrics(row, expected, metric_names(5))
     assert "of1_top5" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--topk must be at least 1, got 0"):
@@ -141,9 +143,10 @@ def test_per_class_table_is_printed_and_written_beside_the_checkpoint(best: str,
     table = pd.read_csv(path)
     dataset, predictions = reference_predictions(best, tiny_digits)
     assert table["class"].tolist() == dataset.classes and list(table.columns) == list(PER_CLASS_COLUMNS)
-    keep = ~dataset.difficult_masks()
+    targets, difficult = dataset.dense_labels()
+    keep = ~difficult
     for c in range(len(dataset.classes)):  # every class, not only those of the difficult subset
-        y, s = dataset.targets()[keep[:, c], c].numpy() > 0.5, predictions.scores[keep[:, c], c].numpy()
+        y, s = targets[keep[:, c], c].numpy() > 0.5, predictions.scores[keep[:, c], c].numpy()
         assert table["ap"][c] == pytest.approx(100 * average_precision_score(y, s), abs=1e-6)
         p, r, f1, _ = precision_recall_fscore_support(y, s >= 0.5, average="binary", zero_division=0)
         assert table[["precision", "recall", "f1"]].iloc[c].tolist() == pytest.approx([100 * p, 100 * r, 100 * f1])
@@ -153,6 +156,33 @@ def test_per_class_table_is_printed_and_written_beside_the_checkpoint(best: str,
     validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--subset", "difficult",
                    "--per-class", str(tmp_path / "mine.csv")])
     assert len(pd.read_csv(tmp_path / "mine.csv")) == len(dataset.classes)
+
+
+def test_per_class_tables_of_many_classes_print_a_summary_unless_every_row_is_asked_for(
+        best: str, tiny_digits: str, tmp_path, monkeypatch, capsys) -> None:
+    monkeypatch.setattr(predictions, "MANY_CLASSES", 4)  # the digits' 10 classes stand for OpenImages' 10,000
+    checkpoint_copy = str(tmp_path / "best.safetensors")
+    shutil.copy(best, checkpoint_copy)
+    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--per-class", str(tmp_path / "table.csv")]
+    validate.main([*flags, "--per-class-rows", "3", "--tune-thresholds", "f1", "--calibrate", "per-class"])
+    printed = capsys.readouterr().out
+    assert printed.count("10 classes, summarised (validate.py --per-class-rows all prints every row)") == 3
+    for rank_by in ("ap", "f1", "BCE after"):  # the per-class table, the thresholds, the temperatures
+        assert f"worst 3 by {rank_by}:" in printed and f"best 3 by {rank_by}:" in printed
+    assert "ap by evaluated positives (quantile bands):" in printed
+    table = pd.read_csv(tmp_path / "table.csv")
+    assert len(table) == 10  # the CSV keeps every row
+    worst = table.sort_values("ap", kind="stable")["class"].head(3).tolist()
+    lines = printed.splitlines()
+    start = lines.index("worst 3 by ap:") + 3
+    assert [line.split()[0] for line in lines[start:start + 3]] == worst
+
+    validate.main([*flags, "--per-class-rows", "all"])
+    printed = capsys.readouterr().out
+    assert "summarised" not in printed and all(f"\n{name} " in printed for name in table["class"])
+    with pytest.raises(SystemExit):
+        validate.parse_args(["--checkpoint", checkpoint_copy, "--per-class-rows", "0"])
+    assert "--per-class-rows: expected a number of rows (at least 1) or all, got '0'" in capsys.readouterr().err
 
 
 def tuning_run(best: str, tiny_digits: str, tmp_path) -> tuple[str, dict[str, float]]:
@@ -347,7 +377,7 @@ def test_unknown_labels_give_the_same_metrics_in_two_processes_as_in_one(best: s
     rng = np.random.default_rng(4)
     rows = ["image," + ",".join(classes)]
     for sample in samples:
-        cells = ["" if rng.random() < 1 / 3 else str(int(value)) for value in sample.target]
+        cells = ["" if rng.random() < 1 / 3 else str(int(value)) for value in sample.dense(len(classes))[0]]
         rows.append(",".join([sample.path, *cells]))
     (tmp_path / "test.csv").write_text("\n".join(rows) + "\n")
     (tmp_path / "classes.txt").write_text("\n".join(classes) + "\n")
@@ -394,3 +424,58 @@ def test_tuning_defaults_to_the_images_that_chose_the_checkpoint_and_refuses_tra
     held_out = hold_out(build_dataset("digits", tiny_digits, "train", **TINY_DIGITS), 0.25, 3)[1]
     assert record["calibration"]["split"] == held_out.name == "digits:trainval holdout"
     assert record["calibration"]["num_images"] == len(held_out)
+
+
+# The metrics --eval-memory binned approximates; the others equal the exact path's.
+BINNED_AP = ("map", "map_difficult")
+
+
+def binned_reference(scores: torch.Tensor, target: torch.Tensor, difficult: torch.Tensor) -> dict[str, float]:
+    """The binned metrics of these predictions, at --min-positives 4, computed without validate.py."""
+    statistics = MetricStatistics(scores.shape[1], min_positives=4)
+    statistics.update(scores, target, difficult)
+    return statistics.compute()
+
+
+@pytest.mark.slow
+def test_binned_evaluation_gives_the_exact_metrics_in_one_process_and_in_two(best: str, tiny_digits: str, tmp_path,
+                                                                           capsys) -> None:
+    """validate.py --eval-memory binned gives MetricStatistics' metrics of engine.predict's scores, which are the
+    exact ones but for AP (whose accuracy tests/test_metric_statistics.py measures: this 2-epoch model's scores of a
+    class differ by a few bins only, so its binned mAP is far from exact), in one process and in two."""
+    _, predictions = reference_predictions(best, tiny_digits)
+    keep = predictions.difficult.any(dim=1)
+    arguments = (predictions.scores, predictions.target, predictions.difficult)
+    expected = compute_metrics(*arguments, min_positives=4)
+    assert 0 < expected["num_classes_few_positives"] < 10  # --min-positives 4 leaves some classes out
+    flags = ["--checkpoint", best, *data_flags(tiny_digits), "--min-positives", "4"]
+    assert_same_metrics(validate.main(flags), expected)
+    one = validate.main([*flags, "--eval-memory", "binned"])
+    assert "from binned statistics (--eval-memory binned, 4096 AP bins per class)" in capsys.readouterr().out
+    assert_same_metrics(one, binned_reference(*arguments))
+    assert_same_metrics(one, expected, tuple(name for name in METRIC_NAMES if name not in BINNED_AP))
+    # 40 images in batches of 16 over 2 processes: the last step repeats images, which must count once.
+    results = str(tmp_path / "two.csv")
+    result = run_two_cpu_processes("validate.py", *flags, "--eval-memory", "binned", "-b", "16", "--results-file",
+                                   results, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 process(es)" in result.stdout
+    with open(results, newline="") as handle:
+        (row,) = csv.DictReader(handle)
+    assert_same_metrics(row, one)
+    subset = validate.main([*flags, "--eval-memory", "binned", "--subset", "difficult"])
+    assert_same_metrics(subset, binned_reference(*(values[keep] for values in arguments)))
+
+
+def test_binned_evaluation_refuses_the_outputs_that_need_every_score_naming_their_size(best: str,
+                                                                                      tiny_digits: str) -> None:
+    flags = ["--checkpoint", best, *data_flags(tiny_digits), "--eval-memory", "binned"]
+    for extra in (["--save-preds", "p.csv"], ["--per-class"], ["--plots", "plots"], ["--calibrate", "temperature"],
+                  ["--tune-thresholds", "f1"]):
+        with pytest.raises(ConfigError, match=rf"{extra[0]} needs every image's scores, which --eval-memory binned "
+                                              r"does not keep here \(digits:test: 40 images x 10 classes x 16 bytes "
+                                              r"= 6\.4 kB\)"):
+            validate.main([*flags, *extra])
+    for flag in ("--min-positives", "--eval-bins"):
+        with pytest.raises(ConfigError, match=f"{flag} must be at least 1, got 0"):
+            validate.parse_args([*flags, flag, "0"])

@@ -11,7 +11,15 @@ from PIL import Image
 from torchvision.datasets import VOCDetection
 
 from udtimm.data import DatasetError, build_dataset
-from udtimm.data.base import CorruptImageError, MultiLabelDataset, Sample, check_unique_ids, read_image
+from udtimm.data.base import (
+    CorruptImageError,
+    Label,
+    MultiLabelDataset,
+    Sample,
+    check_unique_ids,
+    make_labels,
+    read_image,
+)
 from udtimm.data.voc import VOC_CLASSES, load_voc
 
 # id -> objects as (class, difficult flag or None for a missing <difficult> tag)
@@ -87,9 +95,10 @@ def test_matches_torchvision_voc_detection(devkit, split):
         for i, s in enumerate(samples):
             image, annotation = reference[i]
             target, difficult = expected_from_torchvision(annotation, classes)
-            np.testing.assert_array_equal(s.target, target)
-            np.testing.assert_array_equal(s.difficult, difficult)
-            assert s.target.dtype == np.float32 and s.difficult.dtype == np.bool_
+            got_target, got_difficult = s.dense(len(classes))
+            np.testing.assert_array_equal(got_target, target)
+            np.testing.assert_array_equal(got_difficult, difficult)
+            assert got_target.dtype == np.float32 and got_difficult.dtype == np.bool_
             assert os.path.isabs(s.path) and s.path == os.path.abspath(reference.images[i])
             assert tuple(read_image(s.path).shape) == (3, image.height, image.width)
 
@@ -97,19 +106,21 @@ def test_matches_torchvision_voc_detection(devkit, split):
 def test_difficult_rule(devkit):
     by_id = {s.image_id: s for s in load_voc(str(devkit), "trainval")[0] + load_voc(str(devkit), "test")[0]}
     c = VOC_CLASSES.index
-    assert by_id["000002"].target[c("cat")] == 1 and not by_id["000002"].difficult[c("cat")]  # one easy cat
-    assert by_id["000002"].target[c("car")] == 1 and by_id["000002"].difficult[c("car")]  # every car difficult
-    assert by_id["000003"].target.sum() == 0 and not by_id["000003"].difficult.any()
-    assert by_id["000004"].target[c("bird")] == 1 and not by_id["000004"].difficult[c("bird")]  # tag missing
-    assert not by_id["000005"].difficult.any()
-    assert by_id["000006"].difficult.tolist() == [True] + [False] * 19
+    target = {image_id: s.dense(len(VOC_CLASSES))[0] for image_id, s in by_id.items()}
+    difficult = {image_id: s.dense(len(VOC_CLASSES))[1] for image_id, s in by_id.items()}
+    assert target["000002"][c("cat")] == 1 and not difficult["000002"][c("cat")]  # one easy cat
+    assert target["000002"][c("car")] == 1 and difficult["000002"][c("car")]  # every car difficult
+    assert target["000003"].sum() == 0 and not difficult["000003"].any()
+    assert target["000004"][c("bird")] == 1 and not difficult["000004"][c("bird")]  # tag missing
+    assert not difficult["000005"].any()
+    assert difficult["000006"].tolist() == [True] + [False] * 19
 
 
 def test_classes_file(devkit):
     (devkit / "VOC2007" / "classes.txt").write_text("\n".join(sorted(VOC_CLASSES)) + "\n")
     samples, classes = load_voc(str(devkit), "test")
     assert classes == sorted(VOC_CLASSES)
-    assert samples[1].target[classes.index("aeroplane")] == 1
+    assert samples[1].dense(len(classes))[0][classes.index("aeroplane")] == 1
     samples, classes = load_voc(str(devkit), "test", classes=VOC_CLASSES)  # explicit classes win
     assert classes == list(VOC_CLASSES)
 
@@ -156,15 +167,16 @@ def test_dataset_items_and_build(devkit):
     image, target, difficult, index = ds[1]
     assert image.dtype == torch.float32 and image.shape == (3, 6, 8) and index == 1
     assert target.dtype == torch.float32 and difficult.dtype == torch.bool
-    torch.testing.assert_close(target, torch.from_numpy(ds.samples[1].target))
-    assert ds.targets().shape == (4, 20) and ds.difficult_masks().dtype == torch.bool
-    torch.testing.assert_close(ds.difficult_masks()[1], difficult)
+    torch.testing.assert_close(target, torch.from_numpy(ds.samples[1].dense(len(ds.classes))[0]))
+    targets, difficult_masks = ds.dense_labels()
+    assert targets.shape == (4, 20) and difficult_masks.dtype == torch.bool
+    torch.testing.assert_close(difficult_masks[1], difficult)
     ds.transform = None
     assert ds[0][0].dtype == torch.uint8
     assert build_dataset("voc2007", str(devkit), "test").name == "voc2007:test"
     assert len(build_dataset("voc2007", str(devkit), "aeroplane_trainval")) == 2  # any ImageSets/Main file
     empty = MultiLabelDataset([], ["a", "b"])
-    assert empty.targets().shape == (0, 2) and empty.difficult_masks().shape == (0, 2)
+    assert [labels.shape for labels in empty.dense_labels()] == [(0, 2), (0, 2)]
 
 
 def test_read_image_gray_and_corrupt(tmp_path):
@@ -180,11 +192,11 @@ def test_read_image_gray_and_corrupt(tmp_path):
 
 
 def test_sample_checks_and_unique_ids():
-    one = Sample("a", "/a.jpg", np.zeros(3, dtype=np.float32), np.zeros(3, dtype=bool))
-    with pytest.raises(TypeError):
-        Sample("b", "/b.jpg", np.zeros(3), np.zeros(3, dtype=bool))  # float64 target
+    one = Sample("a", "/a.jpg", make_labels({2: Label.PRESENT}))
+    with pytest.raises(TypeError, match="b: labels must be LABELS_DTYPE"):
+        Sample("b", "/b.jpg", np.zeros(3, dtype=np.float32))  # a dense target is not labels
     check_unique_ids([one], "list.txt")
     with pytest.raises(DatasetError, match="list.txt: image id 'a' is listed twice"):
         check_unique_ids([one, one], "list.txt")
-    with pytest.raises(DatasetError, match="expected 2 classes"):
-        MultiLabelDataset([one], ["x", "y"])
+    with pytest.raises(DatasetError, match="expected ids 0 to 1 of 2 classes"):
+        MultiLabelDataset([one], ["x", "y"])  # class id 2 of 2 classes

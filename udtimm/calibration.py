@@ -33,15 +33,17 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+from typing import Any
 
+import pandas as pd
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from udtimm.checkpoint import CheckpointError
-from udtimm.errors import ConfigError
+from udtimm.errors import ConfigError, shortened
 from udtimm.metrics import brier_score, evaluated_pairs, expected_calibration_error
-from udtimm.predictions import Predictions, format_table
+from udtimm.predictions import SUMMARY_ROWS, Predictions, class_table, format_table
 
 METHODS = ("temperature", "per-class", "platt")
 T_MIN, T_MAX = 1e-2, 1e2
@@ -53,6 +55,9 @@ NEWTON_TOLERANCE = 1e-12
 NEWTON_MAX_STEPS = 100  # 6 to 12 are typical; a class that needs more gets the pooled fit
 LINE_SEARCH_HALVINGS = 50
 ARMIJO_FRACTION = 0.25
+# Classes fitted at a time: a fit holds a few [N, K] float64 intermediates, which at 10,000 classes and 5,000
+# held-out images would take gigabytes at once.
+FIT_COLUMNS = 1024
 
 
 class CalibrationError(ConfigError):
@@ -84,7 +89,7 @@ class FittedCalibration:
 def mean_bce(logits: Tensor, target: Tensor, keep: Tensor, temperatures: Tensor,
              biases: Tensor | float = 0.0) -> Tensor:
     """Mean BCE of sigmoid(logits / T + b) per column of [N, K] over its kept pairs, for T and b [K] (float64);
-    `target`: the labels (bool), or Platt's targets."""
+    `target`: the labels (bool or 0/1), or Platt's targets; `keep`: bool, or 0/1 weights."""
     losses = F.binary_cross_entropy_with_logits(logits / temperatures + biases, target.to(logits.dtype),
                                                 reduction="none")
     weight = keep.to(losses.dtype)
@@ -112,10 +117,23 @@ def golden_section(loss: Callable[[Tensor], Tensor], count: int, low: float, hig
 
 def _fit_columns(logits: Tensor, positive: Tensor, keep: Tensor) -> Tensor:
     """The BCE-minimising temperature of each column of [N, K] (float64)."""
+    # Converted once rather than at each of the ~50 evaluations: at 10,000 classes the conversions took a fifth.
+    target, weight = positive.to(logits.dtype), keep.to(logits.dtype)
+
     def loss(log_t: Tensor) -> Tensor:
-        return mean_bce(logits, positive, keep, log_t.exp())
+        return mean_bce(logits, target, weight, log_t.exp())
 
     return golden_section(loss, logits.shape[1], math.log(T_MIN), math.log(T_MAX), LOG_T_TOLERANCE).exp()
+
+
+def in_column_blocks(fit: Callable[..., Any], *columns: Tensor) -> Any:
+    """fit(*columns) (tensors [N, K] to a tensor [K] or a tuple of them), FIT_COLUMNS columns at a time: each column
+    is fitted on its own, so the result is the same, while the fit's [N, K] intermediates stay [N, FIT_COLUMNS]."""
+    parts = [fit(*(tensor[:, start:start + FIT_COLUMNS] for tensor in columns))
+             for start in range(0, columns[0].shape[1], FIT_COLUMNS)]
+    if isinstance(parts[0], tuple):
+        return tuple(torch.cat(values) for values in zip(*parts, strict=True))
+    return torch.cat(parts)
 
 
 def has_minimum(logits: Tensor, positive: Tensor, keep: Tensor) -> Tensor:
@@ -190,8 +208,8 @@ def _platt_columns(logits: Tensor, positive: Tensor, keep: Tensor) -> tuple[Tens
     slope = torch.full((logits.shape[1],), math.nan, dtype=torch.float64)
     bias, usable = slope.clone(), torch.zeros_like(fittable)
     if fittable.any():
-        found_slope, found_bias, converged = newton_platt(logits[:, fittable], positive[:, fittable],
-                                                          keep[:, fittable])
+        found_slope, found_bias, converged = in_column_blocks(newton_platt, logits[:, fittable],
+                                                              positive[:, fittable], keep[:, fittable])
         slope[fittable], bias[fittable] = found_slope, found_bias
         usable[fittable] = converged & (found_slope >= 1 / T_MAX) & (found_slope <= 1 / T_MIN)
     return slope, bias, usable
@@ -232,7 +250,7 @@ def fit_calibration(logits: Tensor, target: Tensor, difficult: Tensor, method: s
     values = torch.full((num_classes,), global_value, dtype=torch.float64)
     fitted = has_minimum(z, positive, keep) if method == "per-class" else torch.zeros(num_classes, dtype=torch.bool)
     if fitted.any():
-        values[fitted] = _fit_columns(z[:, fitted], positive[:, fitted], keep[:, fitted])
+        values[fitted] = in_column_blocks(_fit_columns, z[:, fitted], positive[:, fitted], keep[:, fitted])
     return FittedCalibration(ScoreCalibration.of_temperatures(values), fitted, global_value)
 
 
@@ -277,11 +295,12 @@ def _stored_by_class(entry: dict, key: str, class_names: Sequence[str], source: 
     stored = entry.get(key) if isinstance(entry, dict) else None
     if not isinstance(stored, dict) or list(stored) != list(class_names):
         found = list(stored) if isinstance(stored, dict) else stored
-        raise CheckpointError(f"{source}: {key} for classes {found}, but the model has {list(class_names)}")
+        raise CheckpointError(f"{source}: {key} for classes {shortened(found)}, but the model has "
+                              f"{shortened(list(class_names))}")
     try:
         return torch.tensor([float(value) for value in stored.values()], dtype=torch.float64)
     except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: {key} must be numbers, got {list(stored.values())}") from err
+        raise CheckpointError(f"{source}: {key} must be numbers, got {shortened(list(stored.values()))}") from err
 
 
 def stored_calibration(entry: dict, class_names: Sequence[str], source: str) -> ScoreCalibration:
@@ -290,12 +309,13 @@ def stored_calibration(entry: dict, class_names: Sequence[str], source: str) -> 
     a temperature is not positive and finite, or a bias is not finite."""
     temperatures = _stored_by_class(entry, "temperatures", class_names, source)
     if not (temperatures.isfinite() & (temperatures > 0)).all():
-        raise CheckpointError(f"{source}: temperatures must be positive and finite, got {temperatures.tolist()}")
+        raise CheckpointError(f"{source}: temperatures must be positive and finite, got "
+                              f"{shortened(temperatures.tolist())}")
     if "biases" not in entry:
         return ScoreCalibration.of_temperatures(temperatures)
     biases = _stored_by_class(entry, "biases", class_names, source)
     if not biases.isfinite().all():
-        raise CheckpointError(f"{source}: biases must be finite, got {biases.tolist()}")
+        raise CheckpointError(f"{source}: biases must be finite, got {shortened(biases.tolist())}")
     return ScoreCalibration(temperatures, biases)
 
 
@@ -307,24 +327,23 @@ def calibrate_predictions(predictions: Predictions, calibration: ScoreCalibratio
 
 
 def summary_table(predictions: Predictions, class_names: Sequence[str], result: FittedCalibration,
-                  method: str) -> str:
+                  method: str, rows: int | None = SUMMARY_ROWS) -> str:
     """Per class: its temperature (and bias, for platt) and the mean BCE (of the evaluated pairs) before and after,
-    on the split it was fitted on."""
+    on the split it was fitted on; above MANY_CLASSES classes, the `rows` worst and best by BCE after and a summary
+    (predictions.class_table)."""
     z, positive, keep = (predictions.logits.to(torch.float64), predictions.target > 0.5,
                          evaluated_pairs(predictions.target, predictions.difficult))
     temperatures, biases = result.calibration.temperatures, result.calibration.biases
-    before = mean_bce(z, positive, keep, torch.ones_like(temperatures))
-    after = mean_bce(z, positive, keep, temperatures, biases)
     note = {"per-class": "global temperature (no minimum of its own)",
             "platt": "pooled fit (none usable of its own)"}.get(method, "")
-    with_biases = method == "platt"
-    rows = [(name, f"{temperature:.4f}", *([f"{bias:.4f}"] if with_biases else []), f"{b:.4f}", f"{a:.4f}",
-             "" if fitted else note)
-            for name, temperature, bias, b, a, fitted in zip(class_names, temperatures.tolist(), biases.tolist(),
-                                                             before.tolist(), after.tolist(), result.fitted.tolist(),
-                                                             strict=True)]
-    header = ("class", "temperature", *(["bias"] if with_biases else []), "BCE before", "BCE after", "note")
-    return format_table(header, rows)
+    table = pd.DataFrame({
+        "class": list(class_names), "temperature": temperatures.numpy(),
+        **({"bias": biases.numpy()} if method == "platt" else {}),
+        "BCE before": mean_bce(z, positive, keep, torch.ones_like(temperatures)).numpy(),
+        "BCE after": mean_bce(z, positive, keep, temperatures, biases).numpy(),
+        "note": ["" if fitted else note for fitted in result.fitted.tolist()],
+    })
+    return class_table(table, "BCE after", rows, dict.fromkeys(table.columns[1:-1], 4), lower_is_better=True)
 
 
 CALIBRATION_METRICS = ("ece", "ece_pooled", "brier")

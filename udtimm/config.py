@@ -14,10 +14,12 @@ import yaml
 from timm.data.auto_augment import rand_augment_transform
 
 from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, HOLDOUT, DataSource
+from udtimm.data.base import UNLISTED_STATES
 from udtimm.errors import ConfigError
 from udtimm.heads import HEAD_NAMES, LINEAR
 from udtimm.io import atomic_write_text
 from udtimm.losses import DIFFICULT_POLICIES, UNKNOWN_POLICIES
+from udtimm.metric_statistics import AP_BINS, EVAL_MEMORY, EXACT_PAIRS_LIMIT, LOGIT_RANGE
 from udtimm.provenance import file_sha256
 from udtimm.settings import (
     DataSettings,
@@ -95,13 +97,15 @@ def config_parser() -> argparse.ArgumentParser:
 
 
 def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, dataset_help: str,
-                     training: bool = False) -> None:
+                     training: bool = False, split_help: str = "split to evaluate (test = VOC test, COCO val2014)",
+                     ) -> None:
     """The flags that say which images (read by data_source): --dataset, --data-dir, the split(s) and the digits
     set. `training`: --train-split, the splits that choose and report (docs/design.md#selection) and --holdout-*;
-    else the one --split to evaluate."""
+    else the one --split (to evaluate, unless `split_help` says otherwise)."""
     add_fixed(group, "--dataset", default=default, choices=tuple(DATASETS), help=dataset_help)
     group.add_argument("--data-dir", default=None,
-                       help="dataset root (digits: generated there on first use; without it, in the cache folder)")
+                       help="dataset root (digits: generated there on first use; without it, in the cache folder; wds: "
+                            "the folder of _info.json)")
     if training:
         add_fixed(group, "--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
         add_fixed(group, "--val-split", default=None,
@@ -120,7 +124,7 @@ def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, datase
                   help=f"--val-split {HOLDOUT}: the seed that draws the held-out images (not --seed: every "
                        "run of a comparison holds the same images out)")
     else:
-        group.add_argument("--split", default="test", help="split to evaluate (test = VOC test, COCO val2014)")
+        group.add_argument("--split", default="test", help=split_help)
     add_fixed(group, "--digits-trainval", type=int, default=DIGITS_TRAINVAL, help="digits: number of trainval images")
     add_fixed(group, "--digits-test", type=int, default=DIGITS_TEST, help="digits: number of test images")
     add_fixed(group, "--digits-seed", type=int, default=DIGITS_SEED,
@@ -129,6 +133,13 @@ def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, datase
     add_fixed(group, "--digits-ambiguous", action="store_true",
               help="digits: a set whose difficult digits are ambiguous (tiny, blurred, faint or covered; "
                    "docs/datasets.md#digits), in a folder of its own")
+    add_fixed(group, "--csv-unlisted", default="absent", choices=tuple(UNLISTED_STATES),
+              help="csv label lists: what a class that an image's row does not list is; unknown for "
+                   "OpenImages-style data, whose rows list verified positives and negatives "
+                   "(docs/datasets.md#sparse-labels)")
+    add_fixed(group, "--oi-machine-labels", type=float, default=None, metavar="MIN_CONFIDENCE",
+              help="openimages: also read the machine-generated labels, those of at least this confidence as "
+                   "present where no human verified the class (default: human-verified labels only)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, distillation: bool) -> None:
@@ -157,9 +168,37 @@ def add_data_args(parser: argparse.ArgumentParser, distillation: bool) -> None:
     add_fixed(group, "--drop-labels-seed", type=int, default=0, help="the seed that draws the dropped labels")
     group.add_argument("--eval-difficult-negative", action="store_true",
                        help="CP..OF1 count difficult pairs as negatives (ML-GCN's code) instead of leaving them out")
+    add_evaluation_args(group)
     group.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of stopping")
     group.add_argument("--gpu-decode", action="store_true", help="decode and augment JPEGs on the GPU")
     add_prefetch_arg(group)
+
+
+def add_evaluation_args(group: argparse._ArgumentGroup) -> None:
+    """How a split is evaluated (docs/method.md#evaluation-in-bounded-memory), for train.py, distill.py and
+    validate.py: --min-positives, --eval-memory, --eval-bins. A resume keeps --min-positives, since the best mAP
+    saved is one of that average; the path may change (its mAP moves by less than 0.05)."""
+    add_fixed(group, "--min-positives", type=int, default=1, metavar="K",
+              help="mAP and Difficult mAP average the classes with at least K evaluated positives in the evaluated "
+                   "images (OpenImages' protocol); the num_classes_few_positives column counts those left out "
+                   "with fewer")
+    group.add_argument("--eval-memory", default="auto", choices=EVAL_MEMORY,
+                       help="exact: the metrics from every image's scores, gathered in one place (16 bytes per "
+                            "image and class); binned: from fixed-size per-class statistics added batch by batch, "
+                            "AP from --eval-bins score bins (mAP within 0.05 of exact on the sets measured, the rest "
+                            "equal; validate.py then refuses --save-preds, --plots, --per-class, --calibrate and "
+                            "--tune-thresholds, which need every score); auto: exact unless the evaluated split has "
+                            f"more than {EXACT_PAIRS_LIMIT:,} images x classes")
+    group.add_argument("--eval-bins", type=int, default=AP_BINS, metavar="N",
+                       help=f"binned evaluation: AP score bins per class, uniform in logit over [-{LOGIT_RANGE:g}, "
+                            f"{LOGIT_RANGE:g}] (4 int32 counts each: 16 bytes per class and bin)")
+
+
+def check_evaluation(args: argparse.Namespace) -> None:
+    """--min-positives and --eval-bins: at least 1."""
+    for flag, value in (("--min-positives", args.min_positives), ("--eval-bins", args.eval_bins)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be at least 1, got {value}")
 
 
 def add_workers_arg(group: argparse._ArgumentGroup) -> None:
@@ -318,6 +357,7 @@ def parse_with_config(parser: argparse.ArgumentParser, argv: Sequence[str] | Non
         resolve_selection(args)
     check_augmentation(args)
     check_mixing(args)
+    check_evaluation(args)
     if args.resume:
         fixed = {key: f" (fixed with {flag_name(condition)})" if condition else ""
                  for key, condition in resume_fixed(parser).items() if not condition or getattr(args, condition, False)}
@@ -402,7 +442,9 @@ DATASET_DEFAULTS = {
 
 
 def fill_dataset_defaults(args: argparse.Namespace) -> None:
-    defaults = DATASET_DEFAULTS["digits" if args.dataset == "digits" else "paper"]
+    # Shards of digits train as digits do: the defaults follow the images, not their container.
+    kind = DATASETS[args.dataset].source_dataset(args.data_dir) or args.dataset
+    defaults = DATASET_DEFAULTS["digits" if kind == "digits" else "paper"]
     for key, value in defaults.items():
         if getattr(args, key, value) is None:
             setattr(args, key, value)
@@ -429,6 +471,18 @@ def data_source(args: argparse.Namespace, name: str | None = None) -> DataSource
     name = name or args.dataset
     options = {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed,
                "ambiguous": args.digits_ambiguous} if name == "digits" else {}
+    # Only a set read otherwise than before names it: older checkpoints' provenance stays equal.
+    if args.oi_machine_labels is not None:
+        if name == "openimages":
+            options["machine_labels"] = args.oi_machine_labels
+        else:
+            warn(f"--oi-machine-labels does nothing: --dataset {name} is not openimages")
+    if args.csv_unlisted != "absent":
+        if name == "csv":
+            options["unlisted"] = args.csv_unlisted
+        else:
+            warn(f"--csv-unlisted {args.csv_unlisted} does nothing: --dataset {name} says itself what an unlisted "
+                 "class is")
     return DataSource(name, args.data_dir, options)
 
 

@@ -16,6 +16,7 @@ from tqdm import tqdm
 
 from udtimm.data.loader import report_unreadable
 from udtimm.errors import NonFiniteLossError
+from udtimm.metric_statistics import MetricStatistics
 from udtimm.mixing import Mixer
 from udtimm.objectives import Objective
 from udtimm.predictions import Predictions
@@ -208,21 +209,76 @@ def predict(model: nn.Module, loader: Iterable, accelerator: Accelerator, show_p
             report_unreadable(batch[4])
             if len(target) == 0:
                 continue
-        with accelerator.autocast():
-            output = model(images)
-        # udtimm's CalibratedModel returns a ModelOutput; a plain timm classifier (Predictor.model) its logits.
-        logits = output if isinstance(output, Tensor) else output.logits
+        logits = classification_logits(model, images, accelerator)
         # Results stay on the device until the end: a copy to the host per batch would make the host wait for
         # the GPU, which would then sit idle while the next batch is decoded.
-        parts.append((logits.float(), target.float(), difficult.float(), indices))
+        parts.append((logits, target.float(), difficult.float(), indices))
     if not parts:
         raise ValueError("the evaluation loader yielded no images")
     local = tuple(torch.cat(column) for column in zip(*parts, strict=True))
     gathered = accelerator.gather(accelerator.pad_across_processes(local, dim=0, pad_index=-1))
     logits, target, difficult, indices = (column.cpu() for column in gathered)
     order = torch.argsort(indices, stable=True)
-    sorted_indices = indices[order]
-    first = torch.ones_like(sorted_indices, dtype=torch.bool)
-    first[1:] = sorted_indices[1:] != sorted_indices[:-1]
-    keep = order[first & (sorted_indices >= 0)]  # padding has index -1
+    keep = order[first_sightings(indices, indices[:0])[order]]  # dataset order; padding has index -1
     return Predictions(torch.sigmoid(logits[keep]), target[keep], difficult[keep].bool(), indices[keep], logits[keep])
+
+
+def classification_logits(model: nn.Module, images: Tensor, accelerator: Accelerator) -> Tensor:
+    """The classification branch's float32 logits of a batch."""
+    with accelerator.autocast():
+        output = model(images)
+    # udtimm's CalibratedModel returns a ModelOutput; a plain timm classifier (Predictor.model) its logits.
+    return (output if isinstance(output, Tensor) else output.logits).float()
+
+
+def first_sightings(gathered: Tensor, seen: Tensor) -> Tensor:
+    """Bool, like `gathered` (a step's image indices of every process, in process order, -1 for padding): the
+    indices neither in `seen` (the earlier steps') nor earlier in `gathered` (the image counts where it came first)."""
+    order = torch.argsort(gathered, stable=True)
+    ordered = gathered[order]
+    first = torch.ones_like(gathered, dtype=torch.bool)
+    first[1:] = ordered[1:] != ordered[:-1]
+    new = torch.empty_like(first).scatter_(0, order, first)
+    return new & (gathered >= 0) & ~torch.isin(gathered, seen)
+
+
+@torch.no_grad()
+def evaluate_streaming(model: nn.Module, loader: Iterable, accelerator: Accelerator, statistics: MetricStatistics,
+                       show_progress: bool = True, difficult_subset_only: bool = False) -> MetricStatistics:
+    """`statistics` with every image of the loader added, summed over processes (--eval-memory binned): each
+    batch's probabilities are added where they are computed, and nothing of size images x classes is kept.
+
+    Each image counts once, as in predict: every step gathers the image indices of all processes (8 bytes an
+    image), and an image already counted, at an earlier step or on a process before in this one, is left out,
+    so N processes give the numbers of one. That gather makes the host wait for the step before it; predict's
+    single gather at the end does not. With `difficult_subset_only` (--subset difficult) only the images with a
+    difficult label count.
+    """
+    model.eval()
+    seen = torch.empty(0, dtype=torch.int64, device=accelerator.device)
+    evaluated = False
+    for batch in progress(loader, accelerator, "eval", show_progress):
+        images, target, difficult, indices = batch[:4]
+        if len(batch) > 4:  # --skip-corrupt: the fifth field lists the images the loader left out
+            report_unreadable(batch[4])
+        # An empty batch (--skip-corrupt) is float; every process must gather its part all the same.
+        indices = indices.to(accelerator.device, torch.int64)
+        gathered = indices
+        if accelerator.num_processes > 1:
+            gathered = accelerator.gather(accelerator.pad_across_processes(indices, dim=0, pad_index=-1))
+        first = first_sightings(gathered, seen)
+        seen = torch.cat([seen, gathered])
+        if len(target) == 0:
+            continue
+        start = accelerator.process_index * (len(gathered) // accelerator.num_processes)
+        counted = first[start:start + len(indices)]
+        if difficult_subset_only:
+            counted = counted & difficult.bool().any(1)
+        scores = torch.sigmoid(classification_logits(model, images, accelerator))
+        statistics.update(scores, target, difficult.bool(), counted)
+        evaluated = True
+    if not evaluated:
+        raise ValueError("the evaluation loader yielded no images")
+    if accelerator.num_processes > 1:
+        statistics = statistics.with_sums(accelerator.reduce(statistics.sums, reduction="sum"))
+    return statistics

@@ -5,6 +5,9 @@ Imports nothing of udtimm or torch, so any module, the lightest included, can ra
 
 from __future__ import annotations
 
+# The most items of a list that an error message quotes: a model of 10,000 classes still gets a one-line message.
+QUOTED_ITEMS = 10
+
 
 class ConfigError(ValueError):
     """A configuration file or flag combination that cannot be used."""
@@ -40,3 +43,10 @@ class NonFiniteLossError(FloatingPointError):
 
 USER_ERRORS = (ConfigError, DatasetError, CheckpointError, ModelConfigError, HeadConfigError, WeightsError,
                NonFiniteLossError, OSError)
+
+
+def shortened(values: object, limit: int = QUOTED_ITEMS) -> str:
+    """repr of `values`; a list or tuple of more than `limit` items as its first `limit` and how many more."""
+    if not isinstance(values, (list, tuple)) or len(values) <= limit:
+        return repr(values)
+    return f"{repr(list(values[:limit]))[:-1]}, ... {len(values) - limit:,} more]"

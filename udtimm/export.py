@@ -47,6 +47,7 @@ from udtimm import checkpoint, cli
 from udtimm.calibration import ScoreCalibration, calibrated_scores, fitted_name
 from udtimm.errors import ConfigError
 from udtimm.io import current_umask
+from udtimm.predictions import MANY_CLASSES
 from udtimm.predictor import CONFIG_FILE, WEIGHTS_FILE
 from udtimm.thresholds import read_thresholds_file, thresholds_path, tuning_tensors
 
@@ -253,13 +254,15 @@ def model_card(item: Exportable) -> dict:
     entries = item.model_config["udtimm"]
     record = entries.get("thresholds") or {}
     calibration = record.get("calibration")
+    names = item.model_config["label_names"]
     formula = "sigmoid(logits / T + b)" if calibration and "biases" in calibration else "sigmoid(logits / T)"
     return {
         "description": f"Multi-label image classifier trained with udtimm {entries['version']} "
                        f"({entries['method'] or 'baseline'} on {entries['dataset'] or 'an unnamed dataset'}).",
         "details": {
             "Model Type": "Multi-label image classification (sigmoid per class)",
-            "Classes": ", ".join(item.model_config["label_names"]),
+            # A card that lists 10,000 class names is read by no one: config.json has them all.
+            "Classes": ", ".join(names) if len(names) <= MANY_CLASSES else f"{len(names):,} (config.json label_names)",
             "Image size": f"{item.img_size} x {item.img_size}",
             "Decision thresholds": (f"per class ({record['objective']}, tuned on {record['split']}), "
                                     "in config.json under udtimm.thresholds") if "thresholds" in record else "0.5",

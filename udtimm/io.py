@@ -50,14 +50,20 @@ def csv_line(values: Sequence[object]) -> str:
 def append_csv_row(path: str, row: Mapping[str, object]) -> None:
     """Append one row (the header first if the file is new) in a single write, so a crash leaves no half row.
 
-    An existing file with other columns is an error rather than a silently misaligned table.
+    A file written by an older udtimm, whose columns the row only adds to (a new metric), is rewritten first with
+    those columns empty in its rows, so that resuming an older run goes on; any other difference is an error
+    rather than a silently misaligned table.
     """
     columns = list(row)
     if os.path.exists(path) and os.path.getsize(path) > 0:
         with open(path, newline="") as handle:
-            header = next(csv.reader(handle), [])
-        if header != columns:
+            header, *rows = list(csv.reader(handle))
+        if header != columns and not set(header) < set(columns):
             raise ValueError(f"{path} has columns {header}, this row has {columns}: use another --results-file")
+        if header != columns:
+            old = [dict(zip(header, cells, strict=True)) for cells in rows]
+            atomic_write_text(path, "".join(csv_line(line) for line in
+                                            [columns, *([cells.get(c, "") for c in columns] for cells in old)]))
         text = csv_line([row[c] for c in columns])
     else:
         text = csv_line(columns) + csv_line([row[c] for c in columns])

@@ -61,6 +61,7 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
     MetricColumn("brier", "Brier", report=False, lower_is_better=True),
     MetricColumn("num_images", "images", report=False, percent=False),
     MetricColumn("num_classes_evaluated", "classes evaluated", report=False, percent=False),
+    MetricColumn("num_classes_few_positives", "classes under --min-positives", report=False, percent=False),
 )
 METRIC_NAMES: tuple[str, ...] = tuple(column.name for column in METRIC_COLUMNS)
 
@@ -72,8 +73,8 @@ def metric_names(topk: int = TOPK) -> tuple[str, ...]:
 _NAN = float("nan")
 
 
-def _prepare(scores: Tensor, target: Tensor, difficult: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
-    """Scores as float64, target as bool, and the bool mask of evaluated (non-difficult) pairs."""
+def prepare(scores: Tensor, target: Tensor, difficult: Tensor | None) -> tuple[Tensor, Tensor, Tensor]:
+    """Scores as float64, target as bool (positive), and the bool mask of evaluated (known, non-difficult) pairs."""
     if difficult is None:
         difficult = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)
     if target.shape != scores.shape or difficult.shape != scores.shape:
@@ -114,18 +115,28 @@ def average_precision(scores: Tensor, target: Tensor, ignore: Tensor | None = No
     """Non-interpolated AP of one class (docs/method.md#ap-and-map); ``ignore`` pairs are removed first."""
     if scores.dim() != 1:
         raise ValueError(f"average_precision expects 1-D scores, got {tuple(scores.shape)}")
-    s, positive, keep = _prepare(scores, target, ignore)
+    s, positive, keep = prepare(scores, target, ignore)
     return _ap_columns(s[:, None], positive[:, None], keep[:, None]).item()
 
 
 def per_class_average_precision(scores: Tensor, target: Tensor, difficult: Tensor) -> Tensor:
     """Per-class non-interpolated AP (docs/method.md#ap-and-map), [C] float64, nan for classes without positive."""
-    return _ap_columns(*_prepare(scores, target, difficult))
+    return _ap_columns(*prepare(scores, target, difficult))
 
 
-def mean_average_precision(scores: Tensor, target: Tensor, difficult: Tensor) -> float:
-    """mAP in percent (docs/method.md#ap-and-map) over classes with a non-difficult positive; nan if none."""
-    return 100.0 * per_class_average_precision(scores, target, difficult).nanmean().item()
+def mean_average_precision(scores: Tensor, target: Tensor, difficult: Tensor, min_positives: int = 1) -> float:
+    """mAP in percent (docs/method.md#ap-and-map) over classes with at least `min_positives` non-difficult
+    positives; nan if none."""
+    s, positive, keep = prepare(scores, target, difficult)
+    return mean_over_classes(_ap_columns(s, positive, keep), (positive & keep).sum(0), min_positives)[0]
+
+
+def mean_over_classes(ap: Tensor, positives: Tensor, min_positives: int = 1) -> tuple[float, int, int]:
+    """mAP in percent over the classes with at least `min_positives` evaluated positives (docs/method.md#ap-and-map,
+    --min-positives), the number of those classes, and the number left out for having some but fewer."""
+    counted = positives >= max(min_positives, 1)  # a class without positive has no AP, whatever the minimum
+    few = (positives > 0) & ~counted
+    return 100.0 * ap[counted].mean().item(), int(counted.sum()), int(few.sum())
 
 
 def _f1(precision: float, recall: float) -> float:
@@ -151,7 +162,7 @@ def predicted_labels(scores: Tensor, threshold: float | Tensor = 0.5, topk: int 
 def threshold_counts(scores: Tensor, target: Tensor, difficult: Tensor, threshold: float | Tensor = 0.5,
                      topk: int | None = None, difficult_as_negative: bool = False) -> tuple[Tensor, Tensor, Tensor]:
     """Per class [C] (float64): true positives, predicted and positive pairs at `threshold` (docs/method.md#metrics)."""
-    s, positive, keep = _prepare(scores, target, difficult)
+    s, positive, keep = prepare(scores, target, difficult)
     # Ranked over all classes, difficult ones included: a classifier's top-k cannot know which labels are difficult.
     predicted = predicted_labels(s, threshold, topk)
     if difficult_as_negative:
@@ -172,7 +183,12 @@ def threshold_metrics(
 ) -> dict[str, float]:
     """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (docs/method.md#cp-cr-cf1-op-or-of1), optionally top-k; one threshold
     or one per class."""
-    tp, n_predicted, n_positive = threshold_counts(scores, target, difficult, threshold, topk, difficult_as_negative)
+    return rates_from_counts(*threshold_counts(scores, target, difficult, threshold, topk, difficult_as_negative))
+
+
+def rates_from_counts(tp: Tensor, n_predicted: Tensor, n_positive: Tensor) -> dict[str, float]:
+    """ML-GCN CP/CR/CF1/OP/OR/OF1 in percent (docs/method.md#cp-cr-cf1-op-or-of1) from threshold_counts' per-class
+    counts."""
     class_precision = torch.where(n_predicted > 0, tp / n_predicted.clamp(min=1), 0.0)
     cp = class_precision.mean().item()
     # A class without positives has no recall: it is skipped, not counted as 0 (ML-GCN's
@@ -194,7 +210,7 @@ def threshold_metrics(
     }
 
 
-def _binned_sums(probs: Tensor, positive: Tensor, keep: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
+def binned_sums(probs: Tensor, positive: Tensor, keep: Tensor, n_bins: int) -> tuple[Tensor, Tensor, Tensor]:
     """Per column of [N, C] and per bin: pair count, sum of probabilities, sum of positives."""
     n_columns = probs.shape[1]
     # Bins [i/n, (i+1)/n) with the last one closed, so a probability of exactly 1 is counted.
@@ -217,7 +233,7 @@ def expected_calibration_error(
     classwise: bool = True,
 ) -> float:
     """Eq. 2 ECE in percent: classwise mean of per-class ECE, or one pooled histogram."""
-    p, positive, keep = _prepare(probs, target, difficult)
+    p, positive, keep = prepare(probs, target, difficult)
     if not classwise:
         p, positive, keep = p.reshape(-1, 1), positive.reshape(-1, 1), keep.reshape(-1, 1)
     return 100.0 * _column_calibration_errors(p, positive, keep, n_bins).nanmean().item()
@@ -226,11 +242,15 @@ def expected_calibration_error(
 def per_class_calibration_error(probs: Tensor, target: Tensor, difficult: Tensor | None = None,
                                 n_bins: int = 15) -> Tensor:
     """Eq. 2 ECE of each class, [C] float64 fractions (not percent); nan for a class without evaluated pair."""
-    return _column_calibration_errors(*_prepare(probs, target, difficult), n_bins)
+    return _column_calibration_errors(*prepare(probs, target, difficult), n_bins)
 
 
 def _column_calibration_errors(p: Tensor, positive: Tensor, keep: Tensor, n_bins: int) -> Tensor:
-    count, confidence_sum, positive_sum = _binned_sums(p, positive, keep, n_bins)
+    return calibration_errors(*binned_sums(p, positive, keep, n_bins))
+
+
+def calibration_errors(count: Tensor, confidence_sum: Tensor, positive_sum: Tensor) -> Tensor:
+    """Eq. 2 ECE of each row of binned_sums' [C, bins] sums, as fractions; nan for a row without pair."""
     # (n_b / n) * |acc_b - conf_b| = |positives_b - sum of probs_b| / n, and empty bins give 0.
     n = count.sum(1)
     gap = (positive_sum - confidence_sum).abs().sum(1)
@@ -239,7 +259,7 @@ def _column_calibration_errors(p: Tensor, positive: Tensor, keep: Tensor, n_bins
 
 def brier_score(probs: Tensor, target: Tensor, difficult: Tensor | None = None) -> float:
     """Brier score in percent: the mean of (p - y)^2 over the (image, class) pairs that are not difficult."""
-    p, positive, keep = _prepare(probs, target, difficult)
+    p, positive, keep = prepare(probs, target, difficult)
     return 100.0 * ((p - positive.to(p.dtype)) ** 2)[keep].mean().item()
 
 
@@ -247,12 +267,17 @@ def reliability_bins(
     probs: Tensor, target: Tensor, difficult: Tensor | None = None, n_bins: int = 15
 ) -> dict[str, Tensor]:
     """Pooled Eq. 2 bins for the reliability diagram (paper Fig. 3); nan in empty bins."""
-    p, positive, keep = _prepare(probs, target, difficult)
-    count, confidence_sum, positive_sum = _binned_sums(
+    p, positive, keep = prepare(probs, target, difficult)
+    count, confidence_sum, positive_sum = binned_sums(
         p.reshape(-1, 1), positive.reshape(-1, 1), keep.reshape(-1, 1), n_bins
     )
-    count, confidence_sum, positive_sum = count[0], confidence_sum[0], positive_sum[0]
-    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=p.device)
+    return reliability_from_sums(count[0], confidence_sum[0], positive_sum[0])
+
+
+def reliability_from_sums(count: Tensor, confidence_sum: Tensor, positive_sum: Tensor) -> dict[str, Tensor]:
+    """Pooled Eq. 2 bins for the reliability diagram from one row of binned_sums' sums; nan in empty bins."""
+    n_bins = len(count)
+    edges = torch.linspace(0.0, 1.0, n_bins + 1, dtype=torch.float64, device=count.device)
     empty = torch.full_like(count, _NAN)
     return {
         "lower": edges[:-1],
@@ -276,11 +301,14 @@ def compute_metrics(
     topk: int = TOPK,
     n_bins: int = 15,
     difficult_as_negative: bool = False,
+    min_positives: int = 1,
 ) -> dict[str, float]:
     """All evaluation metrics (docs/method.md#metrics, Eq. 2, Table 2) as one flat dict keyed by
     metric_names(topk)."""
-    ap = per_class_average_precision(scores, target, difficult)
-    metrics = {"map": 100.0 * ap.nanmean().item()}
+    s, positive, keep = prepare(scores, target, difficult)
+    metrics = dict(zip(("map", "num_classes_evaluated", "num_classes_few_positives"),
+                       mean_over_classes(_ap_columns(s, positive, keep), (positive & keep).sum(0), min_positives),
+                       strict=True))
     metrics.update(threshold_metrics(scores, target, difficult, threshold, difficult_as_negative=difficult_as_negative))
     top = threshold_metrics(scores, target, difficult, threshold, topk, difficult_as_negative)
     metrics.update({f"{name}_top{topk}": value for name, value in top.items()})
@@ -289,7 +317,11 @@ def compute_metrics(
     metrics["brier"] = brier_score(scores, target, difficult)
     subset = difficult_subset(difficult)
     # An empty subset gives no AP for any class, hence nan.
-    metrics["map_difficult"] = mean_average_precision(scores[subset], target[subset], difficult[subset])
+    metrics["map_difficult"] = mean_average_precision(scores[subset], target[subset], difficult[subset], min_positives)
     metrics["num_images"] = float(scores.shape[0])
-    metrics["num_classes_evaluated"] = float(ap.isfinite().sum().item())
-    return {name: metrics[name] for name in metric_names(topk)}
+    return in_column_order(metrics, topk)
+
+
+def in_column_order(metrics: dict[str, float], topk: int) -> dict[str, float]:
+    """compute_metrics' dict: the values keyed and ordered by metric_names(topk), the counts as floats."""
+    return {name: float(metrics[name]) for name in metric_names(topk)}

@@ -23,26 +23,24 @@ BAR_INCHES = 2.2  # width of each bar chart of the label panel
 ROW_INCHES = 3.2
 
 
-def draw_reliability(axis: plt.Axes, probs: Tensor, target: Tensor, difficult: Tensor | None, label: str,
-                     colour: str, width_share: float = 1.0, offset: float = 0.0) -> float:
-    """Accuracy per confidence bin as bars, the gap up to the bin's mean confidence hatched; returns the pooled ECE.
+def draw_reliability(axis: plt.Axes, bins: dict[str, Tensor], ece: float, label: str, colour: str,
+                     width_share: float = 1.0, offset: float = 0.0) -> None:
+    """Accuracy per confidence bin (metrics.reliability_bins) as bars, the gap up to the bin's mean confidence
+    hatched; `ece`, the pooled ECE, goes in the legend.
 
     Red shows above the bars (over-confidence) and through them (under-confidence); with several models the
     gap stays in its model's slot of the bin.
     """
-    bins = reliability_bins(probs, target, difficult)
     lower, upper = bins["lower"].numpy(), bins["upper"].numpy()
     width = (upper - lower) * width_share
     accuracy = torch.nan_to_num(bins["accuracy"]).numpy()
     confidence = torch.nan_to_num(bins["confidence"]).numpy()
-    ece = expected_calibration_error(probs, target, difficult, classwise=False)
     left = lower + offset * (upper - lower)
     axis.bar(left, accuracy, width=width, align="edge", color=colour, alpha=0.8, edgecolor="black",
              linewidth=0.5, label=f"{label} (pooled ECE {ece:.2f}%)")
     filled = bins["count"].numpy() > 0
     axis.bar(left[filled], (confidence - accuracy)[filled], bottom=accuracy[filled], width=width[filled],
              align="edge", color="red", alpha=0.25, hatch="//", edgecolor="red", linewidth=0.5)
-    return ece
 
 
 def save_figure(figure: plt.Figure, path: str) -> None:
@@ -52,10 +50,17 @@ def save_figure(figure: plt.Figure, path: str) -> None:
 
 def reliability_figure(curves: list[tuple[str, Tensor, Tensor, Tensor | None]], title: str) -> plt.Figure:
     """One axes: a bar series per (label, probs, target, difficult) side by side in each bin, the diagonal."""
+    return binned_reliability_figure([(label, reliability_bins(probs, target, difficult),
+                                       expected_calibration_error(probs, target, difficult, classwise=False))
+                                      for label, probs, target, difficult in curves], title)
+
+
+def binned_reliability_figure(curves: list[tuple[str, dict[str, Tensor], float]], title: str) -> plt.Figure:
+    """reliability_figure of curves given as (label, pooled bins, pooled ECE)."""
     figure, axis = plt.subplots(figsize=(5, 5))
     share = 1.0 / len(curves)
-    for number, (label, probs, target, difficult) in enumerate(curves):
-        draw_reliability(axis, probs, target, difficult, label, COLOURS[number % len(COLOURS)], share, number * share)
+    for number, (label, bins, ece) in enumerate(curves):
+        draw_reliability(axis, bins, ece, label, COLOURS[number % len(COLOURS)], share, number * share)
     axis.plot([0, 1], [0, 1], linestyle="--", color="gray", label="perfect calibration")
     axis.fill_between([], [], color="red", alpha=0.25, hatch="//", label="gap: mean confidence - accuracy")
     axis.set(xlim=(0, 1), ylim=(0, 1), xlabel="confidence (predicted probability)",
@@ -74,8 +79,18 @@ def reliability_diagram(probs: Tensor, target: Tensor, difficult: Tensor | None,
     if calibrated is not None:
         curves = [("uncalibrated", probs, target, difficult), ("calibrated", calibrated, target, difficult)]
         ece += f" -> {expected_calibration_error(calibrated, target, difficult, classwise=True):.2f}%"
-    heading = f"{title} — classwise ECE {ece}" if title else f"classwise ECE {ece}"
-    save_figure(reliability_figure(curves, heading), path)
+    save_figure(reliability_figure(curves, reliability_title(title, ece)), path)
+
+
+def binned_reliability_diagram(bins: dict[str, Tensor], pooled_ece: float, classwise_ece: float, path: str,
+                               title: str = "") -> None:
+    """reliability_diagram of one model from its pooled bins and ECEs (MetricStatistics, --eval-memory binned)."""
+    figure = binned_reliability_figure([("model", bins, pooled_ece)], reliability_title(title, f"{classwise_ece:.2f}%"))
+    save_figure(figure, path)
+
+
+def reliability_title(title: str, ece: str) -> str:
+    return f"{title} — classwise ECE {ece}" if title else f"classwise ECE {ece}"
 
 
 def draw_attention(axis: plt.Axes, image: Tensor, attention: Tensor, title: str) -> None:

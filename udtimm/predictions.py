@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -35,7 +36,10 @@ def select(predictions: Predictions, keep: Tensor) -> Predictions:
 
 def joined_names(mask: Tensor, class_names: Sequence[str]) -> str:
     """The class names where the bool [C] mask is True, ';'-joined (the labels column)."""
-    return ";".join(name for name, on in zip(class_names, mask.tolist(), strict=True) if on)
+    if len(mask) != len(class_names):
+        raise ValueError(f"a mask of {len(mask)} classes for {len(class_names)} class names")
+    # Only the few True entries are visited: a Python loop over 10,000 classes per image would dominate.
+    return ";".join(class_names[index] for index in mask.nonzero().flatten().tolist())
 
 
 def _probability_cells(scores: Tensor) -> list[list[str]]:
@@ -121,3 +125,89 @@ def frame_table(frame: pd.DataFrame, decimals: dict[str, int] | None = None) -> 
     rows = [[cell(value, digits) for value, digits in zip(row, places, strict=True)]
             for row in frame.itertuples(index=False)]
     return format_table(list(frame.columns), rows)
+
+
+# Above this many classes a per-class table prints as a summary (class_table) and predict.py writes the
+# probabilities of the predicted classes only: 10,000 rows (OpenImages) or columns are read by no one.
+MANY_CLASSES = 100  # COCO (80) and NUS-WIDE (81) still print every row
+SUMMARY_ROWS = 10  # the worst and best classes a summary shows (validate.py --per-class-rows)
+POSITIVE_BANDS = 5  # a summary's quantile bands of evaluated positives
+QUANTILES = (0.0, 0.25, 0.5, 0.75, 1.0)
+
+
+def summary_rows(text: str) -> int | None:
+    """--per-class-rows: N (at least 1) worst and best classes in a summary, or `all` (None): every row."""
+    if text == "all":
+        return None
+    try:
+        rows = int(text)
+    except ValueError:
+        rows = 0
+    if rows < 1:
+        raise argparse.ArgumentTypeError(f"expected a number of rows (at least 1) or all, got {text!r}")
+    return rows
+
+
+def class_table(frame: pd.DataFrame, rank_by: str, rows: int | None = SUMMARY_ROWS,
+                decimals: dict[str, int] | None = None, lower_is_better: bool = False) -> str:
+    """A per-class DataFrame (a `class` column, one row per class) as frame_table prints it, every row, when it has
+    at most MANY_CLASSES rows or `rows` is None; else a summary: the `rows` worst and best classes by `rank_by`
+    (classes where it is nan left out), the quantiles of every numeric column, `rank_by` by quantile band of the
+    `positives` column when there is one, and how many classes carry each `note` when there is that column."""
+    if rows is None or len(frame) <= MANY_CLASSES:
+        return frame_table(frame, decimals)
+    ranked = frame.dropna(subset=[rank_by])
+    worst = ranked.sort_values(rank_by, ascending=not lower_is_better, kind="stable").head(rows)
+    best = ranked.sort_values(rank_by, ascending=lower_is_better, kind="stable").head(rows)
+    parts = [f"{len(frame)} classes, summarised (validate.py --per-class-rows all prints every row)",
+             f"worst {len(worst)} by {rank_by}:", frame_table(worst, decimals),
+             f"best {len(best)} by {rank_by}:", frame_table(best, decimals),
+             "quantiles over the classes:", quantile_table(frame, decimals)]
+    if "positives" in frame.columns and rank_by != "positives":
+        parts += [f"{rank_by} by evaluated positives (quantile bands):", band_table(frame, rank_by, decimals)]
+    if "note" in frame.columns:
+        parts += [f"{count} classes: {note}" for note, count in frame["note"][frame["note"] != ""].value_counts(
+            sort=False).items()]
+    return "\n".join(parts)
+
+
+def _number(value: float, digits: int) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def quantile_table(frame: pd.DataFrame, decimals: dict[str, int] | None = None) -> str:
+    """Per numeric column of a per-class frame: its smallest, quartiles and largest value over the classes (nan
+    left out; integer columns as integers) and how many classes have no value (n/a)."""
+    rows = []
+    for column in frame.select_dtypes("number").columns:
+        values = frame[column].to_numpy(dtype=float)
+        known = values[~np.isnan(values)]
+        # "lower": values the classes have, so that integer columns (positives) stay integers.
+        found = np.quantile(known, QUANTILES, method="lower") if known.size else np.full(len(QUANTILES), math.nan)
+        digits = 0 if pd.api.types.is_integer_dtype(frame[column]) else (decimals or {}).get(column, 2)
+        rows.append((column, *(_number(value, digits) for value in found), str(values.size - known.size)))
+    return format_table(("column", "min", "25 %", "median", "75 %", "max", "n/a"), rows)
+
+
+def band_table(frame: pd.DataFrame, column: str, decimals: dict[str, int] | None = None) -> str:
+    """`column` of a per-class frame by band of its `positives`: the classes without a positive, then
+    POSITIVE_BANDS quantile bands of the others (fewer where counts tie); per band its classes and the mean,
+    median, smallest and largest `column` (nan left out)."""
+    positives, values = frame["positives"].to_numpy(), frame[column].to_numpy(dtype=float)
+    counted = np.sort(positives[positives > 0])
+    # Upper edges drawn from the counts themselves, at the ceil(k n / bands)-th smallest (integer arithmetic:
+    # np.quantile's 0.6 * 100 rounds up to 61): every band holds a class, none splits a count.
+    ranks = [(k * counted.size + POSITIVE_BANDS - 1) // POSITIVE_BANDS - 1 for k in range(1, POSITIVE_BANDS + 1)]
+    edges = np.unique(counted[ranks]) if counted.size else counted
+    digits = (decimals or {}).get(column, 2)
+    rows = []
+    for low, high in zip([-1, 0, *edges[:-1]], [0, *edges], strict=True):
+        members = values[(positives > low) & (positives <= high)]
+        if members.size == 0:
+            continue
+        label = str(int(high)) if low + 1 == high else f"{int(low) + 1}-{int(high)}"
+        known = members[~np.isnan(members)]
+        stats = (known.mean(), np.median(known), known.min(), known.max()) if known.size else (math.nan,) * 4
+        rows.append((label, str(members.size), *(_number(value, digits) for value in stats)))
+    return format_table(("positives", "classes", f"mean {column}", f"median {column}", f"min {column}",
+                         f"max {column}"), rows)

@@ -38,7 +38,9 @@ from udtimm.predictions import joined_names
 from udtimm.thresholds import DEFAULT_THRESHOLD, read_thresholds_file, thresholds_path, tuning_tensors
 
 ImageInput = str | os.PathLike | Image.Image | Tensor | Sequence[str | os.PathLike | Image.Image]
-IMAGE_COLUMN, LABELS_COLUMN = "image", "labels"
+IMAGE_COLUMN, LABELS_COLUMN, SCORES_COLUMN = "image", "labels", "scores"
+# predict()'s `scores`: one probability column per class, or one `scores` column with the predicted classes' only.
+SCORES = ("all", "predicted")
 # Losses whose sigmoid scores are not probabilities (ASL's shifted negatives sit near 0.5: docs/deployment.md), by
 # the first part of a checkpoint's method name.
 NOT_PROBABILITIES = ("asl",)
@@ -137,9 +139,12 @@ class Predictor:
         return torch.sigmoid(logits.float()).cpu()
 
     def predict(self, images: ImageInput, batch_size: int = 32, topk: int | None = None,
-                threshold: float | None = None, workers: int = 0, progress: bool = False) -> pd.DataFrame:
+                threshold: float | None = None, workers: int = 0, progress: bool = False,
+                scores: str = "all") -> pd.DataFrame:
         """One row per image: `image` (its path, or `#i` for the i-th in-memory image), `labels` (the predicted
-        classes, ';'-joined, at most `topk` of them) and one probability column per class.
+        classes, ';'-joined, at most `topk` of them), then with `scores` "all" one probability column per class, with
+        "predicted" one `scores` column: the probabilities of the predicted classes, ';'-joined in the order of
+        `labels`, kept batch by batch (memory for the predicted classes only, not images x classes).
 
         `images`: a path (file, folder or glob pattern), a PIL image, a list of paths or of PIL images, a uint8 tensor
         [N, 3, H, W]. `workers` loader processes decode files (0: this process). Bad input (a missing file, a file
@@ -148,22 +153,54 @@ class Predictor:
         """
         if batch_size < 1:
             raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+        check_scores(scores)
         names, batches, count = self._batches(images, batch_size, workers)
-        parts = [self.scores(pixels) for pixels in tqdm(batches, total=count, desc="predict", disable=not progress,
-                                                       dynamic_ncols=True)]
-        return self.table(names, torch.cat(parts), topk, threshold)
+        self._warn_default_threshold(threshold)
+        probabilities = (self.scores(pixels) for pixels in tqdm(batches, total=count, desc="predict",
+                                                                disable=not progress, dynamic_ncols=True))
+        if scores == "all":
+            return self._table(names, torch.cat(list(probabilities)), topk, threshold, scores)
+        cells = [cell for batch in probabilities for cell in self._predicted_cells(batch, topk, threshold)]
+        return self._frame(names, cells)
 
-    def table(self, names: Sequence[str], scores: Tensor, topk: int | None = None,
-              threshold: float | None = None) -> pd.DataFrame:
+    def table(self, names: Sequence[str], probabilities: Tensor, topk: int | None = None,
+              threshold: float | None = None, scores: str = "all") -> pd.DataFrame:
         """The DataFrame predict() returns, from probabilities [N, C]."""
+        check_scores(scores)
+        self._warn_default_threshold(threshold)
+        return self._table(names, probabilities, topk, threshold, scores)
+
+    def _warn_default_threshold(self, threshold: float | None) -> None:
         line = self.default_threshold_warning(threshold)
         if line:
-            warnings.warn(line, UserWarning, stacklevel=3)
-        predicted = predicted_labels(scores, self.decision_thresholds(threshold), topk)
-        table = pd.DataFrame(scores.numpy(), columns=self.class_names)
+            warnings.warn(line, UserWarning, stacklevel=3)  # at the caller of predict() or table()
+
+    def _table(self, names: Sequence[str], probabilities: Tensor, topk: int | None, threshold: float | None,
+               scores: str) -> pd.DataFrame:
+        if scores == "predicted":
+            return self._frame(names, self._predicted_cells(probabilities, topk, threshold))
+        predicted = predicted_labels(probabilities, self.decision_thresholds(threshold), topk)
+        table = pd.DataFrame(probabilities.numpy(), columns=self.class_names)
         table.insert(0, LABELS_COLUMN, [joined_names(row, self.class_names) for row in predicted])
         table.insert(0, IMAGE_COLUMN, list(names))
         return table
+
+    def _predicted_cells(self, probabilities: Tensor, topk: int | None,
+                         threshold: float | None) -> list[tuple[str, str]]:
+        """Per row of probabilities [N, C]: its predicted classes and their probabilities, each ';'-joined."""
+        predicted = predicted_labels(probabilities, self.decision_thresholds(threshold), topk)
+        cells = []
+        for row, mask in zip(probabilities.numpy(), predicted, strict=True):
+            indices = mask.nonzero().flatten().tolist()
+            # str() of a float32 is the shortest text that reads back as that float32, as in the "all" columns
+            cells.append((";".join(self.class_names[index] for index in indices),
+                          ";".join(str(value) for value in row[indices])))
+        return cells
+
+    @staticmethod
+    def _frame(names: Sequence[str], cells: Sequence[tuple[str, str]]) -> pd.DataFrame:
+        return pd.DataFrame({IMAGE_COLUMN: list(names), LABELS_COLUMN: [labels for labels, _ in cells],
+                             SCORES_COLUMN: [values for _, values in cells]})
 
     def _batches(self, images: ImageInput, batch_size: int, workers: int) -> tuple[list[str], Iterator[Tensor], int]:
         """(image names, uint8 batches resized to img_size, number of batches); the inputs are checked first."""
@@ -188,6 +225,12 @@ class Predictor:
 
     def _pil_batch(self, images: Sequence[Image.Image]) -> Tensor:
         return torch.stack([self.pixels(pil_pixels(image)) for image in images])
+
+
+def check_scores(scores: str) -> None:
+    """ValueError unless `scores` is one of SCORES."""
+    if scores not in SCORES:
+        raise ValueError(f"scores must be one of {', '.join(SCORES)}, got {scores!r}")
 
 
 def check_image_batch(images: Tensor) -> None:

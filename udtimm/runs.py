@@ -18,6 +18,7 @@ from udtimm.devices import place_model
 from udtimm.ema import make_ema
 from udtimm.engine import bare_model
 from udtimm.io import atomic_write_text, check_writable, read_text
+from udtimm.metric_statistics import binned_evaluation
 from udtimm.metrics import METRIC_COLUMNS
 from udtimm.model import CalibratedModel
 from udtimm.objectives import Objective
@@ -101,6 +102,8 @@ def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: 
         train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(
             data, train_set, eval_set, mean, std, accelerator.device)
         test_loader, test_transform = loaders.build_eval_loader(data, test_set, mean, std, accelerator.device)
+        binned = {split: binned_evaluation(data.eval_memory, len(dataset), len(dataset.classes))
+                  for split, dataset in (("eval", eval_set), ("test", test_set))}
         optimizer, scheduler = build_optimization(settings.optim, model, len(train_loader), cycles=cycles)
         model, optimizer, train_loader, eval_loader, test_loader = accelerator.prepare(
             place_model(model, accelerator.device, runtime.channels_last), optimizer, train_loader, eval_loader,
@@ -108,7 +111,10 @@ def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: 
         accelerator.print(f"{run_dir}: {model_settings.model} ({method}){f' from {teacher}' if teacher else ''} on "
                           f"{data.source.name}, {loaders.describe_splits(data, train_set, eval_set, test_set)}, "
                           f"{len(train_set.classes)} classes, {accelerator.num_processes} process(es) on "
-                          f"{accelerator.device}")
+                          f"{accelerator.device}"
+                          + "".join(f"; {split}: metrics from binned statistics (--eval-memory)"
+                                    for split, on in ((data.val_split, binned["eval"]),
+                                                      (data.test_split, binned["test"])) if on))
         metadata = model_metadata(model_settings.model, bare_model(accelerator, model), train_set.classes,
                                   model_settings.global_pool, data.img_size, mean, std, dataset=data.source.name,
                                   method=method, teacher=teacher, model_kwargs=model_settings.model_kwargs,
@@ -116,6 +122,8 @@ def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: 
         setup = RunSetup(
             run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             eval_loader=eval_loader, objective=make_objective(normalisation), metadata=metadata,
+            num_classes=len(train_set.classes),
+            eval_binned=binned["eval"], test_binned=binned["test"],
             train_transform=train_transform, eval_transform=eval_transform, prefetch=data.prefetch,
             test_loader=test_loader, test_transform=test_transform,
             result_fields=result_fields(settings, method, teacher),

@@ -27,6 +27,9 @@ class DataSettings:
     drop_labels: float  # the part of each class's training labels made unknown
     drop_labels_seed: int
     eval_difficult_negative: bool
+    min_positives: int  # mAP averages the classes with at least this many evaluated positives
+    eval_memory: str  # exact, binned or auto (udtimm.metric_statistics.binned_evaluation)
+    eval_bins: int  # AP bins per class of the binned evaluation
     skip_corrupt: bool
     gpu_decode: bool
     prefetch: int | None

@@ -24,10 +24,10 @@ from torch import Tensor
 from udtimm.calibration import ScoreCalibration, stored_calibration
 from udtimm.checkpoint import CheckpointError
 from udtimm.data.base import MultiLabelDataset
-from udtimm.errors import ConfigError
+from udtimm.errors import ConfigError, shortened
 from udtimm.io import atomic_write_text
 from udtimm.metrics import evaluated_pairs, threshold_metrics
-from udtimm.predictions import Predictions, format_table, frame_table, per_class_metrics
+from udtimm.predictions import SUMMARY_ROWS, Predictions, class_table, format_table, per_class_metrics
 from udtimm.provenance import file_sha256
 
 DEFAULT_THRESHOLD = 0.5
@@ -112,14 +112,15 @@ def _class_threshold(scores: Tensor, positive: Tensor, objective: ThresholdObjec
 
 
 def summary_table(predictions: Predictions, class_names: Sequence[str], result: TunedThresholds,
-                  objective: ThresholdObjective) -> str:
-    """Per class: its threshold and the precision, recall and F1 (percent) it gives on the split it was tuned on."""
+                  objective: ThresholdObjective, rows: int | None = SUMMARY_ROWS) -> str:
+    """Per class: its threshold and the precision, recall and F1 (percent) it gives on the split it was tuned on;
+    above MANY_CLASSES classes, the `rows` worst and best by F1 and a summary (predictions.class_table)."""
     table = per_class_metrics(predictions, class_names, result.values)[["class", "positives", "precision", "recall",
                                                                          "f1"]]
     table.insert(1, "threshold", result.values.numpy())
     table["note"] = ["no positive: default kept" if not tuned else "" if reached else f"{objective} not reached"
                      for tuned, reached in zip(result.tuned.tolist(), result.reached.tolist(), strict=True)]
-    return frame_table(table, {"threshold": 4})
+    return class_table(table, "f1", rows, {"threshold": 4})
 
 
 def thresholds_path(checkpoint: str) -> str:
@@ -202,13 +203,14 @@ def thresholds_tensor(record: dict, class_names: Sequence[str], source: str) -> 
     stored = record.get("thresholds")
     if not isinstance(stored, dict) or list(stored) != list(class_names):
         found = list(stored) if isinstance(stored, dict) else stored
-        raise CheckpointError(f"{source}: thresholds for classes {found}, but the model has {list(class_names)}")
+        raise CheckpointError(f"{source}: thresholds for classes {shortened(found)}, but the model has "
+                              f"{shortened(list(class_names))}")
     numbers = [value for value in stored.values() if isinstance(value, (int, float)) and not isinstance(value, bool)]
     if len(numbers) != len(stored):
-        raise CheckpointError(f"{source}: thresholds must be numbers, got {list(stored.values())}")
+        raise CheckpointError(f"{source}: thresholds must be numbers, got {shortened(list(stored.values()))}")
     values = torch.tensor([float(value) for value in numbers], dtype=torch.float64)
     if not ((values >= 0) & (values <= 1)).all():
-        raise CheckpointError(f"{source}: thresholds must lie in [0, 1], got {values.tolist()}")
+        raise CheckpointError(f"{source}: thresholds must lie in [0, 1], got {shortened(values.tolist())}")
     return values
 
 

@@ -19,14 +19,22 @@ from udtimm import checkpoint, metrics
 from udtimm.data.feed import BatchTransform, DeviceFeeder
 from udtimm.data.loader import seed_loader
 from udtimm.ema import EMA, EMA_COLUMNS, RAW
-from udtimm.engine import bare_model, broadcast_buffers, optimizer_steps, predict, train_one_epoch
+from udtimm.engine import (
+    bare_model,
+    broadcast_buffers,
+    evaluate_streaming,
+    optimizer_steps,
+    predict,
+    train_one_epoch,
+)
 from udtimm.errors import ConfigError
 from udtimm.io import append_csv_row, atomic_write_text, csv_line
+from udtimm.metric_statistics import MetricStatistics
 from udtimm.mixing import Mixer
 from udtimm.objectives import Objective
-from udtimm.plots import reliability_diagram
+from udtimm.plots import binned_reliability_diagram, reliability_diagram
 from udtimm.predictions import Predictions
-from udtimm.settings import TrainingSettings
+from udtimm.settings import DataSettings, TrainingSettings
 from udtimm.trackers import log_epoch
 
 BEST_METRIC = "map"
@@ -44,6 +52,7 @@ class RunSetup:
     eval_loader: object  # the selection split's: evaluated every epoch, chooses best.safetensors
     test_loader: object  # the test split's: evaluated once, at the end, for results.csv
     objective: Objective  # its term_names are the train_* columns of summary.csv
+    num_classes: int  # the dataset's: the size of the binned statistics (--eval-memory)
     metadata: dict[str, str]  # checkpoint metadata (model_metadata + dataset, method, teacher)
     result_fields: dict[str, object]  # the columns of results.csv that name the experiment (runs.result_fields)
     # What finishes the loaders' batches on the device (loaders.build_loaders); None: they are model input already.
@@ -52,6 +61,10 @@ class RunSetup:
     test_transform: BatchTransform | None = None
     prefetch: int | None = None  # --prefetch: batches prepared ahead (None: DeviceFeeder's default for the device)
     ema: ModelEmaV3 | None = None  # --model-ema
+    # --eval-memory: whether the selection and the test split are evaluated from binned statistics
+    # (metric_statistics.binned_evaluation), not from every score.
+    eval_binned: bool = False
+    test_binned: bool = False
 
     def train_batches(self, device: torch.device) -> DeviceFeeder:
         return DeviceFeeder(self.train_loader, self.train_transform, device, self.prefetch)
@@ -63,9 +76,28 @@ class RunSetup:
         return DeviceFeeder(self.test_loader, self.test_transform, device, self.prefetch)
 
 
-def evaluate_metrics(predictions: Predictions, difficult_as_negative: bool) -> dict[str, float]:
-    return metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult,
-                                   difficult_as_negative=difficult_as_negative)
+# A split evaluated: every image's predictions (exact), or the statistics of them (binned).
+Evaluated = Predictions | MetricStatistics
+
+
+def evaluate(model: nn.Module, setup: RunSetup, accelerator: Accelerator, data: DataSettings, show_progress: bool,
+             test: bool = False) -> Evaluated:
+    """The selection split (or with `test`, the test split) evaluated as --eval-memory chose for it."""
+    device = accelerator.device
+    batches = setup.test_batches(device) if test else setup.eval_batches(device)
+    if not (setup.test_binned if test else setup.eval_binned):
+        return predict(model, batches, accelerator, show_progress)
+    statistics = MetricStatistics(setup.num_classes, difficult_as_negative=data.eval_difficult_negative,
+                                  min_positives=data.min_positives, ap_bins=data.eval_bins, device=device)
+    return evaluate_streaming(model, batches, accelerator, statistics, show_progress)
+
+
+def evaluate_metrics(evaluated: Evaluated, data: DataSettings) -> dict[str, float]:
+    """compute_metrics' dict of a split, with the evaluation flags (--eval-difficult-negative, --min-positives)."""
+    if isinstance(evaluated, MetricStatistics):
+        return evaluated.compute()
+    return metrics.compute_metrics(evaluated.scores, evaluated.target, evaluated.difficult,
+                                   difficult_as_negative=data.eval_difficult_negative, min_positives=data.min_positives)
 
 
 def truncate_summary(path: str, last_epoch: int) -> None:
@@ -159,8 +191,8 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
     (test metrics of best.safetensors and of the last epoch)."""
     start_epoch, num_updates, best = restore(setup, accelerator)
     model, run_dir, objective = setup.model, setup.run_dir, setup.objective
-    epochs, runtime = settings.optim.epochs, settings.runtime
-    show_progress, difficult_as_negative = not runtime.no_progress, settings.data.eval_difficult_negative
+    epochs, runtime, data = settings.optim.epochs, settings.runtime, settings.data
+    show_progress = not runtime.no_progress
     summary_path = os.path.join(run_dir, "summary.csv")
     mixer = Mixer(settings.mixing, runtime.seed)
     for epoch in range(start_epoch, epochs):
@@ -183,14 +215,12 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
         evaluated = (epoch + 1) % runtime.eval_interval == 0 or epoch + 1 == epochs
         if evaluated:  # the weights the checkpoints get: the main process's BatchNorm statistics on every process
             broadcast_buffers(bare_model(accelerator, model), accelerator)
-        scores = evaluate_metrics(predict(model, setup.eval_batches(accelerator.device), accelerator, show_progress),
-                                  difficult_as_negative) \
+        scores = evaluate_metrics(evaluate(model, setup, accelerator, data, show_progress), data) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
         row.update(scores)
         weights_scores = {RAW: scores}
         if setup.ema is not None:
-            weights_scores[EMA] = evaluate_ema(setup, accelerator, difficult_as_negative, show_progress) \
-                if evaluated else scores
+            weights_scores[EMA] = evaluate_ema(setup, accelerator, data, show_progress) if evaluated else scores
             row.update({f"{name}_ema": weights_scores[EMA][name] for name in EMA_COLUMNS})
         row["epoch_time"] = time.perf_counter() - epoch_start
         # The better of the raw and the EMA weights (the raw ones on a tie) competes for best.safetensors.
@@ -218,39 +248,41 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
                                            ema_also_at=best_at if better == EMA else [])
         accelerator.wait_for_everyone()
         print_row(accelerator, row, header=epoch == start_epoch)
-    return final_results(setup, accelerator, difficult_as_negative, show_progress)
+    return final_results(setup, accelerator, data, show_progress)
 
 
-def evaluate_ema(setup: RunSetup, accelerator: Accelerator, difficult_as_negative: bool,
+def evaluate_ema(setup: RunSetup, accelerator: Accelerator, data: DataSettings,
                  show_progress: bool) -> dict[str, float]:
     """The metrics of the EMA weights, the main process's on every process (those best.safetensors would hold)."""
     broadcast_buffers(setup.ema.module, accelerator)
-    return evaluate_metrics(predict(setup.ema.module, setup.eval_batches(accelerator.device), accelerator,
-                                    show_progress), difficult_as_negative)
+    return evaluate_metrics(evaluate(setup.ema.module, setup, accelerator, data, show_progress), data)
 
 
-def final_results(setup: RunSetup, accelerator: Accelerator, difficult_as_negative: bool,
+def final_results(setup: RunSetup, accelerator: Accelerator, data: DataSettings,
                   show_progress: bool) -> dict[str, object]:
     """Evaluate the last epoch's weights and best.safetensors on the test split, write results.csv and
     reliability.png (of best.safetensors), return the row."""
     last_epoch = int(checkpoint.read_metadata(os.path.join(setup.run_dir, "last.safetensors"))["epoch"])
-    last = predict(setup.model, setup.test_batches(accelerator.device), accelerator, show_progress)
+    last = evaluate(setup.model, setup, accelerator, data, show_progress, test=True)
     best_path = os.path.join(setup.run_dir, "best.safetensors")
     tensors, metadata = checkpoint.load_checkpoint(best_path)
     best_is_last = metadata.get("weights", RAW) == RAW and int(metadata["epoch"]) == last_epoch
     if not best_is_last:  # the same weights need not be evaluated twice
         checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
-    predictions = last if best_is_last else predict(setup.model, setup.test_batches(accelerator.device),
-                                                    accelerator, show_progress)
-    last_scores = evaluate_metrics(last, difficult_as_negative)
-    best_scores = last_scores if best_is_last else evaluate_metrics(predictions, difficult_as_negative)
+    best = last if best_is_last else evaluate(setup.model, setup, accelerator, data, show_progress, test=True)
+    last_scores = evaluate_metrics(last, data)
+    best_scores = last_scores if best_is_last else evaluate_metrics(best, data)
     row = {**setup.result_fields, **best_scores,
            "best_epoch": int(metadata["epoch"]), "best_weights": metadata.get("weights", RAW),
            f"selection_{BEST_METRIC}": float(metadata["metric_value"]), "checkpoint": best_path,
            "last_epoch": last_epoch, **{f"last_{name}": value for name, value in last_scores.items()}}
     if accelerator.is_main_process:
-        reliability_diagram(predictions.scores, predictions.target, predictions.difficult,
-                            os.path.join(setup.run_dir, "reliability.png"), title=metadata["model"])
+        path = os.path.join(setup.run_dir, "reliability.png")
+        if isinstance(best, MetricStatistics):
+            binned_reliability_diagram(best.reliability_bins(), best_scores["ece_pooled"], best_scores["ece"], path,
+                                       title=metadata["model"])
+        else:
+            reliability_diagram(best.scores, best.target, best.difficult, path, title=metadata["model"])
         # Written last, the row marks a finished run: one killed before it gets a single row when resumed.
         append_csv_row(os.path.join(setup.run_dir, "results.csv"), row)
     accelerator.wait_for_everyone()

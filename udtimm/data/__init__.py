@@ -1,4 +1,5 @@
-"""Multi-label datasets: VOC2007, COCO2014, CSV files and the embedded `digits` (file names in, samples out)."""
+"""Multi-label datasets: VOC2007, COCO2014, OpenImages, CSV files, the embedded `digits` and WebDataset shards of any
+of them (file names in, samples out)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,9 @@ from torch import Tensor
 from .base import CorruptImageError, DatasetError, MultiLabelDataset, Sample, check_unique_ids, hold_out, read_image
 from .coco import load_coco
 from .csv import load_csv
+from .openimages import load_openimages
 from .voc import VOC_CLASSES, load_voc
+from .wds import find_info, load_shards, load_split
 
 __all__ = [
     "DATASETS", "HOLDOUT", "VOC_CLASSES", "CorruptImageError", "DataSource", "DatasetError", "DatasetSpec",
@@ -37,6 +40,7 @@ class DatasetSpec:
     splits: dict[str, str]
     default_root: Callable[..., str] | None = None  # where it lives without --data-dir, given the options
     selection: str = HOLDOUT  # the split that chooses best.safetensors unless --val-split names one
+    unlisted: str = "absent"  # what a class that a sample does not list is, unless the options say (csv)
 
     def own_split(self, root: str, split: str) -> str:
         return self.splits.get(split, split)
@@ -44,6 +48,18 @@ class DatasetSpec:
     def selection_split(self, root: str | None) -> str:
         """The default --val-split: a split that training does not see and the test split does not hold."""
         return self.selection
+
+    def build(self, root: str, own_split: str, transform: Callable[[Tensor], Tensor] | None, name: str,
+              **options: Any) -> MultiLabelDataset:
+        """The split `own_split` at `root` as a dataset named `name`."""
+        samples, classes = self.load(root, own_split, **options)
+        return MultiLabelDataset(samples, classes, transform, name=name,
+                                 unlisted=options.get("unlisted", self.unlisted))
+
+    def source_dataset(self, root: str | None) -> str | None:
+        """The registered dataset these images were converted from, whose per-dataset defaults apply (wds); None for
+        a dataset of its own."""
+        return None
 
 
 @dataclass(frozen=True)
@@ -58,6 +74,28 @@ class CsvSpec(DatasetSpec):
         # val.csv chooses only beside a test.csv: without one it is the test split that reports.
         has = [root is not None and os.path.isfile(os.path.join(root, f"{name}.csv")) for name in ("val", "test")]
         return "val" if all(has) else HOLDOUT
+
+
+@dataclass(frozen=True)
+class ShardSpec(DatasetSpec):
+    """--dataset wds: shards written by python -m udtimm.data.shards, whose _info.json gives the split names, the
+    selection split, the unlisted state and the defaults of the dataset they were converted from."""
+
+    def own_split(self, root: str, split: str) -> str:
+        info = find_info(root)
+        return info["aliases"].get(split, split) if info else split
+
+    def selection_split(self, root: str | None) -> str:
+        info = find_info(root)
+        return info["selection"] if info else self.selection
+
+    def build(self, root: str, own_split: str, transform: Callable[[Tensor], Tensor] | None, name: str,
+              **options: Any) -> MultiLabelDataset:
+        return load_split(root, own_split, transform, name)
+
+    def source_dataset(self, root: str | None) -> str | None:
+        info = find_info(root)
+        return info["source"]["dataset"] if info else None
 
 
 def digits_cache_dir(num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST, seed: int = DIGITS_SEED,
@@ -84,6 +122,9 @@ DATASETS: dict[str, DatasetSpec] = {
     "voc2007": DatasetSpec(load_voc, {"train": "trainval", "test": "test"}),
     "coco2014": DatasetSpec(load_coco, {"train": "train2014", "test": "val2014", "val": "val2014"}),
     "csv": CsvSpec(load_csv, {"train": "train"}),
+    "openimages": DatasetSpec(load_openimages, {"train": "train", "val": "validation", "test": "test"},
+                              selection="val", unlisted="unknown"),
+    "wds": ShardSpec(load_shards, {}),
 }
 
 
@@ -111,8 +152,7 @@ def build_dataset(
     if root is None:
         raise ValueError(f"dataset {name!r} needs a data directory (--data-dir)")
     own_split = spec.own_split(root, split)
-    samples, classes = spec.load(root, own_split, **options)
-    return MultiLabelDataset(samples, classes, transform, name=f"{name}:{own_split}")
+    return spec.build(root, own_split, transform, f"{name}:{own_split}", **options)
 
 
 @dataclass(frozen=True)

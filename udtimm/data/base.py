@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import copy
+import enum
 import io
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -24,28 +26,78 @@ INTEGER_GRAY_MODES = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # read as 16-bit 
 UNKNOWN = -1.0
 
 
-@dataclass(frozen=True)
-class Sample:
-    """One image: its id, absolute path and labels (docs/method.md#difficult-labels).
+class Label(enum.IntEnum):
+    """The state of one (image, class) label as a Sample stores it (docs/datasets.md#sparse-labels)."""
 
-    `target` is float32 [C]: 1 = present (difficult or not), 0 = absent, UNKNOWN (-1) = not annotated;
-    `difficult` is bool [C], True where the class is present only through difficult objects.
+    ABSENT = 0  # verified absent
+    PRESENT = 1
+    DIFFICULT = 2  # present only through difficult objects (docs/method.md#difficult-labels)
+    UNKNOWN = 3  # nobody annotated it
+
+
+# A sample's labels: the classes whose state is not the dataset's unlisted one, ascending, each once.
+LABELS_DTYPE = np.dtype([("class_id", np.int32), ("state", np.int8)])
+# What a class that a sample does not list means: absent (VOC, COCO, CSV) or unknown (OpenImages-style data).
+UNLISTED_STATES = {"absent": Label.ABSENT, "unknown": Label.UNKNOWN}
+# The dense target value and difficult flag of each state, indexed by Label.
+_TARGET_OF_STATE = np.array([0.0, 1.0, 1.0, UNKNOWN], dtype=np.float32)
+_DIFFICULT_OF_STATE = np.array([False, False, True, False])
+NO_LABELS = np.zeros(0, dtype=LABELS_DTYPE)
+NO_LABELS.flags.writeable = False  # shared by every sample that lists nothing
+
+
+def make_labels(states: dict[int, int]) -> np.ndarray:
+    """A sample's labels from {class id: Label}; an empty dict gives the shared NO_LABELS."""
+    if not states:
+        return NO_LABELS
+    return np.array(sorted(states.items()), dtype=LABELS_DTYPE)
+
+
+def labels_from_dense(target: np.ndarray, difficult: np.ndarray, unlisted: str = "absent") -> np.ndarray:
+    """A sample's labels from a dense target (1 present, 0 absent, UNKNOWN) and difficult mask [C]."""
+    states = np.where(target == UNKNOWN, Label.UNKNOWN, np.where(target > 0.5, Label.PRESENT, Label.ABSENT))
+    states = np.where(difficult & (target > 0.5), Label.DIFFICULT, states)
+    listed = np.flatnonzero(states != UNLISTED_STATES[unlisted])
+    if not len(listed):
+        return NO_LABELS
+    labels = np.empty(len(listed), dtype=LABELS_DTYPE)
+    labels["class_id"], labels["state"] = listed, states[listed]
+    return labels
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One image: its id, absolute path and sparse labels (docs/datasets.md#sparse-labels).
+
+    `labels` (LABELS_DTYPE [k]) lists the classes whose Label differs from what the dataset makes of an unlisted
+    class (MultiLabelDataset.unlisted): so memory grows with the labels, not with images x classes.
     """
 
     image_id: str
     path: str
-    target: np.ndarray
-    difficult: np.ndarray
+    labels: np.ndarray = field(default_factory=lambda: NO_LABELS)
 
     def __post_init__(self) -> None:
-        # Caught here, a loader bug names the image instead of surfacing as a shape error in collate.
-        if self.target.dtype != np.float32 or self.target.ndim != 1:
-            raise TypeError(f"{self.image_id}: target must be float32 [C], got {self.target.dtype} {self.target.shape}")
-        if self.difficult.dtype != np.bool_ or self.difficult.shape != self.target.shape:
-            raise TypeError(
-                f"{self.image_id}: difficult must be bool {self.target.shape}, "
-                f"got {self.difficult.dtype} {self.difficult.shape}"
-            )
+        # Caught here, a loader bug names the image instead of surfacing as a wrong target in training.
+        if self.labels.dtype != LABELS_DTYPE or self.labels.ndim != 1:
+            raise TypeError(f"{self.image_id}: labels must be LABELS_DTYPE [k], got {self.labels.dtype} "
+                            f"{self.labels.shape}")
+        if len(self.labels) > 1 and not (np.diff(self.labels["class_id"]) > 0).all():
+            raise ValueError(f"{self.image_id}: labels must list each class once, in ascending order")
+        states = self.labels["state"]
+        if len(states) and not ((states >= 0) & (states < len(Label))).all():
+            raise ValueError(f"{self.image_id}: a label state is not a Label: {sorted(set(states.tolist()))}")
+
+    @classmethod
+    def from_dense(cls, image_id: str, path: str, target: np.ndarray, difficult: np.ndarray) -> Sample:
+        """A sample of a dataset whose unlisted classes are absent, from a dense target and difficult mask [C]."""
+        return cls(image_id, path, labels_from_dense(target, difficult))
+
+    def dense(self, num_classes: int, unlisted: str = "absent") -> tuple[np.ndarray, np.ndarray]:
+        """(target float32 [C]: 1 present, 0 absent, UNKNOWN; difficult bool [C]), the rows a batch is made of."""
+        states = np.full(num_classes, UNLISTED_STATES[unlisted], dtype=np.int8)
+        states[self.labels["class_id"]] = self.labels["state"]
+        return _TARGET_OF_STATE[states], _DIFFICULT_OF_STATE[states]
 
 
 def read_image(path: str) -> Tensor:
@@ -139,7 +191,8 @@ def check_unique_ids(samples: Iterable[Sample], source: str) -> None:
 
 
 class MultiLabelDataset(torch.utils.data.Dataset):
-    """Images listed by file name (decoded on access) with multi-hot targets and difficult masks."""
+    """Images listed by file name (decoded on access) with sparse labels, given as dense targets and difficult
+    masks one image at a time. `unlisted` says what a class that a sample does not list is: "absent" or "unknown"."""
 
     def __init__(
         self,
@@ -147,15 +200,21 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         classes: list[str],
         transform: Callable[[Tensor], Tensor] | None = None,
         name: str = "",
+        unlisted: str = "absent",
     ) -> None:
+        if unlisted not in UNLISTED_STATES:
+            raise ValueError(f"unlisted must be one of {', '.join(UNLISTED_STATES)}, got {unlisted!r}")
         for s in samples:
-            if s.target.shape != (len(classes),):
-                raise DatasetError(f"{name or 'dataset'}: {s.image_id} has {s.target.shape[0]} labels, "
-                                   f"expected {len(classes)} classes")
+            # Ids are ascending (Sample checks it): the first and last bound them all.
+            bad = [c for c in s.labels["class_id"][[0, -1]] if not 0 <= c < len(classes)] if len(s.labels) else []
+            if bad:
+                raise DatasetError(f"{name or 'dataset'}: {s.image_id} has a label of class id {bad[0]}, expected "
+                                   f"ids 0 to {len(classes) - 1} of {len(classes)} classes")
         self.samples = samples
         self.classes = list(classes)
         self.transform = transform
         self.name = name
+        self.unlisted = unlisted
         # True: items carry the encoded file instead of the decoded image (--gpu-decode; see udtimm.data.gpu).
         self.encoded = False
 
@@ -165,18 +224,28 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> tuple[Tensor | EncodedImage, Tensor, Tensor, int]:
         """Return (image, target float32 [C], difficult bool [C], index); the index lets callers match outputs."""
         s = self.samples[index]
-        image = read_encoded(s.path) if self.encoded else read_image(s.path)
+        image = self.read(s)
         if self.transform is not None:
             image = self.transform(image)
-        return image, torch.from_numpy(s.target.copy()), torch.from_numpy(s.difficult.copy()), index
+        target, difficult = s.dense(len(self.classes), self.unlisted)
+        return image, torch.from_numpy(target), torch.from_numpy(difficult), index
 
-    def targets(self) -> Tensor:
-        """All targets, float32 [N, C]."""
-        return _stack([s.target for s in self.samples], len(self.classes), np.float32)
+    def read(self, sample: Sample) -> Tensor | EncodedImage:
+        """The sample's image, decoded, or its encoded bytes with --gpu-decode; a format that keeps its images
+        elsewhere than in files (udtimm.data.shards) reads them here."""
+        return read_encoded(sample.path) if self.encoded else read_image(sample.path)
 
-    def difficult_masks(self) -> Tensor:
-        """All difficult masks, bool [N, C]."""
-        return _stack([s.difficult for s in self.samples], len(self.classes), np.bool_)
+    def dense_labels(self) -> tuple[Tensor, Tensor]:
+        """All targets float32 [N, C] and difficult masks bool [N, C]: images x classes, for small sets only."""
+        rows = [s.dense(len(self.classes), self.unlisted) for s in self.samples]
+        return (_stack([target for target, _ in rows], len(self.classes), np.float32),
+                _stack([difficult for _, difficult in rows], len(self.classes), np.bool_))
+
+    def with_samples(self, samples: list[Sample], name: str) -> MultiLabelDataset:
+        """The same classes, transform, unlisted state and way of reading images over other samples."""
+        subset = copy.copy(self)
+        subset.samples, subset.name = samples, name
+        return subset
 
     def __repr__(self) -> str:
         return f"MultiLabelDataset({self.name!r}, {len(self)} images, {len(self.classes)} classes)"
@@ -195,8 +264,8 @@ def hold_out(dataset: MultiLabelDataset, fraction: float, seed: int) -> tuple[Mu
     held = {ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:count]}
     kept = [s for s in dataset.samples if s.image_id not in held]
     out = [s for s in dataset.samples if s.image_id in held]
-    return (MultiLabelDataset(kept, dataset.classes, dataset.transform, f"{dataset.name} without holdout"),
-            MultiLabelDataset(out, dataset.classes, dataset.transform, f"{dataset.name} holdout"))
+    return (dataset.with_samples(kept, f"{dataset.name} without holdout"),
+            dataset.with_samples(out, f"{dataset.name} holdout"))
 
 
 def drop_labels(dataset: MultiLabelDataset, fraction: float, seed: int) -> MultiLabelDataset:
@@ -207,21 +276,40 @@ def drop_labels(dataset: MultiLabelDataset, fraction: float, seed: int) -> Multi
         raise DatasetError(f"--drop-labels is the part of each class's training labels hidden, in [0, 1): got "
                            f"{fraction}")
     order = np.array(sorted(range(len(dataset)), key=lambda index: dataset.samples[index].image_id), dtype=int)
-    hidden = np.zeros((len(dataset), len(dataset.classes)), dtype=bool)
+    hidden: list[list[int]] = [[] for _ in dataset.samples]
     count = round(fraction * len(order))
     rng = np.random.default_rng(seed)
     for column in range(len(dataset.classes)):
-        hidden[order[rng.permutation(len(order))[:count]], column] = True
-    samples = [Sample(s.image_id, s.path, np.where(hide, np.float32(UNKNOWN), s.target), s.difficult & ~hide)
-               for s, hide in zip(dataset.samples, hidden, strict=True)]
-    return MultiLabelDataset(samples, dataset.classes, dataset.transform, f"{dataset.name} with labels dropped")
+        for row in order[rng.permutation(len(order))[:count]]:
+            hidden[row].append(column)
+    samples = [Sample(s.image_id, s.path, _hide(s.labels, classes, dataset.unlisted)) if classes else s
+               for s, classes in zip(dataset.samples, hidden, strict=True)]
+    return dataset.with_samples(samples, f"{dataset.name} with labels dropped")
+
+
+def _hide(labels: np.ndarray, classes: list[int], unlisted: str) -> np.ndarray:
+    """`labels` with the labels of `classes` made unknown."""
+    states = {int(c): int(state) for c, state in zip(labels["class_id"], labels["state"], strict=True)}
+    states.update((c, Label.UNKNOWN) for c in classes)
+    if unlisted == "unknown":
+        states = {c: state for c, state in states.items() if state != Label.UNKNOWN}
+    return make_labels(states)
+
+
+def label_counts(dataset: MultiLabelDataset) -> np.ndarray:
+    """int64 [C, 4]: how many images of `dataset` hold each class in each Label state (columns indexed by Label)."""
+    listed = np.concatenate([s.labels for s in dataset.samples]) if dataset.samples else NO_LABELS
+    counts = np.zeros((len(dataset.classes), len(Label)), dtype=np.int64)
+    np.add.at(counts, (listed["class_id"], listed["state"]), 1)
+    counts[:, UNLISTED_STATES[dataset.unlisted]] += len(dataset) - counts.sum(axis=1)
+    return counts
 
 
 def unknown_only_classes(dataset: MultiLabelDataset) -> list[str]:
     """The classes of which no image of `dataset` has a known label."""
     if not dataset.samples:
         return []
-    known = (np.stack([s.target for s in dataset.samples]) >= 0).any(axis=0)
+    known = label_counts(dataset)[:, [Label.ABSENT, Label.PRESENT, Label.DIFFICULT]].sum(axis=1) > 0
     return [name for name, any_known in zip(dataset.classes, known, strict=True) if not any_known]
 
 

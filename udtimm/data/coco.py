@@ -5,9 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-import numpy as np
-
-from .base import DatasetError, Sample, check_unique_ids
+from .base import DatasetError, Label, Sample, check_unique_ids, make_labels
 
 COCO_LAYOUT = """\
   <data-dir>/
@@ -39,19 +37,16 @@ def load_coco(root: str, split: str) -> tuple[list[Sample], list[str]]:
     del data  # the segmentations are most of the json; free them before the training starts
 
     class_index = {c["id"]: i for i, c in enumerate(categories)}
-    targets = {im["id"]: np.zeros(len(categories), dtype=np.float32) for im in images}
+    present: dict[int, dict[int, int]] = {im["id"]: {} for im in images}
     for ann in annotations:
         # Crowd regions (iscrowd=1) count as present: the class is visible in the image, only not as single objects.
         if ann["category_id"] not in class_index:
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} has unknown category_id {ann['category_id']}")
-        if ann["image_id"] not in targets:
+        if ann["image_id"] not in present:
             raise DatasetError(f"{json_path}: annotation {ann.get('id')} refers to unknown image_id {ann['image_id']}")
-        targets[ann["image_id"]][class_index[ann["category_id"]]] = 1.0
+        present[ann["image_id"]][class_index[ann["category_id"]]] = Label.PRESENT
 
-    no_difficult = np.zeros(len(categories), dtype=bool)
-    samples = [
-        Sample(str(im["id"]), os.path.join(image_dir, im["file_name"]), targets[im["id"]], no_difficult.copy())
-        for im in sorted(images, key=lambda im: im["id"])
-    ]
+    samples = [Sample(str(im["id"]), os.path.join(image_dir, im["file_name"]), make_labels(present[im["id"]]))
+               for im in sorted(images, key=lambda im: im["id"])]
     check_unique_ids(samples, json_path)
     return samples, [c["name"] for c in categories]

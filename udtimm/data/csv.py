@@ -2,14 +2,17 @@
 
 Two formats, told apart by the header:
 
-    image,labels[,difficult][,unknown]    class names separated by ";" (empty = none)
-    image,<class1>,<class2>,...           one column per class: 1, 0, or -1 / empty for unknown (no difficult flags)
+    image,labels[,difficult][,unknown][,negatives]    class names separated by ";" (empty = none)
+    image,<class1>,<class2>,...                       one column per class: 1, 0, or -1 / empty for unknown (no
+                                                      difficult flags)
 
 In the first format `difficult` lists the classes present only through difficult objects (docs/method.md); they count
 as present whether or not `labels` repeats them. `unknown` lists the classes nobody annotated for the image
-(docs/datasets.md#missing-labels); every other class is absent unless listed. The class list is `classes_file`,
-else `<root>/classes.txt` (one name per line), else inferred from train.csv (sorted labels, or its class columns in
-order) whatever split is loaded, so that every split of one dataset agrees.
+(docs/datasets.md#missing-labels), `negatives` those verified absent. A class in no column is absent, or unknown with
+`unlisted="unknown"` (--csv-unlisted unknown: OpenImages-style data, where most labels were never checked).
+
+The class list is `classes_file`, else `<root>/classes.txt` (one name per line), else inferred from train.csv (sorted
+labels, or its class columns in order) whatever split is loaded, so that every split of one dataset agrees.
 """
 
 from __future__ import annotations
@@ -20,16 +23,22 @@ from collections.abc import Iterator
 import numpy as np
 import pandas as pd
 
-from .base import UNKNOWN, DatasetError, Sample
+from .base import UNKNOWN, UNLISTED_STATES, DatasetError, Label, Sample, labels_from_dense, make_labels
 from .voc import read_classes_file
 
-_LABEL_COLUMNS = ("labels", "difficult", "unknown")  # of the label-list format, in the order they are read
+# The label-list format's columns and the state each gives its classes, in the order they are read.
+_LABEL_COLUMNS = {"labels": Label.PRESENT, "difficult": Label.DIFFICULT, "unknown": Label.UNKNOWN,
+                  "negatives": Label.ABSENT}
 _ONE_HOT_VALUES = {"1": 1.0, "0": 0.0, "-1": UNKNOWN, "": UNKNOWN}  # cell -> target value
-_Row = tuple[int, str, np.ndarray, np.ndarray]  # (line in the csv file, image cell, target, difficult)
+_ONE_HOT_CHUNK = 4096  # rows made dense at a time: a one-hot file's dense targets are never all held at once
+_Row = tuple[int, str, np.ndarray]  # (line in the csv file, image cell, labels)
 
 
-def load_csv(root: str, split: str, classes_file: str | None = None) -> tuple[list[Sample], list[str]]:
-    """Load `<root>/<split>.csv` (see the module docstring for the formats and the class list)."""
+def load_csv(root: str, split: str, classes_file: str | None = None, unlisted: str = "absent",
+             ) -> tuple[list[Sample], list[str]]:
+    """Load `<root>/<split>.csv` (see the module docstring for the formats, the class list and `unlisted`)."""
+    if unlisted not in UNLISTED_STATES:
+        raise ValueError(f"unlisted must be one of {', '.join(UNLISTED_STATES)}, got {unlisted!r}")
     root = os.path.abspath(os.path.expanduser(root))
     csv_path = os.path.join(root, f"{split}.csv")
     if not os.path.isfile(csv_path):
@@ -48,13 +57,16 @@ def load_csv(root: str, split: str, classes_file: str | None = None) -> tuple[li
 
     index = {c: i for i, c in enumerate(classes)}
     if "labels" in frame.columns:
-        rows = _label_list_rows(frame, csv_path, index)
+        rows = _label_list_rows(frame, csv_path, index, unlisted)
+    elif unlisted != "absent":
+        raise DatasetError(f"{csv_path}: --csv-unlisted {unlisted} is for the label-list format (image,labels,...); "
+                           "a one-hot file lists every class (an empty cell or -1 is unknown)")
     else:
         rows = _one_hot_rows(frame, csv_path, index)
 
     samples = []
     first_line: dict[str, int] = {}
-    for line, image, target, difficult in rows:
+    for line, image, labels in rows:
         if not image:
             raise DatasetError(f"{csv_path} line {line}: empty image cell")
         if image in first_line:
@@ -64,7 +76,7 @@ def load_csv(root: str, split: str, classes_file: str | None = None) -> tuple[li
         path = os.path.join(root, image)  # an absolute `image` stays as it is
         if not os.path.isfile(path):
             raise DatasetError(f"{csv_path} line {line}: image file {path} does not exist")
-        samples.append(Sample(image, path, target, difficult))
+        samples.append(Sample(image, path, labels))
     return samples, classes
 
 
@@ -98,35 +110,34 @@ def _split(cell: str) -> list[str]:
     return [name.strip() for name in cell.split(";") if name.strip()]
 
 
-def _label_list_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int]) -> Iterator[_Row]:
-    """(line, image, target, difficult) per row of the `image,labels[,difficult][,unknown]` format."""
+def _label_list_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int], unlisted: str) -> Iterator[_Row]:
+    """(line, image, labels) per row of the `image,labels[,difficult][,unknown][,negatives]` format."""
     extra = set(frame.columns) - set(_LABEL_COLUMNS) - {"image"}
     if extra:
         raise DatasetError(f"{csv_path} line 1: unexpected columns {sorted(extra)}; with a 'labels' column the "
-                           "header must be image,labels[,difficult][,unknown]")
-    cells = [frame[col] if col in frame.columns else [""] * len(frame) for col in _LABEL_COLUMNS]
-    for row, (image, *row_cells) in enumerate(zip(frame["image"], *cells, strict=True)):
+                           f"header must be image,{','.join(_LABEL_COLUMNS)} (all but labels optional)")
+    columns = [col for col in _LABEL_COLUMNS if col in frame.columns]
+    column_of = {state: col for col, state in _LABEL_COLUMNS.items()}
+    for row, (image, *row_cells) in enumerate(zip(frame["image"], *(frame[col] for col in columns), strict=True)):
         line = row + 2  # 1-based, after the header line
-        target = np.zeros(len(index), dtype=np.float32)
-        difficult = np.zeros(len(index), dtype=bool)
-        for col, cell in zip(_LABEL_COLUMNS, row_cells, strict=True):
+        states: dict[int, int] = {}
+        for col, cell in zip(columns, row_cells, strict=True):
             for name in _split(cell):
                 if name not in index:
                     raise DatasetError(f"{csv_path} line {line}: unknown class {name!r} in column {col!r}; "
                                        f"known classes: {', '.join(index)}")
-                if col == "unknown":
-                    if target[index[name]] != 0:
-                        raise DatasetError(f"{csv_path} line {line}: class {name!r} is listed as unknown and also "
-                                           "as present")
-                    target[index[name]] = UNKNOWN
-                    continue
-                target[index[name]] = 1.0
-                difficult[index[name]] |= col == "difficult"
-        yield line, image, target, difficult
+                state, previous = _LABEL_COLUMNS[col], states.get(index[name], _LABEL_COLUMNS[col])
+                present = {Label.PRESENT, Label.DIFFICULT}
+                if previous != state and not {previous, state} <= present:
+                    raise DatasetError(f"{csv_path} line {line}: class {name!r} is listed in column {col!r} and "
+                                       f"also in column {column_of[previous]!r}")
+                states[index[name]] = Label.DIFFICULT if Label.DIFFICULT in (previous, state) else state
+        unlisted_state = UNLISTED_STATES[unlisted]
+        yield line, image, make_labels({c: state for c, state in states.items() if state != unlisted_state})
 
 
 def _one_hot_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int]) -> Iterator[_Row]:
-    """(line, image, target, difficult) per row of the `image,<class>...` 0/1 format."""
+    """(line, image, labels) per row of the `image,<class>...` 0/1 format."""
     columns = [c for c in frame.columns if c != "image"]
     unknown = [c for c in columns if c not in index]
     missing = [c for c in index if c not in columns]
@@ -139,8 +150,11 @@ def _one_hot_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int]) -> 
         row, col = np.argwhere(bad.to_numpy())[0]
         raise DatasetError(f"{csv_path} line {row + 2}: column {columns[col]!r} is {values.iat[row, col]!r}, "
                            "expected 1, 0, or -1 or an empty cell for unknown")
-    targets = np.zeros((len(frame), len(index)), dtype=np.float32)
-    targets[:, [index[c] for c in columns]] = values.replace(_ONE_HOT_VALUES).to_numpy(dtype=np.float32)
+    order = [index[c] for c in columns]
     no_difficult = np.zeros(len(index), dtype=bool)
-    for row, image in enumerate(frame["image"]):
-        yield row + 2, image, targets[row].copy(), no_difficult.copy()
+    target = np.empty(len(index), dtype=np.float32)
+    for start in range(0, len(frame), _ONE_HOT_CHUNK):
+        chunk = values.iloc[start:start + _ONE_HOT_CHUNK].replace(_ONE_HOT_VALUES).to_numpy(dtype=np.float32)
+        for row, (image, cells) in enumerate(zip(frame["image"][start:start + len(chunk)], chunk, strict=True)):
+            target[order] = cells
+            yield start + row + 2, image, labels_from_dense(target, no_difficult)

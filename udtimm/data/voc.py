@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .base import DatasetError, Sample
+from .base import DatasetError, Label, Sample, make_labels
 
 VOC_CLASSES: tuple[str, ...] = (
     "aeroplane", "bicycle", "bird", "boat", "bottle", "bus", "car", "cat", "chair", "cow",
@@ -73,10 +73,10 @@ def load_voc(root: str, split: str, classes: Sequence[str] | None = None) -> tup
             if not os.path.isfile(path):
                 raise DatasetError(f"{path} is missing (image {image_id!r}, listed at {split_file} line {line_no})")
         try:
-            target, difficult = _parse_xml(xml_path, index)
+            labels = _parse_xml(xml_path, index)
         except DatasetError as e:
             raise DatasetError(f"{e} (image {image_id!r}, listed at {split_file} line {line_no})") from e
-        samples.append(Sample(image_id, jpg_path, target, difficult))
+        samples.append(Sample(image_id, jpg_path, labels))
     return samples, classes
 
 
@@ -112,14 +112,13 @@ def _read_split(split_file: str) -> list[tuple[int, str]]:
     return ids
 
 
-def _parse_xml(xml_path: str, index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Multi-hot target and difficult mask of one annotation file."""
+def _parse_xml(xml_path: str, index: dict[str, int]) -> np.ndarray:
+    """The labels of one annotation file: its classes present, DIFFICULT where every object of a class is."""
     try:
         annotation = ET.parse(xml_path).getroot()
     except ET.ParseError as e:
         raise DatasetError(f"{xml_path}: malformed XML: {e}") from e
-    present = np.zeros(len(index), dtype=bool)
-    easy = np.zeros(len(index), dtype=bool)
+    states: dict[int, int] = {}
     for obj in annotation.findall("object"):
         name = (obj.findtext("name") or "").strip()
         if name not in index:
@@ -127,6 +126,6 @@ def _parse_xml(xml_path: str, index: dict[str, int]) -> tuple[np.ndarray, np.nda
         flag = (obj.findtext("difficult") or "0").strip()
         if flag not in ("0", "1"):
             raise DatasetError(f"{xml_path}: <difficult> of a {name!r} object is {flag!r}, expected 0 or 1")
-        present[index[name]] = True
-        easy[index[name]] |= flag == "0"
-    return present.astype(np.float32), present & ~easy
+        if flag == "0" or states.get(index[name]) != Label.PRESENT:
+            states[index[name]] = Label.PRESENT if flag == "0" else Label.DIFFICULT
+    return make_labels(states)
