@@ -32,6 +32,7 @@ import sys
 import time
 
 import numpy as np
+import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
@@ -161,6 +162,46 @@ def exact_fits(num_images: int) -> bool:
     """Whether the exact path's scores fit in half of this machine's memory."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return num_images * CLASSES * EXACT_BYTES_PER_PAIR <= memory / 2
+
+
+def wide(results: pd.DataFrame) -> pd.DataFrame:
+    """One row per size: each measurement's peak MB, seconds and mAP side by side (`<measure>_<column>`)."""
+    results = results.assign(note=results["note"].fillna("").astype(str))
+    frame = results.pivot(index="images", columns="measure", values=["peak_mb", "seconds", "map", "note"])
+    frame.columns = [f"{measure}_{column}" for column, measure in frame.columns]
+    return frame.join(results.groupby("images")["labels"].first())
+
+
+def dense_gb(images: int) -> float:
+    """What the dense rows of every image would hold before this layout: a float32 target and a bool flag per
+    class."""
+    return images * CLASSES * 5 / 1e9
+
+
+def cell(value: object, digits: int = 0) -> str:
+    return "—" if pd.isna(value) else f"{value:,.{digits}f}"
+
+
+def scale_table(results: pd.DataFrame) -> str:
+    """Markdown: per size, loading, exact and binned evaluation (peak MB, seconds), binned − exact mAP."""
+    lines = ["| images × classes | labels | load: peak MB (s) | dense rows would hold | exact evaluation: peak MB "
+             "(s) | binned evaluation: peak MB (s) | binned − exact mAP |", "|---|---:|---:|---:|---:|---:|---:|"]
+    for images, row in wide(results).iterrows():
+        exact = row["exact_note"] or f"{cell(row['exact_peak_mb'])} ({cell(row['exact_seconds'], 1)})"
+        difference = row["binned_map"] - row["exact_map"]
+        lines.append(f"| {images:,} × {CLASSES:,} | {row['labels']:,} | {cell(row['load_peak_mb'])} "
+                     f"({cell(row['load_seconds'], 1)}) | {dense_gb(images):,.1f} GB | {exact} | "
+                     f"{cell(row['binned_peak_mb'])} ({cell(row['binned_seconds'], 1)}) | {cell(difference, 3)} |")
+    return "\n".join(lines) + "\n"
+
+
+def scale_short(results: pd.DataFrame) -> str:
+    """Markdown for the README: per size, the peak MB of loading and of binned evaluation."""
+    lines = ["| images × 10,000 classes | load | binned evaluation | dense rows would hold |", "|---|---:|---:|---:|"]
+    for images, row in wide(results).iterrows():
+        lines.append(f"| {images:,} | {cell(row['load_peak_mb'])} MB | {cell(row['binned_peak_mb'])} MB | "
+                     f"{dense_gb(images):,.0f} GB |")
+    return "\n".join(lines) + "\n"
 
 
 def run_fresh(measure: str, root: str) -> dict[str, float]:

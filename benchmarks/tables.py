@@ -20,7 +20,7 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
-from benchmarks import calibration_digits, distill_digits, missing_labels_digits  # noqa: E402
+from benchmarks import calibration_digits, distill_digits, missing_labels_digits, scale  # noqa: E402
 from benchmarks.common import RESULTS_DIR, ROOT  # noqa: E402
 from udtimm.claims import Claim, claims_table, interval, paired_differences, to_markdown  # noqa: E402
 from udtimm.io import atomic_write_text, read_text  # noqa: E402
@@ -124,12 +124,14 @@ TABLES: dict[str, Callable[[], str]] = {
     "calibration-short": calibration_short,
     "calibration-per-class": lambda: calibration("per-class"),
     "calibration-platt": lambda: calibration("platt"),
+    "scale": lambda: scale.scale_table(pd.read_csv(os.path.join(RESULTS_DIR, "scale.csv"))),
+    "scale-short": lambda: scale.scale_short(pd.read_csv(os.path.join(RESULTS_DIR, "scale.csv"))),
 }
 # The long table (benchmarks/results/<name>.csv) each table is made from.
 SOURCES = {**{name: "distill_digits" for name in TABLES if name.startswith("distill")},
            **{name: "missing_labels_digits" for name in TABLES if name.startswith("missing")},
            "calibration-short": "calibration_digits_platt", "calibration-per-class": "calibration_digits_per-class",
-           "calibration-platt": "calibration_digits_platt"}
+           "calibration-platt": "calibration_digits_platt", "scale": "scale", "scale-short": "scale"}
 
 
 def fill_blocks(text: str, tables: dict[str, str]) -> str:

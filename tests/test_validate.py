@@ -353,9 +353,8 @@ def test_platt_scaling_is_fitted_on_val_stored_printed_and_applied_as_predictor_
     assert float(temperature) == pytest.approx(entry["temperatures"][name], abs=1e-4)
     assert float(bias) == pytest.approx(entry["biases"][name], abs=1e-4)
     # Predictor applies the stored temperatures and biases as validate.py did; the ranking (mAP) stays.
-    samples = build_dataset("csv", str(folder), "test").samples
-    target, difficult = (torch.from_numpy(np.stack([getattr(sample, key) for sample in samples]))
-                         for key in ("target", "difficult"))
+    test_set = build_dataset("csv", str(folder), "test")
+    samples, (target, difficult) = test_set.samples, test_set.dense_labels()
     calibrated, plain = (Predictor.from_checkpoint(checkpoint_copy, stored_tuning=stored) for stored in (True, False))
     assert calibrated.calibration.biases.abs().max() > 0.1
     scores, raw = (torch.tensor(predictor.predict([sample.path for sample in samples])[
