@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 from torch import nn
 
-from udtimm import calibration, checkpoint, cli, config, devices, loaders, metrics, thresholds
+from udtimm import calibration, checkpoint, cli, config, devices, loaders, metrics, thresholds, tuning
 from udtimm.config import ConfigError, HelpFormatter
 from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
@@ -165,7 +165,7 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
     if uncalibrated:
         print(f"calibration ({calibrated_by}), on {dataset.name}; the metrics above are calibrated:\n{before_after}")
     if tuned:
-        print(f"per-class thresholds ({thresholds.thresholds_path(args.checkpoint)}) against --threshold "
+        print(f"per-class thresholds ({tuning.tuning_path(args.checkpoint)}) against --threshold "
               f"{args.threshold:g}, on {dataset.name}:\n{comparison}")
     if args.results_file:
         append_results(args, metadata, {**values, **({"calibration": calibrated_by, **uncalibrated}
@@ -215,7 +215,7 @@ def check_binned(args: argparse.Namespace, dataset: MultiLabelDataset, stored: d
                           f"{args.eval_memory} does not keep here ({size}): give --eval-memory exact where that "
                           f"fits, or drop {named}")
     if stored:
-        raise ConfigError(f"{thresholds.thresholds_path(args.checkpoint)} holds a calibration or per-class "
+        raise ConfigError(f"{tuning.tuning_path(args.checkpoint)} holds a calibration or per-class "
                           f"thresholds, which --eval-memory {args.eval_memory} cannot apply ({size}, no score kept): "
                           "give --eval-memory exact where that fits, or move that file away")
 
@@ -258,13 +258,13 @@ def tune(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Pre
          accelerator: Accelerator) -> dict:
     """--calibrate, then --tune-thresholds on the calibrated scores, on the held-out split; returns the record
     stored beside the checkpoint: what this run tuned, and the stored calibration when it did not calibrate."""
-    thresholds_entries = stored and thresholds.stored_thresholds_entries(stored)
+    thresholds_entries = stored and tuning.stored_thresholds_entries(stored)
     calibration_entry = stored and stored.get("calibration")
     names, count, main_process = tune_set.classes, len(predictions.indices), accelerator.is_main_process
     if args.calibrate:
         fitted = calibration.fit_calibration(predictions.logits, predictions.target, predictions.difficult,
                                              args.calibrate, tune_set.name)
-        calibration_entry = calibration.calibration_entry(names, fitted, args.calibrate, tune_set.name, count)
+        calibration_entry = tuning.calibration_entry(names, fitted, args.calibrate, tune_set.name, count)
         if main_process:
             print(f"{calibration.fitted_name(args.calibrate)} fitted on {tune_set.name} ({count} images):\n"
                   f"{calibration.summary_table(predictions, names, fitted, args.calibrate, args.per_class_rows)}")
@@ -274,19 +274,18 @@ def tune(args: argparse.Namespace, tune_set: MultiLabelDataset, predictions: Pre
         thresholds_entries = None
     if calibration_entry:
         predictions = calibration.calibrate_predictions(
-            predictions, calibration.stored_calibration(calibration_entry, names, thresholds.thresholds_path(
-                args.checkpoint)))
+            predictions, tuning.stored_calibration(calibration_entry, names, tuning.tuning_path(args.checkpoint)))
     if args.objective:
         result = thresholds.tune_thresholds(predictions.scores, predictions.target, predictions.difficult,
                                             args.objective, default=args.threshold)
-        thresholds_entries = thresholds.thresholds_entries(names, result, args.objective, tune_set.name, count)
+        thresholds_entries = tuning.thresholds_entries(names, result, args.objective, tune_set.name, count)
         if main_process:
             scores = "calibrated scores" if calibration_entry else "scores"
             print(f"thresholds for {args.objective} on {tune_set.name} ({count} images, {scores}):\n"
                   f"{thresholds.summary_table(predictions, names, result, args.objective, args.per_class_rows)}")
-    record = thresholds.tuning_record(args.checkpoint, thresholds_entries, calibration_entry)
+    record = tuning.tuning_record(args.checkpoint, thresholds_entries, calibration_entry)
     if main_process:
-        print(f"stored: {thresholds.save_thresholds(args.checkpoint, record)}")
+        print(f"stored: {tuning.save_tuning(args.checkpoint, record)}")
     return record
 
 
@@ -313,7 +312,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     retune = args.objective is not None or args.calibrate is not None
     predictor = Predictor.from_checkpoint(args.checkpoint, stored_tuning=False)
     # A file about to be rewritten may belong to an earlier checkpoint of that name: it is then not read.
-    record = thresholds.read_thresholds_file(args.checkpoint, other_checkpoint_ok=retune)
+    record = tuning.read_tuning(args.checkpoint, other_checkpoint_ok=retune)
     mismatch = data_variant_mismatch(args.checkpoint, predictor.metadata,
                                      config.data_source(args, dataset_name(args, predictor.metadata)))
     if mismatch:
@@ -332,15 +331,15 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         checkpoint.check_classes(args.checkpoint, predictor.class_names, tune_set.classes, tune_set.name)
         name = dataset_name(args, predictor.metadata)
         test_split = f"{name}:{DATASETS[name].own_split(args.data_dir or '', 'test')}"
-        thresholds.check_held_out(tune_set, dataset, test_split)
+        tuning.check_held_out(tune_set, dataset, test_split)
     # The model gets no distributed wrapper (evaluation_mode): only mixed precision and --torchcompile.
     model = accelerator.prepare_model(devices.place_model(predictor.model, accelerator.device, args.channels_last),
                                       evaluation_mode=True)
     if tune_set is not None:
         record = tune(args, tune_set, run_predictions(args, model, tune_set, predictor, accelerator), record,
                       accelerator)
-    path = thresholds.thresholds_path(args.checkpoint)
-    predictor.thresholds, predictor.calibration = thresholds.tuning_tensors(record, predictor.class_names, path)
+    path = tuning.tuning_path(args.checkpoint)
+    predictor.thresholds, predictor.calibration = tuning.tuning_tensors(record, predictor.class_names, path)
     entry = (record or {}).get("calibration")
     calibrated_by = f"{calibration.fitted_name(entry['method'])} fitted on {entry['split']}" if entry else ""
     if binned:

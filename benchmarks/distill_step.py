@@ -34,6 +34,7 @@ from udtimm.engine import train_one_epoch  # noqa: E402
 from udtimm.io import append_csv_row  # noqa: E402
 from udtimm.model import CalibratedModel, create_model  # noqa: E402
 from udtimm.objectives import DISTILL_METHODS  # noqa: E402
+from udtimm.settings import ModelSettings  # noqa: E402
 
 METHODS = ("kd", "ud")
 
@@ -61,7 +62,7 @@ def distill_args(method: str, args: argparse.Namespace) -> argparse.Namespace:
     """distill.py's flags for `method`: its defaults, with this benchmark's model, size and precision."""
     flags = ["--teacher-ckpt", "random-init", "--method", method, "--model", args.student, "--img-size",
              str(args.img_size), "--batch-size", str(args.batch_size), "--mixed-precision", args.mixed_precision,
-             "--att-weight", "0.5"]
+             "--att-weight", "0.5", "--no-progress"]
     return distill.parse_args(flags + ["--channels-last"] * args.channels_last)
 
 
@@ -69,13 +70,13 @@ def step_seconds(method: str, teacher: CalibratedModel, batch: tuple[torch.Tenso
                  accelerator: Accelerator) -> float:
     """Seconds per training step of a fresh student (the same initial weights for both methods)."""
     run = distill_args(method, args)
+    settings = config.training_settings(run)
     set_seed(0)
-    student = create_model(args.student, args.num_classes, cal=DISTILL_METHODS[method].uses_calibration,
+    student = create_model(settings.model, args.num_classes, cal=DISTILL_METHODS[method].uses_calibration,
                            img_size=args.img_size)
     student_norm = loaders.normalisation(student.backbone)
     teacher_norm = loaders.normalisation(teacher.backbone)
-    optimizer, scheduler = optimization.build_optimization(
-        config.training_settings(run).optim, student, args.warmup + args.steps)
+    optimizer, scheduler = optimization.build_optimization(settings.optim, student, args.warmup + args.steps)
     student, optimizer = accelerator.prepare(devices.place_model(student, accelerator.device, run.channels_last),
                                              optimizer)
     objective = distill.make_objective(run, teacher, {"mean": json.dumps(teacher_norm[0]),
@@ -85,7 +86,7 @@ def step_seconds(method: str, teacher: CalibratedModel, batch: tuple[torch.Tenso
 
     def steps(count: int) -> None:
         train_one_epoch(student, [batch] * count, optimizer, scheduler, accelerator, objective, epoch=0,
-                        num_updates=0, clip_grad=run.clip_grad, show_progress=False)
+                        num_updates=0, optim=settings.optim, runtime=settings.runtime)
 
     steps(args.warmup)
     if accelerator.device.type == "cuda":
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> dict[str, float]:
     accelerator = devices.make_accelerator(args.mixed_precision, cpu=args.cpu)
     card = torch.cuda.get_device_name(accelerator.device) if accelerator.device.type == "cuda" else "cpu"
     set_seed(0)
-    teacher = create_model(args.teacher, args.num_classes, cal=True, img_size=args.img_size)
+    teacher = create_model(ModelSettings(args.teacher), args.num_classes, cal=True, img_size=args.img_size)
     teacher = devices.place_model(teacher, accelerator.device, args.channels_last)
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=generator)

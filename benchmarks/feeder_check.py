@@ -28,7 +28,7 @@ from udtimm.data.feed import DeviceFeeder  # noqa: E402
 from udtimm.engine import predict  # noqa: E402
 from udtimm.metric_statistics import AP_BINS  # noqa: E402
 from udtimm.model import create_model  # noqa: E402
-from udtimm.settings import DataSettings  # noqa: E402
+from udtimm.settings import DataSettings, ModelSettings  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     device = Accelerator().device
     torch.manual_seed(0)
-    model = create_model(args.model, len(data_settings(args, False).source.load("test").classes))
+    model = create_model(ModelSettings(args.model), len(data_settings(args, False).source.load("test").classes))
     mean, std = loaders.normalisation(model.backbone)
     model = model.to(device).eval()
     failures = 0

@@ -106,7 +106,7 @@ def step_seconds(flags: Sequence[str], steps: int, extra: Sequence[str]) -> floa
 
     def train_steps(count: int) -> None:
         train_one_epoch(model, [batch] * count, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0,
-                        show_progress=False)
+                        optim=settings.optim, runtime=settings.runtime)
 
     train_steps(3)
     begin = time.perf_counter()

@@ -220,6 +220,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", required=True, help="folder for the synthetic sets (about 10 MB per 10 k images)")
     parser.add_argument("--results", default=os.path.join(RESULTS_DIR, "scale.csv"), help="one row per measurement")
     parser.add_argument("--sizes", type=int, nargs="+", default=list(SIZES))
+    parser.add_argument("--measures", nargs="+", choices=tuple(MEASURES), default=list(MEASURES),
+                        help="the measurements to make (default: all)")
     parser.add_argument("--measure", choices=tuple(MEASURES), help=argparse.SUPPRESS)  # one measurement, internal
     args = parser.parse_args(argv)
     if args.measure:
@@ -230,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     for size in args.sizes:
         root = os.path.join(args.work, f"{size}")
         labels = write_set(root, size)
-        for measure in MEASURES:
+        for measure in args.measures:
             if measure == "exact" and not exact_fits(size):
                 note = f"not run: its scores alone need {size * CLASSES * EXACT_BYTES_PER_PAIR / 1e6:,.0f} MB"
                 result = {"peak_mb": math.nan, "seconds": math.nan, "map": math.nan}

@@ -50,6 +50,7 @@ from udtimm.engine import predict, train_one_epoch  # noqa: E402
 from udtimm.io import append_csv_row  # noqa: E402
 from udtimm.model import create_model  # noqa: E402
 from udtimm.objectives import LossOptions, SupervisedObjective  # noqa: E402
+from udtimm.settings import ModelSettings  # noqa: E402
 
 WORKLOADS = ("train", "distill", "predict")
 
@@ -215,7 +216,7 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
         run = script_args(train, args, root, "--model", args.model, *["--cal"] * cal, *gpu_decode)
     settings = config.training_settings(run)
     set_seed(0)
-    model = create_model(run.model, len(VOC_CLASSES), cal=cal, img_size=run.img_size)
+    model = create_model(settings.model, len(VOC_CLASSES), cal=cal, img_size=run.img_size)
     if pipeline == "ceiling":
         batches, skip, tail = [device_batch(args, device)] * (args.warmup + args.steps), args.warmup, 0
     else:
@@ -234,7 +235,7 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
     student_norm = loaders.normalisation(model.backbone)
     model, optimizer = accelerator.prepare(model, optimizer)
     if workload == "distill":
-        teacher = create_model(args.teacher, len(VOC_CLASSES), cal=True, img_size=run.img_size)
+        teacher = create_model(ModelSettings(args.teacher), len(VOC_CLASSES), cal=True, img_size=run.img_size)
         teacher_mean, teacher_std = loaders.normalisation(teacher.backbone)
         objective = distill.make_objective(run, devices.place_model(teacher, device, run.channels_last),
                                            {"mean": json.dumps(teacher_mean), "std": json.dumps(teacher_std)},
@@ -243,8 +244,8 @@ def setup(workload: str, pipeline: str, cal: bool, args: argparse.Namespace, roo
         objective = SupervisedObjective(run.loss, run.cal, run.cal_weight, run.difficult,
                                         LossOptions(temperature=run.temperature))
     return Loop(batches, skip, tail, lambda timed: train_one_epoch(
-        model, timed, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0, clip_grad=run.clip_grad,
-        show_progress=False))
+        model, timed, optimizer, scheduler, accelerator, objective, epoch=0, num_updates=0, optim=settings.optim,
+        runtime=settings.runtime))
 
 
 def timed(workload: str, pipeline: str, cal: bool, loop: Loop, accelerator: Accelerator,

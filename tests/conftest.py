@@ -46,10 +46,11 @@ def many_classes_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> str:
     the output paths at OpenImages' scale (copy it first to write beside it)."""
     from udtimm import checkpoint
     from udtimm.model import create_model
+    from udtimm.settings import ModelSettings
 
     names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
     torch.manual_seed(0)
-    model = create_model("test_resnet", len(names), cal=True).eval()
+    model = create_model(ModelSettings("test_resnet"), len(names), cal=True).eval()
     path = str(tmp_path_factory.mktemp("many_classes") / "best.safetensors")
     checkpoint.save_checkpoint(path, model, checkpoint.model_metadata("test_resnet", model, names, None, 32,
                                                                       [0.5] * 3, [0.25] * 3))
@@ -121,3 +122,38 @@ def assert_arm_ignores_moved_defaults(job, moved: dict, folder) -> None:
         yaml.safe_dump(moved, handle)
     as_is, with_moved = (vars(script.parse_args([*before, *job.command[2:]])) for before in ((), ("-c", config)))
     assert {key: with_moved[key] for key in moved} == {key: as_is[key] for key in moved}, job.name
+
+
+def assert_repeats_the_folder_run(run_dir: str, folder_run: str, dataset: str) -> None:
+    """The run in `run_dir`, on another format of the tiny digits images, has the weights (best and last) and the
+    test metrics of the run that read the folder (tiny_checkpoint's run, `folder_run`)."""
+    from safetensors.torch import load_file
+
+    from udtimm.metrics import METRIC_NAMES
+
+    for name in ("best.safetensors", "last.safetensors"):
+        got, want = load_file(os.path.join(run_dir, name)), load_file(os.path.join(folder_run, name))
+        assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want), name
+    (got,) = read_rows(os.path.join(run_dir, "results.csv"))
+    (want,) = read_rows(os.path.join(folder_run, "results.csv"))
+    assert got["dataset"] == dataset and got["selection_split"] == want["selection_split"] == "val"
+    assert {key: got[key] for key in METRIC_NAMES} == {key: want[key] for key in METRIC_NAMES}
+
+
+def assert_corrupt_image_is_named_and_skipped(dataset, index: int, name: str) -> None:
+    """Image `index` of the tiny digits train split (96 images), in another format, cannot be decoded: reading it
+    is an error naming it `name`, and --skip-corrupt's loader leaves it out with that name."""
+    import re
+
+    from torchvision.transforms.v2 import functional as F
+
+    from udtimm.data.base import CorruptImageError
+    from udtimm.data.loader import make_loader
+
+    with pytest.raises(CorruptImageError, match=f"cannot read image {re.escape(name)}"):
+        dataset[index]
+    dataset.transform = lambda image: F.resize(image, [32, 32])
+    batches = list(make_loader(dataset, 16, False, 0, skip_corrupt=True))
+    assert sum(len(batch[3]) for batch in batches) == TINY_DIGITS["num_trainval"] - 1
+    (message,) = [message for batch in batches for message in batch[4]]
+    assert message.startswith(f"cannot read image {name}: ")

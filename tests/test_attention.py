@@ -14,14 +14,15 @@ from udtimm.attention import (
 from udtimm.heads import HEADS
 from udtimm.losses import attention_distillation_loss
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 NUM_CLASSES = 4
 PAPER = ATTENTION_VARIANTS["paper"]  # Eq. 16 as written, which the hand computations follow
 
 
-def _model(name, **kwargs):
+def _model(name, img_size=None, **options):
     torch.manual_seed(0)
-    return create_model(name, NUM_CLASSES, cal=True, **kwargs)
+    return create_model(ModelSettings(name, **options), NUM_CLASSES, cal=True, img_size=img_size)
 
 
 def _images(size=64, batch=3):
@@ -108,7 +109,7 @@ def test_teacher_path_builds_no_graph():
 
 def test_check_attention_support():
     with pytest.raises(ValueError, match="--cal"):
-        check_attention_support(create_model("test_resnet", NUM_CLASSES, cal=False))
+        check_attention_support(create_model(ModelSettings("test_resnet"), NUM_CLASSES, cal=False))
     token_vit = _model("test_vit", img_size=32)  # timm's default pool for ViT is the class token
     with pytest.raises(ValueError, match="--global-pool avg"):
         check_attention_support(token_vit)

@@ -17,6 +17,7 @@ from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.data.base import CorruptImageError, DatasetError
 from udtimm.model import ModelConfigError, create_model
+from udtimm.settings import ModelSettings
 
 # ---------------------------------------------------------------- 4. bad data
 
@@ -130,7 +131,7 @@ def test_bad_csv_rows_are_refused_before_training_naming_file_and_line(tiny_digi
 
 def test_a_truncated_teacher_is_refused_before_the_run_directory_exists(tiny_digits: str, tmp_path) -> None:
     classes = open(os.path.join(tiny_digits, "VOC2007", "classes.txt")).read().split()
-    model = create_model("test_resnet", num_classes=len(classes), cal=True)
+    model = create_model(ModelSettings("test_resnet"), len(classes), cal=True)
     path = str(tmp_path / "teacher.safetensors")
     checkpoint.save_checkpoint(path, model, checkpoint.model_metadata("test_resnet", model, classes, None, 32,
                                                                       [0.5] * 3, [0.5] * 3))
@@ -143,12 +144,12 @@ def test_a_truncated_teacher_is_refused_before_the_run_directory_exists(tiny_dig
 
 def test_weights_of_another_model_name_the_keys_that_differ(tmp_path) -> None:
     path = str(tmp_path / "resnet.safetensors")
-    model = create_model("test_resnet", num_classes=3)
+    model = create_model(ModelSettings("test_resnet"), 3)
     checkpoint.save_checkpoint(path, model, checkpoint.model_metadata("test_resnet", model, ["a", "b", "c"], None, 32,
                                                                       [0.5] * 3, [0.5] * 3))
     tensors, _ = checkpoint.load_checkpoint(path)
     with pytest.raises(CheckpointError, match=r"resnet.safetensors does not fit this model: missing .* unexpected"):
-        checkpoint.load_weights(create_model("test_efficientnet", num_classes=3), tensors, path)
+        checkpoint.load_weights(create_model(ModelSettings("test_efficientnet"), 3), tensors, path)
 
 
 # ---------------------------------------------------------------- 6. no code execution from files
@@ -169,7 +170,7 @@ def test_a_pth_with_a_pickle_payload_is_refused_without_running_it(tmp_path) -> 
     path = str(tmp_path / "weights.pth")
     torch.save({"fc.weight": torch.zeros(1), "payload": RunsCode(str(marker))}, path)
     with pytest.raises(ModelConfigError, match=r"weights.pth.*weights_only"):
-        create_model("test_resnet", num_classes=3, pretrained_path=path)
+        create_model(ModelSettings("test_resnet", pretrained_path=path), 3)
     assert not marker.exists()
 
 

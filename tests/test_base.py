@@ -15,6 +15,7 @@ from udtimm.data.base import (
     Label,
     MultiLabelDataset,
     Sample,
+    SampleTable,
     drop_labels,
     hold_out,
     label_counts,
@@ -189,3 +190,24 @@ def test_a_sample_refuses_labels_out_of_order_and_a_dataset_a_class_id_beyond_it
         MultiLabelDataset([Sample("d", "/d.jpg", make_labels({-1: Label.PRESENT, 0: Label.PRESENT}))], ["x"], name="t")
     with pytest.raises(ValueError, match="e: a label state is not a Label: \\[7\\]"):
         Sample("e", "/e.jpg", np.array([(0, 7)], dtype=LABELS_DTYPE))
+
+
+def test_a_sample_table_gives_back_each_sample_and_takes_rows_in_any_order() -> None:
+    samples = [Sample(f"id-{i}é", f"/x/{i}.jpg", make_labels({c: Label.PRESENT for c in range(i % 4)}))
+               for i in range(7)]
+    table = SampleTable.from_samples(samples)
+
+    def plain(rows) -> list[tuple]:
+        return [(s.image_id, s.path, s.labels.tolist()) for s in rows]
+
+    assert len(table) == 7 and plain(table) == plain(samples) and plain([table[-1]]) == plain(samples[-1:])
+    assert table.image_ids() == [s.image_id for s in samples] and table.paths() == [s.path for s in samples]
+    assert plain(table[5:1:-2]) == plain([samples[5], samples[3]])
+    assert plain(table.take([6, 0, 6])) == plain([samples[6], samples[0], samples[6]])
+    assert len(table.take([])) == 0 and len(SampleTable.from_samples([])) == 0
+    with pytest.raises(IndexError):
+        table[7]
+    with pytest.raises(ValueError):  # a sample's labels are a view of the table, which nothing may change
+        table[3].labels["state"][0] = Label.ABSENT
+    # A dataset keeps its samples as a table, however they are given.
+    assert isinstance(MultiLabelDataset(iter(samples), ["a", "b", "c"]).samples, SampleTable)

@@ -9,6 +9,7 @@ from benchmarks import pretrain_digits
 from benchmarks.common import ROOT
 from udtimm.model import create_model
 from udtimm.provenance import file_sha256
+from udtimm.settings import ModelSettings
 
 
 @pytest.mark.parametrize("role", list(pretrain_digits.ARCHITECTURES))
@@ -23,7 +24,7 @@ def test_each_committed_backbone_has_the_sha256_its_manifest_names_and_loads(rol
     assert entry["command"].endswith(" ".join(pretrain_digits.PRETRAIN))
     kwargs = pretrain_digits.ARCHITECTURES[role][3:]
     model_kwargs = {key: json.loads(value) for key, value in (item.split("=") for item in kwargs)}
-    create_model("resnet10t", 10, pretrained_path=path, model_kwargs=model_kwargs)  # refuses a misfit
+    create_model(ModelSettings("resnet10t", pretrained_path=path, model_kwargs=model_kwargs), 10)  # refuses a misfit
 
 
 def test_plan_trains_both_architectures_on_the_pretraining_set(tmp_path) -> None:

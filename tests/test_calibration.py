@@ -1,8 +1,8 @@
 """udtimm.calibration: the temperatures against scipy's bounded minimiser of an independently written BCE, Platt
 scaling's Newton fit against scipy's Nelder-Mead on the same regularised objective, the classes without a fit of
-their own, difficult pairs left out, mAP unchanged, the before/after table, the stored entries."""
+their own, difficult pairs left out, mAP unchanged, the before/after table (the stored entries:
+tests/test_tuning.py)."""
 
-import json
 
 import numpy as np
 import pytest
@@ -13,7 +13,6 @@ from sklearn.metrics import brier_score_loss, log_loss
 
 from udtimm import calibration, metrics
 from udtimm.calibration import CalibrationError, ScoreCalibration, calibrated_scores, fit_calibration
-from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.predictions import Predictions
 
@@ -90,9 +89,6 @@ def test_a_class_without_a_minimum_of_its_own_gets_the_global_temperature() -> N
     assert result.fitted.tolist() == [False] * 4
     assert result.calibration.temperatures.tolist() == [result.global_temperature] * 4
     assert calibration.T_MIN < result.global_temperature < calibration.T_MAX
-    entry = calibration.calibration_entry(list("abcd"), result, "per-class", "digits:val", 3000)
-    assert entry["unfitted_classes"] == list("abcd") and entry["temperatures"]["a"] == result.global_temperature
-    assert "biases" not in entry and "global_bias" not in entry  # the temperature methods' format, as before
 
 
 def test_a_split_where_no_temperature_fits_is_refused_naming_it() -> None:
@@ -143,17 +139,6 @@ def test_calibrated_predictions_and_the_before_after_table() -> None:
     with pytest.raises(ValueError, match="needs their logits"):
         calibration.calibrate_predictions(Predictions(raw.scores, target, difficult, raw.indices),
                                           result.calibration)
-
-
-def test_stored_temperatures_are_checked_against_the_classes() -> None:
-    entry = {"temperatures": {"a": 1.5, "b": 0.5}}
-    stored = calibration.stored_calibration(entry, ["a", "b"], "x.json")
-    assert stored.temperatures.tolist() == [1.5, 0.5] and stored.biases.tolist() == [0.0, 0.0]
-    with pytest.raises(CheckpointError, match=r"x.json: temperatures for classes \['a', 'b'\].*\['b', 'a'\]"):
-        calibration.stored_calibration(entry, ["b", "a"], "x.json")
-    for bad in (0.0, -1.0, float("inf"), float("nan")):
-        with pytest.raises(CheckpointError, match="positive and finite"):
-            calibration.stored_calibration({"temperatures": {"a": bad}}, ["a"], "x.json")
 
 
 def platt_synthetic(seed: int, n: int = 2000) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,9 +207,6 @@ def test_platt_classes_without_a_usable_fit_get_the_pooled_one() -> None:
     keep = metrics.evaluated_pairs(target, difficult)[:, 2:3]
     slope, _, converged = calibration.newton_platt(logits.double()[:, 2:3], target[:, 2:3] > 0.5, keep)
     assert converged.item() and slope.item() < 0
-    entry = calibration.calibration_entry(list("abcdefghij"), result, "platt", "digits:val", len(logits))
-    assert entry["unfitted_classes"] == list("abcd")
-    assert entry["biases"]["a"] == entry["global_bias"] == result.global_bias
     # Newton's own guards: a singular Hessian (constant logits) stops it, and so does the step cap, unconverged.
     positive, every_pair = torch.arange(10)[:, None] % 2 == 0, torch.ones(10, 1, dtype=torch.bool)
     assert not calibration.newton_platt(torch.zeros(10, 1, dtype=torch.float64), positive, every_pair)[2].item()
@@ -271,26 +253,6 @@ def test_platt_scaling_keeps_the_map_and_calibrates_shifted_scores_that_temperat
         assert float(shown_bias) == pytest.approx(bias, abs=1e-4) and float(bce_after) < float(bce_before)
 
 
-def test_platt_entries_keep_the_biases_checked_like_the_temperatures() -> None:
-    logits, target, difficult = platt_synthetic(seed=3, n=500)
-    result = fit_calibration(logits, target, difficult, "platt")
-    entry = json.loads(json.dumps(calibration.calibration_entry(list("abcde"), result, "platt", "digits:val", 500)))
-    assert list(entry) == ["method", "split", "num_images", "temperatures", "biases", "global_temperature",
-                           "global_bias", "unfitted_classes"]
-    stored = calibration.stored_calibration(entry, list("abcde"), "x.json")
-    assert torch.equal(stored.temperatures, result.calibration.temperatures)
-    assert torch.equal(stored.biases, result.calibration.biases)
-    temperatures = {"a": 1.0, "b": 2.0}
-    with pytest.raises(CheckpointError, match=r"x.json: biases for classes \['b', 'a'\].*\['a', 'b'\]"):
-        calibration.stored_calibration({"temperatures": temperatures, "biases": {"b": 0.0, "a": 0.0}}, ["a", "b"],
-                                       "x.json")
-    for bad, message in ((float("inf"), "biases must be finite"), (float("nan"), "biases must be finite"),
-                         (None, "biases must be numbers"), ("high", "biases must be numbers")):
-        with pytest.raises(CheckpointError, match=f"x.json: {message}"):
-            calibration.stored_calibration({"temperatures": temperatures, "biases": {"a": bad, "b": 0.0}},
-                                           ["a", "b"], "x.json")
-
-
 @pytest.mark.parametrize("method", ["per-class", "platt"])
 def test_classes_fitted_in_blocks_get_the_fit_of_all_at_once(method: str, monkeypatch) -> None:
     logits, target, difficult = platt_synthetic(seed=6, n=200)
@@ -305,7 +267,7 @@ def test_classes_fitted_in_blocks_get_the_fit_of_all_at_once(method: str, monkey
 
 @pytest.mark.slow
 @pytest.mark.parametrize("method", ["per-class", "platt"])
-def test_ten_thousand_classes_are_fitted_summarised_and_stored(method: str) -> None:
+def test_ten_thousand_classes_are_fitted_and_summarised(method: str) -> None:
     names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
     g = torch.Generator().manual_seed(8)
     num_images = 60
@@ -332,13 +294,3 @@ def test_ten_thousand_classes_are_fitted_summarised_and_stored(method: str) -> N
                                                                        + 3:]}
     low, high = result.calibration.temperatures.min().item(), result.calibration.temperatures.max().item()
     assert quantiles["temperature"][0] == f"{low:.4f}" and quantiles["temperature"][4] == f"{high:.4f}"
-
-    entry = json.loads(json.dumps(calibration.calibration_entry(names, result, method, "openimages:val",
-                                                                num_images)))
-    assert len(entry["unfitted_classes"]) == len(names) - len(fitted)
-    stored = calibration.stored_calibration(entry, names, "x.json")
-    assert torch.equal(stored.temperatures, result.calibration.temperatures)
-    assert torch.equal(stored.biases, result.calibration.biases)
-    with pytest.raises(CheckpointError) as refused:  # one short line, not 20,000 class names
-        calibration.stored_calibration(entry, names[::-1], "x.json")
-    assert len(str(refused.value)) < 500 and "... 9,990 more]" in str(refused.value)

@@ -9,10 +9,11 @@ from conftest import OPENIMAGES_CLASSES
 from udtimm import checkpoint
 from udtimm.checkpoint import CheckpointError
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 
 def save_tiny(path: str, classes: list[str], cal: bool = True) -> torch.nn.Module:
-    model = create_model("test_resnet", num_classes=len(classes), cal=cal)
+    model = create_model(ModelSettings("test_resnet"), len(classes), cal=cal)
     metadata = checkpoint.model_metadata("test_resnet", model, classes, None, 32, [0.5] * 3, [0.25] * 3,
                                          dataset="digits", epoch=3)
     checkpoint.save_checkpoint(path, model, metadata)
@@ -34,7 +35,7 @@ def test_roundtrip_rebuilds_the_model_from_metadata_alone(tmp_path) -> None:
 def test_a_spatial_head_and_its_options_come_back_from_the_metadata(tmp_path) -> None:
     """The head and every option (defaults included) are stored; a checkpoint written before the heads existed
     (no `head` entries) is a linear one."""
-    model = create_model("test_resnet", num_classes=3, head="csra", head_kwargs={"num_heads": 2, "lam": 0.5}).eval()
+    model = create_model(ModelSettings("test_resnet", head="csra", head_kwargs={"num_heads": 2, "lam": 0.5}), 3).eval()
     metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b", "c"], None, 64, [0.5] * 3, [0.25] * 3)
     assert (metadata["head"], json.loads(metadata["head_kwargs"])) == \
         ("csra", {"lam": 0.5, "num_heads": 2, "temperatures": None})
@@ -64,7 +65,7 @@ def test_load_for_inference_gives_the_model_in_eval_mode_with_its_input(tmp_path
 
 
 def test_load_for_inference_refuses_a_checkpoint_without_its_preprocessing(tmp_path) -> None:
-    model = create_model("test_resnet", num_classes=2)
+    model = create_model(ModelSettings("test_resnet"), 2)
     metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.25] * 3)
     path = str(tmp_path / "old.safetensors")
     checkpoint.save_checkpoint(path, model, {key: value for key, value in metadata.items() if key != "mean"})
@@ -135,13 +136,13 @@ def test_weights_of_another_shape_name_the_keys(tmp_path) -> None:
     path = str(tmp_path / "m.safetensors")
     save_tiny(path, ["a", "b", "c"])
     tensors, _ = checkpoint.load_checkpoint(path)
-    other = create_model("test_resnet", num_classes=5, cal=True)
+    other = create_model(ModelSettings("test_resnet"), 5, cal=True)
     with pytest.raises(CheckpointError, match="shape"):
         checkpoint.load_weights(other, tensors, path)
 
 
 def test_training_state_survives_a_kill_between_the_renames(tmp_path) -> None:
-    model = create_model("test_resnet", num_classes=2)
+    model = create_model(ModelSettings("test_resnet"), 2)
     metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.5] * 3)
     for epoch in range(2):
         checkpoint.save_training_state(str(tmp_path), model, metadata, {"optimizer": {}},
@@ -157,13 +158,13 @@ def test_training_state_survives_a_kill_between_the_renames(tmp_path) -> None:
 def test_last_and_best_share_the_states_weights_file_and_outlive_it(tmp_path, monkeypatch, links: bool) -> None:
     if not links:  # a file system without hard links: copies
         monkeypatch.setattr(os, "link", lambda *args: (_ for _ in ()).throw(OSError("no links here")))
-    metadata = checkpoint.model_metadata("test_resnet", create_model("test_resnet", num_classes=2), ["a", "b"], None,
+    metadata = checkpoint.model_metadata("test_resnet", create_model(ModelSettings("test_resnet"), 2), ["a", "b"], None,
                                          32, [0.5] * 3, [0.5] * 3)
     last, best = str(tmp_path / "last.safetensors"), str(tmp_path / "best.safetensors")
     saved = []
     for epoch, also_at in enumerate(([last, best], [last])):  # epoch 1 does not improve: best stays epoch 0's
         torch.manual_seed(epoch)
-        model = create_model("test_resnet", num_classes=2)
+        model = create_model(ModelSettings("test_resnet"), 2)
         saved.append(model.state_dict())
         checkpoint.save_training_state(str(tmp_path), model, {**metadata, "epoch": str(epoch)}, {"optimizer": {}},
                                        {"epoch": epoch, "num_updates": epoch, "best": 0.0}, also_at)
@@ -181,7 +182,7 @@ class Payload:
 
 
 def test_optimizer_state_with_a_pickle_payload_is_refused(tmp_path) -> None:
-    model = create_model("test_resnet", num_classes=2)
+    model = create_model(ModelSettings("test_resnet"), 2)
     metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.5] * 3)
     checkpoint.save_training_state(str(tmp_path), model, metadata, {"optimizer": {}},
                                    {"epoch": 0, "num_updates": 0, "best": 0.0})
@@ -192,14 +193,14 @@ def test_optimizer_state_with_a_pickle_payload_is_refused(tmp_path) -> None:
 
 
 def test_ema_weights_are_part_of_the_state_and_a_state_without_them_is_refused(tmp_path) -> None:
-    model, ema = create_model("test_resnet", num_classes=2), create_model("test_resnet", num_classes=2)
+    model, ema = create_model(ModelSettings("test_resnet"), 2), create_model(ModelSettings("test_resnet"), 2)
     metadata = checkpoint.model_metadata("test_resnet", model, ["a", "b"], None, 32, [0.5] * 3, [0.25] * 3)
     best = str(tmp_path / "best.safetensors")
     checkpoint.save_training_state(str(tmp_path), model, metadata, {}, {"epoch": 0}, ema=(ema, metadata),
                                    ema_also_at=[best])
     state = os.path.join(str(tmp_path), "state")
     assert os.path.samefile(best, os.path.join(state, "ema.safetensors"))
-    restored = create_model("test_resnet", num_classes=2)
+    restored = create_model(ModelSettings("test_resnet"), 2)
     checkpoint.load_ema_state(state, restored)
     assert all(torch.equal(value, ema.state_dict()[key]) for key, value in restored.state_dict().items())
     os.remove(os.path.join(state, "ema.safetensors"))

@@ -7,6 +7,7 @@ import train
 from udtimm import config, devices
 from udtimm.config import ConfigError
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 
 class FakeAccelerator:
@@ -15,15 +16,15 @@ class FakeAccelerator:
 
 
 def test_sync_bn_converts_batchnorm_only_with_several_gpu_processes() -> None:
-    model = create_model("test_resnet", num_classes=3, cal=True)
+    model = create_model(ModelSettings("test_resnet"), 3, cal=True)
     assert devices.sync_batchnorm(model, True, FakeAccelerator(1, "cpu")) is model  # one process: the whole batch
     assert devices.sync_batchnorm(model, False, FakeAccelerator(2, "cuda")) is model
     converted = devices.sync_batchnorm(model, True, FakeAccelerator(2, "cuda"))
     kinds = {type(module) for module in converted.modules()}
     assert torch.nn.SyncBatchNorm in kinds and not kinds & {torch.nn.BatchNorm1d, torch.nn.BatchNorm2d}
-    assert converted.state_dict().keys() == create_model("test_resnet", num_classes=3, cal=True).state_dict().keys()
+    assert converted.state_dict().keys() == create_model(ModelSettings("test_resnet"), 3, cal=True).state_dict().keys()
     with pytest.raises(ConfigError, match="--sync-bn .* 2 processes on cpu"):
-        devices.sync_batchnorm(create_model("test_resnet", num_classes=3), True, FakeAccelerator(2, "cpu"))
+        devices.sync_batchnorm(create_model(ModelSettings("test_resnet"), 3), True, FakeAccelerator(2, "cpu"))
 
 
 def test_gradient_accumulation_needs_a_positive_count() -> None:

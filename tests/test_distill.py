@@ -20,6 +20,7 @@ from udtimm.data.digits import DIGIT_CLASSES as DIGITS
 from udtimm.data.transforms import Renormalize
 from udtimm.model import CalibratedModel, create_model
 from udtimm.objectives import DistillationObjective, DistillOptions
+from udtimm.settings import ModelSettings
 from udtimm.weights import WeightsError
 
 
@@ -58,7 +59,7 @@ def test_students_learn_from_a_calibrated_teacher(tiny_digits, teachers, tmp_pat
 def test_ud_with_spatial_heads_on_both_sides(tiny_digits, tmp_path) -> None:
     """A CSRA teacher teaches an ML-Decoder student by Eq. 18 with the attention term, at 64 px (2 x 2 maps): both
     maps come from the last feature map through the heads, and the student's result names its head."""
-    teacher = create_model("test_resnet", num_classes=10, cal=True, head="csra", head_kwargs={"num_heads": 2})
+    teacher = create_model(ModelSettings("test_resnet", head="csra", head_kwargs={"num_heads": 2}), 10, cal=True)
     path = str(tmp_path / "csra.safetensors")
     save_checkpoint(path, teacher, model_metadata("test_resnet", teacher, list(DIGITS), None, 64, [0.5] * 3,
                                                   [0.5] * 3))
@@ -89,7 +90,7 @@ def test_ud_refuses_a_teacher_without_calibration_branch_before_any_work(tiny_di
 
 def test_a_teacher_with_another_class_list_is_refused_naming_the_classes(tiny_digits, tmp_path) -> None:
     classes = ["zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "cat"]
-    model = create_model("test_resnet", num_classes=10, cal=True)
+    model = create_model(ModelSettings("test_resnet"), 10, cal=True)
     path = str(tmp_path / "other.safetensors")
     save_checkpoint(path, model, model_metadata("test_resnet", model, classes, None, 32, [0.5] * 3, [0.5] * 3))
     args = tiny_train_args(tiny_digits, str(tmp_path), "--teacher-ckpt", path, "--experiment", "x")
@@ -178,7 +179,7 @@ def test_initial_checkpoint_starts_train_and_distill_and_a_misfit_is_refused_fir
                                  "--teacher-ckpt", teachers["cal"], "--initial-checkpoint", teachers["cal"]))
     out = capsys.readouterr().out
     assert "loaded the backbone" in out and "the calibration branch" in out.split("left at random")[0]
-    other = create_model("test_efficientnet", num_classes=10)
+    other = create_model(ModelSettings("test_efficientnet"), 10)
     path = str(tmp_path / "other.safetensors")
     save_checkpoint(path, other, model_metadata("test_efficientnet", other, [str(i) for i in range(10)], None, 32,
                                                 [0.5] * 3, [0.5] * 3))

@@ -5,7 +5,8 @@ import torch
 from accelerate import Accelerator
 from timm.scheduler import create_scheduler_v2
 
-from udtimm import engine
+import train
+from udtimm import config, engine
 from udtimm.engine import (
     LossReadout,
     accumulation_scale,
@@ -18,11 +19,12 @@ from udtimm.metric_statistics import MetricStatistics
 from udtimm.metrics import compute_metrics
 from udtimm.model import create_model
 from udtimm.objectives import SupervisedObjective
+from udtimm.settings import ModelSettings, TrainingSettings
 
 
 @pytest.mark.slow
 def test_bare_model_strips_torch_compile_so_checkpoint_keys_stay_plain() -> None:
-    model = create_model("test_resnet", num_classes=3, cal=True)
+    model = create_model(ModelSettings("test_resnet"), 3, cal=True)
     compiled = torch.compile(model)  # lazy: nothing is compiled until it is called
     assert any(key.startswith("_orig_mod.") for key in compiled.state_dict())
     bare = bare_model(Accelerator(cpu=True), compiled)
@@ -51,16 +53,22 @@ class CountingObjective:
         return {"bce": loss, "loss": loss}
 
 
+def run_settings(*flags: str) -> TrainingSettings:
+    """train.py's settings for `flags` (its defaults otherwise), without a progress bar."""
+    return config.training_settings(train.parse_args(["--no-progress", *flags]))
+
+
 def run_epoch(objective: CountingObjective, steps: int = 5, skip_nonfinite: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
-    model = create_model("test_resnet", num_classes=3)
+    model = create_model(ModelSettings("test_resnet"), 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=1, step_on_epochs=False,
                                        updates_per_epoch=steps, warmup_epochs=0)
     batches = [(torch.randn(4, 3, 32, 32), torch.ones(4, 3), torch.zeros(4, 3, dtype=torch.bool), torch.arange(4))
                for _ in range(steps)]
+    settings = run_settings(*["--skip-nonfinite"] * skip_nonfinite)
     return train_one_epoch(model, batches, optimizer, scheduler, Accelerator(cpu=True), objective, epoch=2,
-                           num_updates=0, skip_nonfinite=skip_nonfinite, show_progress=False)
+                           num_updates=0, optim=settings.optim, runtime=settings.runtime)
 
 
 def test_a_step_is_checked_only_after_the_next_one_is_launched(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -88,6 +96,24 @@ def test_skip_nonfinite_skips_the_nan_step_before_its_update() -> None:
     assert stats["skipped_steps"] == 2 and math.isfinite(stats["loss"])
 
 
+def test_clip_grad_reaches_the_loop_from_the_settings() -> None:
+    """--clip-grad (OptimSettings): one SGD step of learning rate 1 moves the weights by at most the clip norm."""
+    moved = {}
+    for flags in ((), ("--clip-grad", "0.01")):
+        torch.manual_seed(0)
+        model = create_model(ModelSettings("test_resnet"), 3)
+        before = torch.nn.utils.parameters_to_vector(model.parameters()).detach().clone()
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+        scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=1, step_on_epochs=False,
+                                           updates_per_epoch=1, warmup_epochs=0)
+        batch = (torch.randn(4, 3, 32, 32), torch.ones(4, 3), torch.zeros(4, 3, dtype=torch.bool), torch.arange(4))
+        settings = run_settings(*flags)
+        train_one_epoch(model, [batch], optimizer, scheduler, Accelerator(cpu=True), SupervisedObjective("bce"),
+                        epoch=0, num_updates=0, optim=settings.optim, runtime=settings.runtime)
+        moved[flags] = float((torch.nn.utils.parameters_to_vector(model.parameters()).detach() - before).norm())
+    assert moved[()] > 0.1 and moved[("--clip-grad", "0.01")] == pytest.approx(0.01, rel=1e-3)
+
+
 def test_an_epoch_counts_its_optimizer_steps_with_a_shorter_last_group() -> None:
     assert [optimizer_steps(batches, 4) for batches in (1, 4, 5, 8, 9)] == [1, 1, 2, 2, 3]
     assert [accumulation_scale(step, 5, 2) for step in range(5)] == [1.0, 1.0, 1.0, 1.0, 2.0]  # 2 + 2 + 1
@@ -105,7 +131,7 @@ def without_batchnorm(model: torch.nn.Module) -> torch.nn.Module:
 def weights_after_an_epoch(batch_sizes: list[int], accumulation: int, cal: bool) -> dict[str, torch.Tensor]:
     """The same 24 (or 16) images, cut into batches of `batch_sizes`, trained with --grad-accum-steps."""
     torch.manual_seed(0)
-    model = without_batchnorm(create_model("test_resnet", num_classes=4, cal=cal))
+    model = without_batchnorm(create_model(ModelSettings("test_resnet"), 4, cal=cal))
     generator = torch.Generator().manual_seed(1)
     images = torch.randn(sum(batch_sizes), 3, 32, 32, generator=generator)
     target = (torch.rand(len(images), 4, generator=generator) > 0.5).float()
@@ -121,8 +147,9 @@ def weights_after_an_epoch(batch_sizes: list[int], accumulation: int, cal: bool)
                                        updates_per_epoch=updates, warmup_epochs=0)
     accelerator = Accelerator(cpu=True, gradient_accumulation_steps=accumulation)
     model, optimizer = accelerator.prepare(model, optimizer)  # accelerate's optimizer steps at a group's end only
+    settings = run_settings()
     train_one_epoch(model, batches, optimizer, scheduler, accelerator, SupervisedObjective("bce"), epoch=0,
-                    num_updates=0, show_progress=False)
+                    num_updates=0, optim=settings.optim, runtime=settings.runtime)
     return {key: value.clone() for key, value in model.state_dict().items()}
 
 
@@ -137,7 +164,7 @@ def test_two_accumulated_batches_of_8_equal_one_batch_of_16(cal: bool) -> None:
     one_batch = weights_after_an_epoch([16], 1, cal)
     accumulated = weights_after_an_epoch([8, 8], 2, cal)
     torch.manual_seed(0)
-    initial = without_batchnorm(create_model("test_resnet", num_classes=4, cal=cal)).state_dict()
+    initial = without_batchnorm(create_model(ModelSettings("test_resnet"), 4, cal=cal)).state_dict()
     assert any(not torch.equal(one_batch[key], initial[key]) for key in initial)  # a real step
     for key in one_batch:
         torch.testing.assert_close(accumulated[key], one_batch[key], rtol=1e-5, atol=1e-6, msg=key)
@@ -154,7 +181,7 @@ def test_an_epochs_shorter_last_group_averages_its_own_batches() -> None:
 def test_predict_returns_each_image_once_in_dataset_order() -> None:
     """A loader in another order, repeating an image (as a distributed sampler evens out its last batch)."""
     torch.manual_seed(0)
-    model = create_model("test_resnet", num_classes=3).eval()
+    model = create_model(ModelSettings("test_resnet"), 3).eval()
     images, target = torch.randn(6, 3, 32, 32), (torch.rand(6, 3) > 0.5).float()
     order = [[4, 1, 5], [0, 3, 2], [4]]
     loader = [(images[i], target[i], torch.zeros(len(i), 3, dtype=torch.bool), torch.tensor(i)) for i in order]
@@ -178,7 +205,7 @@ def test_streaming_evaluation_counts_each_image_once_and_gives_the_exact_metrics
     """The loader of test_predict_returns_each_image_once_in_dataset_order, plus an empty batch (--skip-corrupt):
     the statistics' metrics are compute_metrics' of predict's output, AP within the binned tolerance."""
     torch.manual_seed(0)
-    model = create_model("test_resnet", num_classes=3).eval()
+    model = create_model(ModelSettings("test_resnet"), 3).eval()
     images, target = torch.randn(6, 3, 32, 32), (torch.rand(6, 3) > 0.5).float()
     difficult = torch.zeros(6, 3, dtype=torch.bool)
     difficult[1, 2] = True

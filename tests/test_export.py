@@ -15,11 +15,12 @@ from conftest import OPENIMAGES_CLASSES, model_labelled_csv
 from safetensors.torch import load_file
 
 import validate
-from udtimm import Predictor, checkpoint, export, thresholds
-from udtimm.calibration import FittedCalibration, ScoreCalibration, calibration_entry
+from udtimm import Predictor, checkpoint, export, thresholds, tuning
+from udtimm.calibration import FittedCalibration, ScoreCalibration
 from udtimm.config import ConfigError
 from udtimm.data.base import read_image
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 
 @pytest.fixture(scope="module")
@@ -105,15 +106,15 @@ def test_onnx_and_torchscript_give_udtimm_scores_at_any_batch_size(fmt: str, tin
 
 def test_model_kwargs_and_thresholds_travel_in_config_json(tmp_path) -> None:
     # A checkpoint with --model-kwargs output_stride=16: the same weights in a network with other strides.
-    model = create_model("test_resnet", 3, cal=True, model_kwargs={"output_stride": 16}).eval()
+    model = create_model(ModelSettings("test_resnet", model_kwargs={"output_stride": 16}), 3, cal=True).eval()
     path = str(tmp_path / "best.safetensors")
     checkpoint.save_checkpoint(path, model, checkpoint.model_metadata(
         "test_resnet", model, ["a", "b", "c"], None, 32, [0.5] * 3, [0.25] * 3, model_kwargs={"output_stride": 16}))
     values = torch.tensor([0.2, 0.5, 0.7], dtype=torch.float64)
     tuned = thresholds.TunedThresholds(values, torch.ones(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))
-    entries = thresholds.thresholds_entries(["a", "b", "c"], tuned, thresholds.parse_objective("f1"), "csv:val", 9)
-    record = thresholds.tuning_record(path, entries)
-    thresholds.save_thresholds(path, record)
+    entries = tuning.thresholds_entries(["a", "b", "c"], tuned, thresholds.parse_objective("f1"), "csv:val", 9)
+    record = tuning.tuning_record(path, entries)
+    tuning.save_tuning(path, record)
     out = str(tmp_path / "export")
     export.export(path, out, "timm")
     config = json.load(open(os.path.join(out, "config.json")))
@@ -197,7 +198,7 @@ def test_flags_that_do_not_fit_are_refused(tiny_checkpoint: str) -> None:
 ])
 def test_a_spatial_head_exports_to_onnx_and_torchscript_and_timm_refuses_it(head: str, options: dict, backbone: str,
                                                                             img_size: int, tmp_path) -> None:
-    model = create_model(backbone, 3, cal=True, head=head, head_kwargs=options, img_size=img_size).eval()
+    model = create_model(ModelSettings(backbone, head=head, head_kwargs=options), 3, cal=True, img_size=img_size).eval()
     path = str(tmp_path / "best.safetensors")
     checkpoint.save_checkpoint(path, model, checkpoint.model_metadata(backbone, model, ["a", "b", "c"], None,
                                                                       img_size, [0.5] * 3, [0.25] * 3))
@@ -268,9 +269,9 @@ def test_ten_thousand_classes_export_to_onnx_with_their_thresholds_and_calibrati
     fitted = FittedCalibration(ScoreCalibration(torch.linspace(0.5, 2.0, len(names), dtype=torch.float64),
                                                 torch.linspace(-1.0, 1.0, len(names), dtype=torch.float64)),
                                torch.ones(len(names), dtype=torch.bool), 1.0)
-    thresholds.save_thresholds(checkpoint_copy, thresholds.tuning_record(
-        checkpoint_copy, thresholds.thresholds_entries(names, tuned, thresholds.parse_objective("f1"), "oi:val", 9),
-        calibration_entry(names, fitted, "platt", "oi:val", 9)))
+    tuning.save_tuning(checkpoint_copy, tuning.tuning_record(
+        checkpoint_copy, tuning.thresholds_entries(names, tuned, thresholds.parse_objective("f1"), "oi:val", 9),
+        tuning.calibration_entry(names, fitted, "platt", "oi:val", 9)))
     out = str(tmp_path / "onnx")
     written, difference = export.export(checkpoint_copy, out, "onnx")
     assert difference < export.TOLERANCE
@@ -283,7 +284,7 @@ def test_ten_thousand_classes_export_to_onnx_with_their_thresholds_and_calibrati
     assert found.shape == (3, OPENIMAGES_CLASSES) and (found - expected).abs().max() < 1e-5
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["label_names"] == names and config["udtimm"]["calibration_in_graph"] is True
-    assert torch.equal(thresholds.thresholds_tensor(config["udtimm"]["thresholds"], names, "config.json"), values)
+    assert torch.equal(tuning.thresholds_tensor(config["udtimm"]["thresholds"], names, "config.json"), values)
     # The weights dominate the file (a 512 x 10,000 classifier in float32: 20 MB), and the card names no class.
     assert os.path.getsize(os.path.join(out, "model.onnx")) < 30_000_000
     assert export.model_card(export.load_exportable(checkpoint_copy))["details"]["Classes"] == \
@@ -293,8 +294,8 @@ def test_ten_thousand_classes_export_to_onnx_with_their_thresholds_and_calibrati
 @pytest.mark.slow
 def test_ml_decoder_of_ten_thousand_classes_decodes_100_groups_and_exports_to_onnx(tmp_path) -> None:
     names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
-    model = create_model("test_vit", len(names), cal=False, head="ml-decoder", img_size=32,
-                         head_kwargs={"embed_dim": 16, "num_heads": 2, "ff_dim": 32}).eval()
+    decoder = ModelSettings("test_vit", head="ml-decoder", head_kwargs={"embed_dim": 16, "num_heads": 2, "ff_dim": 32})
+    model = create_model(decoder, len(names), cal=False, img_size=32).eval()
     # 100 queries (num_groups), each decoding 100 classes: the query embedding stays 100 x embed_dim.
     assert model.head.queries.shape == (100, 16) and model.head.group_weight.shape == (100, 16, 100)
     path = str(tmp_path / "best.safetensors")

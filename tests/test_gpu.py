@@ -21,6 +21,7 @@ from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform, train_transform
 from udtimm.engine import predict
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SIZE, COUNT = 32, 12
@@ -168,7 +169,7 @@ def test_device_placement_leaves_encoded_files_on_the_cpu(digits: MultiLabelData
 
 def test_predict_with_the_device_transform_matches_the_cpu_path(digits: MultiLabelDataset) -> None:
     torch.manual_seed(0)
-    model = create_model("test_resnet", len(digits.classes))
+    model = create_model(ModelSettings("test_resnet"), len(digits.classes))
     digits.transform = eval_transform(SIZE, MEAN, STD)
     expected = predict(model, make_loader(digits, 16, False, 0), Accelerator(cpu=True), show_progress=False)
     digits.transform, digits.encoded = None, True

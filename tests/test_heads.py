@@ -10,6 +10,7 @@ from udtimm.heads import HEADS, HeadConfigError, create_head, head_options, spat
 from udtimm.heads.csra import TEMPERATURES, CSRAHead
 from udtimm.heads.ml_decoder import MLDecoderHead
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 # Small widths, so that a head builds and runs in milliseconds; the papers' constants are checked apart.
 SMALL = {"ml-decoder": {"embed_dim": 16, "num_heads": 2, "ff_dim": 32}, "csra": {"num_heads": 2}}
@@ -18,7 +19,8 @@ BACKBONES = {"cnn": ("test_resnet", 64), "vit": ("test_vit", 32)}  # a 2 x 2 map
 
 def small_model(head: str, backbone: str, num_classes: int, cal: bool = False) -> torch.nn.Module:
     name, img_size = BACKBONES[backbone]
-    return create_model(name, num_classes, cal=cal, head=head, head_kwargs=SMALL[head], img_size=img_size)
+    return create_model(ModelSettings(name, head=head, head_kwargs=SMALL[head]), num_classes, cal=cal,
+                        img_size=img_size)
 
 
 def images(backbone: str, count: int = 2) -> torch.Tensor:
@@ -71,14 +73,14 @@ def test_channels_last_gives_the_same_logits(head: str) -> None:
 
 def test_spatial_tokens_of_a_cnn_map_an_nhwc_map_and_vit_tokens() -> None:
     grid = torch.arange(2 * 3 * 2 * 4, dtype=torch.float32).view(2, 3, 2, 4)  # [B, C, H, W]
-    cnn = create_model("test_resnet", 2).backbone
+    cnn = create_model(ModelSettings("test_resnet"), 2).backbone
     tokens = spatial_tokens(cnn, grid)
     assert tokens.shape == (2, 8, 3)
     torch.testing.assert_close(tokens[1, 1 * 4 + 3], grid[1, :, 1, 3])  # row 1 of width 4, column 3
     nhwc = torch.nn.Module()
     nhwc.output_fmt = "NHWC"
     torch.testing.assert_close(spatial_tokens(nhwc, grid.permute(0, 2, 3, 1)), tokens)
-    vit = create_model("test_vit", 2, img_size=32).backbone
+    vit = create_model(ModelSettings("test_vit"), 2, img_size=32).backbone
     with_prefix = torch.randn(2, vit.num_prefix_tokens + 4, 64)
     torch.testing.assert_close(spatial_tokens(vit, with_prefix), with_prefix[:, vit.num_prefix_tokens:])
 
@@ -158,4 +160,4 @@ def test_csra_defaults_are_the_official_voc_settings() -> None:
 ])
 def test_options_that_do_not_fit_are_refused_naming_them(name: str, options: dict, message: str) -> None:
     with pytest.raises(HeadConfigError, match=message):
-        create_model("test_resnet", 3, head=name, head_kwargs=options)
+        create_model(ModelSettings("test_resnet", head=name, head_kwargs=options), 3)

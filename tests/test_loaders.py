@@ -10,6 +10,7 @@ from udtimm import config, devices, loaders
 from udtimm.config import ConfigError
 from udtimm.data.base import read_image
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 
 def tiny_settings(data_dir: str, *extra: str) -> config.DataSettings:
@@ -19,7 +20,7 @@ def tiny_settings(data_dir: str, *extra: str) -> config.DataSettings:
 def test_eval_batches_are_the_resized_images_normalised_with_the_backbones_statistics(tiny_digits: str) -> None:
     data = tiny_settings(tiny_digits)
     train_set, eval_set, _ = loaders.load_datasets(data, devices.make_accelerator())
-    backbone = create_model("test_resnet", num_classes=3).backbone
+    backbone = create_model(ModelSettings("test_resnet"), 3).backbone
     mean, std = loaders.normalisation(backbone)
     assert (mean, std) == (list(backbone.pretrained_cfg["mean"]), list(backbone.pretrained_cfg["std"]))
     train_loader, eval_loader, train_transform, eval_transform = loaders.build_loaders(

@@ -8,6 +8,7 @@ import pytest
 import torch
 from accelerate import Accelerator
 from conftest import tiny_train_args
+from test_engine import run_settings
 from test_losses import ref_bce
 from test_reliability import assert_same_run, stopped_and_resumed
 from test_soft_target_losses import ref_partial_softmax
@@ -23,7 +24,7 @@ from udtimm.engine import train_one_epoch
 from udtimm.mixing import Mix, Mixer, cutmix_box
 from udtimm.model import create_model
 from udtimm.objectives import DistillationObjective, DistillOptions, SupervisedObjective
-from udtimm.settings import MixingSettings
+from udtimm.settings import MixingSettings, ModelSettings
 
 U = UNKNOWN  # a label nobody annotated, short for the tables below
 T, F = True, False
@@ -138,15 +139,16 @@ class Recording:
 @pytest.mark.parametrize("off_epoch", [0, 1], ids=["mixing", "off"])
 def test_the_training_loop_hands_the_objective_the_mixed_batch_and_its_mix(off_epoch: int) -> None:
     torch.manual_seed(0)
-    model = create_model("test_resnet", num_classes=3)
+    model = create_model(ModelSettings("test_resnet"), 3)
     optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
     scheduler, _ = create_scheduler_v2(optimizer, sched="cosine", num_epochs=2, step_on_epochs=False,
                                        updates_per_epoch=3, warmup_epochs=0)
     batches = [(torch.randn(4, 3, 32, 32), torch.ones(4, 3), torch.zeros(4, 3, dtype=torch.bool), torch.arange(4))
                for _ in range(3)]
     mixer, objective = Mixer(MixingSettings(mixup=0.4, cutmix=1.0, mixup_off_epoch=off_epoch), 0), Recording()
+    settings = run_settings()
     train_one_epoch(model, batches, optimizer, scheduler, Accelerator(cpu=True), objective, epoch=1, num_updates=3,
-                    show_progress=False, mixer=mixer)
+                    optim=settings.optim, runtime=settings.runtime, mixer=mixer)
     for step, ((images, mix), batch) in enumerate(zip(objective.calls, batches, strict=True)):
         expected = mixer.draw(1, step, (32, 32))
         assert mix == expected and (expected is None) == (off_epoch == 1)
@@ -157,7 +159,7 @@ def test_eq12_and_the_distillation_ground_truth_term_read_the_mixed_labels() -> 
     """Supervised terms on the mixed labels; distill.py's --unknown teacher fills the pairs unknown in either image with
     the teacher's probability on the mixed images, and its PAL-N reads the pairs known in both (float64 references)."""
     torch.manual_seed(0)
-    teacher, student = (create_model("test_resnet", num_classes=4, cal=True).eval() for _ in range(2))
+    teacher, student = (create_model(ModelSettings("test_resnet"), 4, cal=True).eval() for _ in range(2))
     mix = Mix(0.25)
     images = mix.images(torch.randn(3, 3, 32, 32))
     target, difficult = labelled_batch()

@@ -22,6 +22,7 @@ from udtimm.objectives import (
     SupervisedObjective,
     check_teacher,
 )
+from udtimm.settings import ModelSettings
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -32,7 +33,7 @@ def batch() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
 
 
 def test_supervised_objective_is_eq12_with_the_difficult_policy() -> None:
-    model = create_model("test_resnet", num_classes=4, cal=True).eval()
+    model = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
     images, target, difficult = batch()
     terms = SupervisedObjective("bce", cal=True, cal_weight=0.1, difficult="ignore")(model, images, target, difficult)
     out = model(images)
@@ -80,7 +81,7 @@ def test_an_ignored_pair_changes_neither_term_of_eq12() -> None:
 
 
 def test_asl_with_cal_is_asl_plus_lambda_partial_softmax() -> None:
-    model = create_model("test_resnet", num_classes=4, cal=True).eval()
+    model = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
     images, target, difficult = batch()
     objective = SupervisedObjective("asl", cal=True, cal_weight=0.2, difficult="ignore",
                                     options=LossOptions(asl_gamma_neg=3.0, asl_gamma_pos=1.0, asl_clip=0.1))
@@ -94,7 +95,7 @@ def test_asl_with_cal_is_asl_plus_lambda_partial_softmax() -> None:
 
 @pytest.mark.parametrize("loss", list(CLASSIFICATION_LOSSES))
 def test_every_registered_loss_is_selected_by_name_and_is_a_flag(loss: str) -> None:
-    model = create_model("test_resnet", num_classes=4).eval()
+    model = create_model(ModelSettings("test_resnet"), 4).eval()
     images, target, difficult = batch()
     objective = SupervisedObjective(loss, options=LossOptions(temperature=2.0))
     terms = objective(model, images, target, difficult)
@@ -104,7 +105,7 @@ def test_every_registered_loss_is_selected_by_name_and_is_a_flag(loss: str) -> N
 
 
 def test_loss_options_reach_the_loss() -> None:
-    model = create_model("test_resnet", num_classes=4).eval()
+    model = create_model(ModelSettings("test_resnet"), 4).eval()
     images, target, difficult = batch()
     terms = SupervisedObjective("temperature", options=LossOptions(temperature=2.0))(model, images, target, difficult)
     target, mask = losses.apply_label_policies(target, difficult, "positive")
@@ -119,8 +120,8 @@ def test_every_distillation_method_is_a_flag_and_says_what_it_needs() -> None:
 
 
 def test_self_distillation_switches_to_its_teacher_once() -> None:
-    teacher = create_model("test_resnet", num_classes=4, cal=True)
-    student = create_model("test_resnet", num_classes=4, cal=True).eval()
+    teacher = create_model(ModelSettings("test_resnet"), 4, cal=True)
+    student = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
     images, target, difficult = batch()
     built = []
     with_attention = DistillOptions(att_weight=0.5)
@@ -136,8 +137,8 @@ def test_self_distillation_switches_to_its_teacher_once() -> None:
 
 
 def test_distillation_terms_follow_eq18_weights() -> None:
-    teacher = create_model("test_resnet", num_classes=4, cal=True)
-    student = create_model("test_resnet", num_classes=4, cal=True).eval()
+    teacher = create_model(ModelSettings("test_resnet"), 4, cal=True)
+    student = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
     images, target, difficult = batch()
     objective = DistillationObjective(teacher, DistillOptions(dist_weight=0.5, att_weight=0.25))
     terms = objective(student, images, target, difficult)
@@ -152,7 +153,7 @@ def test_distill_options_default_to_the_flags_and_reach_the_objective() -> None:
     assert options == DistillOptions()  # one set of defaults: the flags' and the Python API's agree
     args = distill.parse_args(["--teacher-ckpt", "unused", "--temperature", "2", "--dist-weight", "0.3",
                                "--att-weight", "0", "--gt-weight", "1", "--cal-weight", "0.2"])
-    objective = DistillationObjective(create_model("test_resnet", num_classes=4, cal=True),
+    objective = DistillationObjective(create_model(ModelSettings("test_resnet"), 4, cal=True),
                                       config.settings_from(DistillOptions, args))
     assert (objective.temperature, objective.dist_weight, objective.att_weight, objective.gt_weight) == (2, 0.3, 0, 1)
     assert objective.supervised.cal_weight == 0.2 and objective.term_names == ("kd", "kd_cal", "gt")
@@ -168,7 +169,7 @@ def test_check_teacher_names_the_difference() -> None:
 
 def test_the_teacher_sees_the_batch_in_its_own_normalisation() -> None:
     torch.manual_seed(0)
-    teacher = create_model("test_resnet", num_classes=4, cal=True).eval()
+    teacher = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
     pixels = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
     student_norm, teacher_norm = ([0.5, 0.4, 0.3], [0.2, 0.25, 0.3]), ([0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
     images = NormalizeImage(*student_norm)(pixels)
@@ -185,8 +186,8 @@ def test_the_teacher_sees_the_batch_in_its_own_normalisation() -> None:
 
 
 def test_warmup_ramps_alpha_and_beta_from_zero_over_the_distilled_epochs() -> None:
-    teacher = create_model("test_resnet", num_classes=4, cal=True)
-    student = create_model("test_resnet", num_classes=4, cal=True).eval()
+    teacher = create_model(ModelSettings("test_resnet"), 4, cal=True)
+    student = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
     images, target, difficult = batch()
     objective = DistillationObjective(teacher, DistillOptions(dist_weight=0.5, att_weight=0.25), warmup_epochs=4,
                                       first_epoch=2)
@@ -204,8 +205,8 @@ def test_warmup_ramps_alpha_and_beta_from_zero_over_the_distilled_epochs() -> No
 
 
 def test_unknown_teacher_fills_the_ground_truth_terms_unknown_pairs_with_the_teachers_probability() -> None:
-    teacher = create_model("test_resnet", num_classes=4, cal=True).eval()
-    student = create_model("test_resnet", num_classes=4, cal=True).eval()
+    teacher = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
+    student = create_model(ModelSettings("test_resnet"), 4, cal=True).eval()
     images, target, difficult = batch()
     target[0, 1] = target[2, 3] = target[1, 0] = -1.0  # two would-be negatives and a positive nobody annotated
     options = DistillOptions(gt_weight=1.0, cal_weight=0.1)

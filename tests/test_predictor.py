@@ -11,9 +11,9 @@ from conftest import OPENIMAGES_CLASSES, TINY_DIGITS
 from PIL import Image
 
 import udtimm
-from udtimm import Predictor, checkpoint, thresholds
+from udtimm import Predictor, checkpoint, thresholds, tuning
 from udtimm import predictor as predictor_module
-from udtimm.calibration import FittedCalibration, ScoreCalibration, calibration_entry
+from udtimm.calibration import FittedCalibration, ScoreCalibration
 from udtimm.checkpoint import CheckpointError
 from udtimm.data import build_dataset
 from udtimm.data.base import CorruptImageError, DatasetError, read_image
@@ -77,9 +77,9 @@ def test_stored_thresholds_are_used_unless_a_threshold_is_given(tiny_checkpoint:
     values = torch.linspace(0.05, 0.95, len(names), dtype=torch.float64)
     tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
                                        torch.ones(len(names), dtype=torch.bool))
-    record = thresholds.tuning_record(checkpoint_copy, thresholds.thresholds_entries(
+    record = tuning.tuning_record(checkpoint_copy, tuning.thresholds_entries(
         names, tuned, thresholds.parse_objective("f1"), "digits:val", 20))
-    thresholds.save_thresholds(checkpoint_copy, record)
+    tuning.save_tuning(checkpoint_copy, record)
 
     loaded = Predictor.from_checkpoint(checkpoint_copy)
     assert torch.equal(loaded.thresholds, values)
@@ -138,8 +138,8 @@ def test_stored_temperatures_and_biases_calibrate_the_scores(tiny_checkpoint: st
     temperatures = torch.linspace(0.5, 3.0, len(names), dtype=torch.float64)
     biases = torch.linspace(-2.0, 1.0, len(names), dtype=torch.float64)
     fitted = FittedCalibration(ScoreCalibration(temperatures, biases), torch.ones(len(names), dtype=torch.bool), 1.5)
-    entry = calibration_entry(names, fitted, "platt", "digits:val", 20)
-    thresholds.save_thresholds(checkpoint_copy, thresholds.tuning_record(checkpoint_copy, calibration=entry))
+    entry = tuning.calibration_entry(names, fitted, "platt", "digits:val", 20)
+    tuning.save_tuning(checkpoint_copy, tuning.tuning_record(checkpoint_copy, calibration=entry))
 
     calibrated = Predictor.from_checkpoint(checkpoint_copy)
     plain = Predictor.from_checkpoint(checkpoint_copy, stored_tuning=False)
@@ -179,9 +179,9 @@ def test_ten_thousand_classes_keep_the_predicted_ones_with_stored_thresholds_and
     temperatures = torch.linspace(0.5, 2.0, len(names), dtype=torch.float64)
     biases = torch.linspace(-1.0, 1.0, len(names), dtype=torch.float64)
     fitted = FittedCalibration(ScoreCalibration(temperatures, biases), torch.ones(len(names), dtype=torch.bool), 1.0)
-    thresholds.save_thresholds(checkpoint_copy, thresholds.tuning_record(
-        checkpoint_copy, thresholds.thresholds_entries(names, tuned, thresholds.parse_objective("f1"), "oi:val", 9),
-        calibration_entry(names, fitted, "platt", "oi:val", 9)))
+    tuning.save_tuning(checkpoint_copy, tuning.tuning_record(
+        checkpoint_copy, tuning.thresholds_entries(names, tuned, thresholds.parse_objective("f1"), "oi:val", 9),
+        tuning.calibration_entry(names, fitted, "platt", "oi:val", 9)))
 
     predictor = Predictor.from_checkpoint(checkpoint_copy)
     images = torch.randint(0, 256, (5, 3, 40, 40), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))

@@ -22,6 +22,13 @@ def test_training_settings_carry_every_shared_flag_with_its_value() -> None:
     assert shared - {"source"} <= flags  # every field is a flag both scripts have
 
 
+def test_model_settings_named_by_their_model_alone_are_the_flags_defaults() -> None:
+    """A checkpoint's rebuilt model, a benchmark's teacher and the tests name the model and what differs only."""
+    for args in (train.parse_args(["--model", "test_resnet"]),
+                 distill.parse_args(["--model", "test_resnet", "--self-distill"])):
+        assert config.settings_from(settings.ModelSettings, args) == settings.ModelSettings("test_resnet")
+
+
 def test_digits_options_reach_the_data_source() -> None:
     args = train.parse_args(["--digits-trainval", "50", "--digits-test", "20", "--digits-seed", "3",
                              "--digits-ambiguous"])

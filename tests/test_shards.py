@@ -10,8 +10,14 @@ import tarfile
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_DIGITS, read_rows, run_two_cpu_processes, tiny_train_args
-from safetensors.torch import load_file
+from conftest import (
+    TINY_DIGITS,
+    assert_corrupt_image_is_named_and_skipped,
+    assert_repeats_the_folder_run,
+    read_rows,
+    run_two_cpu_processes,
+    tiny_train_args,
+)
 from test_bad_input import copy_digits
 from test_reliability import assert_same_run, stopped_and_resumed
 from torchvision.transforms.v2 import functional as F
@@ -20,7 +26,6 @@ import train
 import validate
 from udtimm.data import DATASETS, build_dataset, shards, wds
 from udtimm.data.base import CorruptImageError, DatasetError, EncodedImage, hold_out, read_image
-from udtimm.data.loader import make_loader
 from udtimm.data.wds import FORMAT, ShardDataset, read_info
 from udtimm.errors import ConfigError
 from udtimm.metrics import METRIC_NAMES
@@ -219,7 +224,7 @@ def test_shards_are_opened_on_first_read_kept_a_few_at_a_time_and_not_pickled(sh
     assert list(dataset._open) == [os.path.join(shard_dir, f"trainval-00000{n}.tar") for n in (2, 1)]
     _, held = hold_out(dataset, 0.1, 0)
     assert isinstance(held, ShardDataset) and held._open == {} and dataset._open  # copies open their own
-    assert torch.equal(held[0][0], dataset[dataset.samples.index(held.samples[0])][0])
+    assert torch.equal(held[0][0], dataset[dataset.samples.image_ids().index(held.samples[0].image_id)][0])
 
 
 @pytest.mark.parametrize("damage", ["missing shard", "truncated shard", "swapped shards", "no info", "no split",
@@ -278,15 +283,8 @@ def corrupt_shards(tiny_digits: str, tmp_path_factory: pytest.TempPathFactory) -
 def test_a_corrupt_image_in_a_shard_is_named_by_shard_and_key_and_skip_corrupt_leaves_it_out(
         corrupt_shards: tuple[str, str, str]) -> None:
     _, out, _ = corrupt_shards
-    dataset = build_dataset("wds", out, "train")
-    name = os.path.join(out, "trainval-000001.tar#000000035")
-    with pytest.raises(CorruptImageError, match=f"cannot read image {name}"):
-        dataset[35]
-    dataset.transform = lambda image: F.resize(image, [32, 32])
-    batches = list(make_loader(dataset, 16, False, 0, skip_corrupt=True))
-    assert sum(len(batch[3]) for batch in batches) == 95
-    (message,) = [message for batch in batches for message in batch[4]]
-    assert message.startswith(f"cannot read image {name}: ")
+    assert_corrupt_image_is_named_and_skipped(build_dataset("wds", out, "train"), 35,
+                                              os.path.join(out, "trainval-000001.tar#000000035"))
 
 
 # ---------------------------------------------------------------- evaluation, training, processes
@@ -370,14 +368,7 @@ def wds_run(shard_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
 def test_train_py_on_shards_repeats_the_run_on_the_folder_bit_for_bit(wds_run: str, tiny_checkpoint: str) -> None:
     """Same images in the same order, same seeds: the weights of every epoch and the metrics are those of the run
     that read the folder (tiny_checkpoint's run)."""
-    folder_run = os.path.dirname(tiny_checkpoint)
-    for name in ("best.safetensors", "last.safetensors"):
-        got, want = load_file(os.path.join(wds_run, name)), load_file(os.path.join(folder_run, name))
-        assert got.keys() == want.keys() and all(torch.equal(got[key], want[key]) for key in want), name
-    (got,) = read_rows(os.path.join(wds_run, "results.csv"))
-    (want,) = read_rows(os.path.join(folder_run, "results.csv"))
-    assert got["dataset"] == "wds" and got["selection_split"] == want["selection_split"] == "val"
-    assert {key: got[key] for key in METRIC_NAMES} == {key: want[key] for key in METRIC_NAMES}
+    assert_repeats_the_folder_run(wds_run, os.path.dirname(tiny_checkpoint), "wds")
 
 
 @pytest.mark.slow

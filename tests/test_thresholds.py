@@ -1,8 +1,5 @@
-"""Per-class thresholds: the choice against a brute-force search with scikit-learn, the file beside the checkpoint
-(with the temperatures and biases of udtimm.calibration)."""
-
-import json
-import os
+"""Per-class thresholds: the choice against a brute-force search with scikit-learn, the summary table (the
+file that keeps them: tests/test_tuning.py)."""
 
 import numpy as np
 import pytest
@@ -11,8 +8,6 @@ from conftest import OPENIMAGES_CLASSES
 from sklearn.metrics import f1_score, precision_recall_fscore_support, precision_score, recall_score
 
 from udtimm import thresholds
-from udtimm.calibration import FittedCalibration, ScoreCalibration, calibration_entry
-from udtimm.checkpoint import CheckpointError
 from udtimm.config import ConfigError
 from udtimm.predictions import Predictions
 from udtimm.thresholds import ThresholdObjective, parse_objective, tune_thresholds
@@ -115,100 +110,8 @@ def test_objectives_are_parsed_or_refused() -> None:
             parse_objective(bad)
 
 
-def test_file_round_trip_belongs_to_its_checkpoint(tmp_path) -> None:
-    checkpoint = tmp_path / "best.safetensors"
-    checkpoint.write_bytes(b"weights")
-    scores, target, difficult = make_data(seed=5)
-    result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
-    record = thresholds.tuning_record(str(checkpoint), thresholds.thresholds_entries(
-        CLASSES, result, ThresholdObjective("f1"), "digits:val", 90))
-    path = thresholds.save_thresholds(str(checkpoint), record)
-    assert path == str(tmp_path / "best.thresholds.json")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "best.thresholds.json"]
-    loaded = thresholds.read_thresholds_file(str(checkpoint))
-    assert loaded["split"] == "digits:val" and loaded["objective"] == "f1"
-    assert torch.equal(thresholds.thresholds_tensor(loaded, CLASSES, path), result.values)
-    assert thresholds.read_thresholds_file(str(tmp_path / "other.safetensors")) is None
-
-    with pytest.raises(CheckpointError, match=r"best.thresholds.json: thresholds for classes .*'e'\]"):
-        thresholds.thresholds_tensor(loaded, [*CLASSES[:-1], "z"], path)
-    checkpoint.write_bytes(b"retrained weights")
-    with pytest.raises(CheckpointError, match="best.thresholds.json was tuned for another best.safetensors"):
-        thresholds.read_thresholds_file(str(checkpoint))
-    (tmp_path / "best.thresholds.json").write_text("{not json")
-    with pytest.raises(CheckpointError, match="cannot be read as a thresholds file"):
-        thresholds.read_thresholds_file(str(checkpoint))
-    with pytest.raises(CheckpointError, match=r"must lie in \[0, 1\]"):
-        thresholds.thresholds_tensor(json.loads('{"thresholds": {"a": 1.5}}'), ["a"], "x.json")
-
-
-def test_temperatures_share_the_file_with_the_thresholds(tmp_path) -> None:
-    checkpoint = tmp_path / "best.safetensors"
-    checkpoint.write_bytes(b"weights")
-    scores, target, difficult = make_data(seed=6)
-    result = tune_thresholds(scores, target, difficult, ThresholdObjective("f1"))
-    entries = thresholds.thresholds_entries(CLASSES, result, ThresholdObjective("f1"), "digits:val", 90)
-    temperatures = torch.tensor([0.5, 1.25, 2.0, 3.5, 1.0], dtype=torch.float64)
-    fitted = FittedCalibration(ScoreCalibration.of_temperatures(temperatures),
-                               torch.tensor([True, True, True, True, False]), 1.0)
-    calibration = calibration_entry(CLASSES, fitted, "per-class", "digits:val", 90)
-    path = thresholds.save_thresholds(str(checkpoint), thresholds.tuning_record(str(checkpoint), entries,
-                                                                                calibration))
-    loaded = thresholds.read_thresholds_file(str(checkpoint))
-    assert loaded["calibration"] == calibration and loaded["calibration"]["unfitted_classes"] == ["e"]
-    assert thresholds.stored_thresholds_entries(loaded) == entries
-    values, stored = thresholds.tuning_tensors(loaded, CLASSES, path)
-    assert torch.equal(values, result.values) and torch.equal(stored.temperatures, temperatures)
-    assert "biases" not in loaded["calibration"] and not stored.biases.any()  # as files written before platt
-    # Temperatures alone, and a file written before calibration existed (no `calibration`), read back too.
-    alone = thresholds.tuning_record(str(checkpoint), calibration=calibration)
-    assert thresholds.stored_thresholds_entries(alone) is None
-    assert thresholds.tuning_tensors(alone, CLASSES, path)[0] is None
-    old = {key: value for key, value in loaded.items() if key != "calibration"}
-    assert thresholds.tuning_tensors(old, CLASSES, path)[1] is None
-    assert thresholds.tuning_tensors(None, CLASSES, path) == (None, None)
-    with pytest.raises(CheckpointError, match="best.thresholds.json: temperatures for classes"):
-        thresholds.tuning_tensors(alone, CLASSES[::-1], path)
-    # A file of another checkpoint of that name is refused, unless it is about to be replaced.
-    checkpoint.write_bytes(b"retrained weights")
-    assert thresholds.read_thresholds_file(str(checkpoint), other_checkpoint_ok=True) is None
-    with pytest.raises(CheckpointError, match=r"--tune-thresholds \(or --calibrate\) again"):
-        thresholds.read_thresholds_file(str(checkpoint))
-
-
-def test_platt_biases_share_the_file_and_are_checked(tmp_path) -> None:
-    checkpoint = tmp_path / "best.safetensors"
-    checkpoint.write_bytes(b"weights")
-    temperatures = torch.tensor([0.5, 1.25, 2.0, 3.5, 0.8], dtype=torch.float64)
-    biases = torch.tensor([-2.5, 0.125, 1.0, -0.75, -0.2], dtype=torch.float64)
-    fitted = FittedCalibration(ScoreCalibration(temperatures, biases), torch.tensor([True] * 4 + [False]), 0.8, -0.2)
-    entry = calibration_entry(CLASSES, fitted, "platt", "digits:val", 90)
-    path = thresholds.save_thresholds(str(checkpoint), thresholds.tuning_record(str(checkpoint), calibration=entry))
-    loaded = thresholds.read_thresholds_file(str(checkpoint))
-    assert loaded["calibration"]["biases"] == dict(zip(CLASSES, biases.tolist(), strict=True))
-    assert (loaded["calibration"]["global_bias"], loaded["calibration"]["unfitted_classes"]) == (-0.2, ["e"])
-    values, stored = thresholds.tuning_tensors(loaded, CLASSES, path)
-    assert values is None and torch.equal(stored.temperatures, temperatures) and torch.equal(stored.biases, biases)
-    loaded["calibration"]["biases"]["c"] = float("inf")
-    with pytest.raises(CheckpointError, match="best.thresholds.json: biases must be finite"):
-        thresholds.tuning_tensors(loaded, CLASSES, path)
-    del loaded["calibration"]["biases"]["c"]
-    with pytest.raises(CheckpointError, match="best.thresholds.json: biases for classes"):
-        thresholds.tuning_tensors(loaded, CLASSES, path)
-
-
-def test_a_thresholds_file_with_a_non_number_is_refused_naming_it() -> None:
-    record = {"thresholds": {"a": 0.5, "b": "high"}}
-    with pytest.raises(CheckpointError, match=r"t.json: thresholds must be numbers, got \[0.5, 'high'\]"):
-        thresholds.thresholds_tensor(record, ["a", "b"], "t.json")
-    with pytest.raises(CheckpointError, match="must be numbers"):
-        thresholds.thresholds_tensor({"thresholds": {"a": True, "b": 0.2}}, ["a", "b"], "t.json")
-
-
 @pytest.mark.slow
-def test_ten_thousand_classes_are_tuned_summarised_stored_and_read_back(tmp_path) -> None:
-    checkpoint = tmp_path / "best.safetensors"
-    checkpoint.write_bytes(b"weights")
+def test_ten_thousand_classes_are_tuned_and_summarised() -> None:
     names = [f"class{index:05d}" for index in range(OPENIMAGES_CLASSES)]
     g = torch.Generator().manual_seed(7)
     num_images = 60
@@ -235,16 +138,3 @@ def test_ten_thousand_classes_are_tuned_summarised_stored_and_read_back(tmp_path
     order = np.argsort(np.where(np.isnan(f1), np.inf, f1), kind="stable")[:5]
     start = table.index("worst 5 by f1:") + 3
     assert [line.split()[0] for line in table[start:start + 5]] == [names[c] for c in order]
-
-    record = thresholds.tuning_record(str(checkpoint), thresholds.thresholds_entries(names, result, objective,
-                                                                                     "openimages:val", num_images))
-    path = thresholds.save_thresholds(str(checkpoint), record)
-    assert os.path.getsize(path) < 1_000_000  # one JSON entry per class
-    loaded = thresholds.read_thresholds_file(str(checkpoint))
-    assert torch.equal(thresholds.thresholds_tensor(loaded, names, path), result.values)
-    # A file of other classes, or of values out of range, is refused in one short line.
-    for bad_names, bad_file in (([*names[:-1], "other"], loaded),
-                                (names, {"thresholds": dict.fromkeys(names, 1.5)})):
-        with pytest.raises(CheckpointError) as refused:
-            thresholds.thresholds_tensor(bad_file, bad_names, path)
-        assert len(str(refused.value)) < 500 and "... 9,990 more]" in str(refused.value)

@@ -29,7 +29,8 @@ from udtimm.engine import predict
 from udtimm.metric_statistics import MetricStatistics
 from udtimm.metrics import METRIC_NAMES, compute_metrics, metric_names, threshold_metrics
 from udtimm.predictions import PER_CLASS_COLUMNS
-from udtimm.thresholds import ThresholdObjective, thresholds_path, tune_thresholds
+from udtimm.thresholds import ThresholdObjective, tune_thresholds
+from udtimm.tuning import tuning_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -255,7 +256,7 @@ def test_two_processes_give_the_single_process_metrics(best: str, tiny_digits: s
     with open(results, newline="") as handle:
         (row,) = csv.DictReader(handle)
     assert_same_metrics(row, single_process)
-    stored = [json.loads(open(thresholds_path(path)).read())["thresholds"] for path in (checkpoint_copy,
+    stored = [json.loads(open(tuning_path(path)).read())["thresholds"] for path in (checkpoint_copy,
                                                                                         one_process_copy)]
     assert stored[0] == pytest.approx(stored[1], abs=1e-6)
 
@@ -419,7 +420,7 @@ def test_tuning_defaults_to_the_images_that_chose_the_checkpoint_and_refuses_tra
                                "holdout", "--holdout-fraction", "0.25", "--holdout-seed", "3"))
     held = str(tmp_path / "held" / "best.safetensors")
     validate.main(["--checkpoint", held, *data_flags(tiny_digits), "--calibrate", "temperature"])
-    record = json.loads(open(thresholds_path(held)).read())
+    record = json.loads(open(tuning_path(held)).read())
     held_out = hold_out(build_dataset("digits", tiny_digits, "train", **TINY_DIGITS), 0.25, 3)[1]
     assert record["calibration"]["split"] == held_out.name == "digits:trainval holdout"
     assert record["calibration"]["num_images"] == len(held_out)

@@ -14,6 +14,7 @@ from udtimm import Predictor, checkpoint, plots, visualize
 from udtimm.config import ConfigError
 from udtimm.data.digits import DIGIT_CLASSES
 from udtimm.model import create_model
+from udtimm.settings import ModelSettings
 
 IMG_SIZE = 32
 
@@ -21,7 +22,7 @@ IMG_SIZE = 32
 def save_random(path: str, cal: bool = True, name: str = "test_resnet", method: str = "cal") -> str:
     """A random-init checkpoint on the digits classes: enough to draw, no training needed."""
     torch.manual_seed(0)
-    model = create_model(name, len(DIGIT_CLASSES), cal=cal, img_size=IMG_SIZE)
+    model = create_model(ModelSettings(name), len(DIGIT_CLASSES), cal=cal, img_size=IMG_SIZE)
     metadata = checkpoint.model_metadata(name, model, list(DIGIT_CLASSES), None, IMG_SIZE, [0.5] * 3, [0.25] * 3,
                                          dataset="digits", method=method)
     checkpoint.save_checkpoint(path, model, metadata)
@@ -88,7 +89,7 @@ def test_a_checkpoint_without_calibration_branch_draws_the_top_label_gradcam_and
 
 def test_label_gradcam_is_the_whole_network_gradcam_of_that_logit() -> None:
     torch.manual_seed(0)
-    model = create_model("test_resnet", 3, cal=False).eval()
+    model = create_model(ModelSettings("test_resnet"), 3, cal=False).eval()
     x = torch.randn(2, 3, IMG_SIZE, IMG_SIZE)
     labels = torch.tensor([2, 0])
     features = model.forward_features(x)

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from udtimm.checkpoint import model_metadata, save_checkpoint
 from udtimm.model import ModelConfigError, create_model
+from udtimm.settings import ModelSettings
 from udtimm.weights import WeightsError, load_initial_checkpoint, read_weights
 
 CLASSES = ["a", "b", "c", "d"]
@@ -16,7 +17,7 @@ CLASSES = ["a", "b", "c", "d"]
 
 def _trained(seed: int = 1, cal: bool = True):
     torch.manual_seed(seed)
-    return create_model("test_resnet", len(CLASSES), cal=cal)
+    return create_model(ModelSettings("test_resnet"), len(CLASSES), cal=cal)
 
 
 def _save_udtimm(path, model, classes=CLASSES) -> str:
@@ -55,11 +56,11 @@ def test_the_backbone_passes_between_a_linear_and_a_spatial_head(tmp_path) -> No
     """A linear checkpoint starts a CSRA model (backbone and calibration branch; the head stays at random), a CSRA
     checkpoint starts another CSRA model whole, and a linear one from its backbone."""
     linear = _trained()
-    csra = create_model("test_resnet", len(CLASSES), cal=True, head="csra")
+    csra = create_model(ModelSettings("test_resnet", head="csra"), len(CLASSES), cal=True)
     message = load_initial_checkpoint(csra, _save_udtimm(tmp_path / "linear.safetensors", linear), CLASSES)
     assert _equal(csra, linear, "backbone.") and _equal(csra, linear, "cal_head.")
     assert "loaded the backbone" in message and "left at random: the csra head (not in the file)" in message
-    whole = create_model("test_resnet", len(CLASSES), cal=True, head="csra")
+    whole = create_model(ModelSettings("test_resnet", head="csra"), len(CLASSES), cal=True)
     message = load_initial_checkpoint(whole, _save_udtimm(tmp_path / "csra.safetensors", csra), CLASSES)
     assert _equal(whole, csra, "") and "the csra head" in message and "left at random: nothing" in message
     back = _trained(seed=2)
@@ -90,7 +91,7 @@ def test_weights_of_another_architecture_are_refused_naming_the_keys(tmp_path) -
     save_file(other.state_dict(), str(tmp_path / "r10.safetensors"))
     with pytest.raises(WeightsError, match=r"r10.safetensors does not fit ResNet.s backbone: missing .*shape .*conv1"):
         load_initial_checkpoint(_trained(), str(tmp_path / "r10.safetensors"), CLASSES)
-    wide = create_model("test_resnet", len(CLASSES), cal=True, cal_width=16)
+    wide = create_model(ModelSettings("test_resnet"), len(CLASSES), cal=True, cal_width=16)
     path = _save_udtimm(tmp_path / "wide.safetensors", wide)
     with pytest.raises(WeightsError, match=r"calibration branch: shape \['cal_head.0.weight: file \(16, "):
         load_initial_checkpoint(_trained(), path, CLASSES)
@@ -111,7 +112,7 @@ def test_pretrained_path_takes_a_udtimm_checkpoint_it_used_to_skip(tmp_path) -> 
     source = _trained()
     path = _save_udtimm(tmp_path / "best.safetensors", source)
     assert json.loads(read_weights(path)[1]["class_names"]) == CLASSES
-    model = create_model("test_resnet", 7, pretrained_path=path)
+    model = create_model(ModelSettings("test_resnet", pretrained_path=path), 7)
     assert _equal(model.backbone, source.backbone, "layer1.") and _equal(model.backbone, source.backbone, "conv1.")
 
 
@@ -119,16 +120,16 @@ def test_pretrained_path_refuses_weights_that_name_nothing_in_the_model(tmp_path
     other = timm.create_model("resnet10t", num_classes=4)
     save_file(other.state_dict(), str(tmp_path / "r10.safetensors"))
     with pytest.raises(ModelConfigError, match="r10.safetensors"):
-        create_model("test_resnet", 4, pretrained_path=str(tmp_path / "r10.safetensors"))
+        create_model(ModelSettings("test_resnet", pretrained_path=str(tmp_path / "r10.safetensors")), 4)
     renamed = {f"encoder.{key}": value for key, value in timm.create_model("test_resnet").state_dict().items()}
     save_file(renamed, str(tmp_path / "renamed.safetensors"))
     with pytest.raises((WeightsError, ModelConfigError), match="missing \\['conv1"):
-        create_model("test_resnet", 4, pretrained_path=str(tmp_path / "renamed.safetensors"))
+        create_model(ModelSettings("test_resnet", pretrained_path=str(tmp_path / "renamed.safetensors")), 4)
 
 
 def test_pretrained_path_lets_timm_resample_a_position_embedding(tmp_path) -> None:
     source = timm.create_model("test_vit", img_size=64)
     save_file({key: value.contiguous() for key, value in source.state_dict().items()}, str(tmp_path / "v.safetensors"))
-    model = create_model("test_vit", 4, img_size=32, pretrained_path=str(tmp_path / "v.safetensors"))
+    model = create_model(ModelSettings("test_vit", pretrained_path=str(tmp_path / "v.safetensors")), 4, img_size=32)
     assert model.backbone.pos_embed.shape != source.pos_embed.shape  # resampled by timm's filter, not refused
     assert _equal(model.backbone, source, "blocks.0.")

@@ -24,8 +24,9 @@ negatives), not 1 and 0: a class whose logits separate its labels perfectly then
 and 0 its BCE keeps falling as a -> infinity). A class gets the pooled fit (one (a, b) over every class's pairs,
 targets from the pooled counts) when it has no evaluated positive or no evaluated negative, when its evaluated logits
 are all equal (no slope to fit), when Newton gave up, or when 1 / a falls outside [T_MIN, T_MAX]: a <= 0 would
-reverse its ranking (and change its AP), and a slope near 0 would flatten its scores into float32 ties. The stored
-entry names these classes (`unfitted_classes`). A split where even the pooled fit fails is refused.
+reverse its ranking (and change its AP), and a slope near 0 would flatten its scores into float32 ties. The entry
+stored beside the checkpoint (udtimm.tuning) names these classes (`unfitted_classes`). A split where even the pooled
+fit fails is refused.
 """
 
 from __future__ import annotations
@@ -40,8 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from udtimm.checkpoint import CheckpointError
-from udtimm.errors import ConfigError, shortened
+from udtimm.errors import ConfigError
 from udtimm.metrics import brier_score, evaluated_pairs, expected_calibration_error
 from udtimm.predictions import SUMMARY_ROWS, Predictions, class_table, format_table
 
@@ -266,57 +266,6 @@ def calibrated_scores(logits: Tensor, calibration: ScoreCalibration) -> Tensor:
         return values.to(device=logits.device, dtype=torch.float32)
 
     return torch.sigmoid(logits.float() / per_class(calibration.temperatures) + per_class(calibration.biases))
-
-
-def calibration_entry(class_names: Sequence[str], result: FittedCalibration, method: str, split: str,
-                      num_images: int) -> dict:
-    """What the file beside the checkpoint holds under `calibration` (udtimm.thresholds.tuning_record). Only
-    `platt` writes biases: the temperature methods' entries stay as they were before it (read with zero biases)."""
-    def by_class(values: Tensor) -> dict[str, float]:
-        return dict(zip(class_names, values.tolist(), strict=True))
-
-    with_biases = method == "platt"
-    return {
-        "method": method,
-        "split": split,
-        "num_images": num_images,
-        "temperatures": by_class(result.calibration.temperatures),
-        **({"biases": by_class(result.calibration.biases)} if with_biases else {}),
-        "global_temperature": result.global_temperature,
-        **({"global_bias": result.global_bias} if with_biases else {}),
-        "unfitted_classes": [name for name, fitted in zip(class_names, result.fitted.tolist(), strict=True)
-                             if not fitted] if method != "temperature" else [],
-    }
-
-
-def _stored_by_class(entry: dict, key: str, class_names: Sequence[str], source: str) -> Tensor:
-    """entry[key], numbers by class name, in class order, [C] float64; CheckpointError naming `source` if its classes
-    are not the model's or a value is not a number."""
-    stored = entry.get(key) if isinstance(entry, dict) else None
-    if not isinstance(stored, dict) or list(stored) != list(class_names):
-        found = list(stored) if isinstance(stored, dict) else stored
-        raise CheckpointError(f"{source}: {key} for classes {shortened(found)}, but the model has "
-                              f"{shortened(list(class_names))}")
-    try:
-        return torch.tensor([float(value) for value in stored.values()], dtype=torch.float64)
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"{source}: {key} must be numbers, got {shortened(list(stored.values()))}") from err
-
-
-def stored_calibration(entry: dict, class_names: Sequence[str], source: str) -> ScoreCalibration:
-    """The entry's temperatures and biases in class order (zero biases when it has none: the temperature methods,
-    and files written before `platt`); CheckpointError naming `source` if their classes differ from the model's,
-    a temperature is not positive and finite, or a bias is not finite."""
-    temperatures = _stored_by_class(entry, "temperatures", class_names, source)
-    if not (temperatures.isfinite() & (temperatures > 0)).all():
-        raise CheckpointError(f"{source}: temperatures must be positive and finite, got "
-                              f"{shortened(temperatures.tolist())}")
-    if "biases" not in entry:
-        return ScoreCalibration.of_temperatures(temperatures)
-    biases = _stored_by_class(entry, "biases", class_names, source)
-    if not biases.isfinite().all():
-        raise CheckpointError(f"{source}: biases must be finite, got {shortened(biases.tolist())}")
-    return ScoreCalibration(temperatures, biases)
 
 
 def calibrate_predictions(predictions: Predictions, calibration: ScoreCalibration) -> Predictions:

@@ -17,7 +17,8 @@ import udtimm
 from udtimm.errors import CheckpointError, shortened
 from udtimm.heads import LINEAR
 from udtimm.io import atomic_write, atomic_write_text
-from udtimm.model import CalibratedModel, create_model
+from udtimm.model import CAL_WIDTH, CalibratedModel, create_model
+from udtimm.settings import ModelSettings
 
 STATE_DIR = "state"
 PROGRESS_FILE = "progress.json"
@@ -120,22 +121,18 @@ def require_metadata(path: str, metadata: Mapping[str, str], keys: Sequence[str]
         raise CheckpointError(f"{path} lacks the metadata {missing}: it was not written by udtimm")
 
 
-def model_from_checkpoint(path: str, **overrides: object) -> tuple[CalibratedModel, dict[str, str]]:
+def model_from_checkpoint(path: str) -> tuple[CalibratedModel, dict[str, str]]:
     """Rebuild the model from the checkpoint's metadata alone and load its weights."""
     tensors, metadata = load_checkpoint(path)
     require_metadata(path, metadata, REBUILD_METADATA)
-    options = {
-        "cal": metadata["cal"] == "true",
-        "cal_width": int(metadata.get("cal_width") or 512),
-        "global_pool": metadata.get("global_pool") or None,
-        "img_size": int(metadata["img_size"]) if metadata.get("img_size") else None,
-        "model_kwargs": json.loads(metadata.get("model_kwargs") or "{}"),
+    settings = ModelSettings(
+        metadata["model"], global_pool=metadata.get("global_pool") or None,
+        model_kwargs=json.loads(metadata.get("model_kwargs") or "{}"),
         # Checkpoints written before the heads existed have timm's classifier: the linear head.
-        "head": metadata.get("head") or LINEAR,
-        "head_kwargs": json.loads(metadata.get("head_kwargs") or "{}"),
-    }
-    options.update(overrides)
-    model = create_model(metadata["model"], int(metadata["num_classes"]), **options)
+        head=metadata.get("head") or LINEAR, head_kwargs=json.loads(metadata.get("head_kwargs") or "{}"))
+    model = create_model(settings, int(metadata["num_classes"]), cal=metadata["cal"] == "true",
+                         img_size=int(metadata["img_size"]) if metadata.get("img_size") else None,
+                         cal_width=int(metadata.get("cal_width") or CAL_WIDTH))
     load_weights(model, tensors, path)
     return model, metadata
 

@@ -15,6 +15,7 @@ from timm.data.auto_augment import rand_augment_transform
 
 from udtimm.data import DATASETS, DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL, HOLDOUT, DataSource
 from udtimm.data.base import UNLISTED_STATES
+from udtimm.data.hf import OPTIONS as HF_OPTIONS
 from udtimm.errors import ConfigError
 from udtimm.heads import HEAD_NAMES, LINEAR
 from udtimm.io import atomic_write_text
@@ -105,13 +106,15 @@ def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, datase
     add_fixed(group, "--dataset", default=default, choices=tuple(DATASETS), help=dataset_help)
     group.add_argument("--data-dir", default=None,
                        help="dataset root (digits: generated there on first use; without it, in the cache folder; wds: "
-                            "the folder of _info.json)")
+                            "the folder of _info.json; hf: a save_to_disk folder, a folder or file of Parquet files, "
+                            "or a Hub name)")
     if training:
         add_fixed(group, "--train-split", default="train", help="train split (train = VOC trainval, COCO train2014)")
         add_fixed(group, "--val-split", default=None,
                   help=f"split evaluated every epoch, whose mAP chooses best.safetensors (default: digits "
                        f"val; voc2007, coco2014: {HOLDOUT}, the --holdout-fraction of --train-split left out "
-                       f"of training; csv: val.csv when there is a test.csv, else {HOLDOUT})")
+                       f"of training; csv: val.csv when there is a test.csv, else {HOLDOUT}; hf: its val or "
+                       f"validation split, else {HOLDOUT})")
         add_fixed(group, "--test-split", default="test",
                   help="split that reports: best.safetensors and the last epoch are evaluated on it once, at "
                        "the end, for results.csv (test = VOC test, COCO val2014)")
@@ -140,6 +143,24 @@ def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, datase
     add_fixed(group, "--oi-machine-labels", type=float, default=None, metavar="MIN_CONFIDENCE",
               help="openimages: also read the machine-generated labels, those of at least this confidence as "
                    "present where no human verified the class (default: human-verified labels only)")
+    hf_column = "hf: the column of the classes {} (default: the column named {}, where the dataset has one)"
+    add_fixed(group, "--hf-image-column", metavar="COLUMN", default=HF_OPTIONS["image_column"],
+              help="hf: the column of the images (a datasets Image feature, a {bytes, path} struct, image file "
+                   "bytes or file paths)")
+    add_fixed(group, "--hf-labels-column", metavar="COLUMN", default=HF_OPTIONS["labels_column"],
+              help="hf: the column of each image's present classes: a list of class names or ids, or one")
+    add_fixed(group, "--hf-difficult-column", metavar="COLUMN", default=None,
+              help=hf_column.format("present only through difficult objects", "difficult"))
+    add_fixed(group, "--hf-unknown-column", metavar="COLUMN", default=None,
+              help=hf_column.format("nobody annotated", "unknown"))
+    add_fixed(group, "--hf-negatives-column", metavar="COLUMN", default=None,
+              help=hf_column.format("verified absent", "negatives"))
+    add_fixed(group, "--hf-classes", default=None, metavar="FILE",
+              help="hf: the class list, one name per line (default: the labels column's ClassLabel names, else the "
+                   "sorted class names of the train split)")
+    add_fixed(group, "--hf-unlisted", default=HF_OPTIONS["unlisted"], choices=tuple(UNLISTED_STATES),
+              help="hf: what a class that an image's label columns do not name is; unknown for OpenImages-style "
+                   "data (docs/datasets.md#hf-datasets)")
 
 
 def add_data_args(parser: argparse.ArgumentParser, distillation: bool) -> None:
@@ -467,7 +488,8 @@ def settings_from(cls: type[Settings], args: argparse.Namespace, **given: object
 
 
 def data_source(args: argparse.Namespace, name: str | None = None) -> DataSource:
-    """The dataset `name` (default --dataset) at --data-dir; digits with its --digits-* options."""
+    """The dataset `name` (default --dataset) at --data-dir; digits with its --digits-* options, hf with the --hf-*
+    options that differ from their defaults."""
     name = name or args.dataset
     options = {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed,
                "ambiguous": args.digits_ambiguous} if name == "digits" else {}
@@ -483,6 +505,13 @@ def data_source(args: argparse.Namespace, name: str | None = None) -> DataSource
         else:
             warn(f"--csv-unlisted {args.csv_unlisted} does nothing: --dataset {name} says itself what an unlisted "
                  "class is")
+    for key, default in HF_OPTIONS.items():
+        value = getattr(args, f"hf_{key}")
+        if value != default:
+            if name == "hf":
+                options[key] = value
+            else:
+                warn(f"{flag_name(f'hf_{key}')} does nothing: --dataset {name} is not hf")
     return DataSource(name, args.data_dir, options)
 
 

@@ -45,10 +45,7 @@ def place_model(model: nn.Module, device: torch.device, channels_last: bool) -> 
 def build_model(settings: ModelSettings, img_size: int, class_names: list[str], cal: bool,
                 accelerator: Accelerator) -> CalibratedModel:
     """The model the flags ask for: timm's, pretrained or not, then --initial-checkpoint (which says what it loaded)."""
-    model = create_model(settings.model, len(class_names), cal=cal, global_pool=settings.global_pool,
-                         pretrained=settings.pretrained, pretrained_path=settings.pretrained_path, img_size=img_size,
-                         drop_rate=settings.drop, model_kwargs=settings.model_kwargs, head=settings.head,
-                         head_kwargs=settings.head_kwargs)
+    model = create_model(settings, len(class_names), cal=cal, img_size=img_size)
     if settings.initial_checkpoint:
         accelerator.print(load_initial_checkpoint(model, settings.initial_checkpoint, class_names))
     return sync_batchnorm(model, settings.sync_bn, accelerator)

@@ -20,6 +20,7 @@ from udtimm.metric_statistics import MetricStatistics
 from udtimm.mixing import Mixer
 from udtimm.objectives import Objective
 from udtimm.predictions import Predictions
+from udtimm.settings import OptimSettings, RuntimeSettings
 
 
 def bare_model(accelerator: Accelerator, model: nn.Module) -> nn.Module:
@@ -79,26 +80,26 @@ def train_one_epoch(
     objective: Objective,
     epoch: int,
     num_updates: int,
-    clip_grad: float | None = None,
-    skip_nonfinite: bool = False,
-    show_progress: bool = True,
+    optim: OptimSettings,
+    runtime: RuntimeSettings,
     ema: ModelEmaV3 | None = None,
     mixer: Mixer | None = None,
 ) -> dict[str, float]:
     """Train for one epoch; returns the mean of each loss term, the skipped-step and -image counts and images/s.
 
     `loader` yields batches ready for the model (udtimm.data.feed.DeviceFeeder). A NaN/inf loss term stops the
-    epoch with NonFiniteLossError naming its step; with `skip_nonfinite` that step is skipped instead (its batch
-    adds nothing; when it ends a --grad-accum-steps group, the group makes no update). With `ema`, the EMA
-    weights follow every optimizer step. With `mixer` (--mixup, --cutmix), each batch is mixed on its device
-    before the objective, which gets the mixed images and the Mix to mix the labels with.
+    epoch with NonFiniteLossError naming its step; with --skip-nonfinite that step is skipped instead (its batch
+    adds nothing; when it ends a --grad-accum-steps group, the group makes no update). --clip-grad clips the
+    gradient norm of each update. With `ema`, the EMA weights follow every optimizer step. With `mixer` (--mixup,
+    --cutmix), each batch is mixed on its device before the objective, which gets the mixed images and the Mix to
+    mix the labels with.
     """
     model.train()
     sums: dict[str, Tensor] = {}
     steps = skipped = images_seen = unreadable = 0
     previous: LossReadout | None = None
     start = time.perf_counter()
-    bar = progress(loader, accelerator, f"train {epoch}", show_progress)
+    bar = progress(loader, accelerator, f"train {epoch}", not runtime.no_progress)
     accumulation, batches = accelerator.gradient_accumulation_steps, len(loader)
     for step, batch in enumerate(bar):
         images, target, difficult = batch[:3]
@@ -114,13 +115,14 @@ def train_one_epoch(
         with accumulation_step(accelerator, model, group_end):
             terms = objective(model, images, target, difficult, mix)
             readout = LossReadout(step, terms, accelerator)
-            if skip_nonfinite and readout.first_nonfinite() is not None:  # known before the update: waits for it
+            # Known before the update: this waits for the step.
+            if runtime.skip_nonfinite and readout.first_nonfinite() is not None:
                 skipped += 1
                 optimizer.zero_grad(set_to_none=True)  # inside a group a no-op: the group's other batches stay
                 continue
             accelerator.backward(terms["loss"] * accumulation_scale(step, batches, accumulation))
-            if clip_grad is not None and accelerator.sync_gradients:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            if optim.clip_grad is not None and accelerator.sync_gradients:
+                accelerator.clip_grad_norm_(model.parameters(), optim.clip_grad)
             optimizer.step()  # accelerate's optimizer steps and zeroes only at a group's end
             optimizer.zero_grad(set_to_none=True)
         if group_end:

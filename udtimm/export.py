@@ -49,7 +49,7 @@ from udtimm.errors import ConfigError
 from udtimm.io import current_umask
 from udtimm.predictions import MANY_CLASSES
 from udtimm.predictor import CONFIG_FILE, WEIGHTS_FILE
-from udtimm.thresholds import read_thresholds_file, thresholds_path, tuning_tensors
+from udtimm.tuning import read_tuning, tuning_path, tuning_tensors
 
 FORMATS = ("timm", "onnx", "torchscript")
 CALIBRATED_GRAPHS = ("onnx", "torchscript")  # formats whose graph calibrates the logits: sigmoid(logits / T + b)
@@ -123,8 +123,8 @@ def load_exportable(path: str, fmt: str = "timm") -> Exportable:
     udtimm_entries: dict[str, object] = {"version": udtimm.__version__, "checkpoint": os.path.basename(path),
                                          "dataset": metadata.get("dataset", ""), "method": metadata.get("method", ""),
                                          "head": loaded.model.head_name, "head_kwargs": loaded.model.head_kwargs}
-    record = read_thresholds_file(path)
-    calibration = tuning_tensors(record, loaded.class_names, thresholds_path(path))[1]
+    record = read_tuning(path)
+    calibration = tuning_tensors(record, loaded.class_names, tuning_path(path))[1]
     if record:
         udtimm_entries["thresholds"] = record
     if calibration is not None:

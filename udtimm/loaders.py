@@ -65,7 +65,7 @@ def tuning_dataset(source: DataSource, split: str, trained: dict | None) -> Mult
             training, held_out = hold_out(training, trained["holdout_fraction"], trained["holdout_seed"])
     tune_set = held_out if split == HOLDOUT else source.load(split)
     if training is not None:
-        shared = {sample.path for sample in tune_set.samples} & {sample.path for sample in training.samples}
+        shared = set(tune_set.samples.paths()) & set(training.samples.paths())
         if shared:
             raise ConfigError(f"--tune-split {split} shares {len(shared)} image(s) with the images the checkpoint "
                               f"was trained on ({trained['train_split']}), e.g. {min(shared)}: calibrations and "
@@ -83,7 +83,7 @@ def describe_splits(data: DataSettings, train_set: MultiLabelDataset, eval_set: 
 
 def check_disjoint(first: MultiLabelDataset, second: MultiLabelDataset, what: str) -> None:
     """ConfigError naming `what` and an image if the two sets share an image file."""
-    shared = {sample.path for sample in first.samples} & {sample.path for sample in second.samples}
+    shared = set(first.samples.paths()) & set(second.samples.paths())
     if shared:
         raise ConfigError(f"{what} share {len(shared)} image(s), e.g. {min(shared)}: the split that chooses "
                           f"best.safetensors must be held out of training and of the split that reports "

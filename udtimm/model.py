@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
 from udtimm.errors import ModelConfigError
 from udtimm.heads import LINEAR, SpatialClassifier, create_head, head_options, spatial_tokens
+from udtimm.settings import ModelSettings
 from udtimm.weights import backbone_weights, check_pretrained_loaded, read_weights
 
 CAL_WIDTH = 512
@@ -126,44 +127,35 @@ def suggest_models(name: str, count: int = 5) -> list[str]:
     return difflib.get_close_matches(name, timm.list_models(), n=count, cutoff=0.5)
 
 
-def create_model(
-    name: str,
-    num_classes: int,
-    cal: bool = False,
-    cal_width: int = CAL_WIDTH,
-    global_pool: str | None = None,
-    pretrained: bool = False,
-    pretrained_path: str | None = None,
-    img_size: int | None = None,
-    drop_rate: float = 0.0,
-    model_kwargs: Mapping[str, Any] | None = None,
-    head: str = LINEAR,
-    head_kwargs: Mapping[str, Any] | None = None,
-) -> CalibratedModel:
-    """Build a CalibratedModel from a timm model name; `pretrained_path` loads local weights (no network).
+def create_model(settings: ModelSettings, num_classes: int, cal: bool = False, img_size: int | None = None,
+                 cal_width: int = CAL_WIDTH) -> CalibratedModel:
+    """Build a CalibratedModel from `settings` (--initial-checkpoint and --sync-bn aside: devices.build_model); its
+    `pretrained_path` loads local weights (no network). `cal` adds the calibration branch, `cal_width` wide.
 
     `model_kwargs` go to timm.create_model as they are (--model-kwargs, e.g. output_stride=16). `head` (--head) is
     linear (timm's classifier) or a spatial head of udtimm.heads built with `head_kwargs` (--head-kwargs); a spatial
     head replaces timm's classifier, which is then built with no classes.
     """
+    name, head, pretrained_path = settings.model, settings.head, settings.pretrained_path
+    model_kwargs = settings.model_kwargs or {}  # a YAML config may leave it empty (None)
     if not timm.is_model(name):
         close = suggest_models(name)
         hint = f" Close timm names: {', '.join(close)}." if close else ""
         raise ModelConfigError(f"unknown --model {name!r}.{hint} `timm.list_models('*pattern*')` lists them all.")
-    options = head_options(head, head_kwargs)  # before any work: HeadConfigError names the key at fault
-    kwargs: dict = {"num_classes": num_classes if head == LINEAR else 0, "drop_rate": drop_rate}
-    if global_pool:
-        kwargs["global_pool"] = global_pool
-    clashes = sorted(set(model_kwargs or {}) & {*kwargs, "global_pool", "pretrained", "img_size"})
+    options = head_options(head, settings.head_kwargs)  # before any work: HeadConfigError names the key at fault
+    kwargs: dict = {"num_classes": num_classes if head == LINEAR else 0, "drop_rate": settings.drop}
+    if settings.global_pool:
+        kwargs["global_pool"] = settings.global_pool
+    clashes = sorted(set(model_kwargs) & {*kwargs, "global_pool", "pretrained", "img_size"})
     if clashes:
         raise ModelConfigError(f"--model-kwargs {clashes}: set these with their own flags")
-    kwargs.update(model_kwargs or {})
+    kwargs.update(model_kwargs)
+    pretrained = settings.pretrained or bool(pretrained_path)
     weights = None
     try:
         if pretrained_path:
             weights = backbone_weights(read_weights(pretrained_path)[0])
             kwargs["pretrained_cfg_overlay"] = {"state_dict": weights}
-            pretrained = True
         backbone = _create_backbone(name, pretrained, img_size, kwargs)
     except (OSError, RuntimeError, ValueError, TypeError) as err:
         if isinstance(err, TypeError) and model_kwargs:

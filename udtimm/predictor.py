@@ -35,7 +35,8 @@ from udtimm.data.loader import make_loader
 from udtimm.data.transforms import NormalizeImage, eval_pixels
 from udtimm.metrics import predicted_labels
 from udtimm.predictions import joined_names
-from udtimm.thresholds import DEFAULT_THRESHOLD, read_thresholds_file, thresholds_path, tuning_tensors
+from udtimm.thresholds import DEFAULT_THRESHOLD
+from udtimm.tuning import read_tuning, tuning_path, tuning_tensors
 
 ImageInput = str | os.PathLike | Image.Image | Tensor | Sequence[str | os.PathLike | Image.Image]
 IMAGE_COLUMN, LABELS_COLUMN, SCORES_COLUMN = "image", "labels", "scores"
@@ -82,8 +83,8 @@ class Predictor:
         if os.path.isdir(path):
             return cls.from_export(path, device, stored_tuning)
         loaded = checkpoint.load_for_inference(path, device)
-        record = read_thresholds_file(path) if stored_tuning else None
-        thresholds, calibration = tuning_tensors(record, loaded.class_names, thresholds_path(path))
+        record = read_tuning(path) if stored_tuning else None
+        thresholds, calibration = tuning_tensors(record, loaded.class_names, tuning_path(path))
         predictor = cls(loaded.model.classifier_only(), loaded.class_names, loaded.img_size, loaded.mean, loaded.std,
                         thresholds, device, loaded.metadata, calibration)
         predictor.source = path

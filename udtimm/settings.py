@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from udtimm.data import DataSource
+from udtimm.heads import LINEAR
 
 
 @dataclass(frozen=True)
@@ -41,18 +42,19 @@ class DataSettings:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Which network, from which weights (the "model" flags)."""
+    """Which network, from which weights (the "model" flags). The defaults are the flags': a checkpoint's metadata,
+    a benchmark or a test names the model and what differs from them."""
 
     model: str
-    pretrained: bool
-    pretrained_path: str | None
-    initial_checkpoint: str | None
-    model_kwargs: dict
-    head: str  # linear (timm's classifier) or a spatial head of udtimm.heads
-    head_kwargs: dict
-    global_pool: str | None
-    drop: float
-    sync_bn: bool
+    pretrained: bool = False
+    pretrained_path: str | None = None
+    initial_checkpoint: str | None = None
+    model_kwargs: dict = field(default_factory=dict)
+    head: str = LINEAR  # linear (timm's classifier) or a spatial head of udtimm.heads
+    head_kwargs: dict = field(default_factory=dict)
+    global_pool: str | None = None
+    drop: float = 0.0
+    sync_bn: bool = False
 
 
 @dataclass(frozen=True)

@@ -202,8 +202,7 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
         lr = setup.optimizer.param_groups[0]["lr"]  # the rate the epoch starts with (cosine restarts show)
         stats = train_one_epoch(
             model, setup.train_batches(accelerator.device), setup.optimizer, setup.scheduler, accelerator,
-            objective, epoch, num_updates, clip_grad=settings.optim.clip_grad,
-            skip_nonfinite=runtime.skip_nonfinite, show_progress=show_progress, ema=setup.ema, mixer=mixer,
+            objective, epoch, num_updates, settings.optim, runtime, ema=setup.ema, mixer=mixer,
         )
         num_updates += optimizer_steps(len(setup.train_loader), accelerator.gradient_accumulation_steps)
         row: dict[str, object] = {"epoch": epoch, "lr": lr,

@@ -35,7 +35,7 @@ from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
 from udtimm.model import CalibratedModel, ModelOutput
-from udtimm.thresholds import read_thresholds_file, thresholds_path, tuning_tensors
+from udtimm.tuning import read_tuning, tuning_path, tuning_tensors
 
 
 @dataclass
@@ -185,7 +185,7 @@ def compare_reliability(paths: Sequence[str], source: DataSource, split: str, ou
         predictions = predict(loaded.model, loader, accelerator, show_progress=False)
         label = labels[number] if labels else loaded.method
         # The scores the checkpoint is used with: calibrated when validate.py --calibrate stored a calibration.
-        calibration = tuning_tensors(read_thresholds_file(path), loaded.class_names, thresholds_path(path))[1]
+        calibration = tuning_tensors(read_tuning(path), loaded.class_names, tuning_path(path))[1]
         scores = predictions.scores if calibration is None else calibrated_scores(predictions.logits, calibration)
         curves.append((label if calibration is None else f"{label} (calibrated)", scores, predictions.target,
                        predictions.difficult))

@@ -1,5 +1,5 @@
-"""Multi-label datasets: VOC2007, COCO2014, OpenImages, CSV files, the embedded `digits` and WebDataset shards of any
-of them (file names in, samples out)."""
+"""Multi-label datasets: VOC2007, COCO2014, OpenImages, CSV files, Hugging Face datasets, the embedded `digits` and
+WebDataset shards of any of them (file names in, samples out)."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 
 from torch import Tensor
 
+from . import hf
 from .base import CorruptImageError, DatasetError, MultiLabelDataset, Sample, check_unique_ids, hold_out, read_image
 from .coco import load_coco
 from .csv import load_csv
@@ -98,6 +99,23 @@ class ShardSpec(DatasetSpec):
         return info["source"]["dataset"] if info else None
 
 
+@dataclass(frozen=True)
+class HfSpec(DatasetSpec):
+    """--dataset hf: a Hugging Face dataset (docs/datasets.md#hf-datasets), read by its own split names (val reads
+    validation where the dataset has no val), which chooses on that split when it has one."""
+
+    def own_split(self, root: str, split: str) -> str:
+        return hf.own_split(root, split)
+
+    def selection_split(self, root: str | None) -> str:
+        names = hf.split_names(root) if root is not None else []
+        return "val" if "val" in names or hf.ALIASES["val"] in names else self.selection
+
+    def build(self, root: str, own_split: str, transform: Callable[[Tensor], Tensor] | None, name: str,
+              **options: Any) -> MultiLabelDataset:
+        return hf.load_split(root, own_split, transform, name, **options)
+
+
 def digits_cache_dir(num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST, seed: int = DIGITS_SEED,
                      ambiguous: bool = False, **_: Any) -> str:
     """The digits folder under $UDTIMM_CACHE; a set of another size, seed or kind gets its own, never clashing."""
@@ -124,6 +142,7 @@ DATASETS: dict[str, DatasetSpec] = {
     "csv": CsvSpec(load_csv, {"train": "train"}),
     "openimages": DatasetSpec(load_openimages, {"train": "train", "val": "validation", "test": "test"},
                               selection="val", unlisted="unknown"),
+    "hf": HfSpec(hf.load_hf, {}),
     "wds": ShardSpec(load_shards, {}),
 }
 
@@ -142,7 +161,7 @@ def build_dataset(
 
     `root=None` uses the dataset's default folder; `digits` is generated there on first use. `options` go to the
     dataset's loader: ensure_digits's parameters for digits (num_trainval, ...), load_voc's `classes`, load_csv's
-    `classes_file`.
+    `classes_file`, hf.OPTIONS for hf.
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {', '.join(DATASETS)}")

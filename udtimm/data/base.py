@@ -5,8 +5,9 @@ from __future__ import annotations
 import copy
 import enum
 import io
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import overload
 
 import numpy as np
 import torch
@@ -190,13 +191,95 @@ def check_unique_ids(samples: Iterable[Sample], source: str) -> None:
         seen.add(s.image_id)
 
 
+def _pack_strings(texts: Iterable[str]) -> tuple[np.ndarray, np.ndarray]:
+    """UTF-8 bytes of `texts` end to end (uint8) and the offsets [N + 1] that cut them apart."""
+    encoded = [text.encode() for text in texts]
+    offsets = np.zeros(len(encoded) + 1, dtype=np.int64)
+    np.cumsum([len(b) for b in encoded], out=offsets[1:])
+    return np.frombuffer(b"".join(encoded), dtype=np.uint8), offsets
+
+
+def _take_runs(values: np.ndarray, offsets: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The runs `values[offsets[r]:offsets[r + 1]]` of `rows`, end to end, and their new offsets."""
+    lengths = offsets[rows + 1] - offsets[rows]
+    new_offsets = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    gather = np.repeat(offsets[rows] - new_offsets[:-1], lengths) + np.arange(new_offsets[-1])
+    return values[gather], new_offsets
+
+
+class SampleTable(Sequence[Sample]):
+    """A split's samples packed in a few arrays (docs/datasets.md#sparse-labels): image ids and paths as UTF-8 bytes,
+    every label in one LABELS_DTYPE array, each cut by offsets. No Python object stands for an image, so a split of
+    millions of images costs its bytes, and DataLoader workers share it without copying: the reference counts of
+    per-image objects would make each worker's copy-on-write pages its own. Indexing gives a Sample; a slice or
+    take() gives a table."""
+
+    def __init__(self, ids: tuple[np.ndarray, np.ndarray], paths: tuple[np.ndarray, np.ndarray],
+                 labels: tuple[np.ndarray, np.ndarray]) -> None:
+        (self._ids, self._id_offsets), (self._paths, self._path_offsets) = ids, paths
+        self._labels, self._label_offsets = labels
+        for array in (self._ids, self._id_offsets, self._paths, self._path_offsets, self._labels,
+                      self._label_offsets):
+            array.flags.writeable = False  # a Sample's labels are a view of this table
+
+    @classmethod
+    def from_samples(cls, samples: Iterable[Sample]) -> SampleTable:
+        samples = list(samples)
+        labels = np.concatenate([s.labels for s in samples]) if samples else NO_LABELS.copy()
+        label_offsets = np.zeros(len(samples) + 1, dtype=np.int64)
+        np.cumsum([len(s.labels) for s in samples], out=label_offsets[1:])
+        return cls(_pack_strings(s.image_id for s in samples), _pack_strings(s.path for s in samples),
+                   (labels, label_offsets))
+
+    def __len__(self) -> int:
+        return len(self._id_offsets) - 1
+
+    @overload
+    def __getitem__(self, index: int) -> Sample: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> SampleTable: ...
+
+    def __getitem__(self, index: int | slice) -> Sample | SampleTable:
+        if isinstance(index, slice):
+            return self.take(np.arange(len(self))[index])
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"sample {index} of a table of {len(self)}")
+        row = index % len(self)
+        first, last = self._label_offsets[row], self._label_offsets[row + 1]
+        return Sample(self._text(self._ids, self._id_offsets, row), self._text(self._paths, self._path_offsets, row),
+                      self._labels[first:last] if last > first else NO_LABELS)
+
+    def take(self, rows: Sequence[int] | np.ndarray) -> SampleTable:
+        """The samples at `rows`, in that order."""
+        rows = np.asarray(rows, dtype=np.int64)
+        return SampleTable(_take_runs(self._ids, self._id_offsets, rows),
+                           _take_runs(self._paths, self._path_offsets, rows),
+                           _take_runs(self._labels, self._label_offsets, rows))
+
+    def image_ids(self) -> list[str]:
+        return [self._text(self._ids, self._id_offsets, row) for row in range(len(self))]
+
+    def paths(self) -> list[str]:
+        return [self._text(self._paths, self._path_offsets, row) for row in range(len(self))]
+
+    def all_labels(self) -> np.ndarray:
+        """Every sample's labels, end to end."""
+        return self._labels
+
+    @staticmethod
+    def _text(blob: np.ndarray, offsets: np.ndarray, row: int) -> str:
+        return blob[offsets[row]:offsets[row + 1]].tobytes().decode()
+
+
 class MultiLabelDataset(torch.utils.data.Dataset):
     """Images listed by file name (decoded on access) with sparse labels, given as dense targets and difficult
     masks one image at a time. `unlisted` says what a class that a sample does not list is: "absent" or "unknown"."""
 
     def __init__(
         self,
-        samples: list[Sample],
+        samples: Iterable[Sample],
         classes: list[str],
         transform: Callable[[Tensor], Tensor] | None = None,
         name: str = "",
@@ -204,13 +287,15 @@ class MultiLabelDataset(torch.utils.data.Dataset):
     ) -> None:
         if unlisted not in UNLISTED_STATES:
             raise ValueError(f"unlisted must be one of {', '.join(UNLISTED_STATES)}, got {unlisted!r}")
-        for s in samples:
-            # Ids are ascending (Sample checks it): the first and last bound them all.
-            bad = [c for c in s.labels["class_id"][[0, -1]] if not 0 <= c < len(classes)] if len(s.labels) else []
-            if bad:
-                raise DatasetError(f"{name or 'dataset'}: {s.image_id} has a label of class id {bad[0]}, expected "
-                                   f"ids 0 to {len(classes) - 1} of {len(classes)} classes")
-        self.samples = samples
+        table = samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
+        class_ids = table.all_labels()["class_id"]
+        outside = np.flatnonzero((class_ids < 0) | (class_ids >= len(classes)))
+        if len(outside):
+            row = int(np.searchsorted(table._label_offsets, outside[0], side="right")) - 1
+            raise DatasetError(f"{name or 'dataset'}: {table[row].image_id} has a label of class id "
+                               f"{class_ids[outside[0]]}, expected ids 0 to {len(classes) - 1} of {len(classes)} "
+                               "classes")
+        self.samples = table
         self.classes = list(classes)
         self.transform = transform
         self.name = name
@@ -241,10 +326,11 @@ class MultiLabelDataset(torch.utils.data.Dataset):
         return (_stack([target for target, _ in rows], len(self.classes), np.float32),
                 _stack([difficult for _, difficult in rows], len(self.classes), np.bool_))
 
-    def with_samples(self, samples: list[Sample], name: str) -> MultiLabelDataset:
+    def with_samples(self, samples: Iterable[Sample], name: str) -> MultiLabelDataset:
         """The same classes, transform, unlisted state and way of reading images over other samples."""
         subset = copy.copy(self)
-        subset.samples, subset.name = samples, name
+        subset.samples = samples if isinstance(samples, SampleTable) else SampleTable.from_samples(samples)
+        subset.name = name
         return subset
 
     def __repr__(self) -> str:
@@ -260,10 +346,11 @@ def hold_out(dataset: MultiLabelDataset, fraction: float, seed: int) -> tuple[Mu
     if count >= len(dataset):
         raise DatasetError(f"{dataset.name}: {len(dataset)} image(s) are too few to hold {fraction} of them out and "
                            "train on the rest")
-    ids = sorted(s.image_id for s in dataset.samples)
+    image_ids = dataset.samples.image_ids()
+    ids = sorted(image_ids)
     held = {ids[i] for i in np.random.default_rng(seed).permutation(len(ids))[:count]}
-    kept = [s for s in dataset.samples if s.image_id not in held]
-    out = [s for s in dataset.samples if s.image_id in held]
+    is_held = np.array([image_id in held for image_id in image_ids], dtype=bool)
+    kept, out = dataset.samples.take(np.flatnonzero(~is_held)), dataset.samples.take(np.flatnonzero(is_held))
     return (dataset.with_samples(kept, f"{dataset.name} without holdout"),
             dataset.with_samples(out, f"{dataset.name} holdout"))
 
@@ -275,8 +362,9 @@ def drop_labels(dataset: MultiLabelDataset, fraction: float, seed: int) -> Multi
     if not 0 <= fraction < 1:
         raise DatasetError(f"--drop-labels is the part of each class's training labels hidden, in [0, 1): got "
                            f"{fraction}")
-    order = np.array(sorted(range(len(dataset)), key=lambda index: dataset.samples[index].image_id), dtype=int)
-    hidden: list[list[int]] = [[] for _ in dataset.samples]
+    image_ids = dataset.samples.image_ids()
+    order = np.array(sorted(range(len(dataset)), key=lambda index: image_ids[index]), dtype=int)
+    hidden: list[list[int]] = [[] for _ in range(len(dataset))]
     count = round(fraction * len(order))
     rng = np.random.default_rng(seed)
     for column in range(len(dataset.classes)):
@@ -298,7 +386,7 @@ def _hide(labels: np.ndarray, classes: list[int], unlisted: str) -> np.ndarray:
 
 def label_counts(dataset: MultiLabelDataset) -> np.ndarray:
     """int64 [C, 4]: how many images of `dataset` hold each class in each Label state (columns indexed by Label)."""
-    listed = np.concatenate([s.labels for s in dataset.samples]) if dataset.samples else NO_LABELS
+    listed = dataset.samples.all_labels()
     counts = np.zeros((len(dataset.classes), len(Label)), dtype=np.int64)
     np.add.at(counts, (listed["class_id"], listed["state"]), 1)
     counts[:, UNLISTED_STATES[dataset.unlisted]] += len(dataset) - counts.sum(axis=1)

@@ -18,7 +18,7 @@ labels, or its class columns in order) whatever split is loaded, so that every s
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -117,23 +117,35 @@ def _label_list_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int], 
         raise DatasetError(f"{csv_path} line 1: unexpected columns {sorted(extra)}; with a 'labels' column the "
                            f"header must be image,{','.join(_LABEL_COLUMNS)} (all but labels optional)")
     columns = [col for col in _LABEL_COLUMNS if col in frame.columns]
-    column_of = {state: col for col, state in _LABEL_COLUMNS.items()}
     for row, (image, *row_cells) in enumerate(zip(frame["image"], *(frame[col] for col in columns), strict=True)):
         line = row + 2  # 1-based, after the header line
-        states: dict[int, int] = {}
-        for col, cell in zip(columns, row_cells, strict=True):
-            for name in _split(cell):
-                if name not in index:
-                    raise DatasetError(f"{csv_path} line {line}: unknown class {name!r} in column {col!r}; "
-                                       f"known classes: {', '.join(index)}")
-                state, previous = _LABEL_COLUMNS[col], states.get(index[name], _LABEL_COLUMNS[col])
-                present = {Label.PRESENT, Label.DIFFICULT}
-                if previous != state and not {previous, state} <= present:
-                    raise DatasetError(f"{csv_path} line {line}: class {name!r} is listed in column {col!r} and "
-                                       f"also in column {column_of[previous]!r}")
-                states[index[name]] = Label.DIFFICULT if Label.DIFFICULT in (previous, state) else state
-        unlisted_state = UNLISTED_STATES[unlisted]
-        yield line, image, make_labels({c: state for c, state in states.items() if state != unlisted_state})
+        cells = [(col, _LABEL_COLUMNS[col], _split(cell)) for col, cell in zip(columns, row_cells, strict=True)]
+        yield line, image, row_labels(cells, index, unlisted, f"{csv_path} line {line}")
+
+
+def row_labels(cells: Iterable[tuple[str, Label, Iterable[str]]], index: dict[str, int], unlisted: str,
+               where: str) -> np.ndarray:
+    """One image's labels from (column, the state it gives, the class names it lists) in reading order: present
+    and difficult agree (difficult wins), any other two states of a class are refused; DatasetError naming `where`
+    and the column, as is an unknown class. Shared by the label-list CSV format and --dataset hf."""
+    states: dict[int, int] = {}
+    column_of: dict[int, str] = {}  # the column that gave each class its state, to name it in a conflict
+    present = {Label.PRESENT, Label.DIFFICULT}
+    for col, state, names in cells:
+        for name in names:
+            if name not in index:
+                raise DatasetError(f"{where}: unknown class {name!r} in column {col!r}; known classes: "
+                                   f"{', '.join(index)}")
+            previous = states.get(index[name], state)
+            if previous != state and not {previous, state} <= present:
+                raise DatasetError(f"{where}: class {name!r} is listed in column {col!r} and also in column "
+                                   f"{column_of[index[name]]!r}")
+            merged = Label.DIFFICULT if Label.DIFFICULT in (previous, state) else state
+            if states.get(index[name]) != merged:
+                column_of[index[name]] = col
+            states[index[name]] = merged
+    unlisted_state = UNLISTED_STATES[unlisted]
+    return make_labels({c: state for c, state in states.items() if state != unlisted_state})
 
 
 def _one_hot_rows(frame: pd.DataFrame, csv_path: str, index: dict[str, int]) -> Iterator[_Row]:
