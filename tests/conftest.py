@@ -157,3 +157,18 @@ def assert_corrupt_image_is_named_and_skipped(dataset, index: int, name: str) ->
     assert sum(len(batch[3]) for batch in batches) == TINY_DIGITS["num_trainval"] - 1
     (message,) = [message for batch in batches for message in batch[4]]
     assert message.startswith(f"cannot read image {name}: ")
+
+
+def copy_with_thresholds(checkpoint_path: str, folder, low: float, high: float) -> tuple[str, list[str], object]:
+    """A copy of `checkpoint_path` in `folder` (to write its tuning file beside it), its class names, and thresholds
+    rising from `low` to `high` over the classes, each marked tuned (thresholds.TunedThresholds)."""
+    import shutil
+
+    from udtimm import checkpoint, thresholds
+
+    copy = os.path.join(str(folder), "best.safetensors")
+    shutil.copy(checkpoint_path, copy)
+    names = checkpoint.class_names(checkpoint.read_metadata(copy))
+    tuned = torch.ones(len(names), dtype=torch.bool)
+    return copy, names, thresholds.TunedThresholds(torch.linspace(low, high, len(names), dtype=torch.float64),
+                                                   tuned, tuned)

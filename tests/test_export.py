@@ -11,7 +11,7 @@ import onnxruntime
 import pytest
 import timm
 import torch
-from conftest import OPENIMAGES_CLASSES, model_labelled_csv
+from conftest import OPENIMAGES_CLASSES, copy_with_thresholds, model_labelled_csv
 from safetensors.torch import load_file
 
 import validate
@@ -260,12 +260,7 @@ def test_calibrated_checkpoint_round_trip_gives_predictor_scores_in_every_format
 @pytest.mark.slow
 def test_ten_thousand_classes_export_to_onnx_with_their_thresholds_and_calibration_in_the_graph(
         many_classes_checkpoint: str, tmp_path) -> None:
-    checkpoint_copy = str(tmp_path / "best.safetensors")
-    shutil.copy(many_classes_checkpoint, checkpoint_copy)
-    names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
-    values = torch.linspace(0.3, 0.9, len(names), dtype=torch.float64)
-    tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
-                                       torch.ones(len(names), dtype=torch.bool))
+    checkpoint_copy, names, tuned = copy_with_thresholds(many_classes_checkpoint, tmp_path, 0.3, 0.9)
     fitted = FittedCalibration(ScoreCalibration(torch.linspace(0.5, 2.0, len(names), dtype=torch.float64),
                                                 torch.linspace(-1.0, 1.0, len(names), dtype=torch.float64)),
                                torch.ones(len(names), dtype=torch.bool), 1.0)
@@ -284,7 +279,7 @@ def test_ten_thousand_classes_export_to_onnx_with_their_thresholds_and_calibrati
     assert found.shape == (3, OPENIMAGES_CLASSES) and (found - expected).abs().max() < 1e-5
     config = json.load(open(os.path.join(out, "config.json")))
     assert config["label_names"] == names and config["udtimm"]["calibration_in_graph"] is True
-    assert torch.equal(tuning.thresholds_tensor(config["udtimm"]["thresholds"], names, "config.json"), values)
+    assert torch.equal(tuning.thresholds_tensor(config["udtimm"]["thresholds"], names, "config.json"), tuned.values)
     # The weights dominate the file (a 512 x 10,000 classifier in float32: 20 MB), and the card names no class.
     assert os.path.getsize(os.path.join(out, "model.onnx")) < 30_000_000
     assert export.model_card(export.load_exportable(checkpoint_copy))["details"]["Classes"] == \

@@ -7,7 +7,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import OPENIMAGES_CLASSES, TINY_DIGITS
+from conftest import OPENIMAGES_CLASSES, TINY_DIGITS, copy_with_thresholds
 from PIL import Image
 
 import udtimm
@@ -71,12 +71,8 @@ def test_a_sixteen_bit_pil_image_scores_as_its_file(predictor: Predictor, tmp_pa
 
 def test_stored_thresholds_are_used_unless_a_threshold_is_given(tiny_checkpoint: str, png_images: list[str],
                                                                 tmp_path) -> None:
-    checkpoint_copy = str(tmp_path / "best.safetensors")
-    shutil.copy(tiny_checkpoint, checkpoint_copy)
-    names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
-    values = torch.linspace(0.05, 0.95, len(names), dtype=torch.float64)
-    tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
-                                       torch.ones(len(names), dtype=torch.bool))
+    checkpoint_copy, names, tuned = copy_with_thresholds(tiny_checkpoint, tmp_path, 0.05, 0.95)
+    values = tuned.values
     record = tuning.tuning_record(checkpoint_copy, tuning.thresholds_entries(
         names, tuned, thresholds.parse_objective("f1"), "digits:val", 20))
     tuning.save_tuning(checkpoint_copy, record)
@@ -169,13 +165,9 @@ def test_asl_scores_cut_at_the_default_threshold_are_warned_about(predictor: Pre
 
 def test_ten_thousand_classes_keep_the_predicted_ones_with_stored_thresholds_and_calibration(
         many_classes_checkpoint: str, tmp_path) -> None:
-    checkpoint_copy = str(tmp_path / "best.safetensors")
-    shutil.copy(many_classes_checkpoint, checkpoint_copy)
-    names = checkpoint.class_names(checkpoint.read_metadata(checkpoint_copy))
+    checkpoint_copy, names, tuned = copy_with_thresholds(many_classes_checkpoint, tmp_path, 0.3, 0.99)
     assert len(names) == OPENIMAGES_CLASSES
-    values = torch.linspace(0.3, 0.99, len(names), dtype=torch.float64)
-    tuned = thresholds.TunedThresholds(values, torch.ones(len(names), dtype=torch.bool),
-                                       torch.ones(len(names), dtype=torch.bool))
+    values = tuned.values
     temperatures = torch.linspace(0.5, 2.0, len(names), dtype=torch.float64)
     biases = torch.linspace(-1.0, 1.0, len(names), dtype=torch.float64)
     fitted = FittedCalibration(ScoreCalibration(temperatures, biases), torch.ones(len(names), dtype=torch.bool), 1.0)
