@@ -172,3 +172,22 @@ def copy_with_thresholds(checkpoint_path: str, folder, low: float, high: float) 
     tuned = torch.ones(len(names), dtype=torch.bool)
     return copy, names, thresholds.TunedThresholds(torch.linspace(low, high, len(names), dtype=torch.float64),
                                                    tuned, tuned)
+
+
+# validate.py tests (test_validate*.py): the checkpoint they evaluate and its metrics on the tiny test split.
+@pytest.fixture(scope="module")
+def best(tiny_checkpoint: str) -> str:
+    return tiny_checkpoint
+
+
+@pytest.fixture(scope="module")
+def single_process(best: str, tiny_digits: str) -> dict[str, float]:
+    import validate
+
+    return validate.main(["--checkpoint", best, *data_flags(tiny_digits)])
+
+
+def data_flags(data_dir: str) -> list[str]:
+    """Where the tiny set is; everything else comes from the checkpoint."""
+    return ["--data-dir", data_dir, "--digits-trainval", str(TINY_DIGITS["num_trainval"]),
+            "--digits-test", str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress"]

@@ -1,5 +1,5 @@
 """validate.py end to end on a tiny trained model: train.py's numbers, the difficult subset, output files, the
-per-class table, tuned thresholds, post-hoc calibration, two processes, bad checkpoints."""
+per-class table, two processes, bad checkpoints (tuning: test_validate_tuning.py; binned: test_validate_binned.py)."""
 
 import csv
 import json
@@ -11,44 +11,23 @@ import pandas as pd
 import pytest
 import torch
 from accelerate import Accelerator
-from conftest import TINY_DIGITS, model_labelled_csv, run_two_cpu_processes, tiny_train_args
+from conftest import TINY_DIGITS, data_flags, run_two_cpu_processes
 from PIL import Image
 from safetensors.torch import save_file
 from sklearn.metrics import average_precision_score, precision_recall_fscore_support
 
-import train
 import validate
 from udtimm import Predictor, checkpoint, predictions
-from udtimm.calibration import CALIBRATION_METRICS, CalibrationError, calibrate_predictions, fit_calibration
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, load_voc
-from udtimm.data.base import hold_out
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
 from udtimm.engine import predict
-from udtimm.metric_statistics import MetricStatistics
-from udtimm.metrics import METRIC_NAMES, compute_metrics, metric_names, threshold_metrics
+from udtimm.metrics import METRIC_NAMES, compute_metrics, metric_names
 from udtimm.predictions import PER_CLASS_COLUMNS
-from udtimm.thresholds import ThresholdObjective, tune_thresholds
 from udtimm.tuning import tuning_path
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture(scope="module")
-def best(tiny_checkpoint: str) -> str:
-    return tiny_checkpoint
-
-
-@pytest.fixture(scope="module")
-def single_process(best: str, tiny_digits: str) -> dict[str, float]:
-    return validate.main(["--checkpoint", best, *data_flags(tiny_digits)])
-
-
-def data_flags(data_dir: str) -> list[str]:
-    """Where the tiny set is; everything else comes from the checkpoint."""
-    return ["--data-dir", data_dir, "--digits-trainval", str(TINY_DIGITS["num_trainval"]),
-            "--digits-test", str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress"]
 
 
 def assert_same_metrics(found: dict[str, object], expected: dict[str, object],
@@ -194,50 +173,6 @@ def tuning_run(best: str, tiny_digits: str, tmp_path) -> tuple[str, dict[str, fl
     return checkpoint_copy, found
 
 
-def test_thresholds_are_tuned_on_val_stored_and_read_back(best: str, tiny_digits: str, tmp_path,
-                                                          single_process: dict[str, float], capsys) -> None:
-    checkpoint_copy, found = tuning_run(best, tiny_digits, tmp_path)
-    printed = capsys.readouterr().out
-    record = json.loads((tmp_path / "best.thresholds.json").read_text())
-    assert record["split"] == "digits:val" and record["objective"] == "f1"
-    val_set, val_predictions = reference_predictions(best, tiny_digits, "val")
-    assert record["num_images"] == len(val_set) == TINY_DIGITS["num_test"] // 2
-    on_val = tune_thresholds(val_predictions.scores, val_predictions.target, val_predictions.difficult,
-                             ThresholdObjective("f1"))
-    assert list(record["thresholds"].values()) == on_val.values.tolist()
-    test_set, test_predictions = reference_predictions(best, tiny_digits)
-    on_test = tune_thresholds(test_predictions.scores, test_predictions.target, test_predictions.difficult,
-                              ThresholdObjective("f1"))
-    assert not torch.equal(on_test.values, on_val.values)  # the split they were chosen on matters
-    # The metrics of the test split: unchanged, and CP..OF1 with the tuned thresholds beside them.
-    assert_same_metrics(found, single_process)
-    expected = threshold_metrics(test_predictions.scores, test_predictions.target, test_predictions.difficult,
-                                 on_val.values)
-    assert {name: found[f"{name}_tuned"] for name in expected} == pytest.approx(expected, abs=1e-6)
-    assert "thresholds for f1 on digits:val" in printed and "per-class thresholds (%)" in printed
-    assert Predictor.from_checkpoint(checkpoint_copy).thresholds.tolist() == on_val.values.tolist()
-    # Stored thresholds are read back by a later evaluation.
-    again = validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits)])
-    assert again["cf1_tuned"] == found["cf1_tuned"]
-
-
-@pytest.mark.parametrize("tuning", [("--tune-thresholds", "precision@0.9"), ("--calibrate", "temperature")])
-def test_nothing_is_tuned_on_the_test_or_evaluated_split(tuning: tuple[str, str], best: str, tiny_digits: str,
-                                                         tmp_path) -> None:
-    checkpoint_copy = str(tmp_path / "best.safetensors")
-    shutil.copy(best, checkpoint_copy)
-    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), *tuning]
-    with pytest.raises(ConfigError, match="digits:test is the test split"):
-        validate.main([*flags, "--tune-split", "test"])
-    with pytest.raises(ConfigError, match="digits:val shares 20 image"):
-        validate.main([*flags, "--split", "val"])
-    assert os.listdir(tmp_path) == ["best.safetensors"]
-    with pytest.raises(ConfigError, match="--tune-thresholds 'f2'"):
-        validate.main([*flags, "--tune-thresholds", "f2"])
-    with pytest.raises(SystemExit):  # argparse's choices
-        validate.parse_args([*flags, "--calibrate", "isotonic"])
-
-
 @pytest.mark.slow
 def test_two_processes_give_the_single_process_metrics(best: str, tiny_digits: str, tmp_path,
                                                        single_process: dict[str, float]) -> None:
@@ -283,93 +218,6 @@ def test_unusable_checkpoints_are_clear_errors(best: str, tmp_path) -> None:
 
 
 @pytest.mark.slow
-def test_calibration_is_fitted_on_val_stored_reported_and_kept_by_later_tuning(best: str, tiny_digits: str, tmp_path,
-                                                                               single_process: dict[str, float],
-                                                                               capsys) -> None:
-    checkpoint_copy = str(tmp_path / "best.safetensors")
-    shutil.copy(best, checkpoint_copy)
-    results, plots = str(tmp_path / "r.csv"), str(tmp_path / "plots")
-    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits)]
-    found = validate.main([*flags, "--calibrate", "per-class", "--results-file", results, "--plots", plots])
-    printed = capsys.readouterr().out
-    val_set, val_predictions = reference_predictions(best, tiny_digits, "val")
-    fitted = fit_calibration(val_predictions.logits, val_predictions.target, val_predictions.difficult, "per-class")
-    record = json.loads((tmp_path / "best.thresholds.json").read_text())
-    assert "thresholds" not in record and record["calibration"]["split"] == "digits:val"
-    assert list(record["calibration"]["temperatures"].values()) == pytest.approx(
-        fitted.calibration.temperatures.tolist(), rel=1e-6)
-    # The metrics of test are those of the calibrated scores; before, the plain ones; the ranking (mAP) stays.
-    _, test_predictions = reference_predictions(best, tiny_digits)
-    calibrated = calibrate_predictions(test_predictions, fitted.calibration)
-    expected = compute_metrics(calibrated.scores, calibrated.target, calibrated.difficult)
-    assert_same_metrics(found, expected, ("ece", "ece_pooled", "brier", "map", "cf1", "of1"))
-    assert found["map"] == pytest.approx(single_process["map"], abs=1e-9)
-    for name in CALIBRATION_METRICS:
-        assert found[f"{name}_uncalibrated"] == pytest.approx(single_process[name], abs=1e-6)
-    assert "per-class temperatures fitted on digits:val (20 images)" in printed and "uncalibrated (%)" in printed
-    with open(results, newline="") as handle:
-        (row,) = csv.DictReader(handle)
-    assert row["calibration"] == "per-class temperatures fitted on digits:val"
-    assert float(row["ece"]) == pytest.approx(found["ece"]) and "brier_uncalibrated" in row
-    assert os.path.isfile(os.path.join(plots, "reliability.png"))
-    # A later evaluation applies the stored temperatures; thresholds tuned later are chosen on calibrated scores
-    # and keep the temperatures beside them.
-    assert validate.main(flags)["ece"] == pytest.approx(found["ece"], abs=1e-9)
-    validate.main([*flags, "--tune-thresholds", "f1"])
-    record = json.loads((tmp_path / "best.thresholds.json").read_text())
-    on_calibrated = tune_thresholds(*(calibrate_predictions(val_predictions, fitted.calibration).scores,
-                                      val_predictions.target, val_predictions.difficult), ThresholdObjective("f1"))
-    assert list(record["thresholds"].values()) == pytest.approx(on_calibrated.values.tolist(), abs=1e-6)
-    assert record["calibration"]["method"] == "per-class"
-    assert "thresholds for f1 on digits:val (20 images, calibrated scores)" in capsys.readouterr().out
-    # Calibrating again drops thresholds chosen on other scores, and says so.
-    validate.main([*flags, "--calibrate", "temperature"])
-    record = json.loads((tmp_path / "best.thresholds.json").read_text())
-    assert "thresholds" not in record and len(set(record["calibration"]["temperatures"].values())) == 1
-    assert "are dropped" in capsys.readouterr().out
-
-
-@pytest.mark.slow
-def test_platt_scaling_is_fitted_on_val_stored_printed_and_applied_as_predictor_does(best: str, tiny_digits: str,
-                                                                                    tmp_path, capsys) -> None:
-    checkpoint_copy = str(tmp_path / "best.safetensors")
-    shutil.copy(best, checkpoint_copy)
-    # With the digits labels the tiny model ranks the val images backwards, even pooled: refused, nothing stored.
-    with pytest.raises(CalibrationError, match="--tune-split digits:val: no Platt scaling can be fitted there"):
-        validate.main(["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--calibrate", "platt"])
-    assert os.listdir(tmp_path) == ["best.safetensors"]
-    folder = tmp_path / "csv"
-    folder.mkdir()
-    flags = ["--checkpoint", checkpoint_copy, *model_labelled_csv(best, tiny_digits, str(folder))]
-    results = str(tmp_path / "r.csv")
-    found = validate.main([*flags, "--calibrate", "platt", "--results-file", results])
-    printed = capsys.readouterr().out
-    entry = json.loads((tmp_path / "best.thresholds.json").read_text())["calibration"]
-    assert (entry["method"], entry["split"]) == ("platt", "csv:val")
-    assert list(entry["biases"]) == list(entry["temperatures"])
-    # The printed table: each class's temperature and bias.
-    table = printed.split("platt temperatures and biases fitted on csv:val (20 images):\n")[1].splitlines()
-    assert table[0].split()[:3] == ["class", "temperature", "bias"]
-    name, temperature, bias = table[2].split()[:3]
-    assert float(temperature) == pytest.approx(entry["temperatures"][name], abs=1e-4)
-    assert float(bias) == pytest.approx(entry["biases"][name], abs=1e-4)
-    # Predictor applies the stored temperatures and biases as validate.py did; the ranking (mAP) stays.
-    test_set = build_dataset("csv", str(folder), "test")
-    samples, (target, difficult) = test_set.samples, test_set.dense_labels()
-    calibrated, plain = (Predictor.from_checkpoint(checkpoint_copy, stored_tuning=stored) for stored in (True, False))
-    assert calibrated.calibration.biases.abs().max() > 0.1
-    scores, raw = (torch.tensor(predictor.predict([sample.path for sample in samples])[
-        predictor.class_names].to_numpy()) for predictor in (calibrated, plain))
-    assert_same_metrics(found, compute_metrics(scores, target, difficult), ("ece", "ece_pooled", "brier", "map", "cf1"))
-    uncalibrated = compute_metrics(raw, target, difficult)
-    assert found["map"] == pytest.approx(uncalibrated["map"], abs=1e-9)
-    assert found["ece_uncalibrated"] == pytest.approx(uncalibrated["ece"], abs=1e-6)
-    with open(results, newline="") as handle:
-        (row,) = csv.DictReader(handle)
-    assert row["calibration"] == "platt temperatures and biases fitted on csv:val"
-
-
-@pytest.mark.slow
 def test_unknown_labels_give_the_same_metrics_in_two_processes_as_in_one(best: str, tiny_digits: str,
                                                                           tmp_path) -> None:
     """The digits test images relabelled as a CSV set with a third of the labels unknown (empty cells)."""
@@ -402,80 +250,3 @@ def test_a_threshold_outside_0_1_is_refused_and_a_lone_tune_split_says_it_does_n
                                        "--tune-thresholds\n")
     validate.parse_args(["--checkpoint", "c.safetensors", "--tune-split", "val", "--calibrate", "per-class"])
     assert capsys.readouterr().err == ""
-
-
-@pytest.mark.slow
-def test_tuning_defaults_to_the_images_that_chose_the_checkpoint_and_refuses_training_images(
-        best: str, tiny_digits: str, tmp_path) -> None:
-    checkpoint_copy = str(tmp_path / "best.safetensors")
-    shutil.copy(best, checkpoint_copy)
-    flags = ["--checkpoint", checkpoint_copy, *data_flags(tiny_digits), "--calibrate", "temperature"]
-    with pytest.raises(ConfigError, match=r"--tune-split train shares \d+ image\(s\) with the images the checkpoint "
-                                          r"was trained on \(train\).*--tune-split val, which chose"):
-        validate.main([*flags, "--tune-split", "train"])
-    with pytest.raises(ConfigError, match="--tune-split holdout: its run held no images out"):
-        validate.main([*flags, "--tune-split", "holdout"])
-    # A run that chose on a part of its training split held out: validate.py draws the same part again.
-    train.main(tiny_train_args(tiny_digits, str(tmp_path), "--experiment", "held", "--epochs", "1", "--val-split",
-                               "holdout", "--holdout-fraction", "0.25", "--holdout-seed", "3"))
-    held = str(tmp_path / "held" / "best.safetensors")
-    validate.main(["--checkpoint", held, *data_flags(tiny_digits), "--calibrate", "temperature"])
-    record = json.loads(open(tuning_path(held)).read())
-    held_out = hold_out(build_dataset("digits", tiny_digits, "train", **TINY_DIGITS), 0.25, 3)[1]
-    assert record["calibration"]["split"] == held_out.name == "digits:trainval holdout"
-    assert record["calibration"]["num_images"] == len(held_out)
-
-
-# The metrics --eval-memory binned approximates; the others equal the exact path's.
-BINNED_AP = ("map", "map_difficult")
-
-
-def binned_reference(scores: torch.Tensor, target: torch.Tensor, difficult: torch.Tensor) -> dict[str, float]:
-    """The binned metrics of these predictions, at --min-positives 4, computed without validate.py."""
-    statistics = MetricStatistics(scores.shape[1], min_positives=4)
-    statistics.update(scores, target, difficult)
-    return statistics.compute()
-
-
-@pytest.mark.slow
-def test_binned_evaluation_gives_the_exact_metrics_in_one_process_and_in_two(best: str, tiny_digits: str, tmp_path,
-                                                                           capsys) -> None:
-    """validate.py --eval-memory binned gives MetricStatistics' metrics of engine.predict's scores, which are the
-    exact ones but for AP (whose accuracy tests/test_metric_statistics.py measures: this 2-epoch model's scores of a
-    class differ by a few bins only, so its binned mAP is far from exact), in one process and in two."""
-    _, predictions = reference_predictions(best, tiny_digits)
-    keep = predictions.difficult.any(dim=1)
-    arguments = (predictions.scores, predictions.target, predictions.difficult)
-    expected = compute_metrics(*arguments, min_positives=4)
-    assert 0 < expected["num_classes_few_positives"] < 10  # --min-positives 4 leaves some classes out
-    flags = ["--checkpoint", best, *data_flags(tiny_digits), "--min-positives", "4"]
-    assert_same_metrics(validate.main(flags), expected)
-    one = validate.main([*flags, "--eval-memory", "binned"])
-    assert "from binned statistics (--eval-memory binned, 4096 AP bins per class)" in capsys.readouterr().out
-    assert_same_metrics(one, binned_reference(*arguments))
-    assert_same_metrics(one, expected, tuple(name for name in METRIC_NAMES if name not in BINNED_AP))
-    # 40 images in batches of 16 over 2 processes: the last step repeats images, which must count once.
-    results = str(tmp_path / "two.csv")
-    result = run_two_cpu_processes("validate.py", *flags, "--eval-memory", "binned", "-b", "16", "--results-file",
-                                   results, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "2 process(es)" in result.stdout
-    with open(results, newline="") as handle:
-        (row,) = csv.DictReader(handle)
-    assert_same_metrics(row, one)
-    subset = validate.main([*flags, "--eval-memory", "binned", "--subset", "difficult"])
-    assert_same_metrics(subset, binned_reference(*(values[keep] for values in arguments)))
-
-
-def test_binned_evaluation_refuses_the_outputs_that_need_every_score_naming_their_size(best: str,
-                                                                                      tiny_digits: str) -> None:
-    flags = ["--checkpoint", best, *data_flags(tiny_digits), "--eval-memory", "binned"]
-    for extra in (["--save-preds", "p.csv"], ["--per-class"], ["--plots", "plots"], ["--calibrate", "temperature"],
-                  ["--tune-thresholds", "f1"]):
-        with pytest.raises(ConfigError, match=rf"{extra[0]} needs every image's scores, which --eval-memory binned "
-                                              r"does not keep here \(digits:test: 40 images x 10 classes x 16 bytes "
-                                              r"= 6\.4 kB\)"):
-            validate.main([*flags, *extra])
-    for flag in ("--min-positives", "--eval-bins"):
-        with pytest.raises(ConfigError, match=f"{flag} must be at least 1, got 0"):
-            validate.parse_args([*flags, flag, "0"])
