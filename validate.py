@@ -24,9 +24,10 @@ import os
 from collections.abc import Sequence
 
 from accelerate import Accelerator
-from torch import nn
+from torch import Tensor, nn
 
 from udtimm import calibration, checkpoint, cli, config, devices, loaders, metrics, thresholds, tuning
+from udtimm.class_counts import CLASS_GROUPS, ClassCounts, checkpoint_counts
 from udtimm.config import ConfigError, HelpFormatter
 from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
@@ -149,9 +150,10 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
     if predictor.calibration is not None:
         predictions = calibration.calibrate_predictions(raw, predictor.calibration)
         before_after, uncalibrated = calibration.compare(raw, predictions)
+    trained = checkpoint_counts(metadata, args.class_groups)
     values = metrics.compute_metrics(predictions.scores, predictions.target, predictions.difficult, args.threshold,
                                      args.topk, difficult_as_negative=args.eval_difficult_negative,
-                                     min_positives=args.min_positives)
+                                     min_positives=args.min_positives, class_groups=trained and trained[1])
     tuned = {}
     if predictor.thresholds is not None:
         comparison, tuned = thresholds.compare(predictions, args.threshold, predictor.thresholds,
@@ -160,7 +162,7 @@ def evaluate(args: argparse.Namespace, dataset: MultiLabelDataset, predictions: 
         return {**values, **tuned, **uncalibrated}
     print(heading(args, dataset, metadata, len(predictions.indices), accelerator))
     if args.subset == "difficult" or args.per_class is not None:
-        write_per_class(args, predictions, dataset, predictor)
+        write_per_class(args, predictions, dataset, predictor, trained)
     print(metrics_table(values))
     if uncalibrated:
         print(f"calibration ({calibrated_by}), on {dataset.name}; the metrics above are calibrated:\n{before_after}")
@@ -224,9 +226,11 @@ def evaluate_binned(args: argparse.Namespace, dataset: MultiLabelDataset, model:
                     accelerator: Accelerator) -> dict[str, float]:
     """Metrics of the split (or its difficult subset) from binned statistics (--eval-memory binned: AP from score
     bins, the rest exact), printed and written by the main process."""
+    trained = checkpoint_counts(predictor.metadata, args.class_groups)
     statistics = MetricStatistics(len(dataset.classes), args.threshold, args.topk,
                                   difficult_as_negative=args.eval_difficult_negative,
-                                  min_positives=args.min_positives, ap_bins=args.eval_bins, device=accelerator.device)
+                                  min_positives=args.min_positives, ap_bins=args.eval_bins, device=accelerator.device,
+                                  class_groups=trained and trained[1])
     statistics = evaluate_streaming(model, eval_batches(args, dataset, predictor, accelerator), accelerator,
                                     statistics, not args.no_progress, difficult_subset_only=args.subset == "difficult")
     values = statistics.compute()
@@ -242,10 +246,15 @@ def evaluate_binned(args: argparse.Namespace, dataset: MultiLabelDataset, model:
 
 
 def write_per_class(args: argparse.Namespace, predictions: Predictions, dataset: MultiLabelDataset,
-                    predictor: Predictor) -> None:
-    """The per-class table, printed; with --per-class also written to its CSV."""
+                    predictor: Predictor, trained: tuple[ClassCounts, Tensor] | None) -> None:
+    """The per-class table, printed; with --per-class also written to its CSV. With the checkpoint's class counts
+    (`trained`), each class's training positives and group."""
     table = thresholds.per_class_table(predictions, dataset.classes, args.threshold, predictor.thresholds,
                                        args.eval_difficult_negative)
+    if trained is not None:
+        counts, groups = trained
+        table["train_positives"] = counts.positives
+        table["group"] = [CLASS_GROUPS[group] for group in groups.tolist()]
     print(class_table(table, "ap", args.per_class_rows))
     if args.per_class is not None:
         subset = "-difficult" if args.subset == "difficult" else ""

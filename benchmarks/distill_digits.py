@@ -179,12 +179,12 @@ def mean_std(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
 
-def arm_table(results: pd.DataFrame) -> str:
-    """Markdown: per arm (results' method column, in its order), each of SUMMARY's test metrics and the val mAP that
-    chose the checkpoint, mean ± std over the seeds, and their number."""
-    lines = ["| run | n | " + " | ".join(heading for _, heading in SUMMARY) + " |", "|---|---|" + "---|" * len(SUMMARY)]
+def arm_table(results: pd.DataFrame, summary: Sequence[tuple[str, str]] = SUMMARY) -> str:
+    """Markdown: per arm (results' method column, in its order), each of `summary`'s test metrics (and the val mAP
+    that chose the checkpoint), mean ± std over the seeds, and their number."""
+    lines = ["| run | n | " + " | ".join(heading for _, heading in summary) + " |", "|---|---|" + "---|" * len(summary)]
     for arm, rows in results.groupby("method", sort=False):
-        cells = [mean_std(rows[name]) for name, _ in SUMMARY]
+        cells = [mean_std(rows[name]) for name, _ in summary]
         lines.append(f"| {arm} | {len(rows)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

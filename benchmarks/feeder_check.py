@@ -52,7 +52,7 @@ def data_settings(args: argparse.Namespace, gpu_decode: bool) -> DataSettings:
         crop_scales=(1.0, 0.875, 0.75, 0.66, 0.5), aa=None, cutout=0.0, difficult="positive", unknown="ignore",
         drop_labels=0.0, drop_labels_seed=0, eval_difficult_negative=False, skip_corrupt=False, gpu_decode=gpu_decode,
         prefetch=None, test_split="test", select_on_test=True, holdout_fraction=0.1, holdout_seed=0,
-        min_positives=1, eval_memory="exact", eval_bins=AP_BINS)
+        min_positives=1, class_groups=None, eval_memory="exact", eval_bins=AP_BINS)
 
 
 def fed(args: argparse.Namespace, gpu_decode: bool, train: bool, ahead: int, device: torch.device,

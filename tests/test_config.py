@@ -175,7 +175,8 @@ def test_resuming_md_lists_exactly_the_settings_a_resume_may_not_change() -> Non
 RESUMED_RUN = {train: [], distill: ["--teacher-ckpt", "t.safetensors"]}
 OTHER_VALUES = {"model": "resnet18", "crop_scales": ["1", "0.5"], "model_kwargs": ["drop_path_rate=0.1"],
                 "head_kwargs": ["num_heads=2"], "aa": "rand-m9", "opt": "sgd", "sched": "step", "global_pool": "max",
-                "dataset": "csv", "val_split": "other", "test_split": "other", "train_split": "other"}
+                "dataset": "csv", "val_split": "other", "test_split": "other", "train_split": "other",
+                "class_groups": ["100", "20"]}
 
 
 def _other_value(action: argparse.Action, tmp_path: Path) -> list[str]:

@@ -1,6 +1,7 @@
 """The embedded digits generator: determinism, VOC layout, difficulty rate, concurrent generation."""
 
 import hashlib
+import json
 import multiprocessing
 import os
 import sys
@@ -11,10 +12,13 @@ import pytest
 from PIL import Image
 from torchvision.datasets import VOCDetection
 
+import train
+from udtimm import config
 from udtimm.data import DatasetError, build_dataset, default_data_dir
 from udtimm.data import digits as digits_module
-from udtimm.data.digits import DIGIT_CLASSES, ensure_digits
+from udtimm.data.digits import DIGIT_CLASSES, ensure_digits, long_tail_probabilities
 from udtimm.data.voc import load_voc
+from udtimm.errors import ConfigError
 
 SMALL = {"num_trainval": 40, "num_test": 20}
 
@@ -217,3 +221,82 @@ def test_every_degraded_digit_is_difficult(degradation, monkeypatch):
         assert objects and all(obj["difficult"] for obj in objects)
         if degradation == "tiny":  # ink of at most 10 % of a 96 px side, plus a pixel of upscaling
             assert all(obj["box"][3] - obj["box"][1] + 1 <= 11 for obj in objects)
+
+
+def class_counts(root, split):
+    """Number of images of `split` at `root` that hold each class."""
+    samples, classes = load_voc(root, split)
+    return np.stack([s.dense(len(classes))[0] for s in samples]).astype(bool).sum(0)
+
+
+def test_the_default_set_is_the_one_written_before_long_tail_existed(small):
+    # The annotations of SMALL's trainval and test scenes as the generator wrote them before --digits-long-tail: a
+    # default set draws exactly the random numbers it drew, so every cached default set stays valid.
+    digest = hashlib.sha256()
+    for number in range(1, 61):
+        with open(os.path.join(small, "VOC2007", "Annotations", f"{number:06d}.xml"), "rb") as f:
+            digest.update(f.read())
+    assert digest.hexdigest() == "721fba0e87730a71f2f1c78edcda28ce6d404292d65ab093aef96b29da567c77"
+    with open(os.path.join(small, ".complete")) as f:
+        assert "long_tail" not in json.load(f)
+
+
+@pytest.mark.parametrize("ratio", [100, 20, 1.5])
+def test_long_tail_probabilities_give_geometric_image_frequencies(ratio):
+    p = long_tail_probabilities(ratio)
+    # A class is in a scene unless none of its 1-4 digits (probabilities 0.25, 0.35, 0.25, 0.15) is of it.
+    frequencies = 1 - ((1 - p[:, None]) ** np.arange(1, 5) * [0.25, 0.35, 0.25, 0.15]).sum(1)
+    assert abs(p.sum() - 1) < 1e-9 and (np.diff(p) < 0).all()
+    np.testing.assert_allclose(frequencies, frequencies[0] * float(ratio) ** -(np.arange(10) / 9), rtol=0, atol=1e-9)
+    np.testing.assert_allclose(digits_module.image_frequencies(p), frequencies, rtol=0, atol=1e-12)
+    if ratio == 100:  # the counts docs/datasets.md#digits gives for --digits-trainval 1500
+        assert np.round(frequencies * 1500).tolist() == [1084, 650, 390, 234, 140, 84, 50, 30, 18, 11]
+        assert 0.47 < p[0] < 0.48 and 0.003 < p[-1] < 0.0035
+
+
+@pytest.mark.parametrize("ratio", [1, 0.5, -3, float("inf"), float("nan")])
+def test_long_tail_ratio_must_exceed_one(ratio, tmp_path, monkeypatch, capsys):
+    with pytest.raises(ConfigError, match="--digits-long-tail must be a finite ratio > 1"):
+        ensure_digits(str(tmp_path / "d"), **SMALL, long_tail=ratio)
+    monkeypatch.setattr(sys, "argv", ["digits", "--out", str(tmp_path / "cli"), "--long-tail", str(ratio)])
+    with pytest.raises(SystemExit, match="1"):
+        digits_module.main()
+    assert "error: --digits-long-tail must be" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # refused before anything is written
+
+
+def test_long_tailed_trainval_falls_geometrically_while_val_and_test_stay_balanced(tmp_path):
+    root = ensure_digits(str(tmp_path / "lt"), num_trainval=300, num_test=200, min_size=16, max_size=24,
+                         long_tail=20, with_val=True)
+    counts = class_counts(root, "trainval")
+    assert counts[0] / counts[-1] > 20 / 4 and counts[:3].sum() > 3 * counts[-3:].sum(), counts
+    expected = digits_module.image_frequencies(long_tail_probabilities(20)) * 300
+    assert (np.abs(counts - expected) < 4 * np.sqrt(expected) + 2).all(), (counts, expected)
+    balanced = class_counts(root, "val") + class_counts(root, "test")
+    assert balanced.max() / balanced.min() < 3, balanced  # long-tailed, it would be about 20
+    with open(os.path.join(root, ".complete")) as f:
+        assert json.load(f)["long_tail"] == 20.0
+    with pytest.raises(DatasetError, match="generated with"):  # a set of its own, never taken for a balanced one
+        ensure_digits(root, num_trainval=300, num_test=200, min_size=16, max_size=24)
+
+
+def test_long_tailed_set_gets_a_cache_folder_of_its_own(monkeypatch, tmp_path):
+    monkeypatch.setenv("UDTIMM_CACHE", str(tmp_path))
+    assert default_data_dir("digits", long_tail=100) == str(tmp_path / "digits-lt100")
+    assert default_data_dir("digits", long_tail=20.5) == str(tmp_path / "digits-lt20.5")
+    assert default_data_dir("digits", 1500, 1000, 3, True, 100.0) == str(tmp_path / "digits-1500-1000-seed3-lt100-"
+                                                                             "ambiguous")
+    assert default_data_dir("digits") == str(tmp_path / "digits")
+
+
+def test_long_tail_flag_reaches_the_dataset_through_data_source(monkeypatch, tmp_path):
+    monkeypatch.setenv("UDTIMM_CACHE", str(tmp_path))
+    args = train.parse_args(["--digits-long-tail", "100", "--digits-trainval", "8", "--digits-test", "4",
+                             "--digits-seed", "2", "--digits-ambiguous"])
+    source = config.data_source(args)
+    assert source.options == {"num_trainval": 8, "num_test": 4, "seed": 2, "ambiguous": True, "long_tail": 100.0}
+    assert "long_tail" not in config.data_source(train.parse_args([])).options  # older provenance stays equal
+    assert len(source.load("train")) == 8
+    with open(tmp_path / "digits-8-4-seed2-lt100-ambiguous" / ".complete") as f:
+        assert json.load(f) == {"format": 1, "num_trainval": 8, "num_test": 4, "min_size": 64, "max_size": 96,
+                                "seed": 2, "ambiguous": True, "long_tail": 100.0}

@@ -1,10 +1,12 @@
 """Every loss against a slow float64 reference written from its equation: values and gradients."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 import torch.nn.functional as F
+from test_long_tail_losses import ref_cb, ref_db, ref_two_way
 
 from udtimm.losses import (
     DIFFICULT_POLICIES,
@@ -12,10 +14,13 @@ from udtimm.losses import (
     apply_label_policies,
     asymmetric_loss,
     bce_loss,
+    class_balanced_loss,
+    distribution_balanced_loss,
     label_smoothing_loss,
     one_over_k_loss,
     partial_softmax_loss,
     temperature_bce_loss,
+    two_way_loss,
 )
 
 # --- references: explicit loops over samples, classes and positives, float64 ------------------------------------
@@ -118,6 +123,11 @@ def ref_asl_focal(z, y, m):
     return ref_asl(z, y, m, gamma_neg=2.0, gamma_pos=1.0, clip=0.0)
 
 
+# The long-tail losses' training counts for the 5 classes of the batches below (test_long_tail_losses.py has the
+# references): a head class, a rare one, a class seen once, one nearly everywhere.
+CLASS_COUNTS = {"positives": torch.tensor([50.0, 5.0, 1.0, 20.0, 99.0]), "annotated": torch.full((5,), 100.0)}
+DB_FOCAL = {"focal_gamma": 2.0, "focal_scale": 2.0}  # the registered db-focal's settings
+
 LABEL_LOSSES = {
     "bce": (bce_loss, ref_bce),
     "partial_softmax": (partial_softmax_loss, ref_partial_softmax),
@@ -126,6 +136,15 @@ LABEL_LOSSES = {
     "one_over_k": (one_over_k_loss, ref_one_over_k),
     "asl": (asymmetric_loss, ref_asl),
     "asl_focal": (asl_focal, ref_asl_focal),
+    "db": (partial(distribution_balanced_loss, **CLASS_COUNTS), partial(ref_db, **CLASS_COUNTS)),
+    "db_focal": (partial(distribution_balanced_loss, **CLASS_COUNTS, **DB_FOCAL),
+                 partial(ref_db, **CLASS_COUNTS, **DB_FOCAL)),
+    "cb_bce": (partial(class_balanced_loss, positives=CLASS_COUNTS["positives"]),
+               partial(ref_cb, positives=CLASS_COUNTS["positives"])),
+    "cb_focal": (partial(class_balanced_loss, positives=CLASS_COUNTS["positives"], focal_gamma=2.0),
+                 partial(ref_cb, positives=CLASS_COUNTS["positives"], focal_gamma=2.0)),
+    # Logits of +-50 are 100 apart: the official offset of -100 no longer hides the left-out pairs.
+    "two_way": (two_way_loss, partial(ref_two_way, n_inf=-1e4)),
 }
 
 # --- inputs --------------------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 from torchmetrics.classification import MultilabelAveragePrecision
 
 from udtimm.metrics import (
+    GROUP_COLUMNS,
     METRIC_NAMES,
     average_precision,
     compute_metrics,
@@ -296,11 +297,24 @@ def test_degenerate_inputs():
     metrics = compute_metrics(scores, target, no_difficult)
     assert math.isnan(metrics["map_difficult"])
     assert metrics["num_classes_evaluated"] == 3.0
-    assert all(math.isfinite(v) for k, v in metrics.items() if k != "map_difficult")
+    assert all(math.isfinite(v) for k, v in metrics.items() if k not in ("map_difficult", *GROUP_COLUMNS))
+    assert all(math.isnan(metrics[name]) for name in GROUP_COLUMNS)  # no class groups given
 
     one = compute_metrics(scores[:1], target[:1], no_difficult[:1])
     assert one["num_images"] == 1.0 and one["num_classes_evaluated"] == 1.0
     assert one["map"] == 100.0 and math.isnan(one["map_difficult"])
+
+
+def test_group_map_is_sklearn_ap_averaged_over_each_group_and_nan_for_an_empty_one():
+    scores, target, difficult = make_data(n=200, c=6, seed=21)
+    groups = torch.tensor([0, 2, 0, 2, 0, 0])  # no medium class
+    metrics = compute_metrics(scores, target, difficult, class_groups=groups, min_positives=1)
+    keep = ~difficult
+    ap = [100 * average_precision_score(target[keep[:, c], c] > 0, scores[keep[:, c], c]) for c in range(6)]
+    assert metrics["map_head"] == pytest.approx(sum(ap[c] for c in (0, 2, 4, 5)) / 4, abs=1e-9)
+    assert metrics["map_tail"] == pytest.approx((ap[1] + ap[3]) / 2, abs=1e-9)
+    assert math.isnan(metrics["map_medium"])
+    assert metrics["map"] == pytest.approx(sum(ap) / 6, abs=1e-9)
 
 
 def test_everything_difficult_gives_nan_not_crash():

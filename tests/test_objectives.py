@@ -1,3 +1,4 @@
+import dataclasses
 import json
 
 import pytest
@@ -8,12 +9,14 @@ import distill
 import train
 from udtimm import config, losses
 from udtimm.checkpoint import CheckpointError
+from udtimm.class_counts import ClassCounts
 from udtimm.config import ConfigError
 from udtimm.data.transforms import NormalizeImage, Renormalize
 from udtimm.model import ModelOutput, create_model
 from udtimm.objectives import (
     CLASSIFICATION_LOSSES,
     DISTILL_METHODS,
+    LOSS_SETTINGS,
     DistillationObjective,
     DistillOptions,
     KnowledgeDistillationObjective,
@@ -21,6 +24,7 @@ from udtimm.objectives import (
     SelfDistillationObjective,
     SupervisedObjective,
     check_teacher,
+    unused_loss_settings,
 )
 from udtimm.settings import ModelSettings
 
@@ -97,11 +101,25 @@ def test_asl_with_cal_is_asl_plus_lambda_partial_softmax() -> None:
 def test_every_registered_loss_is_selected_by_name_and_is_a_flag(loss: str) -> None:
     model = create_model(ModelSettings("test_resnet"), 4).eval()
     images, target, difficult = batch()
-    objective = SupervisedObjective(loss, options=LossOptions(temperature=2.0))
+    counts = ClassCounts((30, 3, 0, 60), (60, 60, 60, 60), 60)  # a class never positive: the fallback's case
+    objective = SupervisedObjective(loss, options=LossOptions(temperature=2.0, class_counts=counts))
     terms = objective(model, images, target, difficult)
     assert set(terms) == {loss, "loss"} and objective.term_names == (loss,)
     assert torch.equal(terms["loss"], terms[loss]) and terms["loss"].item() > 0  # one term: the loss itself
     assert train.parse_args(["--loss", loss]).loss == loss
+
+
+@pytest.mark.parametrize("loss", ["db", "db-focal", "cb-bce", "cb-focal"])
+def test_a_loss_that_weighs_by_class_counts_refuses_to_start_without_them(loss: str) -> None:
+    with pytest.raises(ConfigError, match=f"--loss {loss} weighs by the training split's class counts"):
+        SupervisedObjective(loss)
+
+
+def test_loss_settings_a_loss_does_not_read_are_named() -> None:
+    assert set(LOSS_SETTINGS) == {field.name for field in dataclasses.fields(LossOptions)} - {"class_counts"}
+    assert unused_loss_settings("db-focal", ["focal_gamma", "db_map_mu", "cb_beta", "asl_clip"]) == ["cb_beta",
+                                                                                                    "asl_clip"]
+    assert unused_loss_settings("two-way", ["two_way_tp", "focal_gamma"]) == ["focal_gamma"]
 
 
 def test_loss_options_reach_the_loss() -> None:

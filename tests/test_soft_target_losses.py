@@ -7,7 +7,17 @@ from functools import partial
 
 import pytest
 import torch
-from test_losses import LABEL_LOSSES, _edge_batch, _log_sigmoid, _mean, _value_and_grad, ref_bce, ref_temperature
+from test_losses import (
+    CLASS_COUNTS,
+    DB_FOCAL,
+    LABEL_LOSSES,
+    _edge_batch,
+    _log_sigmoid,
+    _mean,
+    _value_and_grad,
+    ref_bce,
+    ref_temperature,
+)
 
 from udtimm.losses import partial_softmax_loss
 from udtimm.mixing import Mix
@@ -73,11 +83,69 @@ def ref_one_over_k(z, y, m):
     return _mean(per_sample, z)
 
 
+def ref_db(z, y, m, positives, annotated, map_alpha=0.1, map_beta=10.0, map_mu=0.2, neg_scale=2.0, bias_factor=0.05,
+           focal_gamma=0.0, focal_scale=1.0):
+    """Distribution-Balanced: y times a positive's focal_scale (1 - pt)^g w BCE(z + b, 1) plus 1 - y times a negative's
+    focal_scale (1 - pt)^g w / neg_scale BCE(neg_scale (z + b), 0); the repeat rate sums y_j / n_j over the counted
+    classes, w = map_alpha + 1 where it is 0."""
+    n = positives.tolist()
+    total = annotated.tolist()
+    terms = []
+    for b, c in _counted(m):
+        repeat_rate = sum(y[b, j] / n[j] for j in range(z.shape[1]) if m[b, j])
+        mapped = torch.sigmoid(map_beta * ((1 / n[c]) / repeat_rate - map_mu)) if repeat_rate > 0 else 1.0
+        w = map_alpha + mapped
+        shifted = z[b, c] - bias_factor * math.log(total[c] / n[c] - 1) / neg_scale
+        positive_nll, negative_nll = -_log_sigmoid(shifted), -_log_sigmoid(-neg_scale * shifted)
+        positive = (1 - torch.exp(-positive_nll)) ** focal_gamma * w * positive_nll
+        negative = (1 - torch.exp(-negative_nll)) ** focal_gamma * w / neg_scale * negative_nll
+        terms.append(focal_scale * (y[b, c] * positive + (1 - y[b, c]) * negative))
+    return _mean(terms, z)
+
+
+def ref_cb(z, y, m, positives, beta=0.9999, focal_gamma=0.0):
+    """Class-balanced: w_c = (1 - beta) / (1 - beta^n_c), scaled to average 1, times y (1 - p)^g (-log p) +
+    (1 - y) p^g (-log(1 - p))."""
+    raw = [(1 - beta) / (1 - beta**n) for n in positives.tolist()]
+    weights = [w * len(raw) / sum(raw) for w in raw]
+    terms = []
+    for b, c in _counted(m):
+        log_p, log_one_minus_p = _log_sigmoid(z[b, c]), _log_sigmoid(-z[b, c])
+        positive = -torch.exp(log_one_minus_p) ** focal_gamma * log_p
+        negative = -torch.exp(log_p) ** focal_gamma * log_one_minus_p
+        terms.append(weights[c] * (y[b, c] * positive + (1 - y[b, c]) * negative))
+    return _mean(terms, z)
+
+
+def ref_two_way(z, y, m, positive_temperature=4.0, negative_temperature=1.0):
+    """Two-way: per sample with a positive, softplus(Tn log sum_neg e^(z/Tn) + Tp log sum_pos y e^(-z/Tp)), 0 without
+    negatives, averaged; plus the same per class over the batch."""
+    tp, tn = positive_temperature, negative_temperature
+
+    def term(logits, targets, counted):
+        pos = [i for i in range(len(logits)) if counted[i] and targets[i] > 0]
+        neg = [i for i in range(len(logits)) if counted[i] and targets[i] == 0]
+        if not neg:
+            return logits.sum() * 0  # softplus(-inf)
+        negatives = tn * torch.log(sum(torch.exp(logits[j] / tn) for j in neg))
+        positives = tp * torch.log(sum(targets[i] * torch.exp(-logits[i] / tp) for i in pos))
+        return torch.log1p(torch.exp(negatives + positives))
+
+    samples = [term(z[b], y[b], m[b]) for b in range(z.shape[0])
+               if any(y[b, c] > 0 and m[b, c] for c in range(z.shape[1]))]
+    classes = [term(z[:, c], y[:, c], m[:, c]) for c in range(z.shape[1])
+               if any(y[b, c] > 0 and m[b, c] for b in range(z.shape[0]))]
+    return _mean(samples, z) + _mean(classes, z)
+
+
 # Every loss of test_losses.py, with its reference for soft targets.
 SOFT_REFERENCES = {
     "bce": ref_bce, "temperature": ref_temperature, "label_smoothing": ref_label_smoothing, "asl": ref_asl,
     "asl_focal": partial(ref_asl, gamma_neg=2.0, gamma_pos=1.0, clip=0.0), "partial_softmax": ref_partial_softmax,
-    "one_over_k": ref_one_over_k,
+    "one_over_k": ref_one_over_k, "db": partial(ref_db, **CLASS_COUNTS),
+    "db_focal": partial(ref_db, **CLASS_COUNTS, **DB_FOCAL),
+    "cb_bce": partial(ref_cb, positives=CLASS_COUNTS["positives"]),
+    "cb_focal": partial(ref_cb, positives=CLASS_COUNTS["positives"], focal_gamma=2.0), "two_way": ref_two_way,
 }
 SOFT_LOSSES = {name: (LABEL_LOSSES[name][0], ref) for name, ref in SOFT_REFERENCES.items()}
 

@@ -18,6 +18,7 @@ from sklearn.metrics import average_precision_score, precision_recall_fscore_sup
 
 import validate
 from udtimm import Predictor, checkpoint, predictions
+from udtimm.class_counts import checkpoint_counts
 from udtimm.config import ConfigError
 from udtimm.data import build_dataset, load_voc
 from udtimm.data.loader import make_loader
@@ -46,6 +47,11 @@ def reference_predictions(best: str, data_dir: str, split: str = "test"):
     return dataset, predict(model, make_loader(dataset, 64, False, 0), Accelerator(), show_progress=False)
 
 
+def trained_groups(best: str) -> torch.Tensor:
+    """The class groups of the checkpoint's run, from the counts it recorded."""
+    return checkpoint_counts(checkpoint.read_metadata(best))[1]
+
+
 def test_checkpoint_alone_reproduces_the_results_of_train(best: str, single_process: dict[str, float]) -> None:
     with open(os.path.join(os.path.dirname(best), "results.csv"), newline="") as handle:
         (row,) = csv.DictReader(handle)
@@ -67,7 +73,8 @@ def test_difficult_subset_matches_metrics_on_the_subset(best: str, tiny_digits: 
     targets, difficult = dataset.dense_labels()
     keep = difficult.any(dim=1)
     assert 0 < keep.sum() < len(dataset)
-    expected = compute_metrics(predictions.scores[keep], targets[keep], difficult[keep])
+    expected = compute_metrics(predictions.scores[keep], targets[keep], difficult[keep],
+                               class_groups=trained_groups(best))
     assert_same_metrics(found, expected)
     printed = capsys.readouterr().out
     assert "positives" in printed and all(name in printed for name in dataset.classes)
@@ -107,11 +114,19 @@ def test_topk_names_the_columns_after_k(best: str, tiny_digits: str, tmp_path, c
         (row,) = csv.DictReader(handle)
     assert list(row)[8:] == list(found) == list(metric_names(5))
     dataset, predictions = reference_predictions(best, tiny_digits)
-    expected = compute_metrics(predictions.scores, *dataset.dense_labels(), topk=5)
+    expected = compute_metrics(predictions.scores, *dataset.dense_labels(), topk=5, class_groups=trained_groups(best))
     assert_same_metrics(row, expected, metric_names(5))
     assert "of1_top5" in capsys.readouterr().out
     with pytest.raises(ConfigError, match="--topk must be at least 1, got 0"):
         validate.parse_args(["--checkpoint", best, "--topk", "0"])
+
+
+def test_class_groups_come_from_the_run_unless_given(best: str, single_process: dict[str, float],
+                                                     tiny_digits: str) -> None:
+    assert single_process["map_head"] == pytest.approx(single_process["map"])  # a balanced set: every class is head
+    everything_medium = validate.main(["--checkpoint", best, *data_flags(tiny_digits), "--class-groups", "1e9", "0"])
+    assert everything_medium["map_medium"] == pytest.approx(single_process["map"])
+    assert np.isnan(everything_medium["map_head"]) and np.isnan(everything_medium["map_tail"])
 
 
 def test_per_class_table_is_printed_and_written_beside_the_checkpoint(best: str, tiny_digits: str, tmp_path,
@@ -122,7 +137,10 @@ def test_per_class_table_is_printed_and_written_beside_the_checkpoint(best: str,
     path = tmp_path / "best-per-class-test.csv"
     table = pd.read_csv(path)
     dataset, predictions = reference_predictions(best, tiny_digits)
-    assert table["class"].tolist() == dataset.classes and list(table.columns) == list(PER_CLASS_COLUMNS)
+    assert table["class"].tolist() == dataset.classes
+    assert list(table.columns) == [*PER_CLASS_COLUMNS, "train_positives", "group"]
+    counts = pd.read_csv(os.path.join(os.path.dirname(best), "class_counts.csv"), keep_default_na=False)
+    assert table[["train_positives", "group"]].values.tolist() == counts[["positives", "group"]].values.tolist()
     targets, difficult = dataset.dense_labels()
     keep = ~difficult
     for c in range(len(dataset.classes)):  # every class, not only those of the difficult subset

@@ -136,6 +136,10 @@ def add_dataset_args(group: argparse._ArgumentGroup, default: str | None, datase
     add_fixed(group, "--digits-ambiguous", action="store_true",
               help="digits: a set whose difficult digits are ambiguous (tiny, blurred, faint or covered; "
                    "docs/datasets.md#digits), in a folder of its own")
+    add_fixed(group, "--digits-long-tail", type=float, default=None, metavar="RATIO",
+              help="digits: a long-tailed trainval split, in a folder of its own: the images holding a class fall "
+                   "geometrically from zero to nine, RATIO (> 1) times rarer; val and test stay balanced "
+                   "(default: balanced)")
     add_fixed(group, "--csv-unlisted", default="absent", choices=tuple(UNLISTED_STATES),
               help="csv label lists: what a class that an image's row does not list is; unknown for "
                    "OpenImages-style data, whose rows list verified positives and negatives "
@@ -197,8 +201,8 @@ def add_data_args(parser: argparse.ArgumentParser, distillation: bool) -> None:
 
 def add_evaluation_args(group: argparse._ArgumentGroup) -> None:
     """How a split is evaluated (docs/method.md#evaluation-in-bounded-memory), for train.py, distill.py and
-    validate.py: --min-positives, --eval-memory, --eval-bins. A resume keeps --min-positives, since the best mAP
-    saved is one of that average; the path may change (its mAP moves by less than 0.05)."""
+    validate.py: --min-positives, --class-groups, --eval-memory, --eval-bins. A resume keeps --min-positives, since
+    the best mAP saved is one of that average; the path may change (its mAP moves by less than 0.05)."""
     add_fixed(group, "--min-positives", type=int, default=1, metavar="K",
               help="mAP and Difficult mAP average the classes with at least K evaluated positives in the evaluated "
                    "images (OpenImages' protocol); the num_classes_few_positives column counts those left out "
@@ -210,6 +214,10 @@ def add_evaluation_args(group: argparse._ArgumentGroup) -> None:
                             "equal; validate.py then refuses --save-preds, --plots, --per-class, --calibrate and "
                             "--tune-thresholds, which need every score); auto: exact unless the evaluated split has "
                             f"more than {EXACT_PAIRS_LIMIT:,} images x classes")
+    group.add_argument("--class-groups", type=float, nargs=2, default=None, metavar=("HEAD_ABOVE", "TAIL_BELOW"),
+                       help="map_head / map_medium / map_tail: head classes have more than HEAD_ABOVE training "
+                            "positives, tail classes fewer than TAIL_BELOW (default: VOC-LT's 100 and 20 scaled from "
+                            "its 1,142 training images to the training split's; validate.py: the run's)")
     group.add_argument("--eval-bins", type=int, default=AP_BINS, metavar="N",
                        help=f"binned evaluation: AP score bins per class, uniform in logit over [-{LOGIT_RANGE:g}, "
                             f"{LOGIT_RANGE:g}] (4 int32 counts each: 16 bytes per class and bin)")
@@ -266,6 +274,10 @@ def add_optim_args(parser: argparse.ArgumentParser) -> None:
     add_fixed(group, "--epochs", type=int, default=15, help="training epochs", while_on="self_distill")
     add_fixed(group, "--opt", default="adamw", help="timm optimizer name (sgd, momentum, adamw, ...)")
     group.add_argument("--lr", type=float, default=2e-3, help="peak learning rate")
+    add_fixed(group, "--head-lr-mult", type=float, default=1.0, metavar="M",
+              help="train the classifier (timm's classifier or the --head, and the calibration branch) at M x "
+                   "the backbone's learning rate at every step: its warm-up starts at M x --warmup-lr and its floor "
+                   "is M x --min-lr (CSRA's recipe: 10); 1: one rate for all")
     add_fixed(group, "--momentum", type=float, default=0.9, help="SGD momentum (momentum, sgd)")
     add_fixed(group, "--weight-decay", type=float, default=0.05, help="weight decay")
     add_fixed(group, "--sched", default="cosine", help="timm scheduler name (cosine, step, ...)")
@@ -494,6 +506,8 @@ def data_source(args: argparse.Namespace, name: str | None = None) -> DataSource
     options = {"num_trainval": args.digits_trainval, "num_test": args.digits_test, "seed": args.digits_seed,
                "ambiguous": args.digits_ambiguous} if name == "digits" else {}
     # Only a set read otherwise than before names it: older checkpoints' provenance stays equal.
+    if name == "digits" and args.digits_long_tail is not None:
+        options["long_tail"] = args.digits_long_tail
     if args.oi_machine_labels is not None:
         if name == "openimages":
             options["machine_labels"] = args.oi_machine_labels
@@ -518,7 +532,8 @@ def data_source(args: argparse.Namespace, name: str | None = None) -> DataSource
 def training_settings(args: argparse.Namespace) -> TrainingSettings:
     """The typed settings of train.py's and distill.py's shared flags."""
     return TrainingSettings(
-        data=settings_from(DataSettings, args, source=data_source(args), crop_scales=tuple(args.crop_scales)),
+        data=settings_from(DataSettings, args, source=data_source(args), crop_scales=tuple(args.crop_scales),
+                           class_groups=tuple(args.class_groups) if args.class_groups else None),
         model=settings_from(ModelSettings, args),
         optim=settings_from(OptimSettings, args),
         runtime=settings_from(RuntimeSettings, args),

@@ -1,4 +1,5 @@
-"""Training losses: Eq. 3, 10-14, 17, the Table 5 baselines (docs/method.md) and the asymmetric loss (ASL).
+"""Training losses: Eq. 3, 10-14, 17, the Table 5 baselines (docs/method.md), the asymmetric loss (ASL) and the
+long-tail losses (Distribution-Balanced, class-balanced, two-way).
 
 Every function takes logits [B, C] (any float dtype; computed in float32 so that bf16 autocast outputs do not
 lose the small differences the losses are made of) and, where labels enter, a float `target` [B, C] in [0, 1]
@@ -145,6 +146,82 @@ def asymmetric_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, 
     # y * a + (1 - y) * b is exactly a or b for the targets 1 and 0, and linear in between (soft targets).
     values = -(y * positive_term + (1 - y) * negative_term)
     return _masked_mean(values, mask)
+
+
+def _per_class(counts: Tensor | float, like: Tensor) -> Tensor:
+    """Per-class training counts as float32 on the logits' device."""
+    return torch.as_tensor(counts, dtype=torch.float32, device=like.device)
+
+
+def distribution_balanced_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, *, positives: Tensor,
+                               annotated: Tensor, map_alpha: float = 0.1, map_beta: float = 10.0,
+                               map_mu: float = 0.2, neg_scale: float = 2.0, bias_factor: float = 0.05,
+                               focal_gamma: float = 0.0, focal_scale: float = 1.0) -> Tensor:
+    """Distribution-Balanced loss (Wu et al., ECCV 2020): re-balanced weights, negative-tolerant regularisation."""
+    z, y = logits.float(), target.float()
+    n, total = _per_class(positives, z), _per_class(annotated, z)
+    counted_y = y if mask is None else torch.where(mask.bool(), y, 0.0)
+    # y-weighted like the official gt_labels * freq_inv: a soft positive repeats its image in part.
+    repeat_rate = (counted_y / n).sum(dim=1, keepdim=True)
+    has_positive = repeat_rate > 0
+    ratio = (1 / n) / torch.where(has_positive, repeat_rate, 1.0)
+    # Without a counted positive r = inf, where the map's sigmoid is 1.
+    weight = map_alpha + torch.where(has_positive, torch.sigmoid(map_beta * (ratio - map_mu)), 1.0)
+    # log(N_i / n_i - 1) as a difference of logs: no cancellation when n_i is close to N_i.
+    bias = -bias_factor * (torch.log(total - n) - torch.log(n)) / neg_scale
+    shifted = z + bias
+    positive_term = weight * F.softplus(-shifted)  # BCE(z', 1)
+    negative_term = (weight / neg_scale) * F.softplus(neg_scale * shifted)  # BCE(lambda z', 0)
+    if focal_gamma:
+        # 1 - pt as a sigmoid, not 1 - exp(-BCE): exact where pt rounds to 1.
+        positive_term = positive_term * torch.sigmoid(-shifted).pow(focal_gamma)
+        negative_term = negative_term * torch.sigmoid(neg_scale * shifted).pow(focal_gamma)
+    values = focal_scale * (y * positive_term + (1 - y) * negative_term)
+    return _masked_mean(values, mask)
+
+
+def class_balanced_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, *, positives: Tensor,
+                        beta: float = 0.9999, focal_gamma: float = 0.0) -> Tensor:
+    """Class-balanced loss (Cui et al., CVPR 2019): BCE or sigmoid focal loss weighted by 1 / effective number."""
+    z, y = logits.float(), target.float()
+    log_beta = math.log(beta) if beta > 0 else -math.inf
+    # (1 - beta) / (1 - beta^n): the factor 1 - beta cancels in the normalisation; expm1 keeps 1 - beta^n exact
+    # for beta near 1, where it is a small difference of two numbers near 1.
+    inverse_effective = -1 / torch.expm1(_per_class(positives, z) * log_beta)
+    # Normalised to average 1 over the classes (the official code: they sum to the number of classes).
+    weight = inverse_effective / inverse_effective.mean()
+    positive_term, negative_term = F.softplus(-z), F.softplus(z)  # -log p, -log(1 - p)
+    if focal_gamma:
+        positive_term = positive_term * torch.sigmoid(-z).pow(focal_gamma)
+        negative_term = negative_term * torch.sigmoid(z).pow(focal_gamma)
+    values = weight * (y * positive_term + (1 - y) * negative_term)
+    return _masked_mean(values, mask)
+
+
+def _tempered_logsumexp(values: Tensor, keep: Tensor, temperature: float, dim: int) -> tuple[Tensor, Tensor]:
+    """T * logsumexp of the kept `values` along `dim` (0 where none is kept), and whether any is kept there."""
+    kept = keep.any(dim=dim)
+    lse = torch.logsumexp(values.masked_fill(~keep, _MASKED_LOGIT), dim=dim)
+    # T * _MASKED_LOGIT would overflow to -inf for T > 1.
+    return lse.masked_fill(~kept, 0.0) * temperature, kept
+
+
+def two_way_loss(logits: Tensor, target: Tensor, mask: Tensor | None = None, positive_temperature: float = 4.0,
+                 negative_temperature: float = 1.0) -> Tensor:
+    """Two-way multi-label loss (Kobayashi, CVPR 2023): softplus of negatives vs positives, per sample and per class."""
+    z, positive, negative = _split(logits, target, mask)
+    # A soft positive weighs y in its logsumexp; log(1) = 0 off the positives keeps log(0) out of the graph.
+    log_weight = torch.log(torch.where(positive, target.float(), 1.0))
+    positive_logits = -z / positive_temperature + log_weight
+    negative_logits = z / negative_temperature
+    loss = z.new_zeros(())
+    for dim in (1, 0):  # 1: each sample over its classes; 0: each class over the batch
+        negatives, has_negative = _tempered_logsumexp(negative_logits, negative, negative_temperature, dim)
+        positives, has_positive = _tempered_logsumexp(positive_logits, positive, positive_temperature, dim)
+        # No negative: softplus(-inf) = 0; _MASKED_LOGIT gives that 0 and a zero gradient without an inf.
+        terms = F.softplus(torch.where(has_negative, negatives + positives, _MASKED_LOGIT))
+        loss = loss + _masked_mean(terms, has_positive)
+    return loss
 
 
 def binary_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float = 3.0) -> Tensor:

@@ -21,6 +21,7 @@ from udtimm.metrics import (
     binned_sums,
     calibration_errors,
     difficult_subset,
+    group_means,
     in_column_order,
     mean_over_classes,
     prepare,
@@ -102,11 +103,12 @@ class MetricStatistics:
 
     def __init__(self, num_classes: int, threshold: float = 0.5, topk: int = TOPK, n_bins: int = 15,
                  difficult_as_negative: bool = False, min_positives: int = 1, ap_bins: int = AP_BINS,
-                 device: torch.device | str | None = None) -> None:
+                 device: torch.device | str | None = None, class_groups: Tensor | None = None) -> None:
         if ap_bins < 1:
             raise ValueError(f"ap_bins must be at least 1, got {ap_bins}")
         self.num_classes, self.threshold, self.topk, self.n_bins = num_classes, threshold, topk, n_bins
         self.difficult_as_negative, self.min_positives, self.ap_bins = difficult_as_negative, min_positives, ap_bins
+        self.class_groups = class_groups
         float64 = {"dtype": torch.float64, "device": device}
         self.sums: dict[str, Tensor] = {
             # int32: exact counts (up to 2^31 images) in half the memory of float64, and integer atomics on a GPU.
@@ -166,9 +168,10 @@ class MetricStatistics:
         counts = self.sums["ap_counts"][:, 0]
         positives = torch.cat([counts[:, start:start + _AP_CLASS_BLOCK].sum(-1)
                                for start in range(0, self.num_classes, _AP_CLASS_BLOCK)], dim=1).cpu()
+        ap = self.average_precision().cpu()
         metrics = dict(zip(("map", "num_classes_evaluated", "num_classes_few_positives"),
-                           mean_over_classes(self.average_precision().cpu(), positives[0], self.min_positives),
-                           strict=True))
+                           mean_over_classes(ap, positives[0], self.min_positives), strict=True))
+        metrics.update(group_means(ap, positives[0], self.class_groups, self.min_positives))
         metrics["map_difficult"] = mean_over_classes(self.average_precision(True).cpu(), positives[1],
                                                      self.min_positives)[0]
         plain, top = self.sums["threshold_counts"].cpu()

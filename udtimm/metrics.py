@@ -56,6 +56,10 @@ METRIC_COLUMNS: tuple[MetricColumn, ...] = (
     _top("or", "OR"),
     _top("of1", "OF1"),
     MetricColumn("map_difficult", "Difficult mAP", epoch_table=True),
+    # By the classes' training positives (udtimm.class_counts): nan where the run knows no counts or a group is empty.
+    MetricColumn("map_head", "head mAP"),
+    MetricColumn("map_medium", "medium mAP"),
+    MetricColumn("map_tail", "tail mAP"),
     MetricColumn("ece", "ECE", epoch_table=True, lower_is_better=True),
     MetricColumn("ece_pooled", "pooled ECE", report=False, lower_is_better=True),
     MetricColumn("brier", "Brier", report=False, lower_is_better=True),
@@ -137,6 +141,19 @@ def mean_over_classes(ap: Tensor, positives: Tensor, min_positives: int = 1) -> 
     counted = positives >= max(min_positives, 1)  # a class without positive has no AP, whatever the minimum
     few = (positives > 0) & ~counted
     return 100.0 * ap[counted].mean().item(), int(counted.sum()), int(few.sum())
+
+
+GROUP_COLUMNS = ("map_head", "map_medium", "map_tail")  # the order of udtimm.class_counts.CLASS_GROUPS
+
+
+def group_means(ap: Tensor, positives: Tensor, groups: Tensor | None, min_positives: int = 1) -> dict[str, float]:
+    """mAP in percent of each class group (`groups` [C]: index in GROUP_COLUMNS, from the training counts), as
+    mean_over_classes; all nan without groups."""
+    if groups is None:
+        return dict.fromkeys(GROUP_COLUMNS, _NAN)
+    groups = groups.to(ap.device)
+    return {name: mean_over_classes(ap[groups == index], positives[groups == index], min_positives)[0]
+            for index, name in enumerate(GROUP_COLUMNS)}
 
 
 def _f1(precision: float, recall: float) -> float:
@@ -302,13 +319,15 @@ def compute_metrics(
     n_bins: int = 15,
     difficult_as_negative: bool = False,
     min_positives: int = 1,
+    class_groups: Tensor | None = None,
 ) -> dict[str, float]:
     """All evaluation metrics (docs/method.md#metrics, Eq. 2, Table 2) as one flat dict keyed by
-    metric_names(topk)."""
+    metric_names(topk); `class_groups` [C] (udtimm.class_counts.class_groups) gives the head/medium/tail mAPs."""
     s, positive, keep = prepare(scores, target, difficult)
+    ap, positives = _ap_columns(s, positive, keep), (positive & keep).sum(0)
     metrics = dict(zip(("map", "num_classes_evaluated", "num_classes_few_positives"),
-                       mean_over_classes(_ap_columns(s, positive, keep), (positive & keep).sum(0), min_positives),
-                       strict=True))
+                       mean_over_classes(ap, positives, min_positives), strict=True))
+    metrics.update(group_means(ap, positives, class_groups, min_positives))
     metrics.update(threshold_metrics(scores, target, difficult, threshold, difficult_as_negative=difficult_as_negative))
     top = threshold_metrics(scores, target, difficult, threshold, topk, difficult_as_negative)
     metrics.update({f"{name}_top{topk}": value for name, value in top.items()})

@@ -15,6 +15,7 @@ from torch import Tensor
 from udtimm import losses
 from udtimm.attention import DEFAULT_FORM, AttentionForm, uncertainty_attention
 from udtimm.checkpoint import check_classes
+from udtimm.class_counts import ClassCounts
 from udtimm.errors import ConfigError
 from udtimm.mixing import Mix
 from udtimm.model import CalibratedModel, ModelOutput
@@ -30,6 +31,18 @@ class LossOptions:
     asl_gamma_neg: float = 4.0  # --asl-gamma-neg
     asl_gamma_pos: float = 0.0  # --asl-gamma-pos
     asl_clip: float = 0.05  # --asl-clip
+    # Distribution-Balanced loss (Wu et al. 2020; the official COCO-LT config's values): the re-balancing map
+    # alpha + sigmoid(beta (r - mu)), the negatives' logit scale lambda and the bias factor kappa.
+    db_map_alpha: float = 0.1  # --db-map-alpha
+    db_map_beta: float = 10.0  # --db-map-beta
+    db_map_mu: float = 0.2  # --db-map-mu
+    db_neg_scale: float = 2.0  # --db-neg-scale
+    db_bias_factor: float = 0.05  # --db-bias-factor
+    cb_beta: float = 0.9999  # --cb-beta: class-balanced weights (1 - beta) / (1 - beta^n) (Cui et al. 2019)
+    focal_gamma: float = 2.0  # --focal-gamma: db-focal and cb-focal
+    two_way_tp: float = 4.0  # --two-way-tp: temperature of the positives (Kobayashi 2023)
+    two_way_tn: float = 1.0  # --two-way-tn: temperature of the negatives
+    class_counts: ClassCounts | None = None  # the training split's (no flag): what db and cb weigh by
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,44 @@ CLASSIFICATION_LOSSES: dict[str, Callable[[LossOptions], LossFunction]] = {
     "one-over-k": lambda options: losses.one_over_k_loss,
     "asl": lambda options: partial(losses.asymmetric_loss, gamma_neg=options.asl_gamma_neg,
                                    gamma_pos=options.asl_gamma_pos, clip=options.asl_clip),
+    "db": lambda options: distribution_balanced(options, "db", focal_gamma=0.0, focal_scale=1.0),
+    # The official DB-focal config's focal term: (1 - p_t)^gamma, times 2.
+    "db-focal": lambda options: distribution_balanced(options, "db-focal", focal_gamma=options.focal_gamma,
+                                                      focal_scale=2.0),
+    "cb-bce": lambda options: partial(losses.class_balanced_loss, positives=training_counts(options, "cb-bce")[0],
+                                      beta=options.cb_beta, focal_gamma=0.0),
+    "cb-focal": lambda options: partial(losses.class_balanced_loss, positives=training_counts(options, "cb-focal")[0],
+                                        beta=options.cb_beta, focal_gamma=options.focal_gamma),
+    "two-way": lambda options: partial(losses.two_way_loss, positive_temperature=options.two_way_tp,
+                                       negative_temperature=options.two_way_tn),
 }
+_DB, _CB = ("db", "db-focal"), ("cb-bce", "cb-focal")
+# Each loss setting (LossOptions' flags) and the losses that read it: any other --loss leaves it unused.
+LOSS_SETTINGS: dict[str, tuple[str, ...]] = {
+    "temperature": ("temperature",), "asl_gamma_neg": ("asl",), "asl_gamma_pos": ("asl",), "asl_clip": ("asl",),
+    "db_map_alpha": _DB, "db_map_beta": _DB, "db_map_mu": _DB, "db_neg_scale": _DB, "db_bias_factor": _DB,
+    "cb_beta": _CB, "focal_gamma": ("db-focal", "cb-focal"), "two_way_tp": ("two-way",), "two_way_tn": ("two-way",),
+}
+
+
+def unused_loss_settings(loss: str, changed: list[str]) -> list[str]:
+    """The settings among `changed` (LossOptions' names) that --loss `loss` does not read."""
+    return [name for name in changed if loss not in LOSS_SETTINGS[name]]
+
+
+def training_counts(options: LossOptions, loss: str) -> tuple[Tensor, Tensor]:
+    """(positives, annotated) per class for a re-balanced loss, with ClassCounts' fallback for empty classes."""
+    if options.class_counts is None:
+        raise ConfigError(f"--loss {loss} weighs by the training split's class counts, and none were given")
+    return options.class_counts.loss_tensors()
+
+
+def distribution_balanced(options: LossOptions, loss: str, focal_gamma: float, focal_scale: float) -> LossFunction:
+    positives, annotated = training_counts(options, loss)
+    return partial(losses.distribution_balanced_loss, positives=positives, annotated=annotated,
+                   map_alpha=options.db_map_alpha, map_beta=options.db_map_beta, map_mu=options.db_map_mu,
+                   neg_scale=options.db_neg_scale, bias_factor=options.db_bias_factor, focal_gamma=focal_gamma,
+                   focal_scale=focal_scale)
 
 
 class Objective(Protocol):

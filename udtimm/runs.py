@@ -3,15 +3,25 @@ results at the end."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import torch
 from accelerate import Accelerator
 
 from udtimm import loaders
 from udtimm.checkpoint import find_training_state, model_metadata
+from udtimm.class_counts import (
+    CLASS_GROUPS,
+    ClassCounts,
+    check_same_counts,
+    class_groups,
+    counts_table,
+    group_thresholds,
+)
 from udtimm.config import ConfigError, experiment_name, save_args
 from udtimm.data.base import MultiLabelDataset
 from udtimm.devices import place_model
@@ -115,10 +125,12 @@ def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: 
                           + "".join(f"; {split}: metrics from binned statistics (--eval-memory)"
                                     for split, on in ((data.val_split, binned["eval"]),
                                                       (data.test_split, binned["test"])) if on))
+        counts, thresholds, groups = training_counts(data, train_set, run_dir, accelerator)
         metadata = model_metadata(model_settings.model, bare_model(accelerator, model), train_set.classes,
                                   model_settings.global_pool, data.img_size, mean, std, dataset=data.source.name,
                                   method=method, teacher=teacher, model_kwargs=model_settings.model_kwargs,
-                                  provenance=provenance_record(data))
+                                  provenance=provenance_record(data), class_counts=counts.to_json(),
+                                  class_groups=json.dumps(thresholds), head_lr_mult=str(settings.optim.head_lr_mult))
         setup = RunSetup(
             run_dir=run_dir, model=model, optimizer=optimizer, scheduler=scheduler, train_loader=train_loader,
             eval_loader=eval_loader, objective=make_objective(normalisation), metadata=metadata,
@@ -127,9 +139,27 @@ def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: 
             train_transform=train_transform, eval_transform=eval_transform, prefetch=data.prefetch,
             test_loader=test_loader, test_transform=test_transform,
             result_fields=result_fields(settings, method, teacher),
-            ema=make_ema(settings.optim, bare_model(accelerator, model)),
+            ema=make_ema(settings.optim, bare_model(accelerator, model)), class_groups=groups,
         )
         return fit_and_report(settings, setup, accelerator)
+
+
+def training_counts(data: DataSettings, train_set: MultiLabelDataset, run_dir: str, accelerator: Accelerator,
+                    ) -> tuple[ClassCounts, tuple[float, float], torch.Tensor]:
+    """The training split's class counts, the group thresholds and each class's group (udtimm.class_counts), written
+    to class_counts.csv when the run starts and checked against it when it resumes."""
+    counts = ClassCounts.of(train_set, data.difficult)
+    thresholds = group_thresholds(counts, data.class_groups)
+    groups = class_groups(counts, thresholds)
+    path = os.path.join(run_dir, "class_counts.csv")
+    if os.path.isfile(path):
+        check_same_counts(path, train_set.classes, counts)
+    elif accelerator.is_main_process:
+        atomic_write_text(path, counts_table(train_set.classes, counts, groups))
+    sizes = torch.bincount(groups, minlength=len(CLASS_GROUPS)).tolist()
+    accelerator.print(f"classes by training positives (class_counts.csv): {sizes[0]} head (> {thresholds[0]:.1f}), "
+                      f"{sizes[1]} medium, {sizes[2]} tail (< {thresholds[1]:.1f})")
+    return counts, thresholds, groups
 
 
 def fit_and_report(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -> dict[str, object]:

@@ -29,6 +29,7 @@ class DataSettings:
     drop_labels_seed: int
     eval_difficult_negative: bool
     min_positives: int  # mAP averages the classes with at least this many evaluated positives
+    class_groups: tuple[float, float] | None  # --class-groups: head above, tail below (None: VOC-LT's, scaled)
     eval_memory: str  # exact, binned or auto (udtimm.metric_statistics.binned_evaluation)
     eval_bins: int  # AP bins per class of the binned evaluation
     skip_corrupt: bool
@@ -64,6 +65,7 @@ class OptimSettings:
     epochs: int
     opt: str
     lr: float
+    head_lr_mult: float  # the classifier's (and calibration branch's) rate: this times the backbone's, every step
     momentum: float
     weight_decay: float
     sched: str

@@ -65,6 +65,7 @@ class RunSetup:
     # (metric_statistics.binned_evaluation), not from every score.
     eval_binned: bool = False
     test_binned: bool = False
+    class_groups: torch.Tensor | None = None  # [C] head/medium/tail by training positives (udtimm.class_counts)
 
     def train_batches(self, device: torch.device) -> DeviceFeeder:
         return DeviceFeeder(self.train_loader, self.train_transform, device, self.prefetch)
@@ -88,16 +89,19 @@ def evaluate(model: nn.Module, setup: RunSetup, accelerator: Accelerator, data: 
     if not (setup.test_binned if test else setup.eval_binned):
         return predict(model, batches, accelerator, show_progress)
     statistics = MetricStatistics(setup.num_classes, difficult_as_negative=data.eval_difficult_negative,
-                                  min_positives=data.min_positives, ap_bins=data.eval_bins, device=device)
+                                  min_positives=data.min_positives, ap_bins=data.eval_bins, device=device,
+                                  class_groups=setup.class_groups)
     return evaluate_streaming(model, batches, accelerator, statistics, show_progress)
 
 
-def evaluate_metrics(evaluated: Evaluated, data: DataSettings) -> dict[str, float]:
-    """compute_metrics' dict of a split, with the evaluation flags (--eval-difficult-negative, --min-positives)."""
+def evaluate_metrics(evaluated: Evaluated, data: DataSettings, class_groups: torch.Tensor | None) -> dict[str, float]:
+    """compute_metrics' dict of a split, with the evaluation flags (--eval-difficult-negative, --min-positives) and
+    the run's class groups."""
     if isinstance(evaluated, MetricStatistics):
         return evaluated.compute()
     return metrics.compute_metrics(evaluated.scores, evaluated.target, evaluated.difficult,
-                                   difficult_as_negative=data.eval_difficult_negative, min_positives=data.min_positives)
+                                   difficult_as_negative=data.eval_difficult_negative, min_positives=data.min_positives,
+                                   class_groups=class_groups)
 
 
 def truncate_summary(path: str, last_epoch: int) -> None:
@@ -214,7 +218,7 @@ def fit(settings: TrainingSettings, setup: RunSetup, accelerator: Accelerator) -
         evaluated = (epoch + 1) % runtime.eval_interval == 0 or epoch + 1 == epochs
         if evaluated:  # the weights the checkpoints get: the main process's BatchNorm statistics on every process
             broadcast_buffers(bare_model(accelerator, model), accelerator)
-        scores = evaluate_metrics(evaluate(model, setup, accelerator, data, show_progress), data) \
+        scores = evaluate_metrics(evaluate(model, setup, accelerator, data, show_progress), data, setup.class_groups) \
             if evaluated else dict.fromkeys(metrics.METRIC_NAMES, math.nan)
         row.update(scores)
         weights_scores = {RAW: scores}
@@ -254,7 +258,8 @@ def evaluate_ema(setup: RunSetup, accelerator: Accelerator, data: DataSettings,
                  show_progress: bool) -> dict[str, float]:
     """The metrics of the EMA weights, the main process's on every process (those best.safetensors would hold)."""
     broadcast_buffers(setup.ema.module, accelerator)
-    return evaluate_metrics(evaluate(setup.ema.module, setup, accelerator, data, show_progress), data)
+    return evaluate_metrics(evaluate(setup.ema.module, setup, accelerator, data, show_progress), data,
+                            setup.class_groups)
 
 
 def final_results(setup: RunSetup, accelerator: Accelerator, data: DataSettings,
@@ -269,8 +274,8 @@ def final_results(setup: RunSetup, accelerator: Accelerator, data: DataSettings,
     if not best_is_last:  # the same weights need not be evaluated twice
         checkpoint.load_weights(bare_model(accelerator, setup.model), tensors, best_path)
     best = last if best_is_last else evaluate(setup.model, setup, accelerator, data, show_progress, test=True)
-    last_scores = evaluate_metrics(last, data)
-    best_scores = last_scores if best_is_last else evaluate_metrics(best, data)
+    last_scores = evaluate_metrics(last, data, setup.class_groups)
+    best_scores = last_scores if best_is_last else evaluate_metrics(best, data, setup.class_groups)
     row = {**setup.result_fields, **best_scores,
            "best_epoch": int(metadata["epoch"]), "best_weights": metadata.get("weights", RAW),
            f"selection_{BEST_METRIC}": float(metadata["metric_value"]), "checkpoint": best_path,

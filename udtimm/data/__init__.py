@@ -117,12 +117,14 @@ class HfSpec(DatasetSpec):
 
 
 def digits_cache_dir(num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST, seed: int = DIGITS_SEED,
-                     ambiguous: bool = False, **_: Any) -> str:
+                     ambiguous: bool = False, long_tail: float | None = None, **_: Any) -> str:
     """The digits folder under $UDTIMM_CACHE; a set of another size, seed or kind gets its own, never clashing."""
     cache = os.environ.get("UDTIMM_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "udtimm")
     name = "digits"
     if (num_trainval, num_test, seed) != (DIGITS_TRAINVAL, DIGITS_TEST, DIGITS_SEED):
         name += f"-{num_trainval}-{num_test}" + (f"-seed{seed}" if seed else "")
+    if long_tail is not None:
+        name += "-lt" + repr(float(long_tail)).removesuffix(".0")  # exact: two ratios never share a folder
     return os.path.join(cache, name + ("-ambiguous" if ambiguous else ""))
 
 
@@ -148,10 +150,10 @@ DATASETS: dict[str, DatasetSpec] = {
 
 
 def default_data_dir(name: str, num_trainval: int = DIGITS_TRAINVAL, num_test: int = DIGITS_TEST,
-                     seed: int = DIGITS_SEED, ambiguous: bool = False) -> str | None:
+                     seed: int = DIGITS_SEED, ambiguous: bool = False, long_tail: float | None = None) -> str | None:
     """Where `name` lives when no --data-dir is given, or None when it has no default (only digits has one)."""
     spec = DATASETS[name]
-    return spec.default_root(num_trainval, num_test, seed, ambiguous) if spec.default_root else None
+    return spec.default_root(num_trainval, num_test, seed, ambiguous, long_tail) if spec.default_root else None
 
 
 def build_dataset(

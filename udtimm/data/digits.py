@@ -9,11 +9,17 @@ covered by a later digit is marked difficult, as VOC does.
 small; a share of them is degraded until it can hardly be read (tiny below what the network resolves, blurred,
 faint or covered) and marked difficult. The default set does not change.
 
+`long_tail=RATIO` (`--digits-long-tail`) makes the trainval split long-tailed: the expected number of its images
+holding a class falls geometrically from `zero`, the most frequent, to `nine`, RATIO times rarer. Each digit's class
+is drawn first, with the per-digit probabilities of long_tail_probabilities, then a sample of that class. The val
+and test splits stay balanced.
+
 Splits: `trainval` and `test` (test scenes use handwritten samples that trainval never shows), and a held-out `val`
 split (half as many scenes as test), written beside them the first time it is asked for: new scenes composed from
 the trainval samples, for choosing what training must not see (per-class thresholds, validate.py --tune-thresholds).
 
     python -m udtimm.data.digits --out DIR [--num-trainval N] [--num-test N] [--seed S] [--ambiguous]
+                                 [--long-tail RATIO]
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ import shutil
 import numpy as np
 from PIL import Image
 from scipy import ndimage
+from scipy.optimize import brentq
 
+from udtimm.errors import ConfigError
 from udtimm.io import atomic_write_text
 
 from . import DIGITS_SEED, DIGITS_TEST, DIGITS_TRAINVAL
@@ -46,6 +54,7 @@ _SMALL_HEIGHT = 0.22  # shorter than this: difficult
 _MIN_INSIDE = 0.70  # less of the ink than this inside the image: difficult
 _MAX_OCCLUDED = 0.50  # more of the visible ink than this covered by later digits: difficult
 _INK = 0.4  # alpha above which a pixel counts as ink
+_DIGITS_PER_IMAGE = (0.25, 0.35, 0.25, 0.15)  # probabilities of 1, 2, 3 and 4 digits in a scene
 _TEST_GLYPHS = 0.3  # share of the 1,797 handwritten samples reserved for test images, so that test is unseen
 VAL_STREAM = 1  # the val split's scenes come from the generator seeded by (seed, VAL_STREAM)
 # Dark background with bright digits, or the reverse: luminance ranges keep every digit contrasting.
@@ -69,22 +78,28 @@ def ensure_digits(
     seed: int = DIGITS_SEED,
     with_val: bool = False,
     ambiguous: bool = False,
+    long_tail: float | None = None,
 ) -> str:
     """Generate the digits dataset under `root` unless it is already there; return `root` (absolute).
 
     Safe when several processes (distributed ranks) call it at once: one generates into a temporary sibling under
     an fcntl lock and renames it into place; the others wait and find it complete. A dataset made with other
     parameters raises DatasetError. `with_val` also writes the held-out `val` split if it is not there yet.
-    `ambiguous` degrades a share of the digits until they are ambiguous (the module's docstring).
+    `ambiguous` degrades a share of the digits until they are ambiguous; `long_tail` makes trainval long-tailed with
+    that ratio of the most to the least frequent class (the module's docstring).
     """
     if num_trainval < 1 or num_test < 1:
         raise ValueError(f"num_trainval and num_test must be >= 1, got {num_trainval} and {num_test}")
     if not 16 <= min_size <= max_size:
         raise ValueError(f"need 16 <= min_size <= max_size, got min_size={min_size} max_size={max_size}")
+    if long_tail is not None:
+        check_long_tail(long_tail)
     params = {"format": FORMAT_VERSION, "num_trainval": num_trainval, "num_test": num_test,
               "min_size": min_size, "max_size": max_size, "seed": seed}
     if ambiguous:  # only then: the marker of a default set stays as it was written
         params["ambiguous"] = True
+    if long_tail is not None:
+        params["long_tail"] = float(long_tail)
     root = os.path.abspath(os.path.expanduser(root))
     if _is_complete(root, params) and (not with_val or _has_val(root)):
         return root
@@ -156,8 +171,10 @@ def _generate(out: str, params: dict) -> None:
         pools = {"test": _trainval_glyphs(len(glyphs)), "trainval": _trainval_glyphs(len(glyphs))}
 
     first_id = 1
+    long_tail = params.get("long_tail")
     for split in ("trainval", "test"):
-        _write_split(voc, split, first_id, params[f"num_{split}"], rng, glyphs, labels, pools[split], params)
+        class_p = long_tail_probabilities(long_tail) if split == "trainval" and long_tail is not None else None
+        _write_split(voc, split, first_id, params[f"num_{split}"], rng, glyphs, labels, pools[split], params, class_p)
         first_id += params[f"num_{split}"]
 
 
@@ -175,18 +192,48 @@ def _trainval_glyphs(num_glyphs: int) -> np.ndarray:
 
 
 def _write_split(voc: str, split: str, first_id: int, count: int, rng: np.random.Generator, glyphs: np.ndarray,
-                 labels: np.ndarray, pool: np.ndarray, params: dict) -> None:
-    """`count` scenes with ids from `first_id`: images, annotations, and the split file last."""
+                 labels: np.ndarray, pool: np.ndarray, params: dict, class_p: np.ndarray | None = None) -> None:
+    """`count` scenes with ids from `first_id`: images, annotations, and the split file last. `class_p`: each
+    digit's class probabilities (None: a sample drawn uniformly from `pool`, so the classes are balanced)."""
     ids = []
     for image_id in (f"{number:06d}" for number in range(first_id, first_id + count)):
         image, objects = _compose(rng, glyphs, labels, pool, params["min_size"], params["max_size"],
-                                  params.get("ambiguous", False))
+                                  params.get("ambiguous", False), class_p)
         Image.fromarray(image).save(os.path.join(voc, "JPEGImages", f"{image_id}.jpg"), quality=90)
         with open(os.path.join(voc, "Annotations", f"{image_id}.xml"), "wb") as f:
             f.write(_annotation_xml(image_id, image.shape[1], image.shape[0], objects))
         ids.append(image_id)
     # The split file is written last and renamed into place: a split is listed only once all its files are there.
     atomic_write_text(os.path.join(voc, "ImageSets", "Main", f"{split}.txt"), "\n".join(ids) + "\n")
+
+
+def check_long_tail(ratio: float) -> None:
+    """ConfigError unless `ratio` is a long-tail ratio: finite and above 1 (1 is the balanced default set)."""
+    if not 1 < ratio < float("inf"):
+        raise ConfigError(f"--digits-long-tail must be a finite ratio > 1 (the most frequent class over the least "
+                          f"frequent; 1 would be the balanced default set), got {ratio}")
+
+
+def image_frequencies(class_p: np.ndarray) -> np.ndarray:
+    """Expected share of the scenes that hold each class, when each digit is of class c with probability
+    class_p[c]: one minus the chance that none of the scene's 1-4 digits is."""
+    no_digit = 1 - np.asarray(class_p, dtype=np.float64)[..., None]
+    return 1 - (np.asarray(_DIGITS_PER_IMAGE) * no_digit ** np.arange(1, len(_DIGITS_PER_IMAGE) + 1)).sum(-1)
+
+
+def long_tail_probabilities(ratio: float, num_classes: int = len(DIGIT_CLASSES)) -> np.ndarray:
+    """Per-digit class probabilities, summing to 1, whose image_frequencies fall geometrically by `ratio`."""
+    check_long_tail(ratio)
+    shares = ratio ** (-np.arange(num_classes) / (num_classes - 1))
+
+    def digit_p(head: float) -> np.ndarray:
+        # image_frequencies rises monotonically from 0 (p = 0) to 1 (p = 1): each target has one root.
+        return np.array([brentq(lambda p, target=head * share: image_frequencies(p) - target, 0.0, 1.0, xtol=1e-15)
+                         for share in shares])
+
+    # The p sum to 1 for exactly one frequency `head` of the first class: below 1 at a tiny head, above at head 1.
+    head = brentq(lambda head: digit_p(head).sum() - 1, 1e-9, 1.0, xtol=1e-15)
+    return digit_p(head)
 
 
 def num_val_images(num_test: int) -> int:
@@ -210,9 +257,10 @@ def _generate_val(root: str, params: dict) -> None:
 
 def _compose(
     rng: np.random.Generator, glyphs: np.ndarray, labels: np.ndarray, pool: np.ndarray, min_size: int, max_size: int,
-    ambiguous: bool = False,
+    ambiguous: bool = False, class_p: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[dict]]:
-    """One scene: uint8 [H, W, 3] image and its objects (class, 1-based VOC box, truncated, difficult)."""
+    """One scene: uint8 [H, W, 3] image and its objects (class, 1-based VOC box, truncated, difficult); `class_p`
+    as _write_split's."""
     width = int(rng.integers(min_size, max_size + 1))
     height = int(np.clip(round(width * rng.uniform(0.85, 1.15)), min_size, max_size))
     side = min(width, height)
@@ -242,8 +290,12 @@ def _compose(
     # Digits, pasted in order; later ones may cover earlier ones.
     placed = []  # (class, full alpha, x0, y0, box height, degraded)
     covered = np.zeros((height, width), dtype=bool)
-    for _ in range(int(rng.choice(4, p=[0.25, 0.35, 0.25, 0.15])) + 1):
-        g = int(rng.choice(pool))
+    for _ in range(int(rng.choice(len(_DIGITS_PER_IMAGE), p=_DIGITS_PER_IMAGE)) + 1):
+        if class_p is None:  # the default sets' stream of draws, unchanged
+            g = int(rng.choice(pool))
+        else:
+            cls = rng.choice(len(class_p), p=class_p)
+            g = int(rng.choice(pool[labels[pool] == cls]))
         degradation = str(rng.choice(DEGRADATIONS)) if ambiguous and rng.random() < _DEGRADED_SHARE else None
         # An ambiguous set has no digit that is merely small: small is tiny, and tiny is a degradation.
         height_range = _TINY_HEIGHT if degradation == "tiny" else (_SMALL_HEIGHT if ambiguous else _MIN_HEIGHT,
@@ -382,11 +434,14 @@ def main() -> None:
     parser.add_argument("--max-size", type=int, default=96)
     parser.add_argument("--seed", type=int, default=DIGITS_SEED)
     parser.add_argument("--ambiguous", action="store_true", help="degrade a share of the digits until ambiguous")
+    parser.add_argument("--long-tail", type=float, default=None, metavar="RATIO",
+                        help="as --digits-long-tail: trainval classes fall geometrically, zero RATIO times as "
+                             "frequent as nine")
     args = parser.parse_args()
     try:
         root = ensure_digits(args.out, args.num_trainval, args.num_test, args.min_size, args.max_size, args.seed,
-                             ambiguous=args.ambiguous)
-    except DatasetError as e:
+                             ambiguous=args.ambiguous, long_tail=args.long_tail)
+    except (ConfigError, DatasetError) as e:
         parser.exit(1, f"error: {e}\n")
     print(root)
 
