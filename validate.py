@@ -326,6 +326,9 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
                                      config.data_source(args, dataset_name(args, predictor.metadata)))
     if mismatch:
         accelerator.print(f"warning: {mismatch}")
+    if args.class_groups and "class_counts" not in predictor.metadata:
+        accelerator.print(f"warning: --class-groups does nothing: {args.checkpoint} records no training class "
+                          "counts (saved before runs kept them), so map_head, map_medium and map_tail stay empty")
     dataset = load_dataset(args, predictor.metadata, accelerator, args.split)
     binned = binned_evaluation(args.eval_memory, len(dataset), len(dataset.classes))
     if binned:

@@ -175,6 +175,13 @@ def arm_results(table: pd.DataFrame) -> pd.DataFrame:
     return results
 
 
+def run_and_tabulate(args: argparse.Namespace, jobs: list[Job]) -> tuple[float, pd.DataFrame]:
+    """The plan's runs in --out (run_in: the minutes they took), then their long table written to --results and
+    read back as arm_results."""
+    minutes = run_in(os.path.abspath(args.out), jobs, args)
+    return minutes, arm_results(write_long_table(args.results, jobs))
+
+
 def mean_std(values: pd.Series) -> str:
     return f"{values.mean():.2f} ± {values.std(ddof=1):.2f}"
 
@@ -193,8 +200,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
     jobs = plan(args)
-    minutes = run_in(out, jobs, args)
-    runs = arm_results(write_long_table(args.results, jobs))
+    minutes, runs = run_and_tabulate(args, jobs)
     report = f"## Teachers and students (test split; val mAP chose the checkpoint)\n\n{arm_table(runs)}"
     atomic_write_text(os.path.join(out, "report.md"), report + "\n" + report_table([job.run_dir for job in jobs]))
     claims = (f"{to_markdown(claims_table(runs, (*CLAIMS, *POST_HOC)))}\ndistill.py's defaults, decided on val:\n\n"

@@ -25,8 +25,8 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
-from benchmarks.common import ROOT, Job, add_run_args, run_in, write_long_table  # noqa: E402
-from benchmarks.distill_digits import arm_results, arm_table  # noqa: E402
+from benchmarks.common import ROOT, Job, add_run_args  # noqa: E402
+from benchmarks.distill_digits import arm_table, run_and_tabulate  # noqa: E402
 from benchmarks.pretrain_digits import ARCHITECTURES, pretrained_flags  # noqa: E402
 from udtimm.claims import Claim, claims_table, to_markdown  # noqa: E402
 from udtimm.io import atomic_write_text  # noqa: E402
@@ -97,9 +97,7 @@ def recommended(results: pd.DataFrame) -> str:
 def main(argv: Sequence[str] | None = None) -> None:
     args = parse_args(argv)
     out = os.path.abspath(args.out)
-    jobs = plan(args)
-    minutes = run_in(out, jobs, args)
-    runs = arm_results(write_long_table(args.results, jobs))
+    minutes, runs = run_and_tabulate(args, plan(args))
     report = (f"## Long-tailed digits, ratio 100 (test split; val mAP chose the checkpoint)\n\n"
               f"{arm_table(runs, SUMMARY)}\n"
               f"Highest mean val mAP (the registered choice): `--loss {recommended(runs)}`\n")

@@ -20,7 +20,14 @@ import pandas as pd
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # runnable from any directory
 
-from benchmarks import calibration_digits, distill_digits, missing_labels_digits, scale  # noqa: E402
+from benchmarks import (  # noqa: E402
+    calibration_digits,
+    distill_digits,
+    heads_digits,
+    long_tail_digits,
+    missing_labels_digits,
+    scale,
+)
 from benchmarks.common import RESULTS_DIR, ROOT  # noqa: E402
 from udtimm.claims import Claim, claims_table, interval, paired_differences, to_markdown  # noqa: E402
 from udtimm.io import atomic_write_text, read_text  # noqa: E402
@@ -114,6 +121,36 @@ def calibration(method: str) -> str:
             + to_markdown(claims_table(results, calibration_digits.claims(method))))
 
 
+def long_tail_arms() -> str:
+    results = results_table("long_tail_digits")
+    return (distill_digits.arm_table(results, long_tail_digits.SUMMARY)
+            + f"\nHighest mean val mAP (the registered choice): `--loss {long_tail_digits.recommended(results)}`.\n")
+
+
+def long_tail_short() -> str:
+    """Markdown: per loss, test mAP, tail mAP and mAP with `--cal`, mean ± std over seeds."""
+    results = results_table("long_tail_digits")
+    lines = ["| `--loss` | mAP | tail mAP | with `--cal` |", "|---|---|---|---|"]
+    for loss in long_tail_digits.LOSSES:
+        cells = [distill_digits.mean_std(results[results["method"] == arm][metric])
+                 for arm, metric in ((loss, "map"), (loss, "map_tail"), (f"{loss}+cal", "map"))]
+        lines.append(f"| {loss} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def heads_pretrained_short() -> str:
+    """Markdown: per head, test mAP of each pretrained-setting variant, mean ± std over seeds."""
+    results = results_table("heads_digits_pretrained")
+    variants = (("", "`--head-lr-mult 1`"), ("-lr10", "10"), ("-lr10+mix", "10 + mixing"),
+                ("-lr10-long", "10, 16 epochs"))
+    lines = ["| head | " + " | ".join(heading for _, heading in variants) + " |", "|---|" + "---|" * len(variants)]
+    for head in heads_digits.HEADS:
+        cells = [distill_digits.mean_std(results[results["method"] == f"{head}{suffix}"]["map"])
+                 for suffix, _ in variants]
+        lines.append(f"| {head} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 TABLES: dict[str, Callable[[], str]] = {
     "distill-claims-short": distill_claims_short,
     "distill-arms": distill_arms,
@@ -126,12 +163,21 @@ TABLES: dict[str, Callable[[], str]] = {
     "calibration-platt": lambda: calibration("platt"),
     "scale": lambda: scale.scale_table(pd.read_csv(os.path.join(RESULTS_DIR, "scale.csv"))),
     "scale-short": lambda: scale.scale_short(pd.read_csv(os.path.join(RESULTS_DIR, "scale.csv"))),
+    "long-tail-short": long_tail_short,
+    "long-tail-arms": long_tail_arms,
+    "long-tail-claims": lambda: to_markdown(claims_table(results_table("long_tail_digits"), long_tail_digits.CLAIMS)),
+    "heads-pretrained-short": heads_pretrained_short,
+    "heads-pretrained-arms": lambda: distill_digits.arm_table(results_table("heads_digits_pretrained")),
+    "heads-pretrained-claims": lambda: to_markdown(claims_table(results_table("heads_digits_pretrained"),
+                                                                heads_digits.PRETRAINED_CLAIMS)),
 }
 # The long table (benchmarks/results/<name>.csv) each table is made from.
 SOURCES = {**{name: "distill_digits" for name in TABLES if name.startswith("distill")},
            **{name: "missing_labels_digits" for name in TABLES if name.startswith("missing")},
            "calibration-short": "calibration_digits_platt", "calibration-per-class": "calibration_digits_per-class",
-           "calibration-platt": "calibration_digits_platt", "scale": "scale", "scale-short": "scale"}
+           "calibration-platt": "calibration_digits_platt", "scale": "scale", "scale-short": "scale",
+           **{name: "long_tail_digits" for name in TABLES if name.startswith("long-tail")},
+           **{name: "heads_digits_pretrained" for name in TABLES if name.startswith("heads-pretrained")}}
 
 
 def fill_blocks(text: str, tables: dict[str, str]) -> str:

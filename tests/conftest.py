@@ -191,3 +191,32 @@ def data_flags(data_dir: str) -> list[str]:
     """Where the tiny set is; everything else comes from the checkpoint."""
     return ["--data-dir", data_dir, "--digits-trainval", str(TINY_DIGITS["num_trainval"]),
             "--digits-test", str(TINY_DIGITS["num_test"]), "--workers", "0", "--no-progress"]
+
+
+def value_and_grad(fn, z, *args, **kwargs):
+    """A loss of `z` and its gradient with respect to `z`."""
+    z = z.detach().clone().requires_grad_(True)
+    loss = fn(z, *args, **kwargs)
+    (grad,) = torch.autograd.grad(loss, z)
+    return loss, grad
+
+
+def assert_matches_reference(fn, ref, z, y, m, grad_rtol: float = 1e-4) -> None:
+    """`fn` on float32 logits against the float64 reference `ref`: finite, value and gradient within float32's
+    tolerance (`m` None: every pair counts)."""
+    loss, grad = value_and_grad(fn, z.float(), y.float(), m)
+    ref_loss, ref_grad = value_and_grad(ref, z, y, torch.ones_like(y, dtype=torch.bool) if m is None else m)
+    assert loss.dtype == torch.float32
+    assert torch.isfinite(loss) and torch.isfinite(grad).all()
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=grad_rtol, atol=1e-6)
+
+
+def assert_bf16_computed_in_float32(fn, ref, z16, y, m) -> None:
+    """`fn` on bf16 logits: a float32 loss equal to the reference's on those very logits, a bf16 gradient."""
+    loss, grad = value_and_grad(fn, z16, y.float(), m)
+    ref_loss, ref_grad = value_and_grad(ref, z16.double(), y, m)
+    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
+    # The loss from the bf16 logits exactly, not from logits rounded again on the way.
+    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-3)

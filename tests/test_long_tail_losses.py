@@ -10,6 +10,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_bf16_computed_in_float32, assert_matches_reference, value_and_grad
 
 from udtimm.losses import (
     apply_label_policies,
@@ -162,13 +163,6 @@ def _cases():
     }
 
 
-def _value_and_grad(fn, z, *args, **kwargs):
-    z = z.detach().clone().requires_grad_(True)
-    loss = fn(z, *args, **kwargs)
-    (grad,) = torch.autograd.grad(loss, z)
-    return loss, grad
-
-
 def _softplus(x):
     return math.log1p(math.exp(x))
 
@@ -183,27 +177,13 @@ def _sigmoid(x):
 @pytest.mark.parametrize("case", list(_cases()))
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_matches_the_official_formula(name, case):
-    fn, ref = LOSSES[name]
-    z, y, m = _cases()[case]
-    loss, grad = _value_and_grad(fn, z.float(), y.float(), m)
-    ref_loss, ref_grad = _value_and_grad(ref, z, y, torch.ones_like(y, dtype=torch.bool) if m is None else m)
-    assert loss.dtype == torch.float32
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-5, atol=1e-6)
+    assert_matches_reference(*LOSSES[name], *_cases()[case], grad_rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_bf16_input_is_computed_in_float32(name):
-    fn, ref = LOSSES[name]
     z, y, m = _batch()
-    z16 = (z * 3).to(torch.bfloat16)
-    loss, grad = _value_and_grad(fn, z16, y.float(), m)
-    ref_loss, ref_grad = _value_and_grad(ref, z16.double(), y, m)
-    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
-    # The loss from the bf16 logits exactly, not from logits rounded again on the way.
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-3)
+    assert_bf16_computed_in_float32(*LOSSES[name], (z * 3).to(torch.bfloat16), y, m)
 
 
 @pytest.mark.parametrize("name", list(LOSSES))
@@ -215,7 +195,7 @@ def test_an_unknown_pair_changes_nothing(name):
     difficult = torch.zeros(5, 4, dtype=torch.bool)
     difficult[0, 2] = difficult[2, 3] = difficult[4, 0] = True  # a positive, a negative, a negative
     target, mask = apply_label_policies(y.float(), difficult, "ignore")
-    base, grad = _value_and_grad(fn, z, target, mask)
+    base, grad = value_and_grad(fn, z, target, mask)
     moved, flipped = z.clone(), target.clone()
     moved[0, 2] += 7.0
     moved[2, 3] -= 5.0

@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import assert_bf16_computed_in_float32, assert_matches_reference, value_and_grad
 from test_long_tail_losses import ref_cb, ref_db, ref_two_way
 
 from udtimm.losses import (
@@ -179,13 +180,6 @@ def _cases():
     }
 
 
-def _value_and_grad(fn, z, *args, **kwargs):
-    z = z.detach().clone().requires_grad_(True)
-    loss = fn(z, *args, **kwargs)
-    (grad,) = torch.autograd.grad(loss, z)
-    return loss, grad
-
-
 # --- tests ---------------------------------------------------------------------------------------------------------
 
 
@@ -193,26 +187,13 @@ def _value_and_grad(fn, z, *args, **kwargs):
 @pytest.mark.parametrize("name", list(LABEL_LOSSES))
 def test_label_loss_matches_reference(name, case):
     fn, ref = LABEL_LOSSES[name]
-    z, y, m = _cases()[case]
-    ref_mask = torch.ones_like(y, dtype=torch.bool) if m is None else m
-    loss, grad = _value_and_grad(fn, z.float(), y.float(), m)
-    ref_loss, ref_grad = _value_and_grad(ref, z, y, ref_mask)
-    assert loss.dtype == torch.float32
-    assert torch.isfinite(loss) and torch.isfinite(grad).all()
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
+    assert_matches_reference(fn, ref, *_cases()[case])
 
 
 @pytest.mark.parametrize("name", list(LABEL_LOSSES))
 def test_label_loss_bf16_input_computed_in_float32(name):
-    fn, ref = LABEL_LOSSES[name]
     z, y, m = _edge_batch(seed=1)
-    z16 = z.to(torch.bfloat16)
-    loss, grad = _value_and_grad(fn, z16, y.float(), m)
-    ref_loss, ref_grad = _value_and_grad(ref, z16.double(), y, m)
-    assert loss.dtype == torch.float32 and grad.dtype == torch.bfloat16
-    torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(grad.double(), ref_grad, rtol=2e-2, atol=1e-3)
+    assert_bf16_computed_in_float32(*LABEL_LOSSES[name], z.to(torch.bfloat16), y, m)
 
 
 def test_asl_without_focusing_or_shifting_is_bce():
@@ -278,7 +259,7 @@ def test_partial_softmax_at_10k_classes_matches_eq11_per_sample():
     z = torch.randn(64, 10_000, generator=g, dtype=torch.float64)
     y = (torch.rand(64, 10_000, generator=g) < 0.001).double()
     y[0] = 0  # one sample without positives: left out of the mean
-    loss, grad = _value_and_grad(partial_softmax_loss, z.float(), y.float())
+    loss, grad = value_and_grad(partial_softmax_loss, z.float(), y.float())
     # Eq. 11 per sample, one logsumexp over each positive with all the sample's negatives, in float64.
     zr = z.clone().requires_grad_(True)
     per_sample = []
@@ -356,7 +337,7 @@ def test_ignored_pair_changes_nothing(name):
     def loss_of(logits):
         return LABEL_LOSSES[name][0](logits, target, mask)
 
-    base, grad = _value_and_grad(loss_of, z)
+    base, grad = value_and_grad(loss_of, z)
     moved = z.clone()
     moved[0, 2] += 7.0
     moved[1, 3] -= 5.0

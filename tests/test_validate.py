@@ -129,6 +129,17 @@ def test_class_groups_come_from_the_run_unless_given(best: str, single_process: 
     assert np.isnan(everything_medium["map_head"]) and np.isnan(everything_medium["map_tail"])
 
 
+def test_a_checkpoint_without_class_counts_leaves_the_group_columns_empty_and_says_so(best: str, tiny_digits: str,
+                                                                                       tmp_path, capsys) -> None:
+    tensors, metadata = checkpoint.load_checkpoint(best)
+    older = str(tmp_path / "older.safetensors")
+    save_file(tensors, older, metadata={key: value for key, value in metadata.items()
+                                        if key not in ("class_counts", "class_groups")})
+    found = validate.main(["--checkpoint", older, *data_flags(tiny_digits), "--class-groups", "10", "2"])
+    assert all(np.isnan(found[name]) for name in ("map_head", "map_medium", "map_tail")) and found["map"] > 0
+    assert "warning: --class-groups does nothing" in capsys.readouterr().out
+
+
 def test_per_class_table_is_printed_and_written_beside_the_checkpoint(best: str, tiny_digits: str, tmp_path,
                                                                        capsys) -> None:
     checkpoint_copy = str(tmp_path / "best.safetensors")

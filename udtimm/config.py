@@ -202,7 +202,8 @@ def add_data_args(parser: argparse.ArgumentParser, distillation: bool) -> None:
 def add_evaluation_args(group: argparse._ArgumentGroup) -> None:
     """How a split is evaluated (docs/method.md#evaluation-in-bounded-memory), for train.py, distill.py and
     validate.py: --min-positives, --class-groups, --eval-memory, --eval-bins. A resume keeps --min-positives, since
-    the best mAP saved is one of that average; the path may change (its mAP moves by less than 0.05)."""
+    the best mAP saved is one of that average, and --class-groups, so that every epoch's group columns average the
+    same classes; the path may change (its mAP moves by less than 0.05)."""
     add_fixed(group, "--min-positives", type=int, default=1, metavar="K",
               help="mAP and Difficult mAP average the classes with at least K evaluated positives in the evaluated "
                    "images (OpenImages' protocol); the num_classes_few_positives column counts those left out "
@@ -214,7 +215,7 @@ def add_evaluation_args(group: argparse._ArgumentGroup) -> None:
                             "equal; validate.py then refuses --save-preds, --plots, --per-class, --calibrate and "
                             "--tune-thresholds, which need every score); auto: exact unless the evaluated split has "
                             f"more than {EXACT_PAIRS_LIMIT:,} images x classes")
-    group.add_argument("--class-groups", type=float, nargs=2, default=None, metavar=("HEAD_ABOVE", "TAIL_BELOW"),
+    add_fixed(group, "--class-groups", type=float, nargs=2, default=None, metavar=("HEAD_ABOVE", "TAIL_BELOW"),
                        help="map_head / map_medium / map_tail: head classes have more than HEAD_ABOVE training "
                             "positives, tail classes fewer than TAIL_BELOW (default: VOC-LT's 100 and 20 scaled from "
                             "its 1,142 training images to the training split's; validate.py: the run's)")
