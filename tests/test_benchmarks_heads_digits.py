@@ -65,8 +65,10 @@ def test_every_claim_compares_two_arms_of_the_plan(setting, claims) -> None:
 
 
 @pytest.mark.slow
-def test_step_times_give_each_head_against_the_linear_head() -> None:
-    args = heads_digits.parse_args(["--steps", "1", "--extra", "--model", "test_resnet", "--img-size", "32", "-b",
+@pytest.mark.parametrize(("setting", "model"), [("scratch", ["--model", "test_resnet"]), ("pretrained", [])])
+def test_step_times_give_each_head_against_the_linear_head(setting: str, model: list[str]) -> None:
+    # The pretrained setting times its own model, the committed backbone loaded: only the batch is made small.
+    args = heads_digits.parse_args(["--setting", setting, "--steps", "1", "--extra", *model, "--img-size", "32", "-b",
                                     "4"])
     lines = heads_digits.step_time_table(args).splitlines()
     rows = [line.split("|")[1:-1] for line in lines if line.startswith("| ") and "ms / step" not in line]

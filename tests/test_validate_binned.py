@@ -6,19 +6,21 @@ import csv
 import pytest
 import torch
 from conftest import data_flags, run_two_cpu_processes
-from test_validate import assert_same_metrics, reference_predictions
+from test_validate import assert_same_metrics, reference_predictions, trained_groups
 
 import validate
 from udtimm.config import ConfigError
 from udtimm.metric_statistics import MetricStatistics
 from udtimm.metrics import METRIC_NAMES, compute_metrics
 
-BINNED_AP = ("map", "map_difficult")
+BINNED_AP = ("map", "map_difficult", "map_head", "map_medium", "map_tail")
 
 
-def binned_reference(scores: torch.Tensor, target: torch.Tensor, difficult: torch.Tensor) -> dict[str, float]:
-    """The binned metrics of these predictions, at --min-positives 4, computed without validate.py."""
-    statistics = MetricStatistics(scores.shape[1], min_positives=4)
+def binned_reference(scores: torch.Tensor, target: torch.Tensor, difficult: torch.Tensor,
+                     groups: torch.Tensor) -> dict[str, float]:
+    """The binned metrics of these predictions, at --min-positives 4 with the run's class groups, computed without
+    validate.py."""
+    statistics = MetricStatistics(scores.shape[1], min_positives=4, class_groups=groups)
     statistics.update(scores, target, difficult)
     return statistics.compute()
 
@@ -32,13 +34,14 @@ def test_binned_evaluation_gives_the_exact_metrics_in_one_process_and_in_two(bes
     _, predictions = reference_predictions(best, tiny_digits)
     keep = predictions.difficult.any(dim=1)
     arguments = (predictions.scores, predictions.target, predictions.difficult)
-    expected = compute_metrics(*arguments, min_positives=4)
+    groups = trained_groups(best)
+    expected = compute_metrics(*arguments, min_positives=4, class_groups=groups)
     assert 0 < expected["num_classes_few_positives"] < 10  # --min-positives 4 leaves some classes out
     flags = ["--checkpoint", best, *data_flags(tiny_digits), "--min-positives", "4"]
     assert_same_metrics(validate.main(flags), expected)
     one = validate.main([*flags, "--eval-memory", "binned"])
     assert "from binned statistics (--eval-memory binned, 4096 AP bins per class)" in capsys.readouterr().out
-    assert_same_metrics(one, binned_reference(*arguments))
+    assert_same_metrics(one, binned_reference(*arguments, groups))
     assert_same_metrics(one, expected, tuple(name for name in METRIC_NAMES if name not in BINNED_AP))
     # 40 images in batches of 16 over 2 processes: the last step repeats images, which must count once.
     results = str(tmp_path / "two.csv")
@@ -50,7 +53,7 @@ def test_binned_evaluation_gives_the_exact_metrics_in_one_process_and_in_two(bes
         (row,) = csv.DictReader(handle)
     assert_same_metrics(row, one)
     subset = validate.main([*flags, "--eval-memory", "binned", "--subset", "difficult"])
-    assert_same_metrics(subset, binned_reference(*(values[keep] for values in arguments)))
+    assert_same_metrics(subset, binned_reference(*(values[keep] for values in arguments), groups))
 
 
 def test_binned_evaluation_refuses_the_outputs_that_need_every_score_naming_their_size(best: str,

@@ -69,9 +69,9 @@ CLASSIFICATION_LOSSES: dict[str, Callable[[LossOptions], LossFunction]] = {
     # The official DB-focal config's focal term: (1 - p_t)^gamma, times 2.
     "db-focal": lambda options: distribution_balanced(options, "db-focal", focal_gamma=options.focal_gamma,
                                                       focal_scale=2.0),
-    "cb-bce": lambda options: partial(losses.class_balanced_loss, positives=training_counts(options, "cb-bce")[0],
+    "cb-bce": lambda options: partial(losses.class_balanced_loss, positives=loss_counts(options, "cb-bce")[0],
                                       beta=options.cb_beta, focal_gamma=0.0),
-    "cb-focal": lambda options: partial(losses.class_balanced_loss, positives=training_counts(options, "cb-focal")[0],
+    "cb-focal": lambda options: partial(losses.class_balanced_loss, positives=loss_counts(options, "cb-focal")[0],
                                         beta=options.cb_beta, focal_gamma=options.focal_gamma),
     "two-way": lambda options: partial(losses.two_way_loss, positive_temperature=options.two_way_tp,
                                        negative_temperature=options.two_way_tn),
@@ -90,7 +90,7 @@ def unused_loss_settings(loss: str, changed: list[str]) -> list[str]:
     return [name for name in changed if loss not in LOSS_SETTINGS[name]]
 
 
-def training_counts(options: LossOptions, loss: str) -> tuple[Tensor, Tensor]:
+def loss_counts(options: LossOptions, loss: str) -> tuple[Tensor, Tensor]:
     """(positives, annotated) per class for a re-balanced loss, with ClassCounts' fallback for empty classes."""
     if options.class_counts is None:
         raise ConfigError(f"--loss {loss} weighs by the training split's class counts, and none were given")
@@ -98,7 +98,8 @@ def training_counts(options: LossOptions, loss: str) -> tuple[Tensor, Tensor]:
 
 
 def distribution_balanced(options: LossOptions, loss: str, focal_gamma: float, focal_scale: float) -> LossFunction:
-    positives, annotated = training_counts(options, loss)
+    """--loss db or db-focal with the run's settings and counts."""
+    positives, annotated = loss_counts(options, loss)
     return partial(losses.distribution_balanced_loss, positives=positives, annotated=annotated,
                    map_alpha=options.db_map_alpha, map_beta=options.db_map_beta, map_mu=options.db_map_mu,
                    neg_scale=options.db_neg_scale, bias_factor=options.db_bias_factor, focal_gamma=focal_gamma,
