@@ -3,7 +3,8 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from test_losses import _value_and_grad, ref_binary_kl
+from conftest import value_and_grad
+from test_losses import ref_binary_kl
 
 from udtimm.losses import attention_distillation_loss, binary_kd_loss, softmax_kd_loss
 
@@ -46,13 +47,13 @@ def ref_attention(a_s, a_t, distance="squared"):
 def check_kd_loss(loss_fn, reference_fn, s: torch.Tensor, t: torch.Tensor) -> None:
     """float32 value and gradient against the float64 reference, zero (and no gradient) at the teacher, float32
     output from bfloat16 inputs."""
-    loss, grad = _value_and_grad(loss_fn, s.float(), t.float(), temperature=3.0)
-    ref_loss, ref_grad = _value_and_grad(reference_fn, s, t)
+    loss, grad = value_and_grad(loss_fn, s.float(), t.float(), temperature=3.0)
+    ref_loss, ref_grad = value_and_grad(reference_fn, s, t)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    same, same_grad = _value_and_grad(loss_fn, t.float(), t.float())
+    same, same_grad = value_and_grad(loss_fn, t.float(), t.float())
     assert same.item() == pytest.approx(0.0, abs=1e-6) and same_grad.abs().max() < 1e-6
-    loss16, _ = _value_and_grad(loss_fn, s.bfloat16(), t.bfloat16())
+    loss16, _ = value_and_grad(loss_fn, s.bfloat16(), t.bfloat16())
     assert loss16.dtype == torch.float32
     # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
     torch.testing.assert_close(loss16, reference_fn(s.bfloat16().double(), t.bfloat16().double()).float())
@@ -87,11 +88,11 @@ def test_attention_loss_matches_reference():
     g = torch.Generator().manual_seed(6)
     a_s = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
     a_t = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
-    loss, grad = _value_and_grad(attention_distillation_loss, a_s.float(), a_t.float())
-    ref_loss, ref_grad = _value_and_grad(ref_attention, a_s, a_t)
+    loss, grad = value_and_grad(attention_distillation_loss, a_s.float(), a_t.float())
+    ref_loss, ref_grad = value_and_grad(ref_attention, a_s, a_t)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
-    loss16, _ = _value_and_grad(attention_distillation_loss, a_s.bfloat16(), a_t.bfloat16())
+    loss16, _ = value_and_grad(attention_distillation_loss, a_s.bfloat16(), a_t.bfloat16())
     assert loss16.dtype == torch.float32
     # bfloat16 inputs are exact in float32, where the loss is computed: float32's tolerance applies
     torch.testing.assert_close(loss16, ref_attention(a_s.bfloat16().double(), a_t.bfloat16().double()).float())
@@ -101,12 +102,12 @@ def test_attention_loss_norm_matches_reference():
     g = torch.Generator().manual_seed(7)
     a_s = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
     a_t = torch.randn(3, 4, 4, generator=g, dtype=torch.float64)
-    loss, grad = _value_and_grad(lambda s, t: attention_distillation_loss(s, t, "norm"), a_s.float(), a_t.float())
-    ref_loss, ref_grad = _value_and_grad(lambda s, t: ref_attention(s, t, "norm"), a_s, a_t)
+    loss, grad = value_and_grad(lambda s, t: attention_distillation_loss(s, t, "norm"), a_s.float(), a_t.float())
+    ref_loss, ref_grad = value_and_grad(lambda s, t: ref_attention(s, t, "norm"), a_s, a_t)
     torch.testing.assert_close(loss.double(), ref_loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(grad.double(), ref_grad, rtol=1e-4, atol=1e-6)
     # Equal maps: loss 0 and a finite (zero) gradient, not the NaN of the norm's derivative at 0.
-    same, same_grad = _value_and_grad(lambda s, t: attention_distillation_loss(s, t, "norm"), a_t.float(),
+    same, same_grad = value_and_grad(lambda s, t: attention_distillation_loss(s, t, "norm"), a_t.float(),
                                       a_t.float())
     assert same.item() == pytest.approx(0.0, abs=1e-5) and torch.isfinite(same_grad).all()
     with pytest.raises(ValueError, match="unknown attention distance 'cube'"):
