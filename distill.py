@@ -16,11 +16,11 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from udtimm import checkpoint, cli, config, devices, loaders, runs
+from udtimm import checkpoint, cli, config, devices, flags, loaders, runs
 from udtimm.attention import ATTENTION_VARIANTS, DEFAULT_VARIANT, check_attention_support
-from udtimm.config import add_fixed
 from udtimm.data.transforms import Renormalize
 from udtimm.ema import method_suffix
+from udtimm.flags import add_fixed
 from udtimm.heads import head_suffix
 from udtimm.losses import ATTENTION_DISTANCES
 from udtimm.model import CalibratedModel
@@ -85,7 +85,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if args.self_distill and args.epochs < 2:
         raise config.ConfigError("--self-distill needs --epochs >= 2: half with labels, half distilled")
     for line in inert_flags(args, parser):
-        config.warn(line)
+        flags.warn(line)
     return args
 
 
@@ -93,13 +93,13 @@ def inert_flags(args: argparse.Namespace, parser: argparse.ArgumentParser) -> li
     """A line for each group of flags set away from their default that this run would not read."""
     lines = []
     if args.method == "kd" and not args.self_distill:
-        unread = config.changed_from_default(args, parser, ("dist_weight", "att_weight", "att_variant",
+        unread = flags.changed_from_default(args, parser, ("dist_weight", "att_weight", "att_variant",
                                                             "att_distance", "distill_warmup_epochs"))
         if unread:
             lines.append(f"{', '.join(unread)} do(es) nothing with --method kd (Eq. 13 alone has neither alpha, "
                          "beta nor a warm-up of them)")
     elif args.att_weight == 0:
-        unread = config.changed_from_default(args, parser, ("att_variant", "att_distance"))
+        unread = flags.changed_from_default(args, parser, ("att_variant", "att_distance"))
         if unread:
             lines.append(f"{', '.join(unread)} do(es) nothing with --att-weight 0 (no Eq. 17): give --att-weight "
                          "0.5 to distil the attention maps")

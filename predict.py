@@ -27,7 +27,8 @@ import pandas as pd
 import torch
 
 from udtimm import cli
-from udtimm.config import ConfigError, warn
+from udtimm.config import ConfigError
+from udtimm.flags import warn
 from udtimm.io import atomic_write_text, check_writable
 from udtimm.predictions import MANY_CLASSES, format_table
 from udtimm.predictor import IMAGE_COLUMN, LABELS_COLUMN, SCORES, SCORES_COLUMN, Predictor

@@ -13,10 +13,10 @@ from collections.abc import Sequence
 
 from accelerate.utils import set_seed
 
-from udtimm import cli, config, devices, loaders, runs
+from udtimm import cli, config, devices, flags, loaders, runs
 from udtimm.class_counts import ClassCounts
-from udtimm.config import add_fixed
 from udtimm.ema import method_suffix
+from udtimm.flags import add_fixed
 from udtimm.heads import LINEAR, head_suffix
 from udtimm.objectives import (
     CLASSIFICATION_LOSSES,
@@ -77,7 +77,7 @@ def warn_unused_loss_flags(args: argparse.Namespace) -> None:
     parser = build_parser()
     changed = [name for name in LOSS_SETTINGS if getattr(args, name) != parser.get_default(name)]
     for name in unused_loss_settings(args.loss, changed):
-        config.warn(f"{config.flag_name(name)} does nothing: --loss {args.loss} does not read it")
+        flags.warn(f"{flags.flag_name(name)} does nothing: --loss {args.loss} does not read it")
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, object]:
@@ -98,7 +98,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, object]:
                                     config.settings_from(LossOptions, args, class_counts=counts), data.unknown)
     # The run directory is made after every check on the data and the weights (removed again if the run fails
     # before saving an epoch).
-    return runs.train_model(settings, run_dir, method, "", model, datasets, accelerator, lambda norm: objective)
+    return runs.train_model(settings, run_dir, method, "", model, datasets, accelerator, lambda norm: objective,
+                            counts=counts)
 
 
 if __name__ == "__main__":

@@ -26,14 +26,27 @@ from collections.abc import Sequence
 from accelerate import Accelerator
 from torch import Tensor, nn
 
-from udtimm import calibration, checkpoint, cli, config, devices, loaders, metrics, thresholds, tuning
+from udtimm import (
+    calibration,
+    checkpoint,
+    cli,
+    config,
+    data_flags,
+    devices,
+    flags,
+    loaders,
+    metrics,
+    thresholds,
+    tuning,
+)
 from udtimm.class_counts import CLASS_GROUPS, ClassCounts, checkpoint_counts
-from udtimm.config import ConfigError, HelpFormatter
+from udtimm.config import ConfigError
 from udtimm.data import DATASETS
 from udtimm.data.base import MultiLabelDataset
 from udtimm.data.feed import DeviceFeeder
 from udtimm.data.loader import make_loader
 from udtimm.engine import evaluate_streaming, predict
+from udtimm.flags import HelpFormatter
 from udtimm.io import append_csv_row, atomic_write_text
 from udtimm.metric_statistics import MetricStatistics, binned_evaluation, exact_size
 from udtimm.plots import reliability_diagram
@@ -55,9 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, metavar="FILE", help="a .safetensors file written by udtimm")
     data = parser.add_argument_group("data")
-    config.add_dataset_args(data, None, "default: the checkpoint's dataset")
+    data_flags.add_dataset_args(data, None, "default: the checkpoint's dataset")
     data.add_argument("-b", "--batch-size", type=int, default=64, help="images per process and step")
-    config.add_workers_arg(data)
+    data_flags.add_workers_arg(data)
     evaluation = parser.add_argument_group("evaluation")
     evaluation.add_argument("--subset", default="all", choices=("all", "difficult"),
                             help="difficult: only images with a difficult class (Table 2), with per-class AP")
@@ -68,7 +81,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
                                  "of1_topK (train.py and distill.py: the paper's 3)")
     evaluation.add_argument("--eval-difficult-negative", action="store_true",
                             help="CP..OF1 count difficult pairs as negatives (ML-GCN's code), not left out")
-    config.add_evaluation_args(evaluation)
+    data_flags.add_evaluation_args(evaluation)
     evaluation.add_argument("--results-file", default=None, metavar="CSV", help="append one row of metrics")
     evaluation.add_argument("--save-preds", default=None, metavar="CSV", help="write every image's probabilities")
     evaluation.add_argument("--plots", default=None, metavar="DIR", help="write DIR/reliability.png")
@@ -104,7 +117,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     runtime.add_argument("--torchcompile", action="store_true", help="torch.compile the model (through accelerate)")
     runtime.add_argument("--gpu-decode", action="store_true",
                          help="the workers only read the files; the GPU decodes (nvJPEG) and resizes them")
-    config.add_prefetch_arg(runtime)
+    data_flags.add_prefetch_arg(runtime)
     runtime.add_argument("--no-progress", action="store_true", help="no progress bar")
     config.add_debug_arg(runtime)
     args = parser.parse_args(argv)
@@ -112,9 +125,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         raise ConfigError(f"--topk must be at least 1, got {args.topk}")
     if not 0 <= args.threshold <= 1:
         raise ConfigError(f"--threshold must lie in [0, 1], got {args.threshold}")
-    config.check_evaluation(args)
+    data_flags.check_evaluation(args)
     if args.tune_split is not None and not (args.calibrate or args.tune_thresholds):
-        config.warn(f"--tune-split {args.tune_split} does nothing without --calibrate or --tune-thresholds")
+        flags.warn(f"--tune-split {args.tune_split} does nothing without --calibrate or --tune-thresholds")
     args.objective = thresholds.parse_objective(args.tune_thresholds) if args.tune_thresholds else None
     return args
 
@@ -131,7 +144,7 @@ def load_dataset(args: argparse.Namespace, metadata: dict[str, str], accelerator
                  split: str) -> MultiLabelDataset:
     """A split of the checkpoint's dataset (or --dataset), refused when its classes differ."""
     with accelerator.main_process_first():  # the main process generates digits before the others read it
-        dataset = config.data_source(args, dataset_name(args, metadata)).load(split)
+        dataset = data_flags.data_source(args, dataset_name(args, metadata)).load(split)
     checkpoint.check_classes(args.checkpoint, checkpoint.class_names(metadata), dataset.classes, dataset.name)
     return dataset
 
@@ -323,7 +336,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
     # A file about to be rewritten may belong to an earlier checkpoint of that name: it is then not read.
     record = tuning.read_tuning(args.checkpoint, other_checkpoint_ok=retune)
     mismatch = data_variant_mismatch(args.checkpoint, predictor.metadata,
-                                     config.data_source(args, dataset_name(args, predictor.metadata)))
+                                     data_flags.data_source(args, dataset_name(args, predictor.metadata)))
     if mismatch:
         accelerator.print(f"warning: {mismatch}")
     if args.class_groups and "class_counts" not in predictor.metadata:
@@ -338,7 +351,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, float]:
         trained = json.loads(predictor.metadata["provenance"]) if "provenance" in predictor.metadata else None
         tune_split = args.tune_split or (trained or {}).get("val_split", "val")
         with accelerator.main_process_first():
-            tune_set = loaders.tuning_dataset(config.data_source(args, dataset_name(args, predictor.metadata)),
+            tune_set = loaders.tuning_dataset(data_flags.data_source(args, dataset_name(args, predictor.metadata)),
                                               tune_split, trained)
         checkpoint.check_classes(args.checkpoint, predictor.class_names, tune_set.classes, tune_set.name)
         name = dataset_name(args, predictor.metadata)

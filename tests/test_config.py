@@ -11,8 +11,10 @@ import predict
 import train
 import validate
 from udtimm import visualize
-from udtimm.config import ConfigError, data_source, fill_dataset_defaults, resume_fixed
+from udtimm.config import ConfigError
 from udtimm.data import default_data_dir
+from udtimm.data_flags import data_source, fill_dataset_defaults
+from udtimm.flags import resume_fixed
 
 ROOT = Path(__file__).resolve().parent.parent
 

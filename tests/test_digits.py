@@ -13,7 +13,7 @@ from PIL import Image
 from torchvision.datasets import VOCDetection
 
 import train
-from udtimm import config
+from udtimm import data_flags
 from udtimm.data import DatasetError, build_dataset, default_data_dir
 from udtimm.data import digits as digits_module
 from udtimm.data.digits import DIGIT_CLASSES, ensure_digits, long_tail_probabilities
@@ -293,9 +293,9 @@ def test_long_tail_flag_reaches_the_dataset_through_data_source(monkeypatch, tmp
     monkeypatch.setenv("UDTIMM_CACHE", str(tmp_path))
     args = train.parse_args(["--digits-long-tail", "100", "--digits-trainval", "8", "--digits-test", "4",
                              "--digits-seed", "2", "--digits-ambiguous"])
-    source = config.data_source(args)
+    source = data_flags.data_source(args)
     assert source.options == {"num_trainval": 8, "num_test": 4, "seed": 2, "ambiguous": True, "long_tail": 100.0}
-    assert "long_tail" not in config.data_source(train.parse_args([])).options  # older provenance stays equal
+    assert "long_tail" not in data_flags.data_source(train.parse_args([])).options  # older provenance stays equal
     assert len(source.load("train")) == 8
     with open(tmp_path / "digits-8-4-seed2-lt100-ambiguous" / ".complete") as f:
         assert json.load(f) == {"format": 1, "num_trainval": 8, "num_test": 4, "min_size": 64, "max_size": 96,

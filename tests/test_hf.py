@@ -23,7 +23,7 @@ from torchvision.transforms.v2 import functional as F
 
 import train
 import validate
-from udtimm import config
+from udtimm import data_flags
 from udtimm.data import DATASETS, build_dataset, shards
 from udtimm.data.base import CorruptImageError, DatasetError, EncodedImage, Label, hold_out
 from udtimm.data.hf import HfDataset
@@ -305,11 +305,11 @@ def test_the_dataset_pickles_by_reference_and_two_workers_read_what_the_main_pro
 def test_flags_reach_the_loader_only_when_set_and_val_chooses(parquet_dir: str, capsys) -> None:
     args = train.parse_args(["--dataset", "hf", "--data-dir", parquet_dir])
     assert args.val_split == "val" and DATASETS["hf"].own_split(parquet_dir, "val") == "validation"
-    assert config.data_source(args).options == {}  # an older run's provenance is unchanged
+    assert data_flags.data_source(args).options == {}  # an older run's provenance is unchanged
     args = train.parse_args(["--dataset", "hf", "--data-dir", parquet_dir, "--hf-labels-column", "tags",
                              "--hf-unlisted", "unknown", "--hf-classes", "c.txt"])
-    assert config.data_source(args).options == {"labels_column": "tags", "classes": "c.txt", "unlisted": "unknown"}
-    assert config.data_source(train.parse_args(["--hf-image-column", "img"])).options["seed"] == 0
+    assert data_flags.data_source(args).options == {"labels_column": "tags", "classes": "c.txt", "unlisted": "unknown"}
+    assert data_flags.data_source(train.parse_args(["--hf-image-column", "img"])).options["seed"] == 0
     assert "warning: --hf-image-column does nothing: --dataset digits is not hf" in capsys.readouterr().err
     no_validation = os.path.join(parquet_dir, "test.parquet")  # a single file: its one split is train
     assert train.parse_args(["--dataset", "hf", "--data-dir", no_validation]).val_split == "holdout"

@@ -8,7 +8,7 @@ import tempfile
 
 import train
 import validate
-from udtimm import config, provenance
+from udtimm import config, data_flags, provenance
 from udtimm.data import DataSource
 
 
@@ -41,11 +41,11 @@ def test_the_record_names_the_data_variant_and_a_mismatch_names_both() -> None:
     assert (record["val_split"], record["drop_labels"], record["commit"]) == ("val", 0.5,
                                                                              provenance.source_state()["commit"])
     metadata = {"provenance": json.dumps(record)}
-    plain = config.data_source(validate.parse_args(["--checkpoint", "c", "--digits-trainval", "1500"]), "digits")
+    plain = data_flags.data_source(validate.parse_args(["--checkpoint", "c", "--digits-trainval", "1500"]), "digits")
     line = provenance.data_variant_mismatch("c.safetensors", metadata, plain)
     assert line == ("c.safetensors was trained on digits with ambiguous=True; evaluated here with ambiguous=False "
                     "(another variant of the data)")
-    same = config.data_source(validate.parse_args(["--checkpoint", "c", "--digits-trainval", "1500",
+    same = data_flags.data_source(validate.parse_args(["--checkpoint", "c", "--digits-trainval", "1500",
                                                    "--digits-ambiguous"]), "digits")
     assert provenance.data_variant_mismatch("c.safetensors", metadata, same) is None
     assert provenance.data_variant_mismatch("c.safetensors", {}, plain) is None  # written before the record

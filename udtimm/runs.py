@@ -100,11 +100,12 @@ def result_fields(settings: TrainingSettings, method: str, teacher: str) -> dict
 def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: str, model: CalibratedModel,
                 datasets: tuple[MultiLabelDataset, MultiLabelDataset, MultiLabelDataset], accelerator: Accelerator,
                 make_objective: Callable[[tuple[list[float], list[float]]], Objective],
-                cycles: int = 1) -> dict[str, object]:
+                cycles: int = 1, counts: ClassCounts | None = None) -> dict[str, object]:
     """What train.py and distill.py share once the model and the data are checked: the run directory, the loaders
     and the optimisation on the device, the checkpoint's metadata, then every epoch (fit_and_report). `teacher`
     names the teacher ("" for none); `make_objective` gets the model's normalisation (mean, std); `cycles` of the
-    cosine schedule (2 for self-distillation)."""
+    cosine schedule (2 for self-distillation); `counts`, the training split's class counts when the script has
+    counted them already (train.py's loss weighs by them)."""
     data, runtime, model_settings = settings.data, settings.runtime, settings.model
     train_set, eval_set, test_set = datasets
     with run_directory(run_dir, runtime.resume, settings.saved_args, accelerator):
@@ -125,7 +126,7 @@ def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: 
                           + "".join(f"; {split}: metrics from binned statistics (--eval-memory)"
                                     for split, on in ((data.val_split, binned["eval"]),
                                                       (data.test_split, binned["test"])) if on))
-        counts, thresholds, groups = training_counts(data, train_set, run_dir, accelerator)
+        counts, thresholds, groups = training_counts(data, train_set, run_dir, accelerator, counts)
         metadata = model_metadata(model_settings.model, bare_model(accelerator, model), train_set.classes,
                                   model_settings.global_pool, data.img_size, mean, std, dataset=data.source.name,
                                   method=method, teacher=teacher, model_kwargs=model_settings.model_kwargs,
@@ -145,10 +146,10 @@ def train_model(settings: TrainingSettings, run_dir: str, method: str, teacher: 
 
 
 def training_counts(data: DataSettings, train_set: MultiLabelDataset, run_dir: str, accelerator: Accelerator,
-                    ) -> tuple[ClassCounts, tuple[float, float], torch.Tensor]:
-    """The training split's class counts, the group thresholds and each class's group (udtimm.class_counts), written
-    to class_counts.csv when the run starts and checked against it when it resumes."""
-    counts = ClassCounts.of(train_set, data.difficult)
+                    counts: ClassCounts | None = None) -> tuple[ClassCounts, tuple[float, float], torch.Tensor]:
+    """The training split's class counts (`counts`, or counted here), the group thresholds and each class's group
+    (udtimm.class_counts), written to class_counts.csv when the run starts and checked against it when it resumes."""
+    counts = counts or ClassCounts.of(train_set, data.difficult)
     thresholds = group_thresholds(counts, data.class_groups)
     groups = class_groups(counts, thresholds)
     path = os.path.join(run_dir, "class_counts.csv")

@@ -14,7 +14,7 @@ class DataSettings:
 
     source: DataSource
     train_split: str
-    val_split: str  # chooses best.safetensors (config.resolve_selection; the test split with --select-on-test)
+    val_split: str  # chooses best.safetensors (data_flags.resolve_selection; the test split with --select-on-test)
     img_size: int
     batch_size: int
     workers: int

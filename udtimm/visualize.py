@@ -27,13 +27,15 @@ from torch import Tensor, nn
 from udtimm import checkpoint, cli, plots
 from udtimm.attention import ATTENTION_VARIANTS, check_attention_support, uncertainty_per_class
 from udtimm.calibration import calibrated_scores
-from udtimm.config import ConfigError, HelpFormatter, add_dataset_args, add_workers_arg, data_source
+from udtimm.config import ConfigError
 from udtimm.data import DataSource
 from udtimm.data.base import read_image
 from udtimm.data.images import list_images
 from udtimm.data.loader import make_loader
 from udtimm.data.transforms import eval_transform
+from udtimm.data_flags import add_dataset_args, add_workers_arg, data_source
 from udtimm.engine import predict
+from udtimm.flags import HelpFormatter
 from udtimm.model import CalibratedModel, ModelOutput
 from udtimm.tuning import read_tuning, tuning_path, tuning_tensors
 

@@ -33,7 +33,7 @@ from .csv import row_labels
 from .voc import read_classes_file
 
 # The loader's options and their defaults: each is the flag --hf-<option> (dashes for underscores), and goes into
-# the data source's options only when it differs from its default (config.data_source).
+# the data source's options only when it differs from its default (data_flags.data_source).
 OPTIONS: dict[str, str | None] = {
     "image_column": "image", "labels_column": "labels", "difficult_column": None, "unknown_column": None,
     "negatives_column": None, "classes": None, "unlisted": "absent",

@@ -23,7 +23,7 @@ from torchvision.io import encode_jpeg
 from torchvision.transforms.v2 import functional as F
 from tqdm import tqdm
 
-from udtimm import cli, config
+from udtimm import cli, data_flags, flags
 from udtimm.errors import ConfigError, DatasetError
 from udtimm.io import atomic_write_text
 
@@ -162,10 +162,11 @@ def install(out: str, folder: str, split: str, entry: dict, info: dict) -> None:
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=config.HelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=flags.HelpFormatter)
     data = parser.add_argument_group("the split to convert (train.py's data flags)")
-    config.add_dataset_args(data, None, "the dataset to convert", split_help="the split to convert: train, val, test "
-                            "(each dataset's own name for it, as train.py reads it) or a dataset's own split name")
+    data_flags.add_dataset_args(data, None, "the dataset to convert",
+                                split_help="the split to convert: train, val, test (each dataset's own name for it, "
+                                           "as train.py reads it) or a dataset's own split name")
     parser.set_defaults(split=None)  # no default: a conversion names its split
     out = parser.add_argument_group("the shards")
     out.add_argument("--out", required=True, help="the shard folder: --data-dir of --dataset wds")
@@ -184,7 +185,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> str:
     """Convert the split the flags name; prints and returns the folder's _info.json path."""
     args = parse_args(argv)
-    source = config.data_source(args)
+    source = data_flags.data_source(args)
     split = convert(source, args.split, args.out, args.shard_size, args.resize, not args.no_progress)
     print(f"{source.name} {split} -> {os.path.join(args.out, INFO)}")
     return os.path.join(args.out, INFO)
